@@ -1,0 +1,3 @@
+from visionops.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""The typed schema of `params.yaml`, validated before any stage does work."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from visionops.errors import VisionopsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(VisionopsError, ValueError):
+    """`params.yaml` is missing, unreadable or invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where images come from and the canonical shape they are stored in."""
+
+    source: Literal["digits", "cifar10", "folder"] = "digits"
+    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    md5: str = "c58f30108f718f92721af3b95e74349a"
+    root: str | None = None
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    seed: int = 0
+    download_retries: int = Field(5, ge=0, le=20)
+    cache_dir: str = "data/cache"
+
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> DataConfig:
+        if self.source == "folder" and not self.root:
+            raise ValueError("data.root must name the image folder when data.source is 'folder'")
+        return self
+
+
+class ValidateConfig(Section):
+    """Thresholds of the data checks."""
+
+    max_imbalance_ratio: float = Field(10.0, ge=1.0)
+    pixel_mean_range: tuple[float, float] = (1.0, 254.0)
+    min_pixel_std: float = Field(1.0, ge=0.0)
+    max_image_size: int = Field(4096, ge=1)
+
+
+class BalanceConfig(Section):
+    """How `prepare` treats class imbalance."""
+
+    strategy: Literal["none", "oversample", "undersample", "class_weights", "logit_adjust"] = "none"
+    simulate_imbalance_factor: float = Field(1.0, ge=1.0)
+    offline: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _offline_needs_oversample(self) -> BalanceConfig:
+        if self.offline and self.strategy != "oversample":
+            raise ValueError("balance.offline is only valid with balance.strategy 'oversample'")
+        return self
+
+
+class AugmentConfig(Section):
+    """The augmentation policy; `train` applies it on the fly as batched tensor ops."""
+
+    hflip: bool = False
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    crop_padding: int = Field(0, ge=0, le=16)
+    cutout_size: int = Field(0, ge=0)
+    auto: Literal["none", "randaugment", "trivialaugment"] = "none"
+    randaugment_num_ops: int = Field(2, ge=1, le=8)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(Section):
+    """The teacher's training run."""
+
+    model: str = "lenet"
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    logit_adjust_tau: float = Field(1.0, ge=0.0)
+    early_stopping_patience: int = Field(0, ge=0)  # 0 = off
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = True  # bf16/fp16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile on CUDA
+    eval_batch_size: int = Field(1024, ge=1)
+
+
+class EvaluateConfig(Section):
+    """Test-split evaluation of the trained teacher."""
+
+    top_k: int = Field(5, ge=1)
+    calibration_bins: int = Field(15, ge=2, le=100)
+    gradcam_samples: int = Field(8, ge=0, le=64)
+    gallery_size: int = Field(36, ge=0, le=400)
+    latency_batch_size: int = Field(64, ge=1)
+
+
+class DistillConfig(Section):
+    """Hinton knowledge distillation of a small student from the trained teacher."""
+
+    student: str = "slim_resnet"
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)  # weight of the KD term; 1 - alpha on the hard labels
+    epochs: int = Field(15, ge=1, le=10_000)
+    lr: float = Field(0.05, gt=0.0)
+    baseline: bool = True  # also train the student alone, to show what distillation gained
+    onnx_atol: float = Field(1e-4, gt=0.0)
+    quantize: bool = True  # dynamic int8 quantization of the student, with accuracy and speed
+
+
+class Params(Section):
+    """Every setting of the pipeline, one section per stage."""
+
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    balance: BalanceConfig = BalanceConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    distill: DistillConfig = DistillConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (the parent of an offending key)."""
+    for part in loc:
+        field = next(
+            (f for name, f in model.model_fields.items() if (f.alias or name) == part), None
+        )
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if isinstance(p, str))
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _known_keys(Params, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {err['msg']}{shown}"
+
+
+def parse_params(raw: object, origin: str = "params") -> Params:
+    """Validate a params mapping, raising ParamsError that names each bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ParamsError(f"{origin} is invalid:\n{lines}") from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate `params.yaml`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such file (run from the project root or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, origin=str(path))

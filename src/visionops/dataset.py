@@ -1,0 +1,125 @@
+"""The canonical on-disk dataset every stage after `download` reads.
+
+Layout of a dataset directory:
+
+    meta.json               class names, channels, image size, split sizes, source
+    <split>/images.npy      uint8 array, N x H x W x C (memory-mapped on read)
+    <split>/labels.npy      int64 array, N
+    <split>/manifest.csv    index, path, orig_height, orig_width, orig_channels
+    rejected.csv            files the source could not decode: split, label, path, error
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Split:
+    """One split: images (N,H,W,C uint8), labels (N,) and where each image came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    orig_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Rejected:
+    """A source file that could not be decoded; validation reports it."""
+
+    split: str
+    label: int
+    path: str
+    error: str
+
+
+@dataclass
+class Dataset:
+    class_names: list[str]
+    splits: dict[str, Split]
+    source: str
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(next(iter(self.splits.values())).images.shape[1:])
+
+
+MANIFEST_FIELDS = ["index", "path", "orig_height", "orig_width", "orig_channels"]
+REJECTED_FIELDS = ["split", "label", "path", "error"]
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        writer.writerows(rows)
+
+
+def save(ds: Dataset, out: Path) -> None:
+    """Write `ds` into the (empty, temporary) directory `out`; callers wrap this in `atomic_dir`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in ds.splits.items():
+        d = out / name
+        d.mkdir()
+        np.save(d / "images.npy", np.ascontiguousarray(split.images, dtype=np.uint8))
+        np.save(d / "labels.npy", np.asarray(split.labels, dtype=np.int64))
+        shapes = split.orig_shapes or [split.images.shape[1:]] * len(split)
+        rows = [[i, p, *s] for i, (p, s) in enumerate(zip(split.paths, shapes))]
+        _write_csv(d / "manifest.csv", MANIFEST_FIELDS, rows)
+    _write_csv(
+        out / "rejected.csv",
+        REJECTED_FIELDS,
+        [[r.split, r.label, r.path, r.error] for r in ds.rejected],
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": ds.source,
+        "class_names": ds.class_names,
+        "image_shape": list(ds.image_shape),
+        "splits": {name: len(s) for name, s in ds.splits.items()},
+        "rejected": len(ds.rejected),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load(root: Path | str, mmap: bool = True) -> Dataset:
+    """Open a dataset written by `save`; images are memory-mapped unless `mmap` is False."""
+    root = Path(root)
+    meta_path = root / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{root}: not a visionops dataset (no meta.json); run `visionops download`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    splits = {}
+    for name in meta["splits"]:
+        d = root / name
+        rows = _read_csv(d / "manifest.csv")
+        splits[name] = Split(
+            images=np.load(d / "images.npy", mmap_mode="r" if mmap else None),
+            labels=np.load(d / "labels.npy"),
+            paths=[r["path"] for r in rows],
+            orig_shapes=[(int(r["orig_height"]), int(r["orig_width"]), int(r["orig_channels"])) for r in rows],
+        )
+    rejected = [
+        Rejected(r["split"], int(r["label"]), r["path"], r["error"]) for r in _read_csv(root / "rejected.csv")
+    ]
+    return Dataset(meta["class_names"], splits, meta["source"], rejected)

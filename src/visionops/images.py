@@ -1,0 +1,39 @@
+"""Decoding and resizing single images into the canonical uint8 H x W x C form."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def to_canonical(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """Convert to greyscale or RGB and resize to a square `image_size` (antialiased)."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if channels == 1 else arr
+
+
+def array_to_canonical(arr: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """Canonicalise an H x W (x C) uint8 array."""
+    img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    return to_canonical(img, image_size, channels)
+
+
+def decode_file(path: Path | str, image_size: int, channels: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Fully decode an image file; raise OSError/ValueError for truncated or corrupt files."""
+    with Image.open(path) as img:
+        img.load()
+        orig = (img.height, img.width, len(img.getbands()))
+        return to_canonical(img, image_size, channels), orig
+
+
+def content_hash(arr: np.ndarray) -> str:
+    """A digest of the canonical pixels: equal for exact duplicates, whatever their file names."""
+    return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()

@@ -1,0 +1,9 @@
+"""Where each stage reads and writes, relative to the project root (dvc.yaml uses the same paths)."""
+
+from pathlib import Path
+
+DATASET = Path("data/dataset")
+PREPARED = Path("data/prepared")
+REPORTS = Path("reports")
+VALIDATE_REPORTS = REPORTS / "validate"
+PREPARE_REPORTS = REPORTS / "prepare"

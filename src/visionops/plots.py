@@ -1,0 +1,56 @@
+"""Matplotlib figures written as PNG (headless, atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from visionops.atomic import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def class_distribution(class_names: list[str], series: dict[str, np.ndarray], path: Path, title: str) -> None:
+    """Grouped bar chart of per-class counts, one bar group per class and one bar per series."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 4))
+    width = 0.8 / len(series)
+    x = np.arange(len(class_names))
+    for i, (label, counts) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, counts, width, label=f"{label} (n={int(np.sum(counts))})")
+    ax.set_xticks(x, class_names, rotation=45 if len(class_names) > 10 else 0, ha="right" if len(class_names) > 10 else "center")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(series), frameon=False)
+    save_figure(fig, path)
+
+
+def training_curves(history: list[dict], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, train against val."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
+        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    save_figure(fig, path)

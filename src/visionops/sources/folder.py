@@ -1,0 +1,98 @@
+"""A user's ImageFolder tree: `root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from visionops.config import DataConfig
+from visionops.dataset import Rejected, Split
+from visionops.images import IMAGE_SUFFIXES, decode_file
+from visionops.sources import SourceData
+
+SPLIT_DIRS = ("train", "val", "test")
+PARALLEL_THRESHOLD = 2000
+
+
+def _split_roots(root: Path) -> dict[str, Path]:
+    """Map split names to their class-folder roots."""
+    named = {s: root / s for s in SPLIT_DIRS if (root / s).is_dir()}
+    if not named:
+        return {"train": root}
+    if "train" not in named:
+        raise ValueError(f"{root}: has {', '.join(named)}/ but no train/ subfolder")
+    return named
+
+
+def _class_names(split_root: Path) -> list[str]:
+    names = sorted(p.name for p in split_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise ValueError(f"{split_root}: no class folders (expected {split_root}/<class>/<image>)")
+    return names
+
+
+def _decode(path: str, image_size: int, channels: int):
+    try:
+        arr, orig = decode_file(path, image_size, channels)
+        return arr, orig, None
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
+        return None, None, f"{type(exc).__name__}: {exc}"
+
+
+def _decode_all(paths: list[str], cfg: DataConfig, desc: str) -> list:
+    work = partial(_decode, image_size=cfg.image_size, channels=cfg.channels)
+    bar = dict(total=len(paths), desc=desc, unit="img", disable=None, file=sys.stderr)
+    if len(paths) < PARALLEL_THRESHOLD or (os.cpu_count() or 1) == 1:
+        return [work(p) for p in tqdm(paths, **bar)]
+    with ProcessPoolExecutor() as pool:
+        return list(tqdm(pool.map(work, paths, chunksize=256), **bar))
+
+
+def load(cfg: DataConfig) -> SourceData:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} is not a directory")
+    roots = _split_roots(root)
+    class_names = _class_names(roots["train"])
+    index = {name: i for i, name in enumerate(class_names)}
+    splits, rejected, ignored = {}, [], []
+    for split, split_root in roots.items():
+        extra = sorted(set(_class_names(split_root)) - set(index))
+        if extra:
+            raise ValueError(f"{split_root}: class folders {extra} are not in {roots['train']}")
+        files, labels = [], []
+        for name in class_names:
+            class_dir = split_root / name
+            if not class_dir.is_dir():
+                continue
+            for f in sorted(class_dir.rglob("*")):
+                if not f.is_file() or f.name.startswith("."):
+                    continue
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(str(f))
+                    labels.append(index[name])
+                else:
+                    ignored.append(str(f))
+        decoded = _decode_all(files, cfg, f"decode {split}")
+        keep = [i for i, (arr, _, _) in enumerate(decoded) if arr is not None]
+        rejected += [Rejected(split, labels[i], files[i], err) for i, (_, _, err) in enumerate(decoded) if err]
+        shape = (0, cfg.image_size, cfg.image_size, cfg.channels)
+        splits[split] = Split(
+            images=np.stack([decoded[i][0] for i in keep]) if keep else np.zeros(shape, np.uint8),
+            labels=np.asarray([labels[i] for i in keep], dtype=np.int64),
+            paths=[files[i] for i in keep],
+            orig_shapes=[decoded[i][1] for i in keep],
+        )
+    if ignored:
+        print(
+            f"download: ignored {len(ignored)} non-image file(s) (only {sorted(IMAGE_SUFFIXES)} are read), "
+            f"e.g. {ignored[:3]}",
+            file=sys.stderr,
+        )
+    return SourceData(class_names, splits, rejected, ignored)

@@ -1,0 +1,430 @@
+"""The `validate` stage: data checks on the canonical dataset, run with Great Expectations.
+
+`run_validate` builds a per-image manifest (shape, pixel statistics, content hash, readability)
+from the memory-mapped arrays, derives the cross-row facts a row-wise expectation cannot see
+(duplicates across splits, per-class counts), and validates them with two kinds of suites:
+
+* critical (`critical_*`): labels in range, one image shape, every file decodable, no image shared
+  between splits, no blank/constant images, no class without train images. A failure raises
+  `ValidationFailed`, whose message names each failed check and the offending files.
+* warning (`warning_*`): class imbalance above `max_imbalance_ratio`, source images larger than
+  `max_image_size`. Recorded in `summary.json`, never fatal.
+
+Everything is written to `out_dir` whether or not the checks pass: `summary.json` (DVC metrics),
+`manifest.csv`, `class_counts.csv` (DVC plots) and the GX Data Docs site under `data_docs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from visionops import dataset as dsmod
+from visionops.atomic import atomic_dir, atomic_path, write_json
+from visionops.config import ValidateConfig
+from visionops.errors import VisionopsError
+from visionops.images import content_hash
+
+CHUNK_IMAGES = 4096  # images per vectorised statistics chunk (fewer for large images)
+CHUNK_BYTES = 64 << 20  # cap on the uint8 bytes of one chunk
+SUMMARY_PATHS = 20  # offending paths kept per check in summary.json
+MESSAGE_PATHS = 10  # offending paths named per check in the exception message
+
+MANIFEST_COLUMNS = [
+    "split", "index", "label", "class_name", "path", "readable", "error",
+    "height", "width", "channels", "orig_height", "orig_width", "orig_channels",
+    "pixel_mean", "pixel_std", "content_hash", "leaks_across_splits",
+]  # fmt: skip
+INT_COLUMNS = ["index", "height", "width", "channels", "orig_height", "orig_width", "orig_channels"]
+
+
+class ValidationFailed(VisionopsError):
+    """A critical data check failed; `summary` is what was written to `summary.json`."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.message = message
+        self.summary = summary
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+def _image_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per-image mean, std (float32 over H, W, C) and content hash, a chunk at a time."""
+    n = len(images)
+    means = np.empty(n, np.float64)
+    stds = np.empty(n, np.float64)
+    hashes: list[str] = []
+    per_image = max(1, int(np.prod(images.shape[1:])))
+    step = max(1, min(CHUNK_IMAGES, CHUNK_BYTES // per_image))
+    for start in range(0, n, step):
+        chunk = np.ascontiguousarray(images[start : start + step])
+        flat = chunk.reshape(len(chunk), -1).astype(np.float32)
+        means[start : start + len(chunk)] = flat.mean(axis=1)
+        stds[start : start + len(chunk)] = flat.std(axis=1)
+        hashes.extend(content_hash(img) for img in chunk)
+    return means, stds, hashes
+
+
+def _class_name_column(labels: np.ndarray, class_names: list[str]) -> list[Any]:
+    k = len(class_names)
+    return [class_names[int(y)] if 0 <= y < k else None for y in labels]
+
+
+def build_manifest(ds: dsmod.Dataset) -> pd.DataFrame:
+    """One row per stored image plus one (readable=False) per rejected file; adds the leak flag."""
+    frames = []
+    for name, split in ds.splits.items():
+        images, labels, n = split.images, np.asarray(split.labels), len(split.images)
+        if len(labels) != n or len(split.paths) != n:
+            raise ValueError(
+                f"split {name!r}: {n} images but {len(labels)} labels and {len(split.paths)} manifest rows"
+            )
+        shape = tuple(images.shape[1:]) + (None,) * 3
+        h, w, c = shape[0], shape[1], shape[2] if images.ndim == 4 else -1
+        orig = np.asarray(split.orig_shapes, dtype=np.int64).reshape(-1, 3) if split.orig_shapes else None
+        if orig is None or len(orig) != n:
+            orig = np.full((n, 3), np.nan)
+        means, stds, hashes = _image_stats(images)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "split": name,
+                    "index": np.arange(n, dtype=np.float64),
+                    "label": labels.astype(np.int64),
+                    "class_name": _class_name_column(labels, ds.class_names),
+                    "path": list(split.paths),
+                    "readable": True,
+                    "error": "",
+                    "height": float(h),
+                    "width": float(w),
+                    "channels": float(c),
+                    "orig_height": orig[:, 0].astype(np.float64),
+                    "orig_width": orig[:, 1].astype(np.float64),
+                    "orig_channels": orig[:, 2].astype(np.float64),
+                    "pixel_mean": means,
+                    "pixel_std": stds,
+                    "content_hash": hashes,
+                }
+            )
+        )
+    if ds.rejected:
+        rej_labels = np.asarray([r.label for r in ds.rejected], dtype=np.int64)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "split": [r.split for r in ds.rejected],
+                    "label": rej_labels,
+                    "class_name": _class_name_column(rej_labels, ds.class_names),
+                    "path": [r.path for r in ds.rejected],
+                    "readable": False,
+                    "error": [r.error for r in ds.rejected],
+                }
+            )
+        )
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    df = df.reindex(columns=MANIFEST_COLUMNS)
+    for col in ["index", "height", "width", "channels", "orig_height", "orig_width", "orig_channels",
+                "pixel_mean", "pixel_std"]:  # fmt: skip
+        df[col] = df[col].astype(np.float64)
+    df["label"] = df["label"].astype(np.int64)
+    df["readable"] = df["readable"].astype(bool)
+    df["error"] = df["error"].fillna("")
+    # An image whose pixels appear in more than one split leaks; every copy is flagged, so the
+    # message names the file on each side (train/val, train/test and val/test pairs).
+    stored = df["readable"]
+    n_splits = df.loc[stored].groupby("content_hash")["split"].transform("nunique")
+    df["leaks_across_splits"] = False
+    df.loc[stored, "leaks_across_splits"] = (n_splits > 1).to_numpy()
+    df["leaks_across_splits"] = df["leaks_across_splits"].astype(bool)
+    return df
+
+
+def _class_folders(df: pd.DataFrame, class_names: list[str]) -> dict[str, str]:
+    """For a folder source, the train folder of each class (`<train root>/<class>`)."""
+    roots: Counter[Path] = Counter()
+    train = df[df["split"] == "train"]
+    for path, cls in zip(train["path"], train["class_name"]):
+        if not isinstance(cls, str):
+            continue
+        for parent in Path(path).parents:
+            if parent.name == cls:
+                roots[parent.parent] += 1
+                break
+    if not roots:
+        return {}
+    root = roots.most_common(1)[0][0]
+    return {c: str(root / c) for c in class_names}
+
+
+def class_counts(df: pd.DataFrame, class_names: list[str], splits: list[str]) -> pd.DataFrame:
+    """Rows split, class_name, count for the stored images of every split and class (zeros too)."""
+    stored = df[df["readable"] & df["class_name"].notna()]
+    counts = stored.groupby(["split", "class_name"]).size()
+    rows = [(s, c, int(counts.get((s, c), 0))) for s in splits for c in class_names]
+    return pd.DataFrame(rows, columns=["split", "class_name", "count"])
+
+
+def _imbalance_ratio(train_counts: pd.Series) -> float | None:
+    if train_counts.empty or train_counts.min() <= 0:
+        return None
+    return float(train_counts.max() / train_counts.min())
+
+
+# --------------------------------------------------------------------------------------------
+# Great Expectations
+
+
+def _import_gx():
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    return gx, ProgressBarsConfig
+
+
+def _expected_shape(dataset_dir: Path, ds: dsmod.Dataset) -> tuple[int, int, int]:
+    meta = json.loads((dataset_dir / "meta.json").read_text())
+    shape = meta.get("image_shape") or list(ds.image_shape)
+    return tuple(int(x) for x in shape)  # type: ignore[return-value]
+
+
+def _suites(gx, cfg: ValidateConfig, n_classes: int, shape: tuple[int, int, int]) -> dict[str, list]:
+    """Expectations per suite; each carries a readable `meta.check` used in reports."""
+    E = gx.expectations
+    lo, hi = cfg.pixel_mean_range
+    h, w, c = shape
+
+    def check(text: str) -> dict:
+        return {"check": text}
+
+    return {
+        "critical_images": [
+            E.ExpectColumnValuesToBeInSet(
+                column="label", value_set=list(range(n_classes)), meta=check(f"label in 0..{n_classes - 1}")
+            ),
+            E.ExpectColumnValuesToBeInSet(column="height", value_set=[h], meta=check(f"image height == {h}")),
+            E.ExpectColumnValuesToBeInSet(column="width", value_set=[w], meta=check(f"image width == {w}")),
+            E.ExpectColumnValuesToBeInSet(column="channels", value_set=[c], meta=check(f"image channels == {c}")),
+            E.ExpectColumnValuesToBeInSet(
+                column="readable", value_set=[True], meta=check("source file is readable (decoded)")
+            ),
+            E.ExpectColumnValuesToBeInSet(
+                column="leaks_across_splits",
+                value_set=[False],
+                meta=check("no image appears in more than one split (train/val/test leak)"),
+            ),
+            E.ExpectColumnValuesToBeBetween(
+                column="pixel_mean", min_value=lo, max_value=hi, meta=check(f"pixel mean in [{lo}, {hi}]")
+            ),
+            E.ExpectColumnValuesToBeBetween(
+                column="pixel_std",
+                min_value=cfg.min_pixel_std,
+                meta=check(f"pixel std >= {cfg.min_pixel_std} (not blank/constant)"),
+            ),
+        ],
+        "warning_images": [
+            E.ExpectColumnValuesToBeBetween(
+                column=col,
+                min_value=1,
+                max_value=cfg.max_image_size,
+                meta=check(f"source image {col.removeprefix('orig_')} <= {cfg.max_image_size}"),
+            )
+            for col in ("orig_height", "orig_width")
+        ],
+        "critical_class_counts": [
+            E.ExpectColumnValuesToBeBetween(
+                column="count", min_value=1, meta=check("every class has train images (no empty class)")
+            ),
+        ],
+        "warning_class_counts": [
+            E.ExpectColumnValuesToBeBetween(
+                column="ratio_to_smallest",
+                max_value=cfg.max_imbalance_ratio,
+                meta=check(f"train class imbalance (count / smallest class count) <= {cfg.max_imbalance_ratio}"),
+            ),
+        ],
+    }
+
+
+def _run_gx(
+    gx, ProgressBarsConfig, suites: dict[str, list], frames: dict[str, pd.DataFrame], docs_dir: Path
+) -> list:
+    """Validate `frames["images"]` and `frames["class_counts"]`; return the validation results."""
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    site = "visionops"
+    context.add_data_docs_site(
+        site,
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    source = context.data_sources.add_pandas("visionops")
+    results = []
+    for frame_name, df in frames.items():
+        batch = source.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe("all")
+        definitions = []
+        for suite_name in (f"critical_{frame_name}", f"warning_{frame_name}"):
+            suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
+            for expectation in suites[suite_name]:
+                suite.add_expectation(expectation)
+            definitions.append(
+                context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
+            )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"validate_{frame_name}",
+                validation_definitions=definitions,
+                # no UpdateDataDocsAction per checkpoint: one build_data_docs below renders every
+                # result at once (each action rebuilds the whole site, ~0.5 s of Jinja apiece)
+                actions=[],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
+            )
+        )
+        run = checkpoint.run(batch_parameters={"dataframe": df})
+        results.extend(run.run_results.values())
+    context.build_data_docs(site_names=[site])
+    return results
+
+
+def _leak_paths_paired(manifest: pd.DataFrame) -> list[str]:
+    """The leaking rows' paths with the copies of one image adjacent (train copy, then test copy)."""
+    leaks = manifest[manifest["leaks_across_splits"]]
+    group = pd.factorize(leaks["content_hash"])[0]
+    return leaks["path"].to_numpy()[np.argsort(group, kind="stable")].astype(str).tolist()
+
+
+def _failures(results: list, manifest: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+    """Split the failed expectations into (critical, warnings), each with its offending paths."""
+    critical, warnings = [], []
+    for vr in results:
+        suite = vr.suite_name
+        for er in vr.results:
+            if er.success:
+                continue
+            cfg = er.expectation_config
+            res = er.result or {}
+            paths = [str(row.get("path")) for row in res.get("unexpected_index_list") or []]
+            if cfg.kwargs.get("column") == "leaks_across_splits" and suite == "critical_images":
+                paths = _leak_paths_paired(manifest)  # same rows, each duplicate's copies side by side
+            entry = {
+                "expectation": cfg.type,
+                "column": cfg.kwargs.get("column"),
+                "check": (cfg.meta or {}).get("check", cfg.type),
+                "suite": suite,
+                "offending": paths[:SUMMARY_PATHS],
+                "n_offending": int(res.get("unexpected_count", len(paths)) or 0),
+                "_all_paths": paths,
+            }
+            exc = er.exception_info or {}
+            if exc.get("raised_exception"):
+                entry["error"] = str(exc.get("exception_message"))
+            (critical if suite.startswith("critical_") else warnings).append(entry)
+    return critical, warnings
+
+
+def _describe(entries: list[dict]) -> str:
+    lines = []
+    for e in entries:
+        paths = e["_all_paths"]
+        shown = ", ".join(paths[:MESSAGE_PATHS])
+        more = len(paths) - MESSAGE_PATHS
+        if more > 0:
+            shown += f" and {more} more"
+        detail = f"{e['n_offending']} offending: {shown}" if paths else e.get("error", "failed")
+        lines.append(f"  - {e['check']} [{e['expectation']}({e['column']})]: {detail}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+
+
+def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
+    """Check the dataset in `dataset_dir`; write the reports into `out_dir`; return the summary.
+
+    Raises ValidationFailed (after writing every output) when a critical check fails.
+    """
+    t0 = time.perf_counter()
+    dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = dsmod.load(dataset_dir)
+    names = list(ds.class_names)
+    shape = _expected_shape(dataset_dir, ds)
+
+    manifest = build_manifest(ds)
+    manifest_seconds = time.perf_counter() - t0
+
+    split_names = list(ds.splits)
+    counts = class_counts(manifest, names, split_names)
+    train = counts[counts["split"] == "train"].set_index("class_name")["count"].reindex(names, fill_value=0)
+    folders = _class_folders(manifest, names) if ds.source == "folder" else {}
+    smallest = train.min() if len(train) else 0
+    train_frame = pd.DataFrame(
+        {
+            "class_name": names,
+            "count": train.to_numpy(dtype=np.int64),
+            "ratio_to_smallest": (train / smallest).to_numpy(dtype=np.float64) if smallest > 0 else np.nan,
+            # the "path" of a class: its train folder for a folder source, else the class name
+            "path": [folders.get(c, c) for c in names],
+        }
+    )
+
+    gx, ProgressBarsConfig = _import_gx()
+    suites = _suites(gx, cfg, len(names), shape)
+    with atomic_dir(out_dir / "data_docs") as docs_tmp:
+        results = _run_gx(
+            gx, ProgressBarsConfig, suites, {"images": manifest, "class_counts": train_frame}, docs_tmp
+        )
+    critical, warnings = _failures(results, manifest)
+
+    ratio = _imbalance_ratio(train)
+    summary = {
+        "success": not critical,
+        "dataset": str(dataset_dir),
+        "source": ds.source,
+        "n_images": {s: len(split) for s, split in ds.splits.items()},
+        "n_rejected": len(ds.rejected),
+        "n_classes": len(names),
+        "image_shape": list(shape),
+        "imbalance_ratio": None if ratio is None or not math.isfinite(ratio) else round(ratio, 4),
+        "class_counts": {
+            s: {c: int(n) for c, n in zip(g["class_name"], g["count"])} for s, g in counts.groupby("split", sort=False)
+        },
+        "n_leaking_images": int(manifest["leaks_across_splits"].sum()),
+        "critical_failures": [{k: v for k, v in e.items() if not k.startswith("_")} for e in critical],
+        "warnings": [{k: v for k, v in e.items() if not k.startswith("_")} for e in warnings],
+        "manifest_seconds": round(manifest_seconds, 3),
+    }
+
+    out_manifest = manifest.copy()
+    for col in INT_COLUMNS:
+        out_manifest[col] = out_manifest[col].astype("Int64")
+    with atomic_path(out_dir / "manifest.csv") as tmp:
+        out_manifest.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "class_counts.csv") as tmp:
+        counts.to_csv(tmp, index=False)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(out_dir / "summary.json", summary)
+
+    if critical:
+        message = (
+            f"validate: {len(critical)} critical check(s) failed for {dataset_dir} "
+            f"(details in {out_dir / 'summary.json'}, {out_dir / 'data_docs' / 'index.html'}):\n"
+            + _describe(critical)
+        )
+        raise ValidationFailed(message, summary)
+    return summary

@@ -1,0 +1,85 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from visionops import dataset
+from visionops.config import DataConfig
+from visionops.images import content_hash
+from visionops.stages.download import run_download
+
+
+def _hashes(split):
+    return {content_hash(img) for img in split.images}
+
+
+def test_digits_default_is_complete_stratified_and_leak_free(tmp_path):
+    summary = run_download(DataConfig(), tmp_path / "ds")
+    ds = dataset.load(tmp_path / "ds")
+    assert summary["splits"] == {name: len(ds.splits[name]) for name in dataset.SPLITS}
+    assert sum(summary["splits"].values()) == 1797
+    assert ds.image_shape == (32, 32, 1) and ds.class_names == [str(i) for i in range(10)]
+    for split in ds.splits.values():
+        assert split.images.dtype == np.uint8 and set(np.unique(split.labels)) == set(range(10))
+    test_frac = np.bincount(ds.splits["test"].labels) / np.bincount(
+        np.concatenate([s.labels for s in ds.splits.values()])
+    )
+    assert np.allclose(test_frac, 0.2, atol=0.03)
+    assert not _hashes(ds.splits["train"]) & _hashes(ds.splits["test"])
+    assert not _hashes(ds.splits["val"]) & _hashes(ds.splits["test"])
+
+
+def test_split_is_seeded(tmp_path):
+    run_download(DataConfig(seed=1), tmp_path / "a")
+    run_download(DataConfig(seed=1), tmp_path / "b")
+    run_download(DataConfig(seed=2), tmp_path / "c")
+    a, b, c = (dataset.load(tmp_path / n).splits["test"].paths for n in "abc")
+    assert a == b and a != c
+
+
+def test_digits_as_rgb_at_other_size(tmp_path):
+    run_download(DataConfig(channels=3, image_size=16), tmp_path / "ds")
+    assert dataset.load(tmp_path / "ds").image_shape == (16, 16, 3)
+
+
+def test_folder_with_test_split_reports_bad_files(tmp_path, cifar_subset):
+    root = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        files = sorted((cifar_subset / "train" / cls).iterdir())
+        for split, chosen in (("train", files[:20]), ("test", files[20:25])):
+            (root / split / cls).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, root / split / cls / f.name)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    good = next((root / "train" / "dog").iterdir())
+    (root / "train" / "dog" / "broken.jpg").write_bytes(good.read_bytes()[:200])
+
+    summary = run_download(DataConfig(source="folder", root=str(root), channels=3, image_size=24), tmp_path / "ds")
+    ds = dataset.load(tmp_path / "ds")
+    assert ds.class_names == ["cat", "dog"] and ds.image_shape == (24, 24, 3)
+    assert len(ds.splits["test"]) == 10 and summary["ignored_non_images"] == 1
+    assert sum(summary["splits"].values()) == 50
+    assert [r.path for r in ds.rejected] == [str(root / "train" / "dog" / "broken.jpg")]
+    assert ds.splits["train"].orig_shapes[0] == (32, 32, 3)
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        run_download(DataConfig(source="folder", root=str(tmp_path / "nope")), tmp_path / "ds")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "img.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="no class folders"):
+        run_download(DataConfig(source="folder", root=str(tmp_path / "flat")), tmp_path / "ds")
+    (tmp_path / "split" / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no train/"):
+        run_download(DataConfig(source="folder", root=str(tmp_path / "split")), tmp_path / "ds")
+
+
+def test_failed_download_keeps_previous_dataset(tmp_path):
+    out = tmp_path / "ds"
+    run_download(DataConfig(), out)
+    before = (out / "meta.json").read_text()
+    with pytest.raises(FileNotFoundError):
+        run_download(DataConfig(source="folder", root=str(tmp_path / "missing")), out)
+    assert (out / "meta.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from visionops import dataset
+from visionops.balance import class_weights, simulate_long_tail
+from visionops.config import AugmentConfig, BalanceConfig, DataConfig
+from visionops.stages.download import run_download
+from visionops.stages.prepare import run_prepare
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "ds"
+    run_download(DataConfig(), out)
+    return out
+
+
+def _prepare(digits, tmp_path, **balance):
+    summary = run_prepare(digits, BalanceConfig(**balance), AugmentConfig(rotate_degrees=15, crop_padding=2), tmp_path / "p", tmp_path / "r")
+    labels = dataset.load(digits).splits["train"].labels
+    idx = np.load(tmp_path / "p" / "train_indices.npy")
+    return summary, np.bincount(labels[idx], minlength=10), json.loads((tmp_path / "p" / "loss.json").read_text())
+
+
+def test_none_keeps_every_train_image(digits, tmp_path):
+    summary, counts, loss = _prepare(digits, tmp_path)
+    assert counts.sum() == summary["train_images_source"] == len(dataset.load(digits).splits["train"])
+    assert loss == {"class_weights": None, "class_priors": None}
+    policy = json.loads((tmp_path / "p" / "policy.json").read_text())
+    assert policy["augment"]["rotate_degrees"] == 15 and policy["balance"]["strategy"] == "none"
+    assert (tmp_path / "r" / "class_distribution.png").stat().st_size > 1000
+    rows = (tmp_path / "r" / "class_distribution.csv").read_text().splitlines()
+    assert rows[0] == "class_name,source,long_tail,after" and len(rows) == 11
+
+
+def test_long_tail_profile_is_exponential(digits, tmp_path):
+    summary, counts, _ = _prepare(digits, tmp_path, simulate_imbalance_factor=10)
+    assert counts[0] / counts[9] == pytest.approx(10, rel=0.15)
+    assert np.all(np.diff(counts) <= 0)
+    assert summary["imbalance_ratio_before"] == pytest.approx(10, rel=0.15)
+
+
+@pytest.mark.parametrize("strategy", ["oversample", "undersample"])
+def test_resampling_balances_classes(digits, tmp_path, strategy):
+    summary, counts, _ = _prepare(digits, tmp_path, strategy=strategy, simulate_imbalance_factor=10)
+    assert len(set(counts)) == 1 and summary["imbalance_ratio_after"] == 1.0
+    assert counts[0] == (summary["train_images_after"] // 10)
+
+
+def test_loss_side_strategies_save_weights_and_priors(digits, tmp_path):
+    _, counts, loss = _prepare(digits, tmp_path / "w", strategy="class_weights", simulate_imbalance_factor=5)
+    w = np.array(loss["class_weights"])
+    assert np.allclose(w * counts, counts.sum() / 10)  # every class carries equal total weight
+    _, counts, loss = _prepare(digits, tmp_path / "p", strategy="logit_adjust", simulate_imbalance_factor=5)
+    assert np.allclose(loss["class_priors"], counts / counts.sum())
+
+
+def test_balance_helpers_on_known_case():
+    assert np.allclose(class_weights(np.array([30, 10, 0])), [40 / 60, 40 / 20, 0])
+    labels = np.repeat(np.arange(3), 100)
+    kept = simulate_long_tail(labels, 3, 100.0, np.random.default_rng(0))
+    assert list(np.bincount(labels[kept])) == [100, 10, 1]
