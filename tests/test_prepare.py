@@ -62,3 +62,17 @@ def test_balance_helpers_on_known_case():
     labels = np.repeat(np.arange(3), 100)
     kept = simulate_long_tail(labels, 3, 100.0, np.random.default_rng(0))
     assert list(np.bincount(labels[kept])) == [100, 10, 1]
+
+
+def test_offline_oversampling_writes_augmented_copies(digits, tmp_path):
+    aug = AugmentConfig(rotate_degrees=20, crop_padding=2)
+    summary = run_prepare(digits, BalanceConfig(strategy="oversample", offline=True, simulate_imbalance_factor=4), aug, tmp_path / "p", tmp_path / "r")
+    idx = np.load(tmp_path / "p" / "train_indices.npy")
+    extra_x, extra_y = np.load(tmp_path / "p" / "offline" / "images.npy"), np.load(tmp_path / "p" / "offline" / "labels.npy")
+    train = dataset.load(digits).splits["train"]
+    assert len(np.unique(idx)) == len(idx)  # originals once each
+    counts = np.bincount(np.concatenate([train.labels[idx], extra_y]), minlength=10)
+    assert len(set(counts)) == 1 and summary["offline_augmented"] == len(extra_y) > 0
+    assert extra_x.dtype == np.uint8 and extra_x.shape[1:] == train.images.shape[1:]
+    originals = {img.tobytes() for img in train.images}
+    assert sum(img.tobytes() in originals for img in extra_x) < len(extra_x) // 10  # augmented, not repeats

@@ -77,6 +77,29 @@ def _prepare(params, args) -> dict:
     return run_prepare(layout.DATASET, params.balance, params.augment, layout.PREPARED, layout.PREPARE_REPORTS)
 
 
+@stage(
+    "train",
+    "train the teacher model (GPU when there is one)",
+    "Train train.model on the prepared train split with the augmentation policy applied on the fly, "
+    "early-stopped on val. Uses cuda, then mps, then cpu (train.device); bf16 autocast, channels_last and "
+    "optional torch.compile on CUDA. A checkpoint is written every epoch: rerunning after a crash resumes. "
+    "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
+    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png).",
+)
+def _train(params, args) -> dict:
+    from visionops.stages.train import recorded_augment, run_train
+
+    return run_train(
+        layout.DATASET,
+        layout.PREPARED,
+        params.train,
+        recorded_augment(layout.PREPARED),
+        layout.TEACHER,
+        layout.TRAIN_REPORTS,
+        layout.CHECKPOINTS / "train.pt",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visionops",

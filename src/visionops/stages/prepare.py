@@ -36,12 +36,12 @@ def select_train(labels: np.ndarray, num_classes: int, cfg: BalanceConfig) -> tu
 
 
 def augmented_copies(images: np.ndarray, labels: np.ndarray, augment: AugmentConfig, seed: int) -> np.ndarray:
-    """Augment uint8 NHWC images once with the policy (for offline oversampling)."""
+    """Augment uint8 NHWC images once with the policy, without MixUp/CutMix (for offline oversampling)."""
     import torch
 
     from visionops.augment import BatchAugment
 
-    aug = BatchAugment.from_config(augment, num_classes=int(labels.max()) + 1, mixing=False)
+    aug = BatchAugment.from_config(augment.model_copy(update={"mixup_alpha": 0.0, "cutmix_alpha": 0.0}))
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     out, _ = aug(x, torch.from_numpy(labels), gen)

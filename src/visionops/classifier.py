@@ -1,0 +1,76 @@
+"""A trained network bundled with its preprocessing, saved and loaded as one artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from visionops.atomic import atomic_path
+from visionops.models import create_model
+
+
+class Classifier(nn.Module):
+    """Images in (uint8 0..255 or float 0..1, N x C x H x W), logits out; normalisation is inside."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        return self.net((x - self.mean) / self.std)
+
+
+def build(arch: str, class_names: list[str], image_shape: tuple[int, int, int], mean, std) -> Classifier:
+    h, _, c = image_shape
+    net = create_model(arch, in_channels=c, num_classes=len(class_names), image_size=h)
+    return Classifier(net, list(mean), list(std))
+
+
+def channel_stats(images_nhwc) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in 0..1 units, computed in chunks over a (memory-mapped) uint8 array."""
+    total = sq = 0.0
+    n = 0
+    for start in range(0, len(images_nhwc), 8192):
+        chunk = torch.from_numpy(images_nhwc[start : start + 8192].astype("float32") / 255).flatten(0, 2)
+        total = total + chunk.sum(0).double()
+        sq = sq + (chunk.double() ** 2).sum(0)
+        n += chunk.shape[0]
+    mean = total / n
+    std = (sq / n - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def save(path: Path, model: Classifier, arch: str, class_names: list[str], image_shape, **extra) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"arch": arch, "class_names": class_names, "image_shape": list(image_shape), "state_dict": state, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild a saved classifier in eval mode; also returns the saved metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model (run `visionops train`)")
+    info = torch.load(path, map_location="cpu", weights_only=True)
+    state = info.pop("state_dict")
+    model = build(info["arch"], info["class_names"], tuple(info["image_shape"]), state["mean"].flatten(), state["std"].flatten())
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_nhwc, device: torch.device, batch_size: int = 1024) -> Tensor:
+    """Logits for a uint8 N x H x W x C array (numpy or tensor), computed in batches; returned on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(images_nhwc), batch_size):
+        chunk = torch.as_tensor(images_nhwc[start : start + batch_size]).to(device).permute(0, 3, 1, 2)
+        out.append(model(chunk).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,33 @@
+"""Device choice and the per-device speed settings (autocast, channels_last)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
+    if not available.get(requested, False):
+        raise ValueError(f"train.device: '{requested}' is not available on this machine")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); a no-op elsewhere."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format

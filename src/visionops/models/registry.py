@@ -1,0 +1,38 @@
+"""Name → model builder registry, in the style of timm's `register_model` / `create_model`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+ModelBuilder = Callable[..., nn.Module]
+
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(fn: ModelBuilder) -> ModelBuilder:
+    """Register `fn` under its name; it is called as fn(in_channels=, num_classes=, image_size=, **kwargs)."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is already registered")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, *, in_channels: int, num_classes: int, image_size: int, **kwargs) -> nn.Module:
+    """Build a registered model: (N, in_channels, H, W) normalised floats → (N, num_classes) logits."""
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+    return builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of scalar parameters in `model`."""
+    return sum(p.numel() for p in model.parameters())

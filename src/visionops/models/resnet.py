@@ -1,0 +1,76 @@
+"""CIFAR-style ResNets (He et al. 2016): 3x3 stem, no max-pool, stages of torchvision BasicBlocks.
+
+Downsampling shortcuts are 1x1 conv + BN projections (option B), as in torchvision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+from visionops.models.registry import register_model
+
+
+class CifarResNet(nn.Module):
+    """A 3x3 conv stem then one stage of BasicBlocks per width; stages after the first halve the resolution."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], depths: Sequence[int]):
+        super().__init__()
+        if len(widths) != len(depths):
+            raise ValueError(f"widths {widths} and depths {depths} differ in length")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages, inplanes = [], widths[0]
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or inplanes != width:
+                downsample = nn.Sequential(conv1x1(inplanes, width, stride), nn.BatchNorm2d(width))
+            blocks = [BasicBlock(inplanes, width, stride, downsample)]
+            blocks += [BasicBlock(width, width) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            inplanes = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
+@register_model
+def resnet20(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """ResNet-20 for CIFAR: widths 16/32/64, 3 blocks per stage (~0.27M parameters)."""
+    return CifarResNet(in_channels, num_classes, (16, 32, 64), (3, 3, 3))
+
+
+@register_model
+def resnet(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Alias of resnet20."""
+    return resnet20(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+
+
+@register_model
+def resnet18(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, widths 64/128/256/512, 2 blocks per stage."""
+    return CifarResNet(in_channels, num_classes, (64, 128, 256, 512), (2, 2, 2, 2))
+
+
+@register_model
+def slim_resnet(
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    widths: Sequence[int] = (8, 16, 32),
+    depths: Sequence[int] = (2, 2, 2),
+) -> nn.Module:
+    """A narrow ResNet (ResNet-14 at half the ResNet-20 width by default), meant as a distillation student."""
+    return CifarResNet(in_channels, num_classes, widths, depths)

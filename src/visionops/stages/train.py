@@ -1,0 +1,125 @@
+"""Stage `train`: fit the teacher on the prepared train split, early-stopped on val.
+
+Writes the model (network + preprocessing + class names) to `model_path`, and to `reports_dir`:
+metrics.json, history.csv (per-epoch curves for DVC plots) and curves.png. Launch under
+`torchrun --nproc_per_node N` for multi-GPU (or multi-process CPU) data parallelism.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionops import atomic, classifier, dataset, plots
+from visionops.augment import BatchAugment
+from visionops.config import AugmentConfig, TrainConfig
+from visionops.device import select_device
+from visionops.losses import ClassificationLoss
+from visionops.models import count_parameters
+from visionops.trainer import fit, init_distributed
+
+
+def load_train_data(dataset_dir: Path, prepared_dir: Path) -> tuple[dataset.Dataset, np.ndarray, np.ndarray, dict]:
+    """The dataset, the prepared training images and labels (resampled, plus offline copies) and loss options."""
+    ds = dataset.load(dataset_dir)
+    idx = np.load(prepared_dir / "train_indices.npy")
+    split = ds.splits["train"]
+    images, labels = split.images[idx], split.labels[idx]
+    offline = prepared_dir / "offline"
+    if offline.exists():
+        images = np.concatenate([images, np.load(offline / "images.npy")])
+        labels = np.concatenate([labels, np.load(offline / "labels.npy")])
+    loss = json.loads((prepared_dir / "loss.json").read_text())
+    return ds, images, labels, loss
+
+
+def recorded_augment(prepared_dir: Path) -> AugmentConfig:
+    """The augmentation policy `prepare` validated and recorded (training applies exactly this)."""
+    policy = json.loads((prepared_dir / "policy.json").read_text())
+    return AugmentConfig.model_validate(policy["augment"])
+
+
+def to_device(images_nhwc: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 N x H x W x C numpy → uint8 N x C x H x W tensor on the device (kept there for all epochs)."""
+    x = torch.from_numpy(np.array(images_nhwc)).permute(0, 3, 1, 2).contiguous()
+    return x.to(device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+
+
+def fingerprint(*parts: object, arrays: tuple[np.ndarray, ...] = ()) -> str:
+    """A digest of settings and data: a checkpoint is resumed only when it matches."""
+    h = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16)
+    for arr in arrays:
+        h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
+def write_history(history: list[dict], reports_dir: Path, title: str, stem: str = "history") -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic.write_text(reports_dir / f"{stem}.csv", buf.getvalue())
+    plots.training_curves(history, reports_dir / f"{stem}.png", title)
+
+
+def run_train(
+    dataset_dir: Path,
+    prepared_dir: Path,
+    cfg: TrainConfig,
+    augment_cfg: AugmentConfig,
+    model_path: Path,
+    reports_dir: Path,
+    checkpoint: Path,
+) -> dict:
+    device = select_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
+    ds, images, labels, loss_opts = load_train_data(dataset_dir, prepared_dir)
+    mean, std = classifier.channel_stats(images)
+    torch.manual_seed(cfg.seed)
+    model = classifier.build(cfg.model, ds.class_names, ds.image_shape, mean, std)
+    criterion_fn = ClassificationLoss(
+        cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], cfg.logit_adjust_tau
+    ).to(device)
+    augment = BatchAugment.from_config(augment_cfg, num_classes=len(ds.class_names))
+    val = ds.splits["val"]
+    digest = fingerprint(cfg.model_dump(), augment_cfg.model_dump(), ds.class_names, dist_info.world_size, arrays=(images, labels, val.labels))
+    t0 = time.perf_counter()
+    model, state = fit(
+        model,
+        to_device(images, labels, device),
+        to_device(val.images, val.labels, device),
+        cfg,
+        augment,
+        lambda logits, targets, _x: criterion_fn(logits, targets),
+        device,
+        checkpoint=checkpoint,
+        fingerprint=digest,
+        dist_info=dist_info,
+    )
+    metrics = {
+        "model": cfg.model,
+        "device": str(device),
+        "world_size": dist_info.world_size,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_acc": state.best_acc,
+        "train_images": int(len(labels)),
+        "parameters": count_parameters(model),
+        "train_seconds": time.perf_counter() - t0,
+        "train_images_per_second": len(labels) * len(state.history) / max(sum(r["seconds"] for r in state.history), 1e-9),
+    }
+    if dist_info.is_main:
+        classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=state.history)
+        write_history(state.history, reports_dir, f"teacher: {cfg.model}")
+        atomic.write_json(reports_dir / "metrics.json", metrics)
+        checkpoint.unlink(missing_ok=True)
+    return metrics

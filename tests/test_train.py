@@ -1,0 +1,145 @@
+"""Training: losses, determinism, imbalance options, checkpoint resume after SIGKILL, and DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visionops import classifier
+from visionops.config import AugmentConfig, BalanceConfig, DataConfig, TrainConfig
+from visionops.losses import ClassificationLoss
+from visionops.stages.download import run_download
+from visionops.stages.prepare import run_prepare
+from visionops.stages.train import run_train
+
+from pipeline_project import Project
+
+FAST = dict(model="slim_resnet", epochs=2, batch_size=64, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits16") / "ds"
+    run_download(DataConfig(image_size=16), out)
+    return out
+
+
+def _train(digits16, tmp_path, balance=None, augment=None, **train):
+    prepared = tmp_path / "prepared"
+    run_prepare(digits16, balance or BalanceConfig(), augment or AugmentConfig(), prepared, tmp_path / "rp")
+    cfg = TrainConfig(**{**FAST, **train})
+    metrics = run_train(digits16, prepared, cfg, augment or AugmentConfig(), tmp_path / "m.pt", tmp_path / "r", tmp_path / "ck.pt")
+    return metrics, tmp_path / "m.pt"
+
+
+def test_loss_options_match_torch():
+    logits, y = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    w, priors = [0.5, 1.0, 2.0], [0.6, 0.3, 0.1]
+    assert torch.allclose(ClassificationLoss()(logits, y), F.cross_entropy(logits, y))
+    assert torch.allclose(ClassificationLoss(class_weights=w)(logits, y), F.cross_entropy(logits, y, weight=torch.tensor(w)))
+    adjusted = logits + 2.0 * torch.log(torch.tensor(priors))
+    assert torch.allclose(ClassificationLoss(class_priors=priors, tau=2.0)(logits, y), F.cross_entropy(adjusted, y))
+    assert torch.allclose(
+        ClassificationLoss(label_smoothing=0.1)(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1)
+    )
+    soft = F.one_hot(y, 3).float()
+    assert torch.allclose(ClassificationLoss()(logits, soft), F.cross_entropy(logits, y))
+
+
+def test_training_learns_and_writes_outputs(digits16, tmp_path):
+    metrics, model_path = _train(digits16, tmp_path, model="resnet20", epochs=3)
+    assert metrics["best_val_acc"] > 0.8 and metrics["epochs_run"] == 3
+    model, info = classifier.load(model_path)
+    assert info["arch"] == "resnet20" and len(info["history"]) == 3
+    rows = (tmp_path / "r" / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc") and len(rows) == 4
+    assert (tmp_path / "r" / "history.png").exists() and not (tmp_path / "ck.pt").exists()
+
+
+def test_training_is_deterministic_on_cpu(digits16, tmp_path):
+    aug = AugmentConfig(rotate_degrees=10, crop_padding=2, cutout_size=4)
+    a, pa = _train(digits16, tmp_path / "a", augment=aug)
+    b, pb = _train(digits16, tmp_path / "b", augment=aug)
+    ma, mb = classifier.load(pa)[0], classifier.load(pb)[0]
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert a["best_val_acc"] == b["best_val_acc"]
+
+
+@pytest.mark.parametrize(
+    "balance",
+    [
+        BalanceConfig(strategy="oversample", simulate_imbalance_factor=10),
+        BalanceConfig(strategy="class_weights", simulate_imbalance_factor=10),
+        BalanceConfig(strategy="logit_adjust", simulate_imbalance_factor=10),
+        BalanceConfig(strategy="oversample", offline=True, simulate_imbalance_factor=10),
+    ],
+    ids=["oversample", "class_weights", "logit_adjust", "offline"],
+)
+def test_imbalance_options_train(digits16, tmp_path, balance):
+    aug = AugmentConfig(rotate_degrees=10, crop_padding=2)
+    metrics, _ = _train(digits16, tmp_path, balance=balance, augment=aug, epochs=6, batch_size=32)
+    assert metrics["best_val_acc"] > 0.3  # chance is 0.1
+
+
+def test_mixing_and_auto_augment_train(digits16, tmp_path):
+    aug = AugmentConfig(auto="trivialaugment", mixup_alpha=0.2, cutmix_alpha=1.0)
+    metrics, _ = _train(digits16, tmp_path, augment=aug, optimizer="adamw", lr=3e-3, schedule="cosine", label_smoothing=0.1)
+    assert metrics["best_val_acc"] > 0.2
+
+
+def test_early_stopping(digits16, tmp_path):
+    metrics, _ = _train(digits16, tmp_path, epochs=30, lr=1e-6, schedule="constant", early_stopping_patience=2)
+    assert metrics["epochs_run"] < 30
+
+
+@pytest.fixture
+def prepared_project(tmp_path):
+    project = Project(tmp_path / "proj")
+    project.set_params(data={"image_size": 16}, train={"model": "resnet20", "epochs": 8, "batch_size": 32})
+    project.repro("prepare")
+    return project
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
+    project = prepared_project
+    ckpt = project.path / "models" / "checkpoints" / "train.pt"
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train"], cwd=project.path, env=project.env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not ckpt.exists():
+        assert proc.poll() is None, "train ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    saved_epoch = torch.load(ckpt, weights_only=False)["state"]["epoch"]
+    time.sleep(0.3)  # mid-epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project.path / "models" / "teacher.pt").exists()
+    resumed = project.repro("train")
+    assert f"resuming from models/checkpoints/train.pt after epoch" in resumed.stderr + resumed.stdout
+    metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
+    assert metrics["epochs_run"] == 8 and saved_epoch < 8
+    history = classifier.load(project.path / "models" / "teacher.pt")[1]["history"]
+    assert [r["epoch"] for r in history] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train(prepared_project):
+    project = prepared_project
+    project.set_params(train={"model": "lenet", "epochs": 3, "batch_size": 32, "device": "cpu"})
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "visionops", "train")
+    metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs_run"] == 3
+    assert metrics["best_val_acc"] > 0.3, out.stderr
