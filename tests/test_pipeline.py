@@ -10,30 +10,70 @@ from pipeline_project import Project
 pytestmark = pytest.mark.slow
 
 
+FAST = dict(train={"epochs": 2}, distill={"epochs": 1, "baseline": False}, evaluate={"gradcam_samples": 2})
+
+
 @pytest.fixture
 def project(tmp_path):
     return Project(tmp_path / "proj")
 
 
-def test_digits_pipeline_runs_then_is_up_to_date(project):
-    first = project.repro()
-    for stage in ("download", "validate", "prepare"):
-        assert f"Running stage '{stage}'" in first.stdout
-    summary = json.loads((project.path / "reports/validate/summary.json").read_text())
-    assert summary["success"] is True
-    assert (project.path / "reports/validate/data_docs/index.html").exists()
-    assert (project.path / "reports/prepare/class_distribution.png").exists()
+@pytest.fixture(scope="module")
+def ran_project(tmp_path_factory):
+    """The whole digits pipeline, run once with few epochs; tests below change it step by step."""
+    project = Project(tmp_path_factory.mktemp("ran") / "proj")
+    project.set_params(**FAST)
+    project.first_run = project.repro()
+    return project
+
+
+def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
+    project = ran_project
+    for stage in ("download", "validate", "prepare", "train", "evaluate", "distill"):
+        assert f"Running stage '{stage}'" in project.first_run.stdout
+    assert json.loads((project.path / "reports/validate/summary.json").read_text())["success"] is True
+    for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.png",
+                "models/teacher.pt", "reports/evaluate/report.md", "models/student.pt", "reports/distill/student.onnx"):
+        assert (project.path / out).exists(), out
     second = project.repro()
-    assert "Running stage" not in second.stdout
-    assert "up to date" in second.stdout
-    metrics = project.run("dvc", "metrics", "show", "--json").stdout
-    assert "imbalance_ratio" in metrics
+    assert "Running stage" not in second.stdout and "up to date" in second.stdout
 
 
-def test_changing_balance_reruns_only_prepare(project):
-    project.repro()
-    project.set_params(balance={"strategy": "undersample", "simulate_imbalance_factor": 5.0})
+def test_dvc_metrics_and_plots(ran_project):
+    project = ran_project
+    metrics = json.loads(project.run("dvc", "metrics", "show", "--json").stdout)
+    flat = json.dumps(metrics)
+    for key in ("imbalance_ratio", "best_val_acc", "balanced_accuracy", "ece", "student_acc"):
+        assert key in flat, key
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    project.set_params(distill={"temperature": 2.0})
     out = project.repro().stdout
+    assert "Running stage 'distill'" in out
+    assert all(f"Running stage '{s}'" not in out for s in ("download", "validate", "prepare", "train", "evaluate"))
+    diff = project.run("dvc", "metrics", "diff", "--json").stdout
+    assert "reports/distill/metrics.json" in diff
+    shown = project.run("dvc", "plots", "show", "--json").stdout
+    for name in ("Teacher accuracy", "Confusion matrix (test)", "reports/train/history.png"):
+        assert name in shown, name
+
+
+def test_dvc_exp_run_with_override(ran_project):
+    project = ran_project
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before exp", check=False)
+    out = project.run("dvc", "exp", "run", "-S", "train.epochs=3")
+    assert "Running stage 'train'" in out.stdout
+    metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
+    assert metrics["epochs_run"] == 3
+    shown = project.run("dvc", "exp", "show", "--json").stdout
+    assert "train.epochs" in shown or '"epochs": 3' in shown
+
+
+def test_changing_balance_reruns_from_prepare(project):
+    project.repro("prepare")
+    project.set_params(balance={"strategy": "undersample", "simulate_imbalance_factor": 5.0})
+    out = project.repro("prepare").stdout
     assert "Running stage 'prepare'" in out
     assert "Running stage 'download'" not in out and "Running stage 'validate'" not in out
 
@@ -60,16 +100,16 @@ def cifar_project(project, cifar_subset):
     return project, root
 
 
-def test_cifar_folder_runs_all_three_stages(cifar_project):
+def test_cifar_folder_runs_the_data_stages(cifar_project):
     project, _ = cifar_project
-    project.repro()
+    project.repro("prepare")
     summary = json.loads((project.path / "reports/validate/summary.json").read_text())
     assert summary["success"] is True and summary["n_classes"] == 10
     assert sum(summary["n_images"].values()) == 300
 
 
 def _fails_naming(project, *names):
-    out = project.repro(check=False)
+    out = project.repro("prepare", check=False)
     assert out.returncode != 0, out.stdout
     text = out.stdout + out.stderr
     for name in names:

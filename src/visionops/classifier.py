@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -71,6 +72,6 @@ def predict_logits(model: nn.Module, images_nhwc, device: torch.device, batch_si
     model.eval()
     out = []
     for start in range(0, len(images_nhwc), batch_size):
-        chunk = torch.as_tensor(images_nhwc[start : start + batch_size]).to(device).permute(0, 3, 1, 2)
+        chunk = torch.as_tensor(np.asarray(images_nhwc[start : start + batch_size]).copy()).to(device).permute(0, 3, 1, 2)
         out.append(model(chunk).float().cpu())
     return torch.cat(out) if out else torch.empty(0)

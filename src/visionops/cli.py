@@ -100,6 +100,53 @@ def _train(params, args) -> dict:
     )
 
 
+@stage(
+    "evaluate",
+    "measure the teacher on the test split, with calibration and Grad-CAM explanations",
+    "Accuracy, balanced accuracy, macro-F1, top-k and per-class precision/recall/F1; a confusion matrix; "
+    "ECE and a reliability diagram before and after temperature scaling fitted on val; latency, throughput, "
+    "parameters and size on the current device; Grad-CAM overlays of right and wrong predictions and a "
+    f"gallery of mistakes; all tied together in report.md. Writes {layout.EVALUATE_REPORTS}/.",
+)
+def _evaluate(params, args) -> dict:
+    from visionops.stages.evaluate import run_evaluate
+
+    return run_evaluate(
+        layout.DATASET,
+        layout.TEACHER,
+        params.evaluate,
+        layout.EVALUATE_REPORTS,
+        params.train.eval_batch_size,
+        params.train.device,
+    )
+
+
+@stage(
+    "distill",
+    "distill a small student from the trained teacher, export it to ONNX and int8",
+    "Train distill.student with Hinton knowledge distillation from the teacher (temperature, alpha; KL "
+    "term scaled by T^2) under the same augmentation, and (distill.baseline) the same student alone to show "
+    "what distillation gained. Compares teacher and student on the test split (accuracy, parameters, size, "
+    "CPU latency), exports the student to ONNX with an ONNX Runtime parity check, and (distill.quantize) "
+    f"int8-quantizes it. Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/.",
+)
+def _distill(params, args) -> dict:
+    from visionops.stages.distill import run_distill
+    from visionops.stages.train import recorded_augment
+
+    return run_distill(
+        layout.DATASET,
+        layout.PREPARED,
+        layout.TEACHER,
+        params.distill,
+        params.train,
+        recorded_augment(layout.PREPARED),
+        layout.STUDENT,
+        layout.DISTILL_REPORTS,
+        layout.CHECKPOINTS,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visionops",

@@ -125,7 +125,7 @@ class DistillConfig(Section):
     lr: float = Field(0.05, gt=0.0)
     baseline: bool = True  # also train the student alone, to show what distillation gained
     onnx_atol: float = Field(1e-4, gt=0.0)
-    quantize: bool = True  # dynamic int8 quantization of the student, with accuracy and speed
+    quantize: bool = True  # static int8 quantization (ONNX Runtime, QDQ) of the student, with accuracy and speed
 
 
 class Params(Section):

@@ -1,4 +1,4 @@
-"""Device choice and the per-device speed settings (autocast, channels_last)."""
+"""Device choice and the per-device speed settings (autocast, memory format)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,5 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
+    """channels_last on CUDA only: on the CPU it is faster for some nets but crashed oneDNN's backward for others."""
     return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format

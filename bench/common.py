@@ -1,0 +1,29 @@
+"""Shared helpers for the benchmarks: the real CIFAR-10 JPEGs from ../shared/datasets."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-train.tar.gz"
+
+
+def extract_cifar(dest: Path, per_class: int | None = None) -> Path:
+    """Extract the CIFAR-10 JPEG train split (or `per_class` images of each class) to dest/train/<class>/."""
+    if not CIFAR_JPEG.exists():
+        raise SystemExit(f"{CIFAR_JPEG} not found: the benchmarks need the shared CIFAR-10 JPEG archive")
+    taken: dict[str, int] = {}
+    with tarfile.open(CIFAR_JPEG) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
+                continue
+            cls = parts[-2]
+            if per_class is not None and taken.get(cls, 0) >= per_class:
+                continue
+            taken[cls] = taken.get(cls, 0) + 1
+            target = dest / "train" / cls / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return dest

@@ -1,0 +1,326 @@
+"""Stage `distill`: Hinton knowledge distillation of a small student from the frozen teacher.
+
+The student is trained with `alpha * KD(student, teacher, T) + (1 - alpha) * CE(labels)` under the
+teacher's augmentation policy and normalisation. With `distill.baseline` the same student is also
+trained alone (plain CE; same init, seed and settings) so the report shows what distillation gained.
+Then, on the test split: accuracy, parameter/size/CPU-latency ratios, ONNX export with an
+onnxruntime parity check, and (with `distill.quantize`) static int8 quantization.
+
+Writes the student to `student_path` and, to `reports_dir`: metrics.json, history.csv/png (the
+distilled student; history_baseline.csv/png for the baseline), student.onnx, student.int8.onnx and
+report.md. Resumable: each run checkpoints every epoch under `checkpoint_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from visionops import atomic, classifier, export
+from visionops.augment import BatchAugment
+from visionops.config import AugmentConfig, DistillConfig, TrainConfig
+from visionops.device import memory_format, select_device
+from visionops.errors import VisionopsError
+from visionops.latency import measure_latency, model_size_bytes
+from visionops.losses import ClassificationLoss, kd_loss
+from visionops.models import count_parameters
+from visionops.stages.train import (
+    fingerprint,
+    load_train_data,
+    to_device,
+    write_history,
+)
+from visionops.trainer import fit, init_distributed
+
+CALIBRATION_IMAGES = 256
+
+
+class TeacherMismatchError(VisionopsError):
+    """The teacher was trained on other classes or another image shape than the dataset."""
+
+
+class DistillationLoss:
+    """`alpha * kd_loss(student, teacher(inputs), T) + (1 - alpha) * hard(student, targets)`.
+
+    A trainer criterion: called as (logits, targets, inputs) with the augmented [0, 1] batch as
+    inputs, so the teacher sees exactly what the student sees. The teacher runs frozen (eval, no
+    grad) and is never run when alpha == 0; the hard term is skipped when alpha == 1.
+    """
+
+    def __init__(self, hard: nn.Module, teacher: nn.Module | None = None, alpha: float = 0.0, temperature: float = 4.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if alpha > 0 and teacher is None:
+            raise ValueError("a teacher is needed when alpha > 0")
+        self.hard, self.teacher, self.alpha, self.temperature = hard, teacher, alpha, temperature
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def teacher_logits(self, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.teacher(inputs).float()
+
+    def __call__(self, logits: Tensor, targets: Tensor, inputs: Tensor) -> Tensor:
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.alpha < 1:
+            loss = loss + (1 - self.alpha) * self.hard(logits, targets)
+        if self.alpha > 0:
+            loss = loss + self.alpha * kd_loss(logits, self.teacher_logits(inputs), self.temperature)
+        return loss
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _accuracy(model: nn.Module, images, labels, device: torch.device) -> float | None:
+    if len(labels) == 0:
+        return None
+    logits = classifier.predict_logits(model, np.asarray(images).copy(), device)  # a writable copy of the memmap
+    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
+
+
+def _cpu_latency(model: nn.Module, image_shape, batch_size: int = 64) -> dict:
+    return measure_latency(copy.deepcopy(model).cpu(), image_shape, torch.device("cpu"), batch_size=batch_size)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def run_distill(
+    dataset_dir: Path,
+    prepared_dir: Path,
+    teacher_path: Path,
+    cfg: DistillConfig,
+    train_cfg: TrainConfig,
+    augment_cfg: AugmentConfig,
+    student_path: Path,
+    reports_dir: Path,
+    checkpoint_dir: Path,
+) -> dict:
+    dataset_dir, prepared_dir, teacher_path = Path(dataset_dir), Path(prepared_dir), Path(teacher_path)
+    student_path, reports_dir, checkpoint_dir = Path(student_path), Path(reports_dir), Path(checkpoint_dir)
+    device = select_device(train_cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
+    ds, images, labels, loss_opts = load_train_data(dataset_dir, prepared_dir)
+    class_names, image_shape = ds.class_names, ds.image_shape
+
+    teacher, teacher_info = classifier.load(teacher_path, device)
+    if teacher_info["class_names"] != class_names or tuple(teacher_info["image_shape"]) != tuple(image_shape):
+        raise TeacherMismatchError(
+            f"{teacher_path}: teacher was trained on classes {teacher_info['class_names']} / shape "
+            f"{teacher_info['image_shape']}, the dataset has {class_names} / {list(image_shape)}; retrain it"
+        )
+    teacher = teacher.to(device, memory_format=memory_format(device, train_cfg.channels_last))
+    teacher.eval().requires_grad_(False)
+    mean, std = teacher.mean.flatten().tolist(), teacher.std.flatten().tolist()
+
+    student_cfg = train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "lr": cfg.lr})
+    hard = ClassificationLoss(
+        train_cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], train_cfg.logit_adjust_tau
+    ).to(device)
+    augment = BatchAugment.from_config(augment_cfg, num_classes=len(class_names))
+    val, test = ds.splits["val"], ds.splits["test"]
+    train_data = to_device(images, labels, device)
+    val_data = to_device(val.images, val.labels, device)
+    common = (student_cfg.model_dump(), augment_cfg.model_dump(), class_names, mean, std, dist_info.world_size)
+    arrays = (images, labels, val.labels)
+
+    def train_student(desc: str, criterion: DistillationLoss, checkpoint: Path, digest: str):
+        torch.manual_seed(train_cfg.seed)  # the same initial weights for the distilled and the baseline student
+        model = classifier.build(cfg.student, class_names, image_shape, mean, std)
+        t0 = time.perf_counter()
+        model, state = fit(
+            model, train_data, val_data, student_cfg, augment, criterion, device,
+            checkpoint=checkpoint, fingerprint=digest, dist_info=dist_info, desc=desc,
+        )
+        return model, state, time.perf_counter() - t0
+
+    teacher_digest = _file_digest(teacher_path)
+    kd_digest = fingerprint("distill", cfg.alpha, cfg.temperature, teacher_digest, *common, arrays=arrays)
+    student, state, kd_seconds = train_student(
+        "distill", DistillationLoss(hard, teacher, cfg.alpha, cfg.temperature), checkpoint_dir / "distill.pt", kd_digest
+    )
+    baseline = base_state = None
+    if cfg.baseline:
+        base_digest = fingerprint("student_alone", *common, arrays=arrays)
+        baseline, base_state, _ = train_student(
+            "student alone", DistillationLoss(hard, None, 0.0), checkpoint_dir / "student_alone.pt", base_digest
+        )
+    if not dist_info.is_main:
+        return {"rank": dist_info.rank}
+
+    # --- evaluation on the test split ---------------------------------------------------------
+    teacher_acc = _accuracy(teacher, test.images, test.labels, device)
+    student_acc = _accuracy(student, test.images, test.labels, device)
+    baseline_acc = _accuracy(baseline, test.images, test.labels, device) if baseline is not None else None
+    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    teacher_bytes, student_bytes = model_size_bytes(teacher), model_size_bytes(student)
+    teacher_lat, student_lat = _cpu_latency(teacher, image_shape), _cpu_latency(student, image_shape)
+    student_cpu = copy.deepcopy(student).cpu().eval()
+
+    onnx_path = reports_dir / "student.onnx"
+    onnx_info = export.export_onnx(student_cpu, image_shape, onnx_path)
+    check_images = test.images if len(test) else val.images  # parity needs real images; any split will do
+    parity = export.onnx_parity(student_cpu, onnx_path, check_images, cfg.onnx_atol)  # raises beyond atol
+    int8_path = reports_dir / "student.int8.onnx"
+    int8 = None
+    if cfg.quantize:
+        rng = np.random.default_rng(train_cfg.seed)
+        pick = np.sort(rng.choice(len(images), size=min(CALIBRATION_IMAGES, len(images)), replace=False))
+        int8 = export.quantize_onnx(onnx_path, int8_path, np.asarray(images[pick]))
+        int8["acc"] = int8["fp32_onnx_acc"] = int8["agreement_with_fp32"] = None
+        if len(test):
+            int8_pred = export.ort_logits(export.ort_session(int8_path), test.images).argmax(1)
+            fp32_pred = export.ort_logits(export.ort_session(onnx_path), test.images).argmax(1)
+            test_labels = np.asarray(test.labels)
+            int8["acc"] = float((int8_pred == test_labels).mean())
+            int8["fp32_onnx_acc"] = float((fp32_pred == test_labels).mean())
+            int8["agreement_with_fp32"] = float((int8_pred == fp32_pred).mean())
+        int8["fp32_ort"] = export.ort_throughput(onnx_path, image_shape)
+        int8["int8_ort"] = export.ort_throughput(int8_path, image_shape)
+        int8["speedup"] = int8["int8_ort"]["images_per_second"] / int8["fp32_ort"]["images_per_second"]
+    else:
+        int8_path.unlink(missing_ok=True)
+
+    metrics = {
+        "teacher": teacher_info["arch"],
+        "student": cfg.student,
+        "device": str(device),
+        "temperature": cfg.temperature,
+        "alpha": cfg.alpha,
+        "teacher_acc": teacher_acc,
+        "student_acc": student_acc,
+        "baseline_acc": baseline_acc,
+        "kd_gain": _diff(student_acc, baseline_acc),
+        "student_best_val_acc": state.best_acc,
+        "baseline_best_val_acc": base_state.best_acc if base_state is not None else None,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "train_seconds": kd_seconds,
+        "teacher_parameters": teacher_params,
+        "student_parameters": student_params,
+        "param_ratio": student_params / teacher_params,
+        "teacher_size_bytes": teacher_bytes,
+        "student_size_bytes": student_bytes,
+        "size_ratio": student_bytes / teacher_bytes,
+        "teacher_cpu_images_per_second": teacher_lat["images_per_second"],
+        "student_cpu_images_per_second": student_lat["images_per_second"],
+        "cpu_speedup": student_lat["images_per_second"] / teacher_lat["images_per_second"],
+        "teacher_cpu_single_image_ms": teacher_lat["single_image_ms"],
+        "student_cpu_single_image_ms": student_lat["single_image_ms"],
+        "onnx_exporter": onnx_info["exporter"],
+        "onnx_opset": onnx_info["opset"],
+        "onnx_bytes": onnx_info["bytes"],
+        "onnx_max_abs_diff": parity["max_abs_diff"],
+        "onnx_argmax_agreement": parity["argmax_agreement"],
+        "onnx_parity": parity["passed"],
+        "int8_method": int8["method"] if int8 else None,
+        "int8_acc": int8["acc"] if int8 else None,
+        "int8_acc_drop": _diff(int8["fp32_onnx_acc"], int8["acc"]) if int8 else None,
+        "int8_agreement_with_fp32": int8["agreement_with_fp32"] if int8 else None,
+        "int8_bytes": int8["bytes"] if int8 else None,
+        "int8_size_ratio": _ratio(int8["bytes"], onnx_info["bytes"]) if int8 else None,
+        "fp32_ort_images_per_second": int8["fp32_ort"]["images_per_second"] if int8 else None,
+        "int8_ort_images_per_second": int8["int8_ort"]["images_per_second"] if int8 else None,
+        "int8_speedup": int8["speedup"] if int8 else None,
+    }
+
+    extra = {
+        "history": state.history,
+        "teacher": {
+            "arch": teacher_info["arch"], "path": str(teacher_path), "digest": teacher_digest,
+            "parameters": teacher_params, "test_acc": teacher_acc,
+        },
+        "distill": cfg.model_dump(),
+    }
+    classifier.save(student_path, student_cpu, cfg.student, class_names, image_shape, **extra)
+    write_history(state.history, reports_dir, f"student: {cfg.student} distilled from {teacher_info['arch']}", stem="history")
+    if base_state is not None:
+        write_history(base_state.history, reports_dir, f"student alone: {cfg.student}", stem="history_baseline")
+    atomic.write_json(reports_dir / "metrics.json", metrics)
+    atomic.write_text(reports_dir / "report.md", _report(metrics, teacher_lat, student_lat, int8, cfg.model_dump()))
+    for name in ("distill.pt", "student_alone.pt"):
+        (checkpoint_dir / name).unlink(missing_ok=True)
+    return metrics
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _report(m: dict, teacher_lat: dict, student_lat: dict, int8: dict | None, cfg: dict) -> str:
+    kb = 1024
+    lines = [
+        f"# Distillation: {m['teacher']} → {m['student']}",
+        "",
+        (f"Hinton KD, T = {cfg['temperature']:g}, alpha = {cfg['alpha']:g} (KD weight; {1 - cfg['alpha']:g} on the labels), "
+        f"{cfg['epochs']} epochs at lr {cfg['lr']:g}. Accuracy on the test split; latency on the CPU "
+        f"(PyTorch, batch {student_lat['batch_size']})."),
+        "",
+        "| model | arch | parameters | size (KiB) | test acc | CPU images/s | CPU ms / image (batch 1) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        (f"| teacher | {m['teacher']} | {m['teacher_parameters']:,} | {m['teacher_size_bytes'] / kb:.1f} | {_fmt(m['teacher_acc'])} "
+        f"| {teacher_lat['images_per_second']:,.0f} | {teacher_lat['single_image_ms']:.3f} |"),
+        (f"| student (distilled) | {m['student']} | {m['student_parameters']:,} | {m['student_size_bytes'] / kb:.1f} "
+        f"| {_fmt(m['student_acc'])} | {student_lat['images_per_second']:,.0f} | {student_lat['single_image_ms']:.3f} |"),
+    ]
+    if m["baseline_acc"] is not None:
+        lines.append(
+            f"| student alone (baseline) | {m['student']} | {m['student_parameters']:,} | {m['student_size_bytes'] / kb:.1f} "
+            f"| {_fmt(m['baseline_acc'])} | — | — |"
+        )
+    lines += [
+        "",
+        f"- KD gain (distilled − alone): {_fmt(m['kd_gain'], '+.4f')}",
+        f"- parameter ratio (student / teacher): {m['param_ratio']:.4f}",
+        f"- size ratio (student / teacher): {m['size_ratio']:.4f}",
+        f"- CPU throughput speedup (student / teacher): {m['cpu_speedup']:.2f}x",
+        "",
+        "## ONNX",
+        "",
+        (f"`student.onnx` ({m['onnx_bytes'] / kb:.1f} KiB; {m['onnx_exporter']} exporter, opset {m['onnx_opset']}): "
+        f"float32 `images` in [0, 1], N x C x H x W (dynamic batch) → `logits`."),
+        (f"onnxruntime (CPU) vs PyTorch on the test split: max |Δlogit| = {m['onnx_max_abs_diff']:.3g}, "
+        f"argmax agreement {m['onnx_argmax_agreement']:.4f} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
+        "",
+        "## int8",
+        "",
+    ]
+    if int8 is None:
+        lines.append("Quantization disabled (`distill.quantize: false`).")
+    else:
+        how = (
+            f"static quantization (QDQ, per-channel int8 weights, uint8 activations calibrated on {int8['calibration_images']} train images)"
+            if int8["method"] != "dynamic"
+            else "dynamic quantization (static quantization failed: " + "; ".join(int8["notes"]) + ")"
+        )
+        lines += [
+            f"`student.int8.onnx` by {how}.",
+            "",
+            "| | size (KiB) | test acc | ORT CPU images/s |",
+            "|---|---:|---:|---:|",
+            f"| fp32 ONNX | {m['onnx_bytes'] / kb:.1f} | {_fmt(int8['fp32_onnx_acc'])} | {int8['fp32_ort']['images_per_second']:,.0f} |",
+            f"| int8 ONNX | {int8['bytes'] / kb:.1f} | {_fmt(int8['acc'])} | {int8['int8_ort']['images_per_second']:,.0f} |",
+            "",
+            f"- int8 speedup over fp32 (onnxruntime, batch {int8['int8_ort']['batch_size']}): {int8['speedup']:.2f}x",
+            f"- int8 argmax agreement with fp32: {_fmt(int8['agreement_with_fp32'])}",
+        ]
+    return "\n".join(lines) + "\n"

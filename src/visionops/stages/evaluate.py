@@ -1,0 +1,254 @@
+"""Stage `evaluate`: the trained model on the held-out test split.
+
+Writes to `reports_dir` (each file atomically; metrics.json last, so its presence means a full run):
+
+    metrics.json            headline metrics (DVC metrics): accuracy, balanced accuracy, macro F1,
+                            top-k accuracy, ECE before/after temperature scaling, the temperature
+                            (fitted on val; later stages may reuse it), NLL, latency, size
+    per_class.json          precision, recall, F1, support, accuracy per class
+    predictions.csv         path, actual, predicted (class names), confidence (DVC confusion plot)
+    confusion_matrix.png    counts, coloured by row-normalised rate
+    reliability.png         reliability diagrams before / after temperature scaling
+    per_class_accuracy.png  bar chart
+    gradcam_correct.png     Grad-CAM overlays of correctly classified test images
+    gradcam_wrong.png       Grad-CAM overlays of the most confident mistakes
+    misclassified.png       gallery of misclassified test images
+    report.md               Markdown report tying the above together
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from visionops import atomic, calibration, classifier, dataset, eval_plots, explain
+from visionops.config import EvaluateConfig
+from visionops.device import select_device
+from visionops.errors import VisionopsError
+from visionops.latency import measure_latency, model_size_bytes
+from visionops.metrics import classification_metrics, confusion
+from visionops.models import count_parameters
+
+FIGURES = {
+    "confusion_matrix.png": "Confusion matrix",
+    "reliability.png": "Reliability diagram",
+    "per_class_accuracy.png": "Per-class accuracy",
+    "gradcam_correct.png": "Grad-CAM: correctly classified",
+    "gradcam_wrong.png": "Grad-CAM: misclassified",
+    "misclassified.png": "Misclassified gallery",
+}
+OUTPUTS = ("metrics.json", "per_class.json", "predictions.csv", *FIGURES, "report.md")
+TOP_CONFUSIONS = 10
+
+
+class EvaluationError(VisionopsError):
+    """The model and the dataset do not fit together, or there is nothing to evaluate."""
+
+
+def _check_compatible(ds: dataset.Dataset, info: dict, model_path: Path, dataset_dir: Path) -> None:
+    if list(info["class_names"]) != list(ds.class_names):
+        raise EvaluationError(
+            f"{model_path} was trained on classes {info['class_names']} but {dataset_dir} has {ds.class_names}"
+        )
+    if tuple(info["image_shape"]) != tuple(ds.image_shape):
+        raise EvaluationError(
+            f"{model_path} expects images of shape {tuple(info['image_shape'])} (H, W, C) "
+            f"but {dataset_dir} holds {tuple(ds.image_shape)}"
+        )
+    if "test" not in ds.splits or len(ds.splits["test"]) == 0:
+        raise EvaluationError(f"{dataset_dir} has no test images (data.test_fraction is 0?)")
+
+
+def predictions_csv(
+    paths: list[str], y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray, class_names: list[str]
+) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "actual", "predicted", "confidence"])
+    for p, t, q, c in zip(paths, y_true, y_pred, confidence):
+        writer.writerow([p, class_names[t], class_names[q], f"{c:.6f}"])
+    return buf.getvalue()
+
+
+def top_confusions(cm: np.ndarray, class_names: list[str], limit: int = TOP_CONFUSIONS) -> list[dict]:
+    """The most frequent (actual → predicted) mistakes."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pairs = sorted(((int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))), key=lambda t: (-t[0], t[1], t[2]))
+    return [{"actual": class_names[i], "predicted": class_names[j], "count": c} for c, i, j in pairs[:limit]]
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return "n/a" if np.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str) -> str:
+    m = metrics
+    lines = [
+        f"# Evaluation report: `{arch}` on the test split",
+        "",
+        f"{m['test_images']} test images, {m['num_classes']} classes, evaluated on `{m['device']}`.",
+        "",
+        "## Headline metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {_fmt(m['accuracy'])} |",
+        f"| balanced accuracy | {_fmt(m['balanced_accuracy'])} |",
+        f"| macro F1 | {_fmt(m['macro_f1'])} |",
+        f"| top-{m['top_k']} accuracy | {_fmt(m['top_k_accuracy'])} |",
+        f"| ECE ({m['calibration_bins']} bins) | {_fmt(m['ece'])} |",
+        f"| ECE after temperature scaling | {_fmt(m['ece_calibrated'])} |",
+        f"| NLL | {_fmt(m['nll'])} |",
+        "",
+        "## Per-class results",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} |"
+        for name, r in per_class.items()
+    ]
+    lines += ["", "![Per-class accuracy](per_class_accuracy.png)", "", "## Confusion matrix", "",
+              "Rows are the actual class, columns the prediction; colour is the fraction of the row.", "",
+              "![Confusion matrix](confusion_matrix.png)", ""]  # fmt: skip
+    if confusions:
+        lines += ["Most frequent mistakes:", "", "| actual | predicted | count |", "|---|---|---|"]
+        lines += [f"| {c['actual']} | {c['predicted']} | {c['count']} |" for c in confusions]
+        lines.append("")
+    fitted = "the validation split" if m["temperature_fitted"] else "nothing (no validation images), so T = 1"
+    lines += [
+        "## Calibration",
+        "",
+        (
+            f"Temperature scaling divides the logits by T = {m['temperature']:.4f}, fitted on {fitted} by "
+            "minimising the negative log-likelihood; predictions (and accuracy) are unchanged."
+        ),
+        "",
+        "| | uncalibrated | temperature scaled |",
+        "|---|---|---|",
+        f"| ECE | {_fmt(m['ece'])} | {_fmt(m['ece_calibrated'])} |",
+        f"| NLL | {_fmt(m['nll'])} | {_fmt(m['nll_calibrated'])} |",
+        "",
+        "![Reliability diagram](reliability.png)",
+        "",
+        "## Speed and size",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {m['parameters']:,} |",
+        f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
+        f"| latency, batch of {m['latency_batch_size']} | {m['latency_batch_ms']:.3f} ms |",
+        f"| latency, single image | {m['latency_single_image_ms']:.3f} ms |",
+        f"| throughput | {m['images_per_second']:.0f} images/s |",
+        f"| device | `{m['device']}` |",
+        "",
+        "## Explanations",
+        "",
+        "Grad-CAM heat-maps of the predicted class on the last spatial convolution (red = most evidence).",
+        "",
+        "### Correctly classified",
+        "",
+        "![Grad-CAM: correctly classified](gradcam_correct.png)",
+        "",
+        "### Misclassified (most confident mistakes)",
+        "",
+        "![Grad-CAM: misclassified](gradcam_wrong.png)",
+        "",
+        "## Misclassified gallery",
+        "",
+        "![Misclassified gallery](misclassified.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_evaluate(
+    dataset_dir: Path,
+    model_path: Path,
+    cfg: EvaluateConfig,
+    reports_dir: Path,
+    eval_batch_size: int = 1024,
+    device: str = "auto",
+) -> dict:
+    """Evaluate the model at `model_path` on the test split of `dataset_dir`; returns metrics.json's content."""
+    dataset_dir, model_path, reports_dir = Path(dataset_dir), Path(model_path), Path(reports_dir)
+    dev = select_device(device)
+    model, info = classifier.load(model_path, dev)
+    ds = dataset.load(dataset_dir)
+    _check_compatible(ds, info, model_path, dataset_dir)
+    names = list(ds.class_names)
+    test = ds.splits["test"]
+    y = np.asarray(test.labels, dtype=np.int64)
+
+    logits = classifier.predict_logits(model, test.images, dev, eval_batch_size).double().numpy()
+    val = ds.splits.get("val")
+    fitted = val is not None and len(val) > 0
+    if fitted:
+        val_logits = classifier.predict_logits(model, val.images, dev, eval_batch_size)
+        temperature = calibration.fit_temperature(val_logits, val.labels)
+    else:
+        temperature = 1.0
+    probs = calibration.probabilities(logits)
+    probs_cal = calibration.probabilities(logits, temperature)
+    pred, conf = probs.argmax(1), probs.max(1)
+
+    cls = classification_metrics(y, logits, names, cfg.top_k)
+    per_class = cls.pop("per_class")
+    bins = cfg.calibration_bins
+    ece, ece_cal = (calibration.expected_calibration_error(p, y, bins) for p in (probs, probs_cal))
+    latency = measure_latency(model, ds.image_shape, dev, batch_size=cfg.latency_batch_size)
+    metrics = {
+        "model": info["arch"],
+        "test_images": cls["n"],
+        "num_classes": len(names),
+        "accuracy": cls["accuracy"],
+        "balanced_accuracy": cls["balanced_accuracy"],
+        "macro_f1": cls["macro_f1"],
+        "top_k": cls["top_k"],
+        "top_k_accuracy": cls["top_k_accuracy"],
+        "calibration_bins": bins,
+        "ece": ece,
+        "ece_calibrated": ece_cal,
+        "temperature": temperature,
+        "temperature_fitted": fitted,
+        "nll": calibration.nll(logits, y),
+        "nll_calibrated": calibration.nll(logits, y, temperature),
+        "device": latency["device"],
+        "latency_batch_size": latency["batch_size"],
+        "latency_batch_ms": latency["batch_ms"],
+        "latency_single_image_ms": latency["single_image_ms"],
+        "images_per_second": latency["images_per_second"],
+        "parameters": count_parameters(model),
+        "model_size_bytes": model_size_bytes(model),
+    }
+
+    cm = confusion(y, pred, len(names))
+    atomic.write_text(reports_dir / "predictions.csv", predictions_csv(test.paths, y, pred, conf, names))
+    atomic.write_json(reports_dir / "per_class.json", per_class)
+    eval_plots.confusion_matrix(cm, names, reports_dir / "confusion_matrix.png", f"Confusion matrix: {info['arch']}")
+    eval_plots.reliability_diagram(
+        calibration.reliability_bins(probs, y, bins),
+        calibration.reliability_bins(probs_cal, y, bins),
+        ece, ece_cal, temperature, reports_dir / "reliability.png",
+    )  # fmt: skip
+    eval_plots.per_class_accuracy(
+        names, [r["accuracy"] for r in per_class.values()], [r["support"] for r in per_class.values()],
+        reports_dir / "per_class_accuracy.png", overall=metrics["accuracy"],
+    )  # fmt: skip
+    explain.explain_predictions(
+        model, test.images, y, probs, names, reports_dir, cfg.gradcam_samples, cfg.gallery_size, dev
+    )
+    atomic.write_text(
+        reports_dir / "report.md", render_report(metrics, per_class, top_confusions(cm, names), info["arch"])
+    )
+    atomic.write_json(reports_dir / "metrics.json", metrics)
+    return metrics
