@@ -21,6 +21,8 @@ def extract_cifar(dest: Path, per_class: int | None = None) -> Path:
                 continue
             cls = parts[-2]
             if per_class is not None and taken.get(cls, 0) >= per_class:
+                if len(taken) == 10 and min(taken.values()) >= per_class:
+                    break
                 continue
             taken[cls] = taken.get(cls, 0) + 1
             target = dest / "train" / cls / parts[-1]
