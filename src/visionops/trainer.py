@@ -25,6 +25,7 @@ from visionops.config import TrainConfig
 from visionops.device import autocast, memory_format
 
 Criterion = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, targets, inputs) -> loss
+EpochCallback = Callable[[str, dict], None]  # (desc, history row), on the main rank after every epoch
 
 
 @dataclass
@@ -134,11 +135,13 @@ def fit(
     fingerprint: str = "",
     dist_info: DistInfo | None = None,
     desc: str = "train",
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, TrainState]:
     """Train `model` on uint8 NCHW tensors already on `device`; return the best model (by val accuracy).
 
     Every epoch ends with an atomic checkpoint; a rerun with the same `fingerprint` resumes from it.
-    Under torchrun each rank trains on its shard of every epoch's permutation.
+    Under torchrun each rank trains on its shard of every epoch's permutation. `on_epoch` lets a
+    caller (experiment tracking) see each epoch's metrics as they happen.
     """
     dist_info = dist_info or DistInfo()
     torch.manual_seed(cfg.seed)
@@ -197,6 +200,8 @@ def fit(
         if dist_info.is_main:
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, fingerprint, state, model, opt, sched, gen)
+            if on_epoch is not None:
+                on_epoch(desc, row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.4f}")
             tqdm.write(

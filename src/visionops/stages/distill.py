@@ -36,7 +36,7 @@ from visionops.stages.train import (
     to_device,
     write_history,
 )
-from visionops.trainer import fit, init_distributed
+from visionops.trainer import EpochCallback, fit, init_distributed
 
 CALIBRATION_IMAGES = 256
 
@@ -108,6 +108,7 @@ def run_distill(
     student_path: Path,
     reports_dir: Path,
     checkpoint_dir: Path,
+    on_epoch: EpochCallback | None = None,
 ) -> dict:
     dataset_dir, prepared_dir, teacher_path = Path(dataset_dir), Path(prepared_dir), Path(teacher_path)
     student_path, reports_dir, checkpoint_dir = Path(student_path), Path(reports_dir), Path(checkpoint_dir)
@@ -145,7 +146,7 @@ def run_distill(
         t0 = time.perf_counter()
         model, state = fit(
             model, train_data, val_data, student_cfg, augment, criterion, device,
-            checkpoint=checkpoint, fingerprint=digest, dist_info=dist_info, desc=desc,
+            checkpoint=checkpoint, fingerprint=digest, dist_info=dist_info, desc=desc, on_epoch=on_epoch,
         )
         return model, state, time.perf_counter() - t0
 

@@ -23,7 +23,7 @@ from visionops.config import AugmentConfig, TrainConfig
 from visionops.device import select_device
 from visionops.losses import ClassificationLoss
 from visionops.models import count_parameters
-from visionops.trainer import fit, init_distributed
+from visionops.trainer import EpochCallback, fit, init_distributed
 
 
 def load_train_data(dataset_dir: Path, prepared_dir: Path) -> tuple[dataset.Dataset, np.ndarray, np.ndarray, dict]:
@@ -77,6 +77,7 @@ def run_train(
     model_path: Path,
     reports_dir: Path,
     checkpoint: Path,
+    on_epoch: EpochCallback | None = None,
 ) -> dict:
     device = select_device(cfg.device)
     dist_info = init_distributed(device.type)
@@ -104,6 +105,7 @@ def run_train(
         checkpoint=checkpoint,
         fingerprint=digest,
         dist_info=dist_info,
+        on_epoch=on_epoch,
     )
     metrics = {
         "model": cfg.model,
