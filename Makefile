@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help setup run test test-fast bench clean
+.PHONY: help setup run test test-fast bench ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,7 +32,11 @@ test-fast: setup  ## the suite without tests marked slow
 	pytest -m "not slow"
 
 bench: setup  ## benchmarks (see bench/README.md)
-	python bench/bench_validate.py
+	cd bench && python bench_validate.py && python bench_train_throughput.py && python bench_make_run.py
+
+MLFLOW_PORT ?= 5000
+ui: setup  ## MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, models)
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:  ## remove pipeline outputs and run state (keeps .venv)
 	rm -rf data/dataset data/prepared reports .dvc/tmp

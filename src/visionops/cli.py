@@ -9,87 +9,116 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from visionops import layout
 
-STAGES = {}
+COMMANDS: dict[str, Command] = {}
 
 
-def stage(name: str, help: str, description: str):
-    """Register a subcommand; `fn(params, args)` runs it after params.yaml is validated."""
+@dataclass
+class Command:
+    fn: Callable  # fn(params, args, run) -> result dict; `run` is the MLflow StageRun or None
+    help: str
+    description: str
+    sections: tuple[str, ...] = ()  # params sections a pipeline stage reads (tracked when non-empty)
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def command(name: str, help: str, description: str, sections: tuple[str, ...] = (), arguments=None):
+    """Register a subcommand; it runs after params.yaml is validated (inside an MLflow run if `sections`)."""
 
     def wrap(fn):
-        STAGES[name] = (fn, help, description)
+        COMMANDS[name] = Command(fn, help, description, sections, arguments)
         return fn
 
     return wrap
 
 
-@stage(
+def _finish(run, result: dict, reports_dir: Path) -> dict:
+    if run is not None:
+        run.log_result(result, reports_dir)
+    return result
+
+
+@command(
     "check",
     "validate params.yaml and exit",
     "Load params.yaml through the typed schema and report the first problem, naming the key. "
     "Every stage does this before any work; run it alone to check an edit.",
 )
-def _check(params, args) -> dict:
+def _check(params, args, run) -> dict:
     return params.model_dump(by_alias=True)
 
 
-@stage(
+@command(
     "download",
     "fetch the data source and write the canonical dataset",
     "Read data.source (digits: embedded, no network; cifar10: the official archive from data.url, "
     "MD5-verified, retried; folder: an ImageFolder tree at data.root), resize to data.image_size and "
     "data.channels, carve stratified, seeded train/val/test splits and write them (uint8 NHWC arrays, "
     f"labels, manifests) atomically to {layout.DATASET}/.",
+    sections=("data",),
 )
-def _download(params, args) -> dict:
+def _download(params, args, run) -> dict:
     from visionops.stages.download import run_download
 
-    return run_download(params.data, layout.DATASET)
+    result = run_download(params.data, layout.DATASET)
+    return _finish(run, result, None)
 
 
-@stage(
+@command(
     "validate",
     "check the dataset with Great Expectations",
     "Build a per-image manifest and run an expectation suite on it: labels in the class set, consistent "
     "shapes, no unreadable files, no empty class, no exact duplicates across splits, pixel statistics in "
     f"range. Critical failures exit non-zero naming the files; imbalance above validate.max_imbalance_ratio "
     f"is a warning. Writes summary.json, manifest.csv, class_counts.csv and data_docs/ to {layout.VALIDATE_REPORTS}/.",
+    sections=("validate",),
 )
-def _validate(params, args) -> dict:
-    from visionops.stages.validate import run_validate
+def _validate(params, args, run) -> dict:
+    from visionops.stages.validate import ValidationFailed, run_validate
 
-    return run_validate(layout.DATASET, params.validate_, layout.VALIDATE_REPORTS)
+    try:
+        result = run_validate(layout.DATASET, params.validate_, layout.VALIDATE_REPORTS)
+    except ValidationFailed as exc:
+        _finish(run, {"success": 0}, layout.VALIDATE_REPORTS)  # the failing run keeps its reports
+        raise exc
+    return _finish(run, result, layout.VALIDATE_REPORTS)
 
 
-@stage(
+@command(
     "prepare",
     "apply the class-balance strategy and record the augmentation policy",
     "Apply balance.simulate_imbalance_factor and balance.strategy (none, oversample, undersample, "
     "class_weights, logit_adjust) to the train split, record the augmentation policy for training, and "
     f"plot the class distribution before and after. Writes {layout.PREPARED}/ and {layout.PREPARE_REPORTS}/.",
+    sections=("balance", "augment"),
 )
-def _prepare(params, args) -> dict:
+def _prepare(params, args, run) -> dict:
     from visionops.stages.prepare import run_prepare
 
-    return run_prepare(layout.DATASET, params.balance, params.augment, layout.PREPARED, layout.PREPARE_REPORTS)
+    result = run_prepare(layout.DATASET, params.balance, params.augment, layout.PREPARED, layout.PREPARE_REPORTS)
+    return _finish(run, result, layout.PREPARE_REPORTS)
 
 
-@stage(
+@command(
     "train",
     "train the teacher model (GPU when there is one)",
     "Train train.model on the prepared train split with the augmentation policy applied on the fly, "
     "early-stopped on val. Uses cuda, then mps, then cpu (train.device); bf16 autocast, channels_last and "
     "optional torch.compile on CUDA. A checkpoint is written every epoch: rerunning after a crash resumes. "
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
-    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png).",
+    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png). "
+    f"Registers the teacher in MLflow as mlflow.teacher_model_name with the alias challenger.",
+    sections=("train", "augment"),
 )
-def _train(params, args) -> dict:
+def _train(params, args, run) -> dict:
     from visionops.stages.train import recorded_augment, run_train
 
-    return run_train(
+    result = run_train(
         layout.DATASET,
         layout.PREPARED,
         params.train,
@@ -97,21 +126,27 @@ def _train(params, args) -> dict:
         layout.TEACHER,
         layout.TRAIN_REPORTS,
         layout.CHECKPOINTS / "train.pt",
+        on_epoch=run.log_epoch if run else None,
     )
+    if run is not None and "rank" not in result:
+        _finish(run, result, layout.TRAIN_REPORTS)
+        result["registered"] = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name)
+    return result
 
 
-@stage(
+@command(
     "evaluate",
     "measure the teacher on the test split, with calibration and Grad-CAM explanations",
     "Accuracy, balanced accuracy, macro-F1, top-k and per-class precision/recall/F1; a confusion matrix; "
     "ECE and a reliability diagram before and after temperature scaling fitted on val; latency, throughput, "
     "parameters and size on the current device; Grad-CAM overlays of right and wrong predictions and a "
     f"gallery of mistakes; all tied together in report.md. Writes {layout.EVALUATE_REPORTS}/.",
+    sections=("evaluate",),
 )
-def _evaluate(params, args) -> dict:
+def _evaluate(params, args, run) -> dict:
     from visionops.stages.evaluate import run_evaluate
 
-    return run_evaluate(
+    result = run_evaluate(
         layout.DATASET,
         layout.TEACHER,
         params.evaluate,
@@ -119,22 +154,25 @@ def _evaluate(params, args) -> dict:
         params.train.eval_batch_size,
         params.train.device,
     )
+    return _finish(run, result, layout.EVALUATE_REPORTS)
 
 
-@stage(
+@command(
     "distill",
     "distill a small student from the trained teacher, export it to ONNX and int8",
     "Train distill.student with Hinton knowledge distillation from the teacher (temperature, alpha; KL "
     "term scaled by T^2) under the same augmentation, and (distill.baseline) the same student alone to show "
     "what distillation gained. Compares teacher and student on the test split (accuracy, parameters, size, "
     "CPU latency), exports the student to ONNX with an ONNX Runtime parity check, and (distill.quantize) "
-    f"int8-quantizes it. Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/.",
+    f"int8-quantizes it. Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/. Registers the student in "
+    "MLflow as mlflow.student_model_name with the alias challenger, tagged with its teacher's version.",
+    sections=("distill", "train"),
 )
-def _distill(params, args) -> dict:
+def _distill(params, args, run) -> dict:
     from visionops.stages.distill import run_distill
     from visionops.stages.train import recorded_augment
 
-    return run_distill(
+    result = run_distill(
         layout.DATASET,
         layout.PREPARED,
         layout.TEACHER,
@@ -144,7 +182,106 @@ def _distill(params, args) -> dict:
         layout.STUDENT,
         layout.DISTILL_REPORTS,
         layout.CHECKPOINTS,
+        on_epoch=run.log_epoch if run else None,
     )
+    if run is not None and "rank" not in result:
+        _finish(run, result, layout.DISTILL_REPORTS)
+        teacher = _teacher_version(params, run)
+        result["registered"] = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, teacher)
+    return result
+
+
+def _teacher_version(params, run) -> dict[str, str]:
+    """Tags linking a student to the registered version of the teacher file it learnt from."""
+    from visionops.registry.promotion import find_version_by_file
+
+    version = find_version_by_file(params.mlflow.teacher_model_name, layout.TEACHER)
+    return {"visionops.teacher_version": version.version if version else "unregistered"}
+
+
+def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, str] | None = None) -> dict:
+    """Register a new version (alias challenger); the first model ever becomes champion if it passes the gates."""
+    from visionops.registry.promotion import has_champion, promote
+
+    version = run.register(model_path, name, extra_tags)
+    registered = {"name": name, "version": version.version, "alias": "challenger"}
+    if not has_champion(name):
+        decision = promote(name, layout.DATASET, params.promote, params.evaluate)
+        registered["alias"] = "champion" if decision.promoted else "challenger"
+        registered["promotion"] = decision.to_dict()
+    return registered
+
+
+def _registry_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registered model name (default: mlflow.teacher_model_name)")
+    p.add_argument("--student", action="store_true", help="use mlflow.student_model_name")
+
+
+def _registered_name(params, args) -> str:
+    from visionops.tracking.store import configure
+
+    configure(params.mlflow)
+    return args.model or (params.mlflow.student_model_name if args.student else params.mlflow.teacher_model_name)
+
+
+@command(
+    "promote",
+    "move the champion alias to the challenger if it passes the metric gates",
+    "Evaluate the registered model's challenger and its current champion on the same test split, then apply "
+    "the gates in params.yaml (promote.min_accuracy, min_gain over the champion, min_class_recall for every "
+    "class, max_ece, max_latency_ms). On a pass, champion moves to the challenger and the old champion gets "
+    "the alias previous; on a fail the reasons are printed, recorded on the version, and the exit code is 1. "
+    "The first model ever registered becomes champion if it passes the absolute gates.",
+    arguments=_registry_arguments,
+)
+def _promote(params, args, run) -> dict:
+    from visionops.errors import VisionopsError
+    from visionops.registry.promotion import promote
+
+    decision = promote(_registered_name(params, args), layout.DATASET, params.promote, params.evaluate)
+    result = decision.to_dict()
+    if not decision.promoted:
+        print(json.dumps(result, indent=2, default=str))
+        raise VisionopsError(f"challenger version {decision.challenger_version} rejected: " + "; ".join(decision.reasons))
+    return result
+
+
+@command(
+    "rollback",
+    "move the champion alias back to the previous champion",
+    "Point champion at the version that held it before (alias previous), recording the rollback on both "
+    "versions' tags and descriptions.",
+    arguments=_registry_arguments,
+)
+def _rollback(params, args, run) -> dict:
+    from visionops.registry.promotion import rollback
+
+    return rollback(_registered_name(params, args))
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--model", default=None, help="model URI (default: models:/<mlflow.teacher_model_name>@champion)")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256)
+
+
+@command(
+    "predict",
+    "classify image files or folders with a registered model",
+    "Classify PNG/JPEG files (folders are searched recursively) with a registered model, preprocessing them "
+    "exactly as in training and serving, and write a CSV of path, label, probability (and error for files "
+    "that cannot be decoded).",
+    arguments=_predict_arguments,
+)
+def _predict(params, args, run) -> dict:
+    from visionops.registry.promotion import predict_paths
+    from visionops.tracking.store import configure
+
+    configure(params.mlflow)
+    uri = args.model or f"models:/{params.mlflow.teacher_model_name}@champion"
+    rows = predict_paths(uri, args.paths, args.out, batch_size=args.batch_size)
+    return {"model": uri, "images": rows, "csv": str(args.out)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,9 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_, description) in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=description)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description)
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file (default: %(default)s)")
+        if cmd.arguments is not None:
+            cmd.arguments(p)
     return parser
 
 
@@ -171,11 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from visionops.errors import USER_ERRORS
 
-    fn = STAGES[args.command][0]
+    cmd = COMMANDS[args.command]
     try:
         from visionops.config import load_params
 
-        result = fn(load_params(args.params), args)
+        params = load_params(args.params)
+        if cmd.sections:
+            from visionops.tracking.stage_run import track_stage
+
+            with track_stage(args.command, params, cmd.sections) as run:
+                result = cmd.fn(params, args, run)
+        else:
+            result = cmd.fn(params, args, None)
     except USER_ERRORS as exc:
         print(f"visionops {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -128,6 +128,39 @@ class DistillConfig(Section):
     quantize: bool = True  # static int8 quantization (ONNX Runtime, QDQ) of the student, with accuracy and speed
 
 
+class MlflowConfig(Section):
+    """Experiment tracking and the model registry."""
+
+    enabled: bool = True
+    experiment: str = "visionops"
+    tracking_uri: str | None = None  # default sqlite:///<project>/mlflow.db; MLFLOW_TRACKING_URI overrides
+    teacher_model_name: str = "visionops-classifier"
+    student_model_name: str = "visionops-student"
+
+
+class PromoteConfig(Section):
+    """Metric gates a challenger must pass to become champion."""
+
+    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # over the current champion, on the same test data
+    min_class_recall: float = Field(0.8, ge=0.0, le=1.0)
+    max_ece: float = Field(0.1, ge=0.0, le=1.0)
+    max_latency_ms: float = Field(50.0, gt=0.0)  # per batch of evaluate.latency_batch_size on this machine
+
+
+class MonitorConfig(Section):
+    """The monitoring flow: the champion's accuracy on the newest data must stay above a floor."""
+
+    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class ScheduleConfig(Section):
+    """Scheduled retraining (a Prefect deployment)."""
+
+    cron: str = "0 2 * * *"  # nightly at 02:00
+    timezone: str = "UTC"
+
+
 class Params(Section):
     """Every setting of the pipeline, one section per stage."""
 
@@ -138,6 +171,10 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    promote: PromoteConfig = PromoteConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

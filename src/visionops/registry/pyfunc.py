@@ -1,0 +1,311 @@
+"""A visionops classifier as an MLflow pyfunc model: images in (base64 PNG/JPEG, bytes or uint8
+arrays), labels and probabilities out, with the training data's resize/greyscale inside.
+
+This module is what the scoring server unpickles, so it imports only what serving needs (mlflow,
+torch, torchvision via the models, pillow, numpy, pandas) and nothing of the evaluation stack.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from PIL import Image, UnidentifiedImageError
+
+import visionops
+from visionops import classifier
+from visionops.errors import VisionopsError
+from visionops.images import array_to_canonical, to_canonical
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS = "previous"
+MODEL_MD5_TAG = "visionops.model_md5"  # content hash of the logged .pt file (links DVC outputs to versions)
+
+MODEL_ARTIFACT = "model"  # key of the visionops .pt file in the pyfunc model's artifacts
+MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
+IMAGE_COLUMN = "image"
+PROB_PREFIX = "prob_"
+PREDICT_BATCH = 256
+
+
+class RegistryError(VisionopsError):
+    """A registry operation cannot proceed (no active run, missing alias, wrong model)."""
+
+
+class ImageInputError(VisionopsError, ValueError):
+    """An input row is not a decodable image; the message names the row."""
+
+
+# ------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_image_bytes(data: bytes, image_size: int, channels: int) -> np.ndarray:
+    """Decode PNG/JPEG bytes fully and canonicalise them exactly as `images.decode_file` does."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return to_canonical(img, image_size, channels)
+
+
+def describe_decode_error(exc: BaseException) -> str:
+    """A one-line reason an encoded image could not be decoded (without PIL's object reprs)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a PNG/JPEG image (unrecognised format)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _b64decode(text: str) -> bytes:
+    text = text.strip()
+    if text.startswith("data:"):  # a data URI: data:image/png;base64,....
+        text = text.partition(",")[2]
+    text = "".join(text.split())
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return base64.b64decode(text, altchars=b"-_", validate=True)  # URL-safe; binascii.Error if neither
+
+
+def _array_image(value, image_size: int, channels: int) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(f"not a rectangular array ({exc})") from None
+    if arr.dtype == object or arr.size == 0:
+        raise ValueError("not a rectangular, non-empty array of pixel values")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))):
+        raise ValueError(f"array of shape {arr.shape} is not an image (expected H x W or H x W x C with C in 1, 3, 4)")
+    if arr.dtype != np.uint8:
+        if arr.dtype.kind not in "iuf":
+            raise ValueError(f"pixel values of dtype {arr.dtype} (expected uint8 0..255)")
+        if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) and arr.min() >= 0 and arr.max() <= 255):
+            raise ValueError("pixel values must be whole numbers in 0..255 (uint8)")
+        arr = arr.astype(np.uint8)
+    return array_to_canonical(np.ascontiguousarray(arr), image_size, channels)
+
+
+def to_image(value, image_size: int, channels: int) -> np.ndarray:
+    """One input value (base64 string, encoded bytes, PIL image or pixel array) → canonical uint8 H x W x C."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        raise ValueError("no image (empty value)")
+    if isinstance(value, str):
+        try:
+            value = _b64decode(value)
+        except (binascii.Error, ValueError):
+            raise ValueError("string is not base64-encoded image data") from None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return decode_image_bytes(bytes(value), image_size, channels)
+        except Exception as exc:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
+            raise ValueError(f"cannot decode image bytes: {describe_decode_error(exc)}") from None
+    if isinstance(value, Image.Image):
+        return to_canonical(value, image_size, channels)
+    return _array_image(value, image_size, channels)
+
+
+def _rows(model_input) -> tuple[list, list]:
+    """(row labels, values) of the supported input containers."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN in model_input.columns:
+            col = model_input[IMAGE_COLUMN]
+        elif model_input.shape[1] == 1:
+            col = model_input.iloc[:, 0]
+        else:
+            raise ImageInputError(
+                f"expected a column {IMAGE_COLUMN!r} of base64 PNG/JPEG strings or uint8 arrays; "
+                f"got columns {list(model_input.columns)}"
+            )
+        return list(model_input.index), list(col)
+    if isinstance(model_input, pd.Series):
+        return list(model_input.index), list(model_input)
+    if isinstance(model_input, np.ndarray):
+        if model_input.dtype == object:
+            values = list(model_input.reshape(-1))
+        elif model_input.ndim in (3, 4):  # N x H x W or N x H x W x C
+            values = list(model_input)
+        else:
+            raise ImageInputError(f"a numpy input must be N x H x W x C (or N x H x W); got shape {model_input.shape}")
+        return list(range(len(values))), values
+    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        values = list(model_input[IMAGE_COLUMN])
+        return list(range(len(values))), values
+    if isinstance(model_input, (str, bytes, Image.Image)):
+        return [0], [model_input]
+    if isinstance(model_input, (list, tuple)):
+        return list(range(len(model_input))), list(model_input)
+    raise ImageInputError(f"unsupported input of type {type(model_input).__name__}")
+
+
+# ------------------------------------------------------------------------------------------
+# the model
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """Serves a visionops classifier: see `predict` for the accepted inputs and the output columns."""
+
+    def load_context(self, context) -> None:
+        self.load(context.artifacts[MODEL_ARTIFACT])
+
+    def load(self, path: str | Path) -> ImageClassifierModel:
+        """Load the visionops .pt file on the CPU (also usable without MLflow)."""
+        self.model, info = classifier.load(path, device="cpu")
+        self.class_names: list[str] = list(info["class_names"])
+        self.image_shape: tuple[int, int, int] = tuple(int(s) for s in info["image_shape"])
+        self.arch: str = info["arch"]
+        return self
+
+    @property
+    def output_columns(self) -> list[str]:
+        return ["label", "label_index", "probability", *(PROB_PREFIX + c for c in self.class_names)]
+
+    def canonical(self, value) -> np.ndarray:
+        """One input value → the canonical uint8 H x W x C array the network was trained on."""
+        return to_image(value, self.image_shape[0], self.image_shape[2])
+
+    def preprocess(self, model_input) -> tuple[list, np.ndarray]:
+        """(row labels, N x H x W x C uint8); raises ImageInputError naming the first bad row."""
+        rows, values = _rows(model_input)
+        h, w, c = self.image_shape
+        out = np.empty((len(values), h, w, c), dtype=np.uint8)
+        for i, (row, value) in enumerate(zip(rows, values)):
+            try:
+                out[i] = self.canonical(value)
+            except ValueError as exc:
+                raise ImageInputError(f"row {row}: {exc}") from None
+        return rows, out
+
+    @torch.no_grad()
+    def predict_canonical(self, images: np.ndarray, index=None) -> pd.DataFrame:
+        """Predictions for canonical uint8 N x H x W x C images (the shared core of serving and batch use)."""
+        logits = classifier.predict_logits(self.model, images, torch.device("cpu"), batch_size=PREDICT_BATCH)
+        if len(images) == 0:
+            logits = torch.empty(0, len(self.class_names))
+        probs = torch.softmax(logits.double(), dim=1).numpy()
+        idx = probs.argmax(1) if len(probs) else np.empty(0, dtype=np.int64)
+        frame = {
+            "label": [self.class_names[i] for i in idx],
+            "label_index": idx.astype(np.int64),
+            "probability": probs.max(1) if len(probs) else np.empty(0),
+        }
+        for j, name in enumerate(self.class_names):
+            frame[PROB_PREFIX + name] = probs[:, j]
+        return pd.DataFrame(frame, index=index)
+
+    # (the pd.DataFrame hint is one MLflow infers no schema from: the logged signature stays the contract)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """Classify images.
+
+        `model_input` is a DataFrame with a column "image" (base64 PNG/JPEG strings, raw encoded
+        bytes, or uint8 H x W x C arrays / nested lists of any size), or a uint8 N x H x W x C
+        array. Each image is converted to greyscale/RGB and resized like the training data.
+        Returns columns label, label_index, probability (the top one) and prob_<class> per class.
+        """
+        rows, images = self.preprocess(model_input)
+        index = rows if isinstance(model_input, pd.DataFrame) else None
+        return self.predict_canonical(images, index=index)
+
+
+# ------------------------------------------------------------------------------------------
+# logging and registration
+
+
+def signature_for(class_names: list[str]) -> ModelSignature:
+    inputs = Schema([ColSpec("string", IMAGE_COLUMN)])
+    outputs = Schema(
+        [ColSpec("string", "label"), ColSpec("long", "label_index"), ColSpec("double", "probability")]
+        + [ColSpec("double", PROB_PREFIX + c) for c in class_names]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def encode_png(image: np.ndarray) -> str:
+    """Base64 of the PNG encoding of a uint8 H x W (x 1|3) array."""
+    arr = np.asarray(image, dtype=np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned, minimal requirements of the served model (local version labels such as +cpu dropped)."""
+    import PIL
+    import torchvision
+    from packaging.version import Version
+
+    def base(v: str) -> str:
+        return Version(v).base_version
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={base(torch.__version__)}",
+        f"torchvision=={base(torchvision.__version__)}",
+        f"pillow=={PIL.__version__}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+    ]
+
+
+def _package_copy(dest: Path) -> Path:
+    """A clean copy of the visionops source (no caches) to ship in the model's code/ folder."""
+    src = Path(visionops.__file__).resolve().parent
+    out = dest / "visionops"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "__main__.py"))
+    return out
+
+
+def log_classifier(
+    model_path: Path,
+    registered_name: str,
+    *,
+    tags: dict[str, str],
+    example_image: np.ndarray | None = None,
+    client: MlflowClient | None = None,
+) -> ModelVersion:
+    """Log `model_path` (a visionops .pt) as pyfunc model "model" in the active run, register it as
+    a new version of `registered_name`, point the `challenger` alias at it and tag it (plus run_id).
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RegistryError("log_classifier needs an active MLflow run (wrap it in mlflow.start_run())")
+    model_path = Path(model_path)
+    _, info = classifier.load(model_path)  # fails early and clearly on a missing/corrupt file
+    class_names = list(info["class_names"])
+    h, w, c = (int(s) for s in info["image_shape"])
+    if example_image is None:
+        example_image = np.zeros((h, w, c), dtype=np.uint8)
+    example = pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]})
+    with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
+        model_info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=ImageClassifierModel(),
+            artifacts={MODEL_ARTIFACT: str(model_path)},
+            code_paths=[str(_package_copy(Path(tmp)))],
+            signature=signature_for(class_names),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_name,
+            metadata={"class_names": class_names, "image_shape": [h, w, c], "arch": info["arch"]},
+        )
+    version = str(model_info.registered_model_version)
+    client = client or MlflowClient()
+    client.set_registered_model_alias(registered_name, CHALLENGER, version)
+    from visionops.fetch import file_md5
+
+    for key, value in {**tags, "run_id": run.info.run_id, MODEL_MD5_TAG: file_md5(model_path)}.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return client.get_model_version(registered_name, version)

@@ -1,0 +1,1 @@
+"""Experiment tracking around the stage cores: MLflow runs, lineage tags and the project's store."""

@@ -1,0 +1,562 @@
+"""The MLflow registry: pyfunc model, metric-gated promotion, rollback, batch prediction, serving.
+
+Everything runs against a real MLflow SQLite store and artifact folder under tmp_path, with tiny
+classifiers trained here on an easily separable synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
+from PIL import Image
+
+from visionops import classifier, dataset
+from visionops.config import EvaluateConfig, PromoteConfig
+from visionops.errors import VisionopsError
+from visionops.registry.promotion import (
+    NoChallengerError,
+    RollbackError,
+    evaluate_version,
+    predict_paths,
+    promote,
+    rollback,
+)
+from visionops.registry.pyfunc import (
+    ImageClassifierModel,
+    ImageInputError,
+    RegistryError,
+    encode_png,
+    log_classifier,
+)
+
+CLASSES = ["top_left", "top_right", "bottom"]
+SHAPE = (16, 16, 1)
+NAME = "test-classifier"
+EVAL = EvaluateConfig(latency_batch_size=8)
+# gates that anything passes; each gate test tightens exactly one of them
+LOOSE = {"min_accuracy": 0.0, "min_gain": -1.0, "min_class_recall": 0.0, "max_ece": 1.0, "max_latency_ms": 60_000.0}
+
+
+def gates(**tight) -> PromoteConfig:
+    return PromoteConfig(**{**LOOSE, **tight})
+
+
+# ------------------------------------------------------------------------------------------
+# data and models
+
+
+def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Class 0: bright square top left; 1: top right; 2: bottom middle; on a noisy dark background."""
+    out = rng.normal(40, 15, size=(len(labels), 16, 16)).clip(0, 255)
+    corners = {0: (1, 1), 1: (1, 10), 2: (10, 5)}
+    for i, k in enumerate(labels):
+        r, c = corners[int(k)]
+        out[i, r : r + 5, c : c + 5] = rng.normal(220, 15, size=(5, 5)).clip(0, 255)
+    return out.astype(np.uint8)[..., None]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in {"train": 240, "val": 30, "test": 60}.items():
+        labels = np.arange(n) % 3
+        splits[name] = dataset.Split(_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    dataset.save(dataset.Dataset(CLASSES, splits, "synthetic"), out)
+    return out
+
+
+def _train(ds: dataset.Dataset, seed: int, steps: int) -> classifier.Classifier:
+    torch.manual_seed(seed)
+    train = ds.splits["train"]
+    mean, std = classifier.channel_stats(train.images)
+    model = classifier.build("lenet", CLASSES, SHAPE, mean, std)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(np.asarray(train.images)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(train.labels)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def models(data_dir, tmp_path_factory) -> dict[str, Path]:
+    """good: ~100% accurate; bad: untrained; no_bottom: never predicts `bottom`;
+    underconfident: the good model with logits / 100 (same predictions, large ECE)."""
+    ds = dataset.load(data_dir, mmap=False)
+    out = tmp_path_factory.mktemp("models")
+    good = _train(ds, seed=0, steps=80)
+    torch.manual_seed(1)
+    mean, std = classifier.channel_stats(ds.splits["train"].images)
+    variants = {"good": good, "bad": classifier.build("lenet", CLASSES, SHAPE, mean, std).eval()}
+    no_bottom = _train(ds, seed=0, steps=80)
+    with torch.no_grad():
+        no_bottom.net.classifier[-1].bias[2] = -1e4
+    variants["no_bottom"] = no_bottom
+    under = _train(ds, seed=0, steps=80)
+    with torch.no_grad():
+        under.net.classifier[-1].weight.mul_(0.01)
+        under.net.classifier[-1].bias.mul_(0.01)
+    variants["underconfident"] = under
+    paths = {}
+    for name, model in variants.items():
+        paths[name] = out / f"{name}.pt"
+        classifier.save(paths[name], model, "lenet", CLASSES, SHAPE)
+    return paths
+
+
+def _accuracy(path: Path, ds: dataset.Dataset) -> float:
+    model, _ = classifier.load(path)
+    logits = classifier.predict_logits(model, ds.splits["test"].images, torch.device("cpu"))
+    return float((logits.argmax(1).numpy() == ds.splits["test"].labels).mean())
+
+
+def test_fixture_models_behave_as_intended(models, data_dir):
+    ds = dataset.load(data_dir)
+    assert _accuracy(models["good"], ds) >= 0.95
+    assert _accuracy(models["underconfident"], ds) == _accuracy(models["good"], ds)
+    assert 0.6 <= _accuracy(models["no_bottom"], ds) <= 0.7
+    assert _accuracy(models["bad"], ds) <= 0.7
+
+
+# ------------------------------------------------------------------------------------------
+# a real MLflow store per test
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its schema migrated once; tests copy it (migrations are slow)."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_db, monkeypatch) -> str:
+    """A fresh SQLite tracking + registry store under tmp_path; the global tracking URI is restored afterwards."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    old = tracking_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("registry-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    yield uri
+    mlflow.end_run()
+    mlflow.set_tracking_uri(old)  # None unsets MLFLOW_TRACKING_URI; monkeypatch then restores the original env
+
+
+def _log(path: Path, **tags) -> str:
+    with mlflow.start_run():
+        return str(log_classifier(path, NAME, tags={"source": path.stem, **tags}).version)
+
+
+def _aliases(client: MlflowClient) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# log_classifier
+
+
+def test_log_classifier_registers_challenger_with_tags(store, models, tmp_path):
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mv = log_classifier(models["good"], NAME, tags={"git_sha": "abc123", "stage": "train"})
+    assert mv.name == NAME and str(mv.version) == "1"
+    assert mv.aliases == ["challenger"]
+    assert mv.tags == {"git_sha": "abc123", "stage": "train", "run_id": run.info.run_id}
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+    assert mv.run_id == run.info.run_id
+    # the logged model is self-contained: the .pt, the visionops source, pinned requirements
+    local = Path(mlflow.artifacts.download_artifacts("models:/test-classifier/1", dst_path=str(tmp_path / "dl")))
+    assert (local / "code" / "visionops" / "registry" / "pyfunc.py").exists()
+    assert not list((local / "code").rglob("__pycache__"))
+    reqs = (local / "requirements.txt").read_text().split()
+    names = {r.split("==")[0] for r in reqs}
+    assert names == {"mlflow", "torch", "torchvision", "pillow", "numpy", "pandas"}
+    assert f"mlflow=={mlflow.__version__}" in reqs and all("+" not in r for r in reqs)
+    info = mlflow.models.get_model_info("models:/test-classifier@challenger")
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == [
+        "label", "label_index", "probability", *(f"prob_{c}" for c in CLASSES)
+    ]
+    example = json.loads((local / "input_example.json").read_text())
+    assert example["columns"] == ["image"]
+    png = Image.open(io.BytesIO(base64.b64decode(example["data"][0][0])))
+    assert png.format == "PNG" and png.size == (16, 16)
+    # a second version takes over the challenger alias
+    with mlflow.start_run():
+        mv2 = log_classifier(models["bad"], NAME, tags={})
+    assert str(mv2.version) == "2" and _aliases(client) == {"challenger": "2"}
+
+
+def test_log_classifier_needs_an_active_run(store, models):
+    with pytest.raises(RegistryError, match="active MLflow run"):
+        log_classifier(models["good"], NAME, tags={})
+
+
+# ------------------------------------------------------------------------------------------
+# promotion
+
+
+def test_first_passing_version_becomes_champion(store, models, data_dir):
+    client = MlflowClient()
+    _log(models["good"])
+    strict = PromoteConfig(min_accuracy=0.9, min_gain=0.05, min_class_recall=0.8, max_ece=0.2, max_latency_ms=10_000)
+    d = promote(NAME, data_dir, strict, EVAL)
+    assert d.promoted and d.challenger_version == "1" and d.champion_version is None
+    assert d.champion_metrics is None and d.challenger_metrics["accuracy"] >= 0.95
+    assert set(d.challenger_metrics["per_class_recall"]) == set(CLASSES)
+    assert any(c.startswith("SKIP min_gain") for c in d.checks)
+    assert _aliases(client) == {"champion": "1"}
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags["promotion.decision"] == "promoted"
+    metrics = json.loads(mv.tags["promotion.metrics"])
+    assert metrics["challenger"]["accuracy"] == d.challenger_metrics["accuracy"] and metrics["champion"] is None
+    assert "promotion.timestamp" in mv.tags and "PROMOTED" in mv.description
+    with pytest.raises(NoChallengerError, match="challenger"):
+        promote(NAME, data_dir, strict, EVAL)
+
+
+def test_better_challenger_is_promoted(store, models, data_dir):
+    client = MlflowClient()
+    _log(models["no_bottom"])
+    assert promote(NAME, data_dir, gates(), EVAL).promoted
+    _log(models["good"])
+    d = promote(NAME, data_dir, gates(min_gain=0.2, min_accuracy=0.9), EVAL)
+    assert d.promoted, d.reasons
+    assert (d.challenger_version, d.champion_version) == ("2", "1")
+    assert d.challenger_metrics["accuracy"] - d.champion_metrics["accuracy"] >= 0.2
+    assert _aliases(client) == {"champion": "2", "previous": "1"}
+    assert client.get_model_version(NAME, "1").tags["promotion.replaced_by"] == "2"
+    assert client.get_model_version(NAME, "2").tags["promotion.previous_champion"] == "1"
+
+
+@pytest.mark.parametrize(
+    "first, second, tight, expect",
+    [
+        (None, "bad", {"min_accuracy": 0.9}, r"accuracy 0\.\d+ vs min_accuracy 0\.9"),
+        ("good", "good", {"min_gain": 0.01}, r"accuracy gain \+0\.0000 .* vs min_gain \+0\.0100"),
+        (None, "no_bottom", {"min_class_recall": 0.5}, r"class recall below min_class_recall 0\.500: bottom \(0\.000\)$"),
+        (None, "underconfident", {"max_ece": 0.1}, r"ECE 0\.\d+ vs max_ece 0\.1"),
+        (None, "good", {"max_latency_ms": 1e-6}, r"latency \d+\.\d+ ms per batch of 8 vs max_latency_ms"),
+    ],
+    ids=["min_accuracy", "min_gain", "min_class_recall", "max_ece", "max_latency_ms"],
+)
+def test_each_gate_rejects_alone(store, models, data_dir, first, second, tight, expect):
+    client = MlflowClient()
+    if first:
+        _log(models[first])
+        assert promote(NAME, data_dir, gates(), EVAL).promoted
+    before_champion = {"champion": "1"} if first else {}
+    v = _log(models[second])
+    assert _aliases(client) == {**before_champion, "challenger": v}
+    d = promote(NAME, data_dir, gates(**tight), EVAL)
+    assert not d.promoted
+    assert len(d.reasons) == 1, d.reasons  # only the tightened gate fails
+    assert re.search(expect, d.reasons[0]), d.reasons
+    assert _aliases(client) == {**before_champion, "challenger": v}  # nothing moved
+    mv = client.get_model_version(NAME, v)
+    assert mv.tags["promotion.decision"] == "rejected"
+    assert json.loads(mv.tags["promotion.reasons"]) == d.reasons
+    assert "REJECTED" in mv.description and d.reasons[0] in mv.description
+    assert mv.tags["promotion.previous_champion"] == ("1" if first else "")
+
+
+def test_class_recall_gate_names_only_failing_classes(store, models, data_dir):
+    _log(models["no_bottom"])
+    d = promote(NAME, data_dir, gates(min_class_recall=0.9), EVAL)
+    assert not d.promoted
+    (reason,) = d.reasons
+    assert "bottom" in reason and "top_left" not in reason and "top_right" not in reason
+
+
+def test_rejections_accumulate_in_the_description(store, models, data_dir):
+    client = MlflowClient()
+    v = _log(models["bad"])
+    promote(NAME, data_dir, gates(min_accuracy=0.9), EVAL)
+    promote(NAME, data_dir, gates(max_latency_ms=1e-6), EVAL)
+    lines = client.get_model_version(NAME, v).description.splitlines()
+    assert len(lines) == 2 and "min_accuracy" in lines[0] and "max_latency_ms" in lines[1]
+
+
+def test_promote_without_challenger_fails_clearly(store):
+    with pytest.raises(NoChallengerError, match="no version with alias 'challenger'") as err:
+        promote("never-registered", Path("unused"), gates(), EVAL)
+    assert isinstance(err.value, VisionopsError)
+
+
+def test_evaluate_version_metrics(store, models, data_dir):
+    _log(models["no_bottom"])
+    m = evaluate_version(f"models:/{NAME}@challenger", data_dir, EVAL)
+    assert m["n"] == 60
+    assert m["per_class_recall"]["bottom"] == 0.0
+    assert m["accuracy"] == pytest.approx(np.mean(list(m["per_class_recall"].values())))
+    assert 0.0 <= m["ece"] <= 1.0 and m["latency_ms"] > 0 and m["latency_batch_size"] == 8
+
+
+# ------------------------------------------------------------------------------------------
+# rollback
+
+
+def test_rollback_moves_champion_back(store, models, data_dir):
+    client = MlflowClient()
+    with pytest.raises(RollbackError, match="no 'champion'"):
+        rollback(NAME)
+    _log(models["no_bottom"])
+    promote(NAME, data_dir, gates(), EVAL)
+    with pytest.raises(RollbackError, match="no 'previous' version") as err:
+        rollback(NAME)
+    assert isinstance(err.value, VisionopsError)
+    _log(models["good"])
+    promote(NAME, data_dir, gates(), EVAL)
+    _log(models["good"])
+    promote(NAME, data_dir, gates(), EVAL)
+    assert _aliases(client) == {"champion": "3", "previous": "2"}
+
+    r = rollback(NAME)
+    assert (r["champion_version"], r["rolled_back_version"], r["previous_version"]) == ("2", "3", "1")
+    assert _aliases(client) == {"champion": "2", "previous": "1"}  # previous follows the promotion chain
+    assert client.get_model_version(NAME, "3").tags["rollback.decision"] == "rolled_back"
+    assert client.get_model_version(NAME, "3").tags["rollback.replaced_by"] == "2"
+    assert client.get_model_version(NAME, "2").tags["rollback.restored_from"] == "3"
+    assert "rollback" in client.get_model_version(NAME, "2").description
+
+    r = rollback(NAME)
+    assert (r["champion_version"], r["previous_version"]) == ("1", None)
+    assert _aliases(client) == {"champion": "1"}
+    with pytest.raises(RollbackError, match="no 'previous'"):
+        rollback(NAME)
+
+
+# ------------------------------------------------------------------------------------------
+# pyfunc predictions and batch prediction
+
+
+def _png_b64(img: np.ndarray) -> str:
+    return encode_png(img)
+
+
+def test_pyfunc_predict_base64_and_arrays_agree_with_classifier(store, models, data_dir):
+    _log(models["good"])
+    ds = dataset.load(data_dir)
+    images = np.asarray(ds.splits["test"].images[:12])
+    net, _ = classifier.load(models["good"])
+    logits = classifier.predict_logits(net, images, torch.device("cpu"))
+    expected = torch.softmax(logits.double(), 1).numpy()
+
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    out = pm.predict(pd.DataFrame({"image": [_png_b64(im) for im in images]}))
+    assert list(out.columns) == ["label", "label_index", "probability", *(f"prob_{c}" for c in CLASSES)]
+    np.testing.assert_array_equal(out["label_index"], expected.argmax(1))
+    assert list(out["label"]) == [CLASSES[i] for i in expected.argmax(1)]
+    np.testing.assert_allclose(out[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(out["probability"], expected.max(1), atol=1e-6)
+
+    raw = pm.unwrap_python_model()
+    assert isinstance(raw, ImageClassifierModel)
+    frames = (
+        pd.DataFrame({"image": list(images)}),  # a column of uint8 arrays
+        pd.DataFrame({"image": [im.tolist() for im in images]}),  # nested lists (JSON-like)
+        pd.DataFrame({"image": [base64.b64decode(_png_b64(im)) for im in images]}),  # raw PNG bytes
+    )
+    # DataFrames pass the pyfunc wrapper's signature check; a bare N x H x W x C array only the model itself
+    for got in [pm.predict(f) for f in frames] + [raw.predict(None, images)]:
+        np.testing.assert_array_equal(got["label_index"], out["label_index"])
+        np.testing.assert_allclose(got["probability"], out["probability"], atol=1e-12)
+
+
+def test_pyfunc_canonicalises_any_size_and_colour(store, models, data_dir):
+    _log(models["good"])
+    raw = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger").unwrap_python_model()
+    ds = dataset.load(data_dir)
+    images = np.asarray(ds.splits["test"].images[:9])
+    labels = ds.splits["test"].labels[:9]
+    big_rgb = [np.repeat(np.kron(im, np.ones((4, 4, 1), np.uint8)), 3, axis=2) for im in images]  # 64x64 RGB
+    jpeg = []
+    for im in big_rgb:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=95)
+        jpeg.append(base64.b64encode(buf.getvalue()).decode())
+    for column in (big_rgb, jpeg, ["data:image/jpeg;base64," + j for j in jpeg]):
+        got = raw.predict(None, pd.DataFrame({"image": column}))
+        np.testing.assert_array_equal(got["label_index"], labels)
+
+
+def test_pyfunc_bad_input_names_the_row(store, models):
+    _log(models["good"])
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    good = _png_b64(np.zeros(SHAPE, np.uint8))
+    with pytest.raises(ImageInputError, match=r"row 1: .*not base64"):
+        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [good, "%%% not an image"]}))
+    with pytest.raises(ImageInputError, match=r"row 2: cannot decode image bytes: not a PNG/JPEG image"):
+        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [good, good, base64.b64encode(b"GIF89a nope").decode()]}))
+    with pytest.raises(ImageInputError, match=r"row 0: pixel values must be whole numbers in 0\.\.255"):
+        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [np.full((4, 4), 300)]}))
+    with pytest.raises(ImageInputError, match=r"row 0: array of shape \(4, 4, 2\) is not an image"):
+        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [np.zeros((4, 4, 2), np.uint8)]}))
+    with pytest.raises(ImageInputError, match="expected a column 'image'"):
+        pm.unwrap_python_model().predict(None, pd.DataFrame({"a": [good], "b": [good]}))
+    # through the pyfunc wrapper (signature enforcement included) the error still names the row
+    with pytest.raises(Exception, match="row 1"):
+        pm.predict(pd.DataFrame({"image": [good, "not-base64!"]}))
+
+
+def test_predict_paths_writes_labelled_csv(store, models, data_dir, tmp_path, capsys):
+    _log(models["good"])
+    ds = dataset.load(data_dir)
+    folder = tmp_path / "incoming"
+    (folder / "nested").mkdir(parents=True)
+    expected = {}
+    for i in range(15):
+        img = np.asarray(ds.splits["test"].images[i])
+        sub = folder / "nested" if i % 2 else folder
+        p = sub / f"img{i:02d}.png"
+        if i % 3 == 0:  # some arrive larger and in colour; JPEG too
+            img = np.repeat(np.kron(img, np.ones((2, 2, 1), np.uint8)), 3, axis=2)
+            p = p.with_suffix(".JPG")
+            Image.fromarray(img).save(p, format="JPEG", quality=95)
+        else:
+            Image.fromarray(img[:, :, 0]).save(p)
+        expected[str(p)] = CLASSES[ds.splits["test"].labels[i]]
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "notes.txt").write_text("not an image, not a PNG/JPEG suffix: skipped")
+    explicit = tmp_path / "listed.bin"
+    explicit.write_bytes(b"junk")
+    out_csv = tmp_path / "out" / "predictions.csv"
+
+    n = predict_paths(f"models:/{NAME}@challenger", [folder, explicit], out_csv, batch_size=4)
+    assert n == 17
+    rows = list(csv.DictReader(out_csv.open()))
+    assert list(rows[0]) == ["path", "label", "probability", "error"]
+    by_path = {r["path"]: r for r in rows}
+    assert set(by_path) == set(expected) | {str(folder / "broken.png"), str(explicit)}
+    for path, label in expected.items():
+        assert by_path[path]["label"] == label and by_path[path]["error"] == ""
+        assert 1 / 3 <= float(by_path[path]["probability"]) <= 1
+    for bad in (folder / "broken.png", explicit):
+        assert by_path[str(bad)]["label"] == "" and by_path[str(bad)]["error"]
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "listed.bin" in err and "2 of 17 files could not be decoded" in err
+
+    # identical to what the served model says for the same files
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    paths = sorted(expected)
+    served = pm.predict(pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]}))
+    assert list(served["label"]) == [by_path[p]["label"] for p in paths]
+    assert [f"{x:.6f}" for x in served["probability"]] == [by_path[p]["probability"] for p in paths]
+
+
+def test_predict_paths_errors(store, models, tmp_path):
+    _log(models["good"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        predict_paths(f"models:/{NAME}@challenger", [tmp_path / "missing"], tmp_path / "o.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegistryError, match="no PNG/JPEG files"):
+        predict_paths(f"models:/{NAME}@challenger", [tmp_path / "empty"], tmp_path / "o.csv")
+    assert not (tmp_path / "o.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# serving
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
+    _log(models["good"])
+    assert promote(NAME, data_dir, gates(min_accuracy=0.9), EVAL).promoted
+    port = _free_port()
+    # the server execs `uvicorn` from PATH: put this interpreter's bin (the venv) first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+
+        ds = dataset.load(data_dir)
+        images, labels = ds.splits["test"].images[:6], ds.splits["test"].labels[:6]
+        status, body = _post(
+            f"{base}/invocations",
+            {"dataframe_split": {"columns": ["image"], "data": [[_png_b64(im)] for im in images]}},
+        )
+        assert status == 200, body
+        preds = body["predictions"]
+        assert [p["label"] for p in preds] == [CLASSES[k] for k in labels]
+        assert all(abs(sum(p[f"prob_{c}"] for c in CLASSES) - 1) < 1e-6 for p in preds)
+
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
+        assert status == 400 and "row 0" in json.dumps(body)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -1,0 +1,161 @@
+"""MLflow tracking around the real pipeline: grouping, lineage tags, curves, artifacts, concurrency, server."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from visionops.tracking.lineage import data_version
+from visionops.tracking.store import project_root
+
+from pipeline_project import Project
+
+FAST = dict(train={"epochs": 2}, distill={"epochs": 1, "baseline": False}, evaluate={"gradcam_samples": 2})
+STAGES = ("download", "validate", "prepare", "train", "evaluate", "distill")
+
+
+def _client(project) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+
+
+def _runs(project, filter_string=""):
+    client = _client(project)
+    exp = client.get_experiment_by_name("visionops")
+    return client.search_runs([exp.experiment_id], filter_string, max_results=1000) if exp else []
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    project = Project(tmp_path_factory.mktemp("tracked") / "proj")
+    project.set_params(**FAST)
+    project.repro()
+    return project
+
+
+def test_store_paths_survive_dvc_temp_workspaces(tmp_path):
+    assert project_root(tmp_path) == tmp_path.resolve()
+    inside = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    assert project_root(inside) == tmp_path.resolve()
+
+
+@pytest.mark.slow
+def test_every_stage_is_a_run_grouped_under_its_pipeline(tracked):
+    runs = _runs(tracked)
+    stages = {r.data.tags.get("visionops.stage"): r for r in runs if r.data.tags.get("visionops.role") == "stage"}
+    assert set(stages) == set(STAGES)
+    parents = [r for r in runs if r.data.tags.get("visionops.role") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    pid = parents[0].data.tags["visionops.pipeline_run_id"]
+    assert pid.startswith("dvc-")
+    commit = tracked.run("git", "rev-parse", "HEAD").stdout.strip()
+    for name, run in stages.items():
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id, name
+        assert tags["visionops.pipeline_run_id"] == pid and tags["git.commit"] == commit
+        assert tags["git.dirty"] in ("true", "false") and run.info.status == "FINISHED"
+        deps = {k[len("dvc.dep."):]: v for k, v in tags.items() if k.startswith("dvc.dep.")}
+        assert deps and tags["dvc.data_version"] == data_version(deps), name
+    lock = (tracked.path / "dvc.lock").read_text()
+    train_tags = stages["train"].data.tags
+    assert train_tags["dvc.dep.data/dataset"] in lock  # the same hash DVC recorded
+    assert stages["train"].data.params["train.epochs"] == "2"
+    assert stages["download"].data.params["data.source"] == "digits"
+
+
+@pytest.mark.slow
+def test_curves_metrics_artifacts_and_dataset(tracked):
+    client = _client(tracked)
+    by_stage = {r.data.tags["visionops.stage"]: r for r in _runs(tracked, "tags.`visionops.role` = 'stage'")}
+    train = by_stage["train"]
+    history = client.get_metric_history(train.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert train.data.metrics["best_val_acc"] == max(m.value for m in history)
+    assert "accuracy" in by_stage["evaluate"].data.metrics and "student_acc" in by_stage["distill"].data.metrics
+    evaluate_files = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
+    for name in ("report.md", "confusion_matrix.png", "gradcam_correct.png", "reliability.png"):
+        assert f"evaluate/{name}" in evaluate_files
+    validate_files = {f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validate")}
+    assert {"validate/summary.json", "validate/data_docs"} <= validate_files
+    inputs = train.inputs.dataset_inputs
+    assert len(inputs) == 1
+    source = json.loads(inputs[0].dataset.source)
+    assert inputs[0].dataset.source_type == "dvc" and source["md5"] == train.data.tags["dvc.dep.data/dataset"]
+
+
+@pytest.mark.slow
+def test_stage_restored_from_dvc_cache_logs_no_run(tracked):
+    before = len(_runs(tracked))
+    tracked.set_params(evaluate={"gradcam_samples": 3})
+    tracked.repro("evaluate")
+    after_change = len(_runs(tracked))
+    assert after_change == before + 2  # a new pipeline parent and the evaluate run
+    tracked.set_params(evaluate={"gradcam_samples": 2})
+    out = tracked.repro("evaluate")
+    assert "Running stage 'evaluate'" not in out.stdout  # restored from DVC's run cache
+    assert len(_runs(tracked)) == after_change
+
+
+@pytest.mark.slow
+def test_two_pipelines_at_once_share_one_store_without_losing_runs(tmp_path):
+    """Two projects (like two `dvc exp run --temp` workspaces) track into the same SQLite store concurrently."""
+    store = tmp_path / "shared.db"
+    projects = [Project(tmp_path / f"p{i}") for i in range(2)]
+    for p in projects:
+        p.set_params(mlflow={"tracking_uri": f"sqlite:///{store}?timeout=60"}, **FAST)
+    procs = [
+        subprocess.Popen(["dvc", "repro", "prepare"], cwd=p.path, env=p.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for p in projects
+    ]
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out
+        assert "database is locked" not in out
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    exp = client.get_experiment_by_name("visionops")
+    runs = client.search_runs([exp.experiment_id], "tags.`visionops.role` = 'stage'", max_results=100)
+    assert len(runs) == 6
+    assert len({r.data.tags["visionops.pipeline_run_id"] for r in runs}) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_stage_logs_to_a_real_mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+                break
+            except Exception:
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        project = Project(tmp_path / "proj")
+        project.set_params(**FAST)
+        env = {**project.env(), "MLFLOW_TRACKING_URI": uri}
+        out = subprocess.run(["visionops", "download"], cwd=project.path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name("visionops")
+        (run,) = client.search_runs([exp.experiment_id], "tags.`visionops.stage` = 'download'")
+        assert run.data.params["data.source"] == "digits" and run.data.metrics["classes"] == 10
+        assert not (project.path / "mlflow.db").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
