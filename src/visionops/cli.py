@@ -128,7 +128,7 @@ def _train(params, args, run) -> dict:
         layout.CHECKPOINTS / "train.pt",
         on_epoch=run.log_epoch if run else None,
     )
-    if run is not None and "rank" not in result:
+    if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.TRAIN_REPORTS)
         result["registered"] = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name)
     return result
@@ -184,7 +184,7 @@ def _distill(params, args, run) -> dict:
         layout.CHECKPOINTS,
         on_epoch=run.log_epoch if run else None,
     )
-    if run is not None and "rank" not in result:
+    if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.DISTILL_REPORTS)
         teacher = _teacher_version(params, run)
         result["registered"] = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, teacher)

@@ -52,6 +52,12 @@ def resnet20(*, in_channels: int, num_classes: int, image_size: int) -> nn.Modul
 
 
 @register_model
+def resnet8(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """ResNet-8 for CIFAR: widths 16/32/64, 1 block per stage (~78k parameters); a distillation student."""
+    return CifarResNet(in_channels, num_classes, (16, 32, 64), (1, 1, 1))
+
+
+@register_model
 def resnet(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Alias of resnet20."""
     return resnet20(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
