@@ -40,3 +40,40 @@ ui: setup  ## MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, model
 
 clean:  ## remove pipeline outputs and run state (keeps .venv)
 	rm -rf data/dataset data/prepared reports .dvc/tmp
+
+# ---- Prefect orchestration (pipelines/): flows, schedules and their UI ----------------------------
+# Prefect's home (profiles, local server SQLite DB, logs) lives under the project unless overridden.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+PREFECT_PORT ?= 4200
+PREFECT_URL := http://127.0.0.1:$(PREFECT_PORT)
+PREFECT_UP = $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(PREFECT_URL)/api/health', timeout=2)" 2>/dev/null
+SET ?=
+FLOW_ARGS ?=
+
+.PHONY: flow schedule prefect-ui prefect-stop
+
+flow: setup  ## training flow on the current params (make flow SET="train.epochs=5" FLOW_ARGS=--no-promote)
+	@if [ -z "$$PREFECT_API_URL" ] && $(PREFECT_UP); then export PREFECT_API_URL=$(PREFECT_URL)/api; \
+	  echo "reporting to the local Prefect server: $(PREFECT_URL)"; fi; \
+	python -m pipelines training $(addprefix --set ,$(SET)) $(FLOW_ARGS)
+
+prefect-ui: setup  ## start (or reuse) the local Prefect server in the background; UI on $(PREFECT_URL)
+	@mkdir -p "$(PREFECT_HOME)"
+	@if $(PREFECT_UP); then echo "Prefect server already running"; else \
+	  $(BIN)/python -c "import subprocess; print(subprocess.Popen(['prefect', 'server', 'start', '--host', '127.0.0.1', \
+	    '--port', '$(PREFECT_PORT)'], stdin=subprocess.DEVNULL, stdout=open('$(PREFECT_HOME)/server.log', 'ab'), \
+	    stderr=subprocess.STDOUT, start_new_session=True).pid)" > "$(PREFECT_HOME)/server.pid"; \
+	  echo "starting the Prefect server (pid $$(cat "$(PREFECT_HOME)/server.pid"), log $(PREFECT_HOME)/server.log)"; \
+	  for i in $$(seq 120); do $(PREFECT_UP) && break; sleep 1; done; \
+	  $(PREFECT_UP) || { echo "the Prefect server did not start; see $(PREFECT_HOME)/server.log"; exit 1; }; fi
+	@echo "Prefect UI: $(PREFECT_URL)   (API $(PREFECT_URL)/api; stop it with make prefect-stop)"
+
+schedule: prefect-ui  ## serve the deployments (training/nightly on params.yaml schedule.cron, ...) on the local server
+	@echo "serving training/nightly, promotion/manual, monitoring/daily; Prefect UI: $(PREFECT_URL) (Ctrl-C stops serving)"
+	PREFECT_API_URL=$(PREFECT_URL)/api python -m pipelines serve
+
+prefect-stop:  ## stop the background Prefect server started by prefect-ui / schedule
+	@if [ -f "$(PREFECT_HOME)/server.pid" ]; then kill -- -$$(cat "$(PREFECT_HOME)/server.pid") 2>/dev/null \
+	  && echo "stopped the Prefect server" || echo "no Prefect server running"; rm -f "$(PREFECT_HOME)/server.pid"; \
+	else echo "no Prefect server started by make"; fi

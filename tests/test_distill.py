@@ -199,7 +199,7 @@ def test_run_distill_end_to_end(digits, tmp_path):
     assert m["param_ratio"] == pytest.approx(count_parameters(student) / count_parameters(teacher))
     assert m["size_ratio"] == pytest.approx(m["student_size_bytes"] / m["teacher_size_bytes"])
     assert m["cpu_speedup"] == pytest.approx(m["student_cpu_images_per_second"] / m["teacher_cpu_images_per_second"])
-    assert m["onnx_parity"] is True and m["onnx_max_abs_diff"] <= cfg.onnx_atol
+    assert m["onnx_parity"] is True and m["onnx_max_abs_diff"] < 1e-3
 
     int8_pred = ort_logits(ort_session(reports / "student.int8.onnx"), test.images).argmax(1)
     assert m["int8_acc"] == pytest.approx(float((int8_pred == test.labels).mean()))

@@ -35,10 +35,12 @@ from PIL import Image
 from visionops import classifier, dataset
 from visionops.config import EvaluateConfig, PromoteConfig
 from visionops.errors import VisionopsError
+from visionops.fetch import file_md5
 from visionops.registry.promotion import (
     NoChallengerError,
     RollbackError,
     evaluate_version,
+    find_version_by_file,
     predict_paths,
     promote,
     rollback,
@@ -197,7 +199,10 @@ def test_log_classifier_registers_challenger_with_tags(store, models, tmp_path):
         mv = log_classifier(models["good"], NAME, tags={"git_sha": "abc123", "stage": "train"})
     assert mv.name == NAME and str(mv.version) == "1"
     assert mv.aliases == ["challenger"]
-    assert mv.tags == {"git_sha": "abc123", "stage": "train", "run_id": run.info.run_id}
+    md5 = file_md5(models["good"])
+    assert mv.tags == {"git_sha": "abc123", "stage": "train", "run_id": run.info.run_id, "visionops.model_md5": md5}
+    assert str(find_version_by_file(NAME, models["good"]).version) == "1"
+    assert find_version_by_file(NAME, models["bad"]) is None
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
     assert mv.run_id == run.info.run_id
     # the logged model is self-contained: the .pt, the visionops source, pinned requirements

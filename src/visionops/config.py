@@ -125,6 +125,7 @@ class DistillConfig(Section):
     lr: float = Field(0.05, gt=0.0)
     baseline: bool = True  # also train the student alone, to show what distillation gained
     onnx_atol: float = Field(1e-4, gt=0.0)
+    onnx_rtol: float = Field(1e-3, ge=0.0)  # ONNX parity: |onnx - torch| <= atol + rtol * |torch|
     quantize: bool = True  # static int8 quantization (ONNX Runtime, QDQ) of the student, with accuracy and speed
 
 
@@ -158,6 +159,7 @@ class ScheduleConfig(Section):
     """Scheduled retraining (a Prefect deployment)."""
 
     cron: str = "0 2 * * *"  # nightly at 02:00
+    monitor_cron: str = "0 6 * * *"  # the monitoring flow, daily after retraining
     timezone: str = "UTC"
 
 

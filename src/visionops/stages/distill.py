@@ -176,7 +176,7 @@ def run_distill(
     onnx_path = reports_dir / "student.onnx"
     onnx_info = export.export_onnx(student_cpu, image_shape, onnx_path)
     check_images = test.images if len(test) else val.images  # parity needs real images; any split will do
-    parity = export.onnx_parity(student_cpu, onnx_path, check_images, cfg.onnx_atol)  # raises beyond atol
+    parity = export.onnx_parity(student_cpu, onnx_path, check_images, cfg.onnx_atol, cfg.onnx_rtol)
     int8_path = reports_dir / "student.int8.onnx"
     int8 = None
     if cfg.quantize:

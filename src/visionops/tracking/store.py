@@ -28,23 +28,31 @@ def tracking_uri(cfg: MlflowConfig, root: Path | None = None) -> str:
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}?timeout=60"
 
 
-def artifact_location(root: Path | None = None) -> str:
-    return ((root or project_root()) / "mlartifacts").as_uri()
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 def configure(cfg: MlflowConfig, root: Path | None = None) -> str:
-    """Point MLflow at the store and make sure the experiment exists; return its id."""
+    """Point MLflow at the store and make sure the experiment exists; return its id.
+
+    With SQLite, artifacts live beside the database in mlartifacts/. A new SQLite store is created (schema migrations) under a file lock, so that two pipelines
+    starting at once on a fresh store do not both migrate it.
+    """
     import mlflow
-    from mlflow.exceptions import MlflowException
+    from filelock import FileLock
 
     uri = tracking_uri(cfg, root)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = artifact_location(root) if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(cfg.experiment, artifact_location=location)
-    except MlflowException:  # created meanwhile by a concurrent pipeline
-        return client.get_experiment_by_name(cfg.experiment).experiment_id
+    db = _sqlite_path(uri)
+    if db is None:
+        return _experiment_id(mlflow.MlflowClient(), cfg.experiment, None)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):
+        return _experiment_id(mlflow.MlflowClient(), cfg.experiment, (db.parent / "mlartifacts").as_uri())
+
+
+def _experiment_id(client, name: str, location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name, artifact_location=location)

@@ -1,0 +1,86 @@
+"""`python -m pipelines`: run a visionops flow locally, or serve / register the deployments.
+
+    python -m pipelines training --set train.epochs=5 --set distill.epochs=3   # what `make flow` runs
+    python -m pipelines promotion
+    python -m pipelines monitoring
+    python -m pipelines serve                        # what `make schedule` runs (needs PREFECT_API_URL)
+    python -m pipelines deploy --work-pool visionops # register on a remote server for a process worker
+
+Flows run against PREFECT_API_URL when it is set, else on Prefect's ephemeral local server (its SQLite
+database under PREFECT_HOME). A failed flow run prints its error and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"python -m pipelines: error: --set expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
+        return p
+
+    p = add("training", "run the training flow: one task per DVC stage, then promotion")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a param first, as `dvc exp run -S` (repeatable; e.g. train.epochs=5)")
+    p.add_argument("--no-promote", dest="promote", action="store_false", help="skip the promotion step")
+    p.add_argument("--refresh-data", action="store_true", help="force the download stage to fetch the source again")
+    p.add_argument("--exp-name", default=None, help="also save the result as this named DVC experiment (dvc exp save)")
+    add("promotion", "run the metric-gated promotion of teacher and student")
+    p = add("monitoring", "evaluate the champion on the newest data; fail below monitor.min_accuracy")
+    p.add_argument("--no-refresh-data", dest="refresh_data", action="store_false",
+                   help="do not force the download stage (DVC decides whether it is up to date)")
+    add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily)")
+    p = add("deploy", "register the deployments on the server at PREFECT_API_URL")
+    p.add_argument("--work-pool", default=None, help="the work pool whose workers run them (default: none, just register)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("serve", "deploy"):
+        from pipelines import deployments
+
+        if args.command == "serve":
+            deployments.main(args.project_dir)
+        else:
+            for line in deployments.register(args.project_dir, args.work_pool):
+                print(line)
+        return 0
+
+    from pipelines import flows
+
+    if args.command == "training":
+        state = flows.training(
+            project_dir=args.project_dir, overrides=_overrides(args.overrides) or None, promote=args.promote,
+            refresh_data=args.refresh_data, experiment_name=args.exp_name, return_state=True,
+        )
+    elif args.command == "promotion":
+        state = flows.promotion(project_dir=args.project_dir, return_state=True)
+    else:
+        state = flows.monitoring(project_dir=args.project_dir, refresh_data=args.refresh_data, return_state=True)
+    if not state.is_completed():
+        print(f"{args.command} flow run {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Deployments of the visionops flows, defined in code (the cron comes from params.yaml).
+
+- `training/nightly`: scheduled retraining on params.yaml `schedule.cron` in `schedule.timezone`, with
+  `refresh_data=True` (the data source is fetched again; stages rerun only if something changed).
+- `promotion/manual`: the metric-gated promotion alone; no schedule (run it from the UI or
+  `prefect deployment run promotion/manual`).
+- `monitoring/daily`: the champion on the newest data, daily at params.yaml `schedule.monitor_cron` (after the nightly
+  retraining), in the same timezone.
+
+Locally (what `make schedule` does): a Prefect server on 127.0.0.1 and `python -m pipelines serve`,
+i.e. `main()`: `prefect.serve(...)` registers the deployments and runs their flow runs in subprocesses
+of this process, one at a time (`limit=1`: training and monitoring share the workspace, so they must not
+overlap). Stopping it pauses the schedules; serving again resumes them.
+
+Against a remote Prefect server with a work pool there is no prefect.yaml on purpose: it could not read
+the cron from params.yaml, so it would be a second copy of the schedule. `register()` (CLI:
+`python -m pipelines deploy --work-pool NAME`) sends the same deployments to the server with
+`prefect.deploy`, as module entrypoints (`pipelines.flows.training`) that a process worker started in a
+checkout of this repository imports:
+
+    export PREFECT_API_URL=http://<server>:4200/api
+    prefect work-pool create visionops --type process                 # once
+    prefect work-pool set-concurrency-limit visionops 1                # training and monitoring share the workspace
+    python -m pipelines deploy --work-pool visionops
+    prefect worker start --pool visionops      # in the repository root, with .venv/bin on PATH
+
+Without --work-pool, `register()` only creates the deployments (`RunnerDeployment.apply`), which is how
+tests check them without starting a worker; their runs then wait for a `serve` process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
+from prefect.types.entrypoint import EntrypointType
+
+from pipelines.flows import monitoring, promotion, training
+
+ROOT = Path(__file__).resolve().parents[1]
+NIGHTLY, PROMOTION, MONITORING = "nightly", "manual", "daily"
+TAGS = ["visionops"]
+
+
+def _schedule_params(project_dir: Path):
+    from visionops.config import load_params
+
+    return load_params(Path(project_dir) / "params.yaml").schedule
+
+
+def build_deployments(project_dir: Path | str = ROOT, work_pool_name: str | None = None) -> list[RunnerDeployment]:
+    """The three deployments; their flow runs work in `project_dir` (default: this checkout)."""
+    project_dir = Path(project_dir).resolve()
+    schedule = _schedule_params(project_dir)
+    common = {
+        "tags": TAGS,
+        "entrypoint_type": EntrypointType.MODULE_PATH,  # `pipelines.flows.<flow>`: importable from the repo root
+        "work_pool_name": work_pool_name,
+        "job_variables": {"working_dir": str(ROOT)} if work_pool_name else None,
+    }
+    project = {"project_dir": str(project_dir)}
+    return [
+        training.to_deployment(
+            name=NIGHTLY,
+            schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
+            parameters={**project, "refresh_data": True, "promote": True},
+            description=f"Scheduled retraining ({schedule.cron}, {schedule.timezone}; params.yaml `schedule`).",
+            **common,
+        ),
+        promotion.to_deployment(name=PROMOTION, parameters=project, description="Metric-gated promotion, on demand.", **common),
+        monitoring.to_deployment(
+            name=MONITORING,
+            schedules=[Cron(schedule.monitor_cron, timezone=schedule.timezone)],
+            parameters={**project, "refresh_data": True},
+            description="The champion's accuracy on the newest data; fails below monitor.min_accuracy.",
+            **common,
+        ),
+    ]
+
+
+def register(project_dir: Path | str = ROOT, work_pool_name: str | None = None) -> list[str]:
+    """Create or update the deployments on the server at PREFECT_API_URL; returns their ids.
+
+    With a work pool: `prefect.deploy` (a worker of that pool runs them). Without: `apply()` only."""
+    deployments = build_deployments(project_dir, work_pool_name)
+    if work_pool_name:
+        from prefect import deploy
+
+        return [str(i) for i in deploy(*deployments, work_pool_name=work_pool_name, build=False, push=False,
+                                        print_next_steps_message=False, ignore_warnings=True)]
+    return [str(d.apply()) for d in deployments]
+
+
+def main(project_dir: Path | str = ROOT) -> None:
+    """Serve the deployments from this process (what `make schedule` runs)."""
+    from prefect import serve
+
+    serve(*build_deployments(project_dir), limit=1)
+
+
+if __name__ == "__main__":
+    main()

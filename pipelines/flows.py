@@ -1,0 +1,581 @@
+"""Prefect flows around the visionops DVC pipeline.
+
+`training`   one Prefect task per DVC stage of dvc.yaml, in dependency order (each runs
+             `dvc repro --single-item <stage>`, so the UI shows every stage with its logs, state, retries
+             and duration while DVC still decides what is up to date and writes dvc.lock); then the
+             metric-gated promotion of teacher and student; then a markdown artifact (metrics, promotion
+             decisions, MLflow run ids of the stages).
+`promotion`  the metric-gated promotion alone (teacher and student), with a markdown artifact.
+`monitoring` reproduces `download` and `validate` on the newest data and evaluates the registered
+             champion on its test split; fails, with the numbers, when accuracy < monitor.min_accuracy.
+
+Lineage: every stage subprocess gets VISIONOPS_PIPELINE_RUN_ID=prefect-<flow run id> and
+VISIONOPS_PREFECT_FLOW_RUN_ID=<flow run id>, so all MLflow stage runs of one flow run hang under one
+pipeline run and carry the tag `prefect.flow_run_id`.
+
+Parameter overrides (`overrides={"train.epochs": 5}`, `python -m pipelines training --set train.epochs=5`)
+-----------------------------------------------------------------------------------------------------
+They go through DVC, exactly as `dvc exp run --set-param` applies them, never by editing params.yaml
+behind DVC's back. What DVC 3 offers, and why this approach:
+
+* `dvc exp run -S k=v` applies the overrides to the workspace *and* reproduces the whole pipeline in
+  one process. Running it first would leave nothing for the per-stage tasks to do (every stage would
+  then be up to date), so the UI would show one opaque step instead of six stages with their own
+  logs, retries and timeouts.
+* `dvc exp run -S k=v --single-item <stage>` per task would apply the overrides six times and commit
+  six experiments, one per stage: the run would be recorded in pieces.
+* What `exp run -S` does to the workspace is a separate, public-enough step: `dvc.utils.hydra.
+  apply_overrides(params_file, ["k=v", ...])` (called by `BaseStashQueue._update_params`), with the
+  `-S` grammar (`to_path_overrides`: `k=v` targets params.yaml, `other.yaml:k=v` another file; values
+  use Hydra's override syntax, so `5` is an int, `null` is None, `[1,2]` a list, and an unknown key is
+  an error rather than a silently added one). It round-trips the YAML, keeping its comments.
+
+So the flow's first task, `apply-overrides`, (1) applies the overrides to a scratch copy of the params
+file(s) and validates the result with the visionops schema (a typo or a bad value fails the flow before
+anything changes), (2) applies them to the project with that same DVC function; each stage task then
+reproduces its stage, and DVC records the parameters each stage ran with in dvc.lock. Afterwards
+`dvc params diff` shows the overrides against the last commit, `dvc exp show` shows them (with the
+resulting metrics) in its workspace row, and `dvc status` is clean. With `experiment_name=...`
+(`--exp-name`) the finished workspace is also saved as a named DVC experiment (`dvc exp save`), which is
+the commit `dvc exp run` makes at its end; it is opt-in because `dvc exp save`, like `dvc exp run`,
+resets the git index (staged changes become unstaged). Like `dvc exp run -S` in the workspace, the
+overrides stay in params.yaml afterwards: the workspace is the experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+from prefect.tasks import exponential_backoff
+
+from pipelines import dvc_stages
+
+# Retry and timeout policy of the stage tasks. Module constants so tests (and operators) can adjust them.
+DATA_STAGE = "download"  # the stage that fetches the data source (retried with backoff; forced on refresh)
+DOWNLOAD_RETRIES = 3
+DOWNLOAD_BACKOFF_S = 10.0  # exponential backoff: 10 s, 20 s, 40 s (+ jitter)
+STAGE_RETRIES = 1  # every other stage
+STAGE_RETRY_DELAY_S = 30.0
+RETRY_JITTER_FACTOR = 0.2
+LONG_STAGES = ("train", "evaluate", "distill")
+LONG_STAGE_TIMEOUT_S = 2 * 60 * 60  # a task timeout terminates the stage's dvc process group
+
+PARAMS_FILE = "params.yaml"
+DATASET = Path("data") / "dataset"
+REPORTS = Path("reports")
+
+TRAINING_ARTIFACT, PROMOTION_ARTIFACT, MONITORING_ARTIFACT = "training-summary", "promotion-decisions", "monitoring-report"
+
+# (report, key, label) rows of the metrics table, taken from reports/<report>/metrics.json
+METRICS = (
+    ("train", "epochs_run", "teacher epochs run"),
+    ("train", "best_val_acc", "teacher best val accuracy"),
+    ("evaluate", "accuracy", "teacher test accuracy"),
+    ("evaluate", "balanced_accuracy", "teacher balanced accuracy"),
+    ("evaluate", "macro_f1", "teacher macro F1"),
+    ("evaluate", "top_k_accuracy", "teacher top-k accuracy"),
+    ("evaluate", "ece", "teacher ECE"),
+    ("evaluate", "ece_calibrated", "teacher ECE (temperature-scaled)"),
+    ("evaluate", "latency_batch_ms", "teacher latency (ms / batch)"),
+    ("distill", "student_acc", "student test accuracy"),
+    ("distill", "baseline_acc", "student without distillation"),
+    ("distill", "kd_gain", "distillation gain"),
+    ("distill", "int8_acc", "student int8 accuracy"),
+    ("distill", "cpu_speedup", "student CPU speed-up"),
+)
+
+
+class OverrideError(ValueError):
+    """Overrides that DVC cannot apply or that make params.yaml invalid."""
+
+
+class MonitoringAlert(RuntimeError):
+    """The champion's accuracy on the newest data is below monitor.min_accuracy."""
+
+
+class NoChampionError(RuntimeError):
+    """There is no registered champion to monitor."""
+
+
+# ------------------------------------------------------------------------------------------
+# stage tasks
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def dvc_stage(project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, force: bool = False) -> dict:
+    """Reproduce one DVC stage; its output goes to this task's log."""
+    result = dvc_stages.run_stage(
+        project_dir, stage, pipeline_run_id=pipeline_run_id, flow_run_id=flow_run_id, force=force,
+        logger=get_run_logger(),
+    )
+    return result.summary()
+
+
+def stage_policy(stage: str) -> dict:
+    """Retries, retry delays and timeout of the task of `stage` (read when the flow runs)."""
+    if stage == DATA_STAGE:
+        policy = {"retries": DOWNLOAD_RETRIES, "retry_delay_seconds": exponential_backoff(DOWNLOAD_BACKOFF_S)}
+    else:
+        policy = {"retries": STAGE_RETRIES, "retry_delay_seconds": STAGE_RETRY_DELAY_S}
+    policy["retry_jitter_factor"] = RETRY_JITTER_FACTOR
+    policy["timeout_seconds"] = LONG_STAGE_TIMEOUT_S if stage in LONG_STAGES else None
+    return policy
+
+
+def stage_task(stage: str):
+    """The Prefect task that reproduces `stage` (named after it in the UI)."""
+    return dvc_stage.with_options(name=stage, task_run_name=stage, **stage_policy(stage))
+
+
+def _ids() -> tuple[str, str]:
+    flow_run_id = str(current_flow_run.id)
+    return flow_run_id, f"prefect-{flow_run_id}"
+
+
+def _run_stages(root: Path, stages: list[str], refresh_data: bool, record: list[dict]) -> None:
+    flow_run_id, pipeline_id = _ids()
+    for stage in stages:
+        record.append({"stage": stage, "state": "running"})
+        summary = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, force=refresh_data and stage == DATA_STAGE)
+        record[-1] = {**summary, "state": "ran" if summary["ran"] else "up to date"}
+
+
+# ------------------------------------------------------------------------------------------
+# overrides
+
+
+def override_strings(overrides: dict[str, object] | None) -> list[str]:
+    """`{"train.epochs": 5}` -> `["train.epochs=5"]` (the `dvc exp run -S` form).
+
+    String values are passed through as Hydra override values, as on the `-S` command line (`"5"` is an
+    int, `"null"` None, `"[1,2]"` a list); other values are written in that syntax."""
+
+    def value(v, top: bool = True) -> str:
+        if isinstance(v, str):
+            return v if top else json.dumps(v)
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise OverrideError(f"override value {v!r} is not a finite number")
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ",".join(value(x, False) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ",".join(f"{k}:{value(x, False)}" for k, x in v.items()) + "}"
+        raise OverrideError(f"override value {v!r} has unsupported type {type(v).__name__}")
+
+    out = []
+    for key, v in (overrides or {}).items():
+        if not key or "=" in key:
+            raise OverrideError(f"bad override key {key!r}: use dotted keys like 'train.epochs'")
+        out.append(f"{key}={value(v)}")
+    return out
+
+
+def _apply(path: Path, overrides: list[str]) -> None:
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    try:
+        apply_overrides(path, overrides)
+    except InvalidArgumentError as exc:
+        cause = exc.__cause__ or exc
+        raise OverrideError(f"cannot apply {overrides} to {path.name}: {cause}") from None
+
+
+def apply_param_overrides(project_dir: Path | str, overrides: dict[str, object] | list[str]) -> list[str]:
+    """Apply `dvc exp run -S`-style overrides to the project's params file(s), validated first."""
+    from dvc.utils.cli_parse import to_path_overrides
+
+    from visionops.config import load_params
+
+    root = Path(project_dir).resolve()
+    strings = list(overrides) if isinstance(overrides, list) else override_strings(overrides)
+    by_file = to_path_overrides(strings)
+    for name in by_file:
+        if not (root / name).is_file():
+            raise OverrideError(f"{root / name}: no such params file for overrides {by_file[name]}")
+    with tempfile.TemporaryDirectory(prefix="visionops-overrides-") as tmp:  # dry run on copies
+        for name, items in by_file.items():
+            scratch = Path(tmp) / Path(name).name
+            shutil.copy(root / name, scratch)
+            _apply(scratch, items)
+            if Path(name).name == PARAMS_FILE:
+                load_params(scratch)  # ParamsError names the key
+    for name, items in by_file.items():
+        _apply(root / name, items)
+    return strings
+
+
+@task(name="apply-overrides", task_run_name="apply-overrides", cache_policy=NO_CACHE, persist_result=False)
+def apply_overrides_task(project_dir: str, overrides: dict[str, object]) -> list[str]:
+    """Apply the overrides through DVC (see the module docstring)."""
+    applied = apply_param_overrides(project_dir, overrides)
+    get_run_logger().info("applied through DVC's params overrides (as `dvc exp run -S`): %s", ", ".join(applied))
+    return applied
+
+
+@task(name="save-experiment", task_run_name="save-experiment", cache_policy=NO_CACHE, persist_result=False)
+def save_experiment(project_dir: str, name: str, message: str) -> str:
+    """`dvc exp save -n <name>`: the finished workspace as a named DVC experiment."""
+    import subprocess
+
+    env = dvc_stages.stage_env(project_dir)
+    cmd = [*dvc_stages.dvc_command(env), "exp", "save", "--force", "-n", name, "-m", message]
+    proc = subprocess.run(cmd, check=False, cwd=project_dir, env=env, capture_output=True, text=True)
+    logger = get_run_logger()
+    for line in (proc.stdout + proc.stderr).splitlines():
+        logger.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp save -n {name} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------
+# promotion
+
+
+def _params(root: Path):
+    from visionops.config import load_params
+
+    return load_params(root / PARAMS_FILE)
+
+
+def _champion_version(client, name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def _quiet_mlflow_downloads() -> None:
+    """No per-file progress bars in the flow's logs when models are downloaded for evaluation."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def promote_all(project_dir: Path | str) -> list[dict]:
+    """The metric-gated promotion of the teacher, then the student; one outcome dict per model.
+
+    A rejected challenger is an outcome (`"rejected"`, with the failed gates), as is a model with no
+    challenger to decide on (`"no challenger"`: e.g. the first version was decided when it was registered).
+    """
+    import mlflow
+
+    from visionops.registry.promotion import NoChallengerError, promote
+
+    _quiet_mlflow_downloads()
+    from visionops.tracking.store import configure
+
+    root = Path(project_dir).resolve()
+    params = _params(root)
+    configure(params.mlflow, root)
+    client = mlflow.MlflowClient()
+    outcomes = []
+    for role, name in (("teacher", params.mlflow.teacher_model_name), ("student", params.mlflow.student_model_name)):
+        try:
+            d = promote(name, root / DATASET, params.promote, params.evaluate, client=client)
+        except NoChallengerError as exc:
+            outcomes.append({
+                "role": role, "model": name, "outcome": "no challenger", "challenger_version": None,
+                "champion_version": _champion_version(client, name), "previous_champion": None,
+                "accuracy": None, "reasons": [str(exc)],
+            })
+            continue
+        outcomes.append({
+            "role": role, "model": name, "outcome": "promoted" if d.promoted else "rejected",
+            "challenger_version": d.challenger_version,
+            "champion_version": d.challenger_version if d.promoted else d.champion_version,
+            "previous_champion": d.champion_version,
+            "accuracy": d.challenger_metrics.get("accuracy"),
+            "reasons": list(d.reasons),
+        })
+    return outcomes
+
+
+@task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, persist_result=False)
+def promote_task(project_dir: str) -> list[dict]:
+    """Promote teacher and student challengers that pass the gates in params.yaml `promote`."""
+    logger = get_run_logger()
+    outcomes = promote_all(project_dir)
+    for o in outcomes:
+        text = f"{o['role']} {o['model']}: {o['outcome']}"
+        if o["challenger_version"]:
+            champion = f"v{o['champion_version']}" if o["champion_version"] else "none"
+            text += f" (challenger v{o['challenger_version']}, champion now {champion})"
+        (logger.warning if o["outcome"] == "rejected" else logger.info)(text + ": " + "; ".join(o["reasons"]))
+    return outcomes
+
+
+# ------------------------------------------------------------------------------------------
+# report
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _seconds(v) -> str | None:
+    return None if v is None else f"{v:.1f}"
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def collect_metrics(project_dir: Path | str) -> list[tuple[str, str, object]]:
+    """(label, source, value) of the headline metrics found in reports/*/metrics.json."""
+    root = Path(project_dir)
+    rows = []
+    for report, key, label in METRICS:
+        path = root / REPORTS / report / "metrics.json"
+        try:
+            value = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append((label, f"{report}/{key}", value))
+    return rows
+
+
+def mlflow_stage_runs(project_dir: Path | str, pipeline_id: str) -> list[dict]:
+    """The MLflow runs (pipeline parent and stages) tagged with this pipeline run id."""
+    import mlflow
+
+    from visionops.tracking.stage_run import PIPELINE_TAG, ROLE_TAG
+    from visionops.tracking.store import configure
+
+    root = Path(project_dir).resolve()
+    params = _params(root)
+    if not params.mlflow.enabled:
+        return []
+    experiment_id = configure(params.mlflow, root)
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`{PIPELINE_TAG}` = '{pipeline_id}'", order_by=["attributes.start_time ASC"]
+    )
+    return [
+        {
+            "stage": r.data.tags.get("visionops.stage") or r.data.tags.get(ROLE_TAG, ""),
+            "role": r.data.tags.get(ROLE_TAG, ""),
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+        }
+        for r in runs
+    ]
+
+
+def _promotion_table(outcomes: list[dict]) -> str:
+    rows = [
+        [o["role"], o["model"], o["outcome"].upper(), o["challenger_version"], o["previous_champion"],
+         o["champion_version"], o["accuracy"], "; ".join(o["reasons"])]
+        for o in outcomes
+    ]
+    return _table(["role", "model", "decision", "challenger", "champion before", "champion now", "accuracy", "reasons"], rows)
+
+
+def training_markdown(summary: dict) -> str:
+    status = "FAILED" if summary.get("error") else "COMPLETED"
+    runs_by_stage = {r["stage"]: r for r in summary.get("mlflow_runs", []) if r["role"] == "stage"}
+    parent = next((r for r in summary.get("mlflow_runs", []) if r["role"] == "pipeline"), None)
+    out = [
+        f"# Training flow run {status}",
+        "",
+        f"- flow run: `{summary['flow_run_id']}`",
+        f"- project: `{summary['project_dir']}`",
+        f"- MLflow pipeline run id (tag `visionops.pipeline_run_id`): `{summary['pipeline_run_id']}`"
+        + (f", parent run `{parent['run_id']}`" if parent else ""),
+        f"- overrides (applied through DVC): {', '.join(f'`{o}`' for o in summary['overrides']) or 'none'}",
+    ]
+    if summary.get("experiment"):
+        out.append(f"- saved as DVC experiment `{summary['experiment']}`")
+    if summary.get("error"):
+        out += ["", "## Error", "", "```", summary["error"][-3000:], "```"]
+    rows = [
+        [s["stage"], s["state"], _seconds(s.get("seconds")), runs_by_stage.get(s["stage"], {}).get("run_id")]
+        for s in summary["stages"]
+    ]
+    rows += [[name, "not run", None, None] for name in summary["stage_order"][len(summary["stages"]):]]
+    out += ["", "## Stages", "", _table(["stage", "result", "seconds", "MLflow run id"], rows)]
+    if summary.get("metrics"):
+        out += ["", "## Metrics", "", _table(["metric", "source", "value"], [list(m) for m in summary["metrics"]])]
+    out += ["", "## Promotion", ""]
+    if summary.get("promotion") is None:
+        out.append(summary.get("promotion_note") or "not run")
+    else:
+        out.append(_promotion_table(summary["promotion"]))
+    if summary.get("mlflow_error"):
+        out += ["", f"MLflow runs could not be listed: {summary['mlflow_error']}"]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# flows
+
+
+@flow(name="training", description="The DVC pipeline, one task per stage, then metric-gated promotion.")
+def training(
+    project_dir: str = ".",
+    overrides: dict[str, object] | None = None,
+    promote: bool = True,
+    refresh_data: bool = False,
+    experiment_name: str | None = None,
+) -> dict:
+    """Reproduce the DVC pipeline stage by stage, promote teacher and student, and report.
+
+    overrides: params to set first, as `dvc exp run -S` does (`{"train.epochs": 5}`).
+    promote: run the metric-gated promotion of teacher and student afterwards.
+    refresh_data: force the download stage to fetch the source again (a folder or URL source may have
+        new data that DVC cannot see); downstream stages rerun only if the dataset changed.
+    experiment_name: also save the finished workspace as this named DVC experiment (`dvc exp save`).
+    """
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    flow_run_id, pipeline_id = _ids()
+    summary: dict = {
+        "flow_run_id": flow_run_id, "pipeline_run_id": pipeline_id, "project_dir": str(root),
+        "overrides": [], "stage_order": [], "stages": [], "promotion": None, "experiment": None,
+    }
+    try:
+        summary["stage_order"] = dvc_stages.stage_order(root)
+        if overrides:
+            summary["overrides"] = apply_overrides_task(str(root), overrides)
+        params = _params(root)  # validated before any stage runs
+        logger.info("stages in dependency order: %s", " -> ".join(summary["stage_order"]))
+        _run_stages(root, summary["stage_order"], refresh_data, summary["stages"])
+        if experiment_name:
+            message = f"Prefect flow run {flow_run_id}" + (f"; overrides {' '.join(summary['overrides'])}" if summary["overrides"] else "")
+            summary["experiment"] = save_experiment(str(root), experiment_name, message)
+        if not promote:
+            summary["promotion_note"] = "skipped (promote=False)"
+        elif not params.mlflow.enabled:
+            summary["promotion_note"] = "skipped: mlflow.enabled is false, so nothing is registered"
+        else:
+            summary["promotion"] = promote_task(str(root))
+    except BaseException as exc:
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        if summary["stages"] and summary["stages"][-1]["state"] == "running":
+            summary["stages"][-1]["state"] = "FAILED"
+        raise
+    finally:
+        _report_training(root, summary)
+    return summary
+
+
+def _report_training(root: Path, summary: dict) -> None:
+    summary["metrics"] = collect_metrics(root) if summary["stages"] else []
+    try:
+        summary["mlflow_runs"] = mlflow_stage_runs(root, summary["pipeline_run_id"])
+    except Exception as exc:  # noqa: BLE001 - the report must not hide the flow's own outcome
+        summary["mlflow_runs"], summary["mlflow_error"] = [], f"{type(exc).__name__}: {exc}"
+    create_markdown_artifact(
+        markdown=training_markdown(summary), key=TRAINING_ARTIFACT,
+        description="DVC stages, metrics, promotion decisions and MLflow run ids of one training flow run",
+    )
+
+
+@flow(name="promotion", description="Metric-gated promotion of the teacher and student challengers.")
+def promotion(project_dir: str = ".") -> list[dict]:
+    """Promote each challenger that passes the gates in params.yaml `promote`; rejections are outcomes."""
+    root = Path(project_dir).resolve()
+    if not _params(root).mlflow.enabled:
+        raise RuntimeError("mlflow.enabled is false in params.yaml: there is no registry to promote in")
+    outcomes = promote_task(str(root))
+    create_markdown_artifact(
+        markdown=f"# Promotion decisions\n\nflow run `{current_flow_run.id}`, project `{root}`\n\n{_promotion_table(outcomes)}\n",
+        key=PROMOTION_ARTIFACT, description="Champion/challenger decisions",
+    )
+    return outcomes
+
+
+@task(name="evaluate-champion", task_run_name="evaluate-champion", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_champion(project_dir: str) -> dict:
+    """Accuracy (and more) of models:/<teacher_model_name>@champion on the test split of data/dataset."""
+    import mlflow
+
+    from visionops.registry.promotion import evaluate_version
+    from visionops.tracking.store import configure
+
+    _quiet_mlflow_downloads()
+    root = Path(project_dir).resolve()
+    params = _params(root)
+    configure(params.mlflow, root)
+    name = params.mlflow.teacher_model_name
+    version = _champion_version(mlflow.MlflowClient(), name)
+    if version is None:
+        raise NoChampionError(f"model {name!r} has no version with the alias 'champion': train and promote one first")
+    start = time.monotonic()
+    metrics = evaluate_version(f"models:/{name}@champion", root / DATASET, params.evaluate)
+    get_run_logger().info(
+        "champion %s v%s: accuracy %.4f on %d test images (%.1f s)", name, version, metrics["accuracy"], metrics["n"],
+        time.monotonic() - start,
+    )
+    return {**metrics, "model": name, "version": version}
+
+
+@flow(name="monitoring", description="Evaluate the champion on the newest data; fail below monitor.min_accuracy.")
+def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
+    """Reproduce download and validate on the newest data, evaluate the champion on its test split, and
+    fail (raise MonitoringAlert, with the numbers) when its accuracy is below params.yaml monitor.min_accuracy.
+
+    refresh_data: force the download stage, so data that DVC cannot see change (a folder source, a
+        re-published archive) is fetched again.
+    """
+    root = Path(project_dir).resolve()
+    params = _params(root)
+    stages: list[dict] = []
+    _run_stages(root, [DATA_STAGE, "validate"], refresh_data, stages)
+    result = evaluate_champion(str(root))
+    floor = params.monitor.min_accuracy
+    ok = result["accuracy"] >= floor
+    verdict = "OK" if ok else "ALERT"
+    lowest = sorted(result["per_class_recall"].items(), key=lambda kv: kv[1])[:5]
+    markdown = "\n".join([
+        f"# Monitoring: {verdict}",
+        "",
+        (
+            f"Champion `{result['model']}` v{result['version']} on the test split of the newest data "
+            f"({result['n']} images), project `{root}`, flow run `{current_flow_run.id}`."
+        ),
+        "",
+        _table(["metric", "value", "threshold"], [
+            ["accuracy", result["accuracy"], f">= {floor:.4f} (monitor.min_accuracy)"],
+            ["balanced accuracy", result["balanced_accuracy"], None],
+            ["macro F1", result["macro_f1"], None],
+            ["ECE", result["ece"], None],
+            ["latency (ms / batch)", result["latency_ms"], None],
+        ]),
+        "",
+        "Lowest class recalls: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest),
+        "",
+        _table(["stage", "result", "seconds"], [[s["stage"], s["state"], _seconds(s.get("seconds"))] for s in stages]),
+    ]) + "\n"
+    create_markdown_artifact(markdown=markdown, key=MONITORING_ARTIFACT, description=f"Champion accuracy on the newest data: {verdict}")
+    summary = {**result, "min_accuracy": floor, "ok": ok, "stages": stages}
+    if not ok:
+        raise MonitoringAlert(
+            f"champion {result['model']} v{result['version']} accuracy {result['accuracy']:.4f} on the newest data "
+            f"({result['n']} test images) is below monitor.min_accuracy {floor:.4f} "
+            f"(balanced accuracy {result['balanced_accuracy']:.4f}, macro F1 {result['macro_f1']:.4f})"
+        )
+    return summary

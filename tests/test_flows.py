@@ -1,0 +1,380 @@
+"""The Prefect flows on the real DVC pipeline (tiny digits runs), and the nightly deployment on a real server.
+
+Flows run in-process against Prefect's test harness; every DVC stage is a real `dvc repro --single-item`
+in a throwaway git+DVC copy of the project (tests/pipeline_project.Project), with a real MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_project import Project
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipelines import dvc_stages, flows
+
+STAGES = ["download", "validate", "prepare", "train", "evaluate", "distill"]
+# tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~97% test accuracy in seconds, so it
+# passes the promotion gates and becomes the champion the monitoring tests watch.
+FAST = {
+    "train": {"model": "lenet", "epochs": 20, "optimizer": "adamw", "lr": 0.003},
+    "distill": {"epochs": 1, "baseline": False},
+    "evaluate": {"gradcam_samples": 2},
+}
+
+
+# ------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: flows and tasks of this session run against a temporary database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def no_retry_delays(monkeypatch):
+    monkeypatch.setattr(flows, "DOWNLOAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr(flows, "STAGE_RETRY_DELAY_S", 0.0)
+
+
+def _commit(project: Project, message: str) -> None:
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, check=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prefect_harness):
+    """One training flow run of the whole pipeline; later tests build on this project."""
+    project = Project(tmp_path_factory.mktemp("flows") / "proj")
+    project.set_params(**FAST)
+    _commit(project, "fast params")
+    project.state = flows.training(project_dir=str(project.path), return_state=True)
+    return project
+
+
+def _flow_run_id(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def _task_runs(flow_run_id: str) -> list:
+    """The flow run's task runs, in the order they started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(runs, key=lambda r: (r.start_time or r.expected_start_time or r.created))
+
+
+def _artifact(flow_run_id: str, key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    assert found, f"no artifact {key!r} for flow run {flow_run_id}"
+    return found[0]
+
+
+def _mlflow_runs(project: Project, **tags: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, where)
+
+
+# ------------------------------------------------------------------------------------------
+# fast unit tests
+
+
+def test_stage_order_is_topological_and_stable(tmp_path):
+    assert dvc_stages.stage_order(ROOT) == STAGES
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "report": {"cmd": "x", "deps": ["out/b", "out/a.txt"]},
+        "b": {"cmd": "x", "deps": ["data"], "outs": [{"out/b": {"cache": False}}]},
+        "a": {"cmd": "x", "metrics": ["out/a.txt"]},
+        "data": {"cmd": "x", "outs": ["data"]},
+    }}, sort_keys=False))
+    assert dvc_stages.stage_order(tmp_path) == ["a", "data", "b", "report"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "x": {"cmd": "x", "deps": ["y.txt"], "outs": ["x.txt"]}, "y": {"cmd": "y", "deps": ["x.txt"], "outs": ["y.txt"]},
+    }}))
+    with pytest.raises(ValueError, match="cycle"):
+        dvc_stages.stage_order(tmp_path)
+
+
+def test_override_strings_use_the_dvc_exp_run_syntax():
+    assert flows.override_strings({"train.epochs": 5, "train.lr": 0.01, "data.root": None, "augment.hflip": True,
+                                   "train.model": "lenet", "validate.pixel_mean_range": [1.0, 250]}) == [
+        "train.epochs=5", "train.lr=0.01", "data.root=null", "augment.hflip=true", "train.model=lenet",
+        "validate.pixel_mean_range=[1.0,250]"]
+
+
+def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(flows.OverrideError, match="train.epoch"):
+        flows.apply_param_overrides(tmp_path, {"train.epoch": 3})  # unknown key: DVC refuses it
+    with pytest.raises(Exception, match="train.epochs"):
+        flows.apply_param_overrides(tmp_path, {"train.epochs": 0})  # DVC accepts, the schema refuses
+    assert (tmp_path / "params.yaml").read_text() == before
+    flows.apply_param_overrides(tmp_path, {"train.epochs": 3})
+    text = (tmp_path / "params.yaml").read_text()
+    assert yaml.safe_load(text)["train"]["epochs"] == 3
+    assert "# lenet | resnet20" in text  # DVC round-trips the YAML: comments stay
+
+
+def test_stage_policies():
+    download, train, prepare = (flows.stage_policy(s) for s in ("download", "train", "prepare"))
+    assert download["retries"] == 3 and download["retry_delay_seconds"](3) == [10.0, 20.0, 40.0]
+    assert train["retries"] == prepare["retries"] == 1
+    assert train["timeout_seconds"] == flows.LONG_STAGE_TIMEOUT_S and prepare["timeout_seconds"] is None
+
+
+# ------------------------------------------------------------------------------------------
+# flows on the real pipeline
+
+
+@pytest.mark.slow
+def test_training_flow_runs_every_stage_as_a_task_then_promotes(trained):
+    state = trained.state
+    assert state.is_completed(), state.message
+    flow_run_id = _flow_run_id(state)
+    runs = _task_runs(flow_run_id)
+    stage_runs = [r for r in runs if r.name in STAGES]
+    assert [r.name for r in stage_runs] == STAGES
+    assert all(r.state.is_completed() and r.run_count == 1 for r in stage_runs)
+    assert [r.name for r in runs][-1] == "promote"
+    summary = state.result()
+    assert [s["state"] for s in summary["stages"]] == ["ran"] * 6
+
+    # every MLflow stage run of this flow run carries its id and one pipeline id
+    runs = _mlflow_runs(trained, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "stage"})
+    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(STAGES)
+    assert {r.data.tags["visionops.pipeline_run_id"] for r in runs} == {f"prefect-{flow_run_id}"}
+
+    # the teacher became champion when it was registered; the 1-epoch student is a rejected challenger
+    teacher, student = summary["promotion"]
+    assert teacher["outcome"] == "no challenger" and teacher["champion_version"] == "1"
+    assert student["outcome"] == "rejected" and student["reasons"]
+
+    markdown = _artifact(flow_run_id, flows.TRAINING_ARTIFACT).data
+    for text in ("COMPLETED", "teacher test accuracy", "student test accuracy", "REJECTED", *(r.info.run_id for r in runs)):
+        assert text in markdown, text
+
+
+@pytest.mark.slow
+def test_a_stage_failing_once_is_retried(trained, no_retry_delays):
+    """A real extra DVC stage that fails on its first run (and leaves a marker) and succeeds on the retry."""
+    project = trained
+    dvc_yaml = yaml.safe_load((project.path / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["flaky"] = {
+        "cmd": "test -f .flaky-ok || { touch .flaky-ok; echo 'flaky: first attempt fails' >&2; exit 3; }; "
+        "mkdir -p reports/flaky && echo ok > reports/flaky/ok.txt",
+        "deps": ["reports/validate/summary.json"],
+        "outs": [{"reports/flaky/ok.txt": {"cache": False}}],
+    }
+    (project.path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+
+    state = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    runs = {r.name: r for r in _task_runs(_flow_run_id(state))}
+    assert runs["flaky"].run_count == 2 and runs["flaky"].state.is_completed()
+    assert all(runs[s].run_count == 1 for s in STAGES)
+    summary = state.result()
+    assert [s["state"] for s in summary["stages"]] == ["up to date"] * 6 + ["ran"]
+    assert (project.path / "reports/flaky/ok.txt").read_text().strip() == "ok"
+
+
+@pytest.mark.slow
+def test_a_stage_that_keeps_failing_fails_the_flow_naming_it(tmp_path, prefect_harness, no_retry_delays):
+    project = Project(tmp_path / "proj")
+    project.set_params(**FAST)
+    missing = tmp_path / "no-such-images"
+
+    state = flows.training(
+        project_dir=str(project.path), overrides={"data.source": "folder", "data.root": str(missing)}, return_state=True
+    )
+
+    assert state.is_failed()
+    assert "DVC stage 'download' failed with exit code 1" in state.message and str(missing) in state.message
+    runs = _task_runs(_flow_run_id(state))
+    assert [r.name for r in runs] == ["apply-overrides", "download"]  # nothing after the failed stage
+    assert runs[1].state.is_failed() and runs[1].run_count == 1 + flows.DOWNLOAD_RETRIES
+    assert not (project.path / "data/dataset").exists()
+    markdown = _artifact(_flow_run_id(state), flows.TRAINING_ARTIFACT).data
+    assert "FAILED" in markdown and "| validate | not run |" in markdown
+
+
+@pytest.mark.slow
+def test_overrides_reach_dvc_and_are_recorded(trained):
+    project = trained
+    state = flows.training(
+        project_dir=str(project.path), overrides={"distill.temperature": 2.0}, promote=False,
+        experiment_name="cooler", return_state=True,
+    )
+
+    assert state.is_completed(), state.message
+    ran = {s["stage"]: s["state"] for s in state.result()["stages"]}
+    assert ran == {**{s: "up to date" for s in STAGES[:-1]}, "distill": "ran", **({"flaky": "up to date"} if "flaky" in ran else {})}
+    assert json.loads((project.path / "reports/distill/metrics.json").read_text())["temperature"] == 2.0
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())
+    assert lock["stages"]["distill"]["params"]["params.yaml"]["distill"]["temperature"] == 2.0
+    diff = json.loads(project.run("dvc", "params", "diff", "--json").stdout)["params.yaml"]
+    assert (diff["distill.temperature"]["old"], diff["distill.temperature"]["new"]) == (4.0, 2.0)
+    assert "up to date" in project.run("dvc", "status").stdout  # dvc.lock matches the overridden params
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    saved = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == "cooler"]
+    assert saved, json.dumps(shown)[:2000]
+    assert saved[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["distill"]["temperature"] == 2.0
+
+
+def _drifted_folder(project: Project, root: Path, per_class: int = 40) -> Path:
+    """The project's digits as an ImageFolder tree, each class filed under the next class's folder."""
+    from PIL import Image
+
+    from visionops import dataset
+
+    ds = dataset.load(project.path / "data/dataset")
+    names = ds.class_names
+    counts = {}
+    for split in ds.splits.values():
+        for image, label in zip(split.images, split.labels, strict=True):
+            label = int(label)
+            if counts.get(label, 0) >= per_class:
+                continue
+            counts[label] = counts.get(label, 0) + 1
+            folder = root / names[(label + 1) % len(names)]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = image[..., 0] if image.shape[-1] == 1 else image
+            Image.fromarray(pixels).save(folder / f"{label}_{counts[label]}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_monitoring_passes_then_fails_on_drifted_data(trained, tmp_path):
+    project = trained
+    ok = flows.monitoring(project_dir=str(project.path), return_state=True)
+    assert ok.is_completed(), ok.message
+    assert ok.result()["accuracy"] >= 0.9 and ok.result()["version"] == "1"
+    assert "Monitoring: OK" in _artifact(_flow_run_id(ok), flows.MONITORING_ARTIFACT).data
+
+    # the newest data: the same digits, but every class now files its images under the next class's folder
+    root = _drifted_folder(project, tmp_path / "incoming")
+    project.set_params(data={"source": "folder", "root": str(root)})
+    state = flows.monitoring(project_dir=str(project.path), return_state=True)
+
+    assert state.is_failed()
+    assert "below monitor.min_accuracy 0.9000" in state.message
+    accuracy = float(state.message.split(" accuracy ")[1].split()[0])
+    assert accuracy < 0.2
+    runs = {r.name: r for r in _task_runs(_flow_run_id(state))}
+    assert runs["download"].state.is_completed() and runs["validate"].state.is_completed()
+    markdown = _artifact(_flow_run_id(state), flows.MONITORING_ARTIFACT).data
+    assert "Monitoring: ALERT" in markdown and f"{accuracy:.4f}" in markdown
+
+
+# ------------------------------------------------------------------------------------------
+# the scheduled deployment on a real Prefect server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_KEY", None)
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"prefect server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield api, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_nightly_deployment_is_registered_with_the_params_cron(prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, env = prefect_server
+    cmd = [sys.executable, "-m", "pipelines", "deploy"]
+    out = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    schedule = yaml.safe_load((ROOT / "params.yaml").read_text())["schedule"]
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("training/nightly")
+        promotion = client.read_deployment_by_name("promotion/manual")
+        monitoring = client.read_deployment_by_name("monitoring/daily")
+    assert len(nightly.schedules) == 1
+    (sched,) = nightly.schedules
+    assert sched.active and not nightly.paused
+    assert sched.schedule.cron == schedule["cron"] and sched.schedule.timezone == schedule["timezone"]
+    assert nightly.parameters["project_dir"] == str(ROOT) and nightly.parameters["refresh_data"] is True
+    assert nightly.entrypoint == "pipelines.flows.training"
+    assert promotion.schedules == [] and monitoring.schedules[0].schedule.cron == "0 6 * * *"
