@@ -2,18 +2,23 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import mlflow
+import numpy as np
 import pytest
+import torch
+from pipeline_project import Project
 
+from visionops import classifier, dataset
+from visionops.registry.pyfunc import encode_png
 from visionops.tracking.lineage import data_version
 from visionops.tracking.store import project_root
-
-from pipeline_project import Project
 
 FAST = dict(train={"epochs": 2}, distill={"epochs": 1, "baseline": False}, evaluate={"gradcam_samples": 2})
 STAGES = ("download", "validate", "prepare", "train", "evaluate", "distill")
@@ -122,10 +127,42 @@ def test_two_pipelines_at_once_share_one_store_without_losing_runs(tmp_path):
     assert len({r.data.tags["visionops.pipeline_run_id"] for r in runs}) == 2
 
 
+def model_classes(project) -> list[str]:
+    return dataset.load(project.path / "data" / "dataset").class_names
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _serve_and_classify(model_uri: str, env: dict, cwd, png_b64: str) -> dict:
+    """Serve `model_uri` with the real `mlflow models serve` and classify one PNG through /invocations."""
+    port = _free_port()
+    env = {**env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, "mlflow models serve exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64]]}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())["predictions"][0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -156,6 +193,17 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path):
         (run,) = client.search_runs([exp.experiment_id], "tags.`visionops.stage` = 'download'")
         assert run.data.params["data.source"] == "digits" and run.data.metrics["classes"] == 10
         assert not (project.path / "mlflow.db").exists()
+
+        # train against the server, then serve the registered teacher and send it a real PNG
+        out = subprocess.run(["dvc", "repro", "train"], cwd=project.path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        (version,) = client.search_model_versions("name = 'visionops-classifier'")
+        test = dataset.load(project.path / "data" / "dataset").splits["test"]
+        model, _ = classifier.load(project.path / "models" / "teacher.pt")
+        expected = int(classifier.predict_logits(model, test.images[:1], torch.device("cpu")).argmax(1)[0])
+        png = encode_png(np.asarray(test.images[0]))
+        served = _serve_and_classify(f"models:/visionops-classifier/{version.version}", env, project.path, png)
+        assert served["label"] == model_classes(project)[expected]
     finally:
         server.terminate()
         server.wait(timeout=30)
