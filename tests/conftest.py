@@ -19,3 +19,16 @@ def cifar_subset(tmp_path_factory) -> Path:
     if not CIFAR_JPEG.exists():
         pytest.fail(f"{CIFAR_JPEG} is missing: the real-data tests need the shared CIFAR-10 JPEG archive")
     return extract_cifar(tmp_path_factory.mktemp("cifar"), per_class=30)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_env():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; keep one test's store out of the next."""
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -28,8 +28,10 @@ class Project:
         self.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
 
     def env(self) -> dict[str, str]:
+        """The test's environment, minus MLFLOW_TRACKING_URI: each project tracks into its own mlflow.db."""
+        inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         return {
-            **os.environ,
+            **inherited,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "DVC_NO_ANALYTICS": "1",
             "GX_ANALYTICS_ENABLED": "false",
