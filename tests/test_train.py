@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,7 +126,7 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
     proc.wait()
     assert not (project.path / "models" / "teacher.pt").exists()
     resumed = project.repro("train")
-    assert f"resuming from models/checkpoints/train.pt after epoch" in resumed.stderr + resumed.stdout
+    assert "resuming from models/checkpoints/train.pt after epoch" in resumed.stderr + resumed.stdout
     metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
     assert metrics["epochs_run"] == 8 and saved_epoch < 8
     history = classifier.load(project.path / "models" / "teacher.pt")[1]["history"]
