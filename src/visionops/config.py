@@ -93,7 +93,10 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0.0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "triangle", "constant"] = "onecycle"
+    norm_lr_scale: float = Field(1.0, gt=0.0)  # lr multiplier for norm layers' scales and shifts (airbench: 64)
+    lookahead: bool = False  # EMA-of-weights lookahead over the last 70% of steps (airbench)
+    tta: Literal["none", "flip", "flip_translate"] = "none"  # test-time augmentation when scoring val
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     logit_adjust_tau: float = Field(1.0, ge=0.0)
     early_stopping_patience: int = Field(0, ge=0)  # 0 = off

@@ -23,6 +23,8 @@ from visionops.atomic import atomic_path
 from visionops.augment import BatchAugment
 from visionops.config import TrainConfig
 from visionops.device import autocast, memory_format
+from visionops.lookahead import Lookahead
+from visionops.tta import tta_logits
 
 Criterion = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, targets, inputs) -> loss
 EpochCallback = Callable[[str, dict], None]  # (desc, history row), on the main rank after every epoch
@@ -60,43 +62,87 @@ class TrainState:
     stale_epochs: int = 0
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on weights only; norm layers' scales and shifts learn at lr * norm_lr_scale.
+
+    Frozen parameters are left out.
+    """
+    norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim > 1 and id(p) not in norm], "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm], "weight_decay": 0.0, "lr": cfg.lr},
+        {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0, "lr": cfg.lr * cfg.norm_lr_scale},
+    ]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
+def triangle(step: int, total: int, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
+    """airbench's lr factor: linear from `start` up to 1 at `peak_at` of training, then linear down to `end`."""
+    peak = max(peak_at * total, 1)
+    if step < peak:
+        return start + (1 - start) * step / peak
+    return 1 - (1 - end) * min((step - peak) / max(total - peak, 1), 1.0)
+
+
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+        max_lr = [group["lr"] for group in opt.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=0.25)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "triangle":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: triangle(step, total))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, device: torch.device) -> dict:
-    """Loss and accuracy of `model` on uint8 NCHW images already on the device."""
+    """Loss and accuracy of `model` (with `cfg.tta`) on uint8 NCHW images already on the device."""
     model.eval()
-    loss = correct = 0.0
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
     for start in range(0, len(y), cfg.eval_batch_size):
         xb = x[start : start + cfg.eval_batch_size].float().div_(255)
         yb = y[start : start + cfg.eval_batch_size]
         with autocast(device, cfg.amp):
-            logits = model(xb.contiguous(memory_format=memory_format(device, cfg.channels_last))).float()
-        loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
+            logits = tta_logits(model, xb.contiguous(memory_format=memory_format(device, cfg.channels_last)), cfg.tta).float()
+        loss += nn.functional.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
     n = max(len(y), 1)
-    return {"loss": loss / n, "acc": correct / n}
+    return {"loss": loss.item() / n, "acc": correct.item() / n}
+
+
+@torch.no_grad()
+def init_from_data(model: nn.Module, images: Tensor, sample: int = 5000, seed: int = 0) -> None:
+    """Give each submodule with an `init_from_data(inputs)` method (fastnet's whitening stem) the
+    inputs it sees for a random sample of the uint8 NCHW training `images`."""
+    targets = [m for m in model.modules() if hasattr(m, "init_from_data")]
+    if not targets:
+        return
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:sample].to(images.device)
+    seen: dict[nn.Module, Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0])) for m in targets]
+    try:
+        model.eval()(images[idx].float().div_(255))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for m in targets:
+        m.init_from_data(seen[m])
 
 
 def _save_checkpoint(path: Path, fingerprint: str, state: TrainState, model, opt, sched, gen) -> None:
     payload = {
         "fingerprint": fingerprint,
+        "generator_device": gen.device.type,
         "state": state.__dict__,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -111,7 +157,7 @@ def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, sched, gen
     if path is None or not path.exists():
         return TrainState()
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("fingerprint") != fingerprint:
+    if ckpt.get("fingerprint") != fingerprint or ckpt.get("generator_device", "cpu") != gen.device.type:
         print(f"train: {path} was made with other settings or data; starting fresh", file=sys.stderr)
         return TrainState()
     model.load_state_dict(ckpt["model"])
@@ -141,7 +187,8 @@ def fit(
 
     Every epoch ends with an atomic checkpoint; a rerun with the same `fingerprint` resumes from it.
     Under torchrun each rank trains on its shard of every epoch's permutation. `on_epoch` lets a
-    caller (experiment tracking) see each epoch's metrics as they happen.
+    caller (experiment tracking) see each epoch's metrics as they happen. On CUDA the random
+    numbers come from a CUDA generator and nothing waits for the GPU until the epoch ends.
     """
     dist_info = dist_info or DistInfo()
     torch.manual_seed(cfg.seed)
@@ -152,8 +199,15 @@ def fit(
     steps = max(math.ceil(shard / cfg.batch_size), 1)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     state = _load_checkpoint(checkpoint, fingerprint, model, opt, sched, gen)
+    if state.epoch == 0:
+        init_from_data(model, train_x, seed=cfg.seed)
+    lookahead = Lookahead(model, cfg.epochs * steps) if cfg.lookahead else None
+    if lookahead is not None:
+        lookahead.resume(state.epoch * steps)
     ddp = nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
     step_model = torch.compile(ddp) if cfg.compile and device.type == "cuda" else ddp
 
@@ -161,9 +215,10 @@ def fit(
     while state.epoch < cfg.epochs and not _should_stop(state, cfg):
         t0 = time.perf_counter()
         step_model.train()
-        perm = torch.randperm(len(train_y), generator=gen)[dist_info.rank :: dist_info.world_size][:shard].to(device)
-        seen = loss_sum = correct = 0.0
-        for start in range(0, shard, cfg.batch_size):
+        perm = torch.randperm(len(train_y), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
+        seen, loss_sum = 0, torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for step, start in enumerate(range(0, shard, cfg.batch_size), start=state.epoch * steps + 1):
             idx = perm[start : start + cfg.batch_size]
             xb = train_x[idx].float().div_(255)
             yb = train_y[idx]
@@ -176,19 +231,26 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            if lookahead is not None:
+                lookahead.step(step)
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss.detach() * len(idx)
             hard = targets if targets.ndim == 1 else targets.argmax(1)
-            correct += (logits.argmax(1) == hard).sum().item()
+            correct += (logits.argmax(1) == hard).sum()
+        if lookahead is not None:
+            lookahead.sync()
+        train_loss, train_correct = loss_sum.item(), correct.item()  # the epoch's one wait for the device
+        train_seconds = time.perf_counter() - t0
         val_metrics = evaluate_split(model, val_x, val_y, cfg, device)
         state.epoch += 1
         row = {
             "epoch": state.epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
+            "train_loss": train_loss / max(seen, 1),
+            "train_acc": train_correct / max(seen, 1),
             "val_loss": val_metrics["loss"],
             "val_acc": val_metrics["acc"],
             "lr": opt.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0,
         }
         state.history.append(row)
