@@ -6,6 +6,7 @@ import pytest
 from visionops import dataset
 from visionops.config import DataConfig
 from visionops.images import content_hash
+from visionops.sources import digits
 from visionops.stages.download import run_download
 
 
@@ -27,6 +28,17 @@ def test_digits_default_is_complete_stratified_and_leak_free(tmp_path):
     assert np.allclose(test_frac, 0.2, atol=0.03)
     assert not _hashes(ds.splits["train"]) & _hashes(ds.splits["test"])
     assert not _hashes(ds.splits["val"]) & _hashes(ds.splits["test"])
+
+
+def test_digits_source_reads_what_sklearn_load_digits_returns():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    src = digits.load(DataConfig(image_size=8))
+    split = src.splits["train"]
+    assert src.class_names == [str(c) for c in bunch.target_names]
+    assert np.array_equal(split.labels, bunch.target)
+    assert np.array_equal(split.images[..., 0], np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8))
 
 
 def test_split_is_seeded(tmp_path):

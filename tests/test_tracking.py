@@ -48,6 +48,36 @@ def test_store_paths_survive_dvc_temp_workspaces(tmp_path):
     assert project_root(inside) == tmp_path.resolve()
 
 
+def test_background_run_logs_the_result_and_fails_with_the_stage(tmp_path, monkeypatch):
+    """A stage that logs only its result has its run kept by a helper process (BackgroundRun)."""
+    from visionops.config import Params
+    from visionops.tracking.stage_run import BackgroundRun, track_stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = Params.model_validate({"mlflow": {"tracking_uri": uri}})
+    reports = tmp_path / "reports" / "prepare"
+    reports.mkdir(parents=True)
+    (reports / "summary.json").write_text("{}")
+    with track_stage("prepare", params, ("balance",), in_process=False) as run:
+        assert isinstance(run, BackgroundRun)
+        run.wait_open()
+        run.log_result({"train_images_after": 7, "strategy": "none"}, reports)
+    with pytest.raises(RuntimeError, match="bad data"):
+        with track_stage("validate", params, ("validate",), in_process=False) as run:
+            run.log_result({"success": 0})
+            raise RuntimeError("bad data")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("visionops")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.`visionops.role` = 'stage'")}
+    prepare, validate = runs["prepare"], runs["validate"]
+    assert prepare.info.status == "FINISHED" and prepare.data.metrics == {"train_images_after": 7.0}
+    assert prepare.data.params["balance.strategy"] == "none"
+    assert [f.path for f in client.list_artifacts(prepare.info.run_id, "prepare")] == ["prepare/summary.json"]
+    assert validate.info.status == "FAILED" and validate.data.metrics == {"success": 0.0}
+
+
 @pytest.mark.slow
 def test_every_stage_is_a_run_grouped_under_its_pipeline(tracked):
     runs = _runs(tracked)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms import v2
 
 from visionops.config import AugmentConfig
 
@@ -111,11 +110,14 @@ class BatchAugment(nn.Module):
         self.mixup_alpha, self.cutmix_alpha, self.num_classes = mixup_alpha, cutmix_alpha, num_classes
         self.pad_mode, self.auto_groups = pad_mode, auto_groups
         self.auto, self.num_ops = auto, (randaugment_num_ops if auto == "randaugment" else 1)
-        self.policy = {
-            "none": None,
-            "randaugment": v2.RandAugment(randaugment_num_ops, randaugment_magnitude),
-            "trivialaugment": v2.TrivialAugmentWide(),
-        }[auto]
+        self.policy = None
+        if auto != "none":
+            from torchvision.transforms import v2  # here: torchvision takes ~1.5 s to import
+
+            self.policy = {
+                "randaugment": v2.RandAugment(randaugment_num_ops, randaugment_magnitude),
+                "trivialaugment": v2.TrivialAugmentWide(),
+            }[auto]
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig, num_classes: int | None = None, **kwargs) -> BatchAugment:

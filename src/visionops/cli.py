@@ -20,18 +20,21 @@ COMMANDS: dict[str, Command] = {}
 
 @dataclass
 class Command:
-    fn: Callable  # fn(params, args, run) -> result dict; `run` is the MLflow StageRun or None
+    fn: Callable  # fn(params, args, run) -> result dict; `run` is the MLflow StageRun (or BackgroundRun) or None
     help: str
     description: str
     sections: tuple[str, ...] = ()  # params sections a pipeline stage reads (tracked when non-empty)
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    tracked_in_process: bool = False  # the stage logs epochs or models; else a helper process keeps its run
 
 
-def command(name: str, help: str, description: str, sections: tuple[str, ...] = (), arguments=None):
+def command(
+    name: str, help: str, description: str, sections: tuple[str, ...] = (), arguments=None, tracked_in_process=False
+):
     """Register a subcommand; it runs after params.yaml is validated (inside an MLflow run if `sections`)."""
 
     def wrap(fn):
-        COMMANDS[name] = Command(fn, help, description, sections, arguments)
+        COMMANDS[name] = Command(fn, help, description, sections, arguments, tracked_in_process)
         return fn
 
     return wrap
@@ -114,6 +117,7 @@ def _prepare(params, args, run) -> dict:
     f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png). "
     f"Registers the teacher in MLflow as mlflow.teacher_model_name with the alias challenger.",
     sections=("train", "augment"),
+    tracked_in_process=True,
 )
 def _train(params, args, run) -> dict:
     from visionops.stages.train import recorded_augment, run_train
@@ -146,6 +150,8 @@ def _train(params, args, run) -> dict:
 def _evaluate(params, args, run) -> dict:
     from visionops.stages.evaluate import run_evaluate
 
+    if run is not None:
+        run.wait_open()  # the latency measurement must not share the CPU with the tracking helper
     result = run_evaluate(
         layout.DATASET,
         layout.TEACHER,
@@ -167,6 +173,7 @@ def _evaluate(params, args, run) -> dict:
     f"int8-quantizes it. Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/. Registers the student in "
     "MLflow as mlflow.student_model_name with the alias challenger, tagged with its teacher's version.",
     sections=("distill", "train"),
+    tracked_in_process=True,
 )
 def _distill(params, args, run) -> dict:
     from visionops.stages.distill import run_distill
@@ -309,6 +316,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from visionops.errors import USER_ERRORS
+    from visionops.gctune import tune_gc
+
+    tune_gc()
 
     cmd = COMMANDS[args.command]
     try:
@@ -318,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd.sections:
             from visionops.tracking.stage_run import track_stage
 
-            with track_stage(args.command, params, cmd.sections) as run:
+            with track_stage(args.command, params, cmd.sections, cmd.tracked_in_process) as run:
                 result = cmd.fn(params, args, run)
         else:
             result = cmd.fn(params, args, None)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.ops.misc import Conv2dNormActivation
 
 from visionops.models.registry import register_model
 
@@ -15,6 +13,9 @@ _TINY_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2), (6, 64, 2, 2), (6
 
 class MobileNetTiny(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, stem_width: int = 16, last_width: int = 320):
+        from torchvision.models.mobilenetv2 import InvertedResidual  # here: torchvision takes ~1.5 s to import
+        from torchvision.ops.misc import Conv2dNormActivation
+
         super().__init__()
         layers: list[nn.Module] = [Conv2dNormActivation(in_channels, stem_width, activation_layer=nn.ReLU6)]
         width = stem_width

@@ -1,5 +1,7 @@
-"""CIFAR-style ResNets (He et al. 2016): 3x3 stem, no max-pool, stages of torchvision BasicBlocks.
+"""CIFAR-style ResNets (He et al. 2016): 3x3 stem, no max-pool, stages of basic residual blocks.
 
+`BasicBlock` is torchvision's (same layers, names and initialisation order, so the state dicts and
+seeded weights are identical), defined here so that training does not import torchvision (~1.5 s).
 Downsampling shortcuts are 1x1 conv + BN projections (option B), as in torchvision.
 """
 
@@ -7,10 +9,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
+from torch import Tensor, nn
 
 from visionops.models.registry import register_model
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers and a residual connection (torchvision's `BasicBlock`)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
 
 
 class CifarResNet(nn.Module):

@@ -1,18 +1,23 @@
 """One MLflow run per stage execution, nested under its pipeline run and tagged with its lineage.
 
 The stage cores know nothing of MLflow: the CLI wraps each core in `track_stage` and hands the core
-plain callbacks (`log_epoch`).
+plain callbacks (`log_epoch`). A stage that logs only its result (no epochs, no models) has its run
+kept by a helper process (`BackgroundRun`): importing MLflow and opening the run take ~2.5 s, which
+then happen on the other core while the stage works (threads would not help: both halves hold the GIL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from visionops.config import Params
+from visionops.gctune import tune_gc
 from visionops.tracking import lineage
 from visionops.tracking.store import configure, project_root
 
@@ -82,11 +87,8 @@ def _dataset_input(root: Path, hashes: dict[str, str], commit: str):
 
 
 @contextlib.contextmanager
-def track_stage(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator[StageRun | None]:
-    """Run the block inside an MLflow run for `stage` (None when tracking is off or on a non-zero DDP rank)."""
-    if not params.mlflow.enabled or int(os.environ.get("RANK", "0")) != 0:
-        yield None
-        return
+def _mlflow_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator[StageRun]:
+    """The stage's run, in this process: under its pipeline parent, with lineage tags, params and dataset."""
     import mlflow
 
     root = project_root()
@@ -127,3 +129,94 @@ def track_stage(stage: str, params: Params, sections: tuple[str, ...]) -> Iterat
             status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)
+
+
+class StageFailed(Exception):
+    """The stage failed (or its process died): the helper ends the run FAILED."""
+
+
+class BackgroundRun:
+    """The run of a stage that logs only its result, kept by a helper process.
+
+    The helper (`python -m visionops.tracking.stage_run`) opens the run while the stage works, then
+    logs the result, the report files and the status that the stage hands it at the end.
+    """
+
+    def __init__(self, stage: str, params: Params, sections: tuple[str, ...]):
+        src = str(Path(__file__).resolve().parents[2])  # the helper imports this very visionops
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH"))))}
+        self._helper = subprocess.Popen(
+            [sys.executable, "-m", "visionops.tracking.stage_run"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        request = {"stage": stage, "params": params.model_dump(mode="json", by_alias=True), "sections": sections}
+        self._helper.stdin.write(json.dumps(request) + "\n")
+        self._helper.stdin.flush()
+        self._result: dict = {"metrics": {}, "reports_dir": None}
+
+    def wait_open(self) -> None:
+        """Wait until the run is open: call it before timing anything the helper's work would slow down."""
+        if self._helper.stdout.readline() != "open\n":
+            code = self._helper.wait()
+            raise RuntimeError(f"tracking: the helper process could not open the MLflow run (exit code {code})")
+
+    def log_result(self, result: dict, reports_dir: Path | None = None) -> None:
+        """Final metrics, and every file the stage wrote under `reports_dir` as artifacts (logged at `end`)."""
+        self._result = {"metrics": numeric(result), "reports_dir": str(reports_dir) if reports_dir else None}
+
+    def end(self, status: str) -> None:
+        """Hand the result and `status` to the helper and wait for it to log them and end the run.
+
+        Raises if the helper failed (it printed why), unless the stage failed: its own error says more.
+        """
+        self._helper.communicate(json.dumps({**self._result, "status": status}) + "\n")
+        if self._helper.returncode and status == "FINISHED":
+            code = self._helper.returncode
+            raise RuntimeError(f"tracking: the helper process of the MLflow run failed (exit code {code})")
+
+
+def _serve_background_run() -> None:
+    """The helper behind `BackgroundRun`: open the run, say so on stdout, then log what the stage sends on stdin."""
+    tune_gc()
+    ready, sys.stdout = sys.stdout, sys.stderr  # stdout only carries the "open" line
+    request = json.loads(sys.stdin.readline())
+    params = Params.model_validate(request["params"])
+    with contextlib.suppress(StageFailed), _mlflow_run(request["stage"], params, tuple(request["sections"])) as run:
+        with contextlib.suppress(BrokenPipeError):  # the stage process is gone
+            ready.write("open\n")
+            ready.flush()
+        line = sys.stdin.readline()  # empty if the stage process died
+        outcome = json.loads(line) if line else {"metrics": {}, "reports_dir": None, "status": "FAILED"}
+        run.log_result(outcome["metrics"], outcome["reports_dir"])
+        if outcome["status"] != "FINISHED":
+            raise StageFailed
+
+
+@contextlib.contextmanager
+def track_stage(
+    stage: str, params: Params, sections: tuple[str, ...], in_process: bool = True
+) -> Iterator[StageRun | BackgroundRun | None]:
+    """Run the block inside an MLflow run for `stage` (None when tracking is off or on a non-zero DDP rank).
+
+    `in_process=False` hands the run to a `BackgroundRun`: for stages that log only their result.
+    """
+    if not params.mlflow.enabled or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+    elif in_process:
+        with _mlflow_run(stage, params, sections) as run:
+            yield run
+    else:
+        run = BackgroundRun(stage, params, sections)
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        finally:
+            run.end(status)
+
+
+if __name__ == "__main__":
+    _serve_background_run()
