@@ -33,6 +33,7 @@ class DataConfig(Section):
     channels: Literal[1, 3] = 1
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # frozen; used only by promote and monitoring
     seed: int = 0
     download_retries: int = Field(5, ge=0, le=20)
     cache_dir: str = "data/cache"

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 DATASET = Path("data/dataset")
+HOLDOUT = Path("data/holdout")  # frozen split for promotion and monitoring only (one split: "holdout")
 PREPARED = Path("data/prepared")
 REPORTS = Path("reports")
 VALIDATE_REPORTS = REPORTS / "validate"
