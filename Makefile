@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help setup run test test-fast bench ui clean
+.PHONY: help setup run test test-fast bench ui clean deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ test: setup  ## run the whole test suite
 
 test-fast: setup  ## the suite without tests marked slow
 	OMP_NUM_THREADS=1 pytest -m "not slow"
+
+deps: setup  ## rewrite each stage's code deps in dvc.yaml from its import closure (a test checks them)
+	python -m visionops.stage_deps
 
 bench: setup  ## benchmarks (see bench/README.md)
 	cd bench && python bench_validate.py && python bench_train_throughput.py && python bench_make_run.py

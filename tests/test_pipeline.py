@@ -2,10 +2,14 @@
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline_project import Project
+from pipeline_project import ROOT, Project
+from visionops.stage_deps import as_deps, stage_code
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +41,62 @@ def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
         assert (project.path / out).exists(), out
     second = project.repro()
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
+
+
+def _changed_code(status: dict) -> dict[str, set[str]]:
+    """stage -> the src/ deps `dvc status --json` reports as changed."""
+    return {
+        stage: {p for entry in entries if isinstance(entry, dict) for p in entry.get("changed deps", {}) if p.startswith("src/")}
+        for stage, entries in status.items()
+    }
+
+
+def test_editing_any_module_a_stage_imports_marks_that_stage_changed(ran_project):
+    """Every module is edited at once: each stage must report exactly the code its import closure holds."""
+    project = ran_project
+    stages = list(yaml.safe_load((project.path / "dvc.yaml").read_text())["stages"])
+    before = _changed_code(json.loads(project.run("dvc", "status", "--json").stdout))
+    assert not any(before.values()), before
+    modules = sorted((project.path / "src").rglob("*.py"))
+    originals = {p: p.read_text() for p in modules}
+    try:
+        for path in modules:
+            path.write_text(originals[path] + "\n# edited\n")
+        after = _changed_code(json.loads(project.run("dvc", "status", "--json").stdout))
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+    for stage in stages:
+        assert after.get(stage, set()) == set(as_deps(stage_code(stage), ROOT)), stage
+    assert not any(_changed_code(json.loads(project.run("dvc", "status", "--json").stdout)).values())
+
+
+_LOADED = """
+import json, sys
+from visionops.cli import main
+code = main([sys.argv[1], "--params", "untracked-params.yaml"])
+loaded = sorted(m.__file__ for m in list(sys.modules.values()) if (m.__name__ or "").startswith("visionops") and m.__file__)
+print(json.dumps(loaded), file=open(sys.argv[2], "w"))
+sys.exit(code)
+"""
+
+
+def test_each_stage_runs_only_code_its_closure_lists(ran_project, tmp_path):
+    """The static closure is checked against what really runs (lazy imports, import_module included)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ran_project.path, copy)  # the stages rewrite their outputs; keep the shared project as it was
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["mlflow"]["enabled"] = False
+    (copy / "untracked-params.yaml").write_text(yaml.safe_dump(params))
+    src = copy / "src"
+    env = {**ran_project.env(), "PYTHONPATH": str(src)}
+    for stage in yaml.safe_load((copy / "dvc.yaml").read_text())["stages"]:
+        out = tmp_path / f"{stage}.json"
+        proc = subprocess.run(["python", "-c", _LOADED, stage, str(out)], cwd=copy, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loaded = {Path(f).resolve().relative_to(src).as_posix() for f in json.loads(out.read_text())}
+        listed = {p.relative_to(ROOT / "src").as_posix() for p in stage_code(stage)}
+        assert loaded <= listed, f"{stage} ran modules dvc.yaml does not list: {sorted(loaded - listed)}"
 
 
 def test_dvc_metrics_and_plots(ran_project):

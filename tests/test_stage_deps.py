@@ -1,0 +1,20 @@
+"""dvc.yaml lists, for every stage, exactly the code its import closure holds (visionops.stage_deps)."""
+
+from pipeline_project import ROOT
+from visionops.stage_deps import differences, stage_code
+
+
+def test_dvc_yaml_matches_every_stages_import_closure():
+    assert differences(ROOT / "dvc.yaml") == [], "run `make deps`"
+
+
+def _names(stage: str) -> set[str]:
+    return {p.relative_to(ROOT / "src/visionops").as_posix() for p in stage_code(stage)}
+
+
+def test_closure_follows_imports_inside_functions_and_by_computed_name():
+    train, distill, download, evaluate = (_names(s) for s in ("train", "distill", "download", "evaluate"))
+    assert {"lookahead.py", "tta.py", "device.py", "dataset.py", "stages/train.py", "cli.py"} <= train
+    assert {"augment.py", "stages/train.py", "trainer.py"} <= distill
+    assert {"sources/digits.py", "sources/cifar10.py", "sources/folder.py"} <= download  # importlib.import_module
+    assert "trainer.py" not in evaluate and "stages/train.py" not in download
