@@ -359,7 +359,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
     Raises ValidationFailed (after writing every output) when a critical check fails.
     """
     t0 = time.perf_counter()
-    dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = dsmod.load(dataset_dir)
     names = list(ds.class_names)
@@ -407,7 +407,6 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
         "n_leaking_images": int(manifest["leaks_across_splits"].sum()),
         "critical_failures": [{k: v for k, v in e.items() if not k.startswith("_")} for e in critical],
         "warnings": [{k: v for k, v in e.items() if not k.startswith("_")} for e in warnings],
-        "manifest_seconds": round(manifest_seconds, 3),
     }
 
     out_manifest = manifest.copy()
@@ -417,8 +416,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
         out_manifest.to_csv(tmp, index=False)
     with atomic_path(out_dir / "class_counts.csv") as tmp:
         counts.to_csv(tmp, index=False)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)  # DVC hashes it: no timings, no absolute paths
 
     if critical:
         message = (
@@ -427,4 +425,4 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
             + _describe(critical)
         )
         raise ValidationFailed(message, summary)
-    return summary
+    return {**summary, "manifest_seconds": round(manifest_seconds, 3), "seconds": round(time.perf_counter() - t0, 3)}
