@@ -1,17 +1,24 @@
 """Download a file over HTTP(S), or copy a local one, with retries and MD5 verification.
 
-The bytes go to a temporary file beside `dest` that is renamed onto it only once complete and
-verified, so `dest` is either absent or whole.
+The bytes go to a temporary file beside `dest` that is renamed onto it only once complete: its
+length matches Content-Length when the server sends one, its MD5 matches when one is given, and,
+for a .tar/.tgz/.tar.gz/.gz/.bz2/.xz/.zip name, the archive reads to its end (compression CRCs
+and every tar member). So `dest` is either absent or whole, even with no length and no checksum.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import http.client
+import lzma
+import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,6 +43,13 @@ class _ChecksumMismatch(Exception):
     """The bytes arrived whole but their MD5 is not the expected one."""
 
 
+class _BrokenArchive(Exception):
+    """The file does not read to its end as the archive its name says (e.g. cut short)."""
+
+
+_DECOMPRESS = {".gz": gzip.open, ".tgz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
 def file_md5(path: Path | str) -> str:
     """The hex MD5 of a file, read in chunks."""
     digest = hashlib.md5()
@@ -43,6 +57,38 @@ def file_md5(path: Path | str) -> str:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_archive(path: Path | str, name: str | None = None) -> None:
+    """Read the archive at `path` to its end, as its file `name` says; raise _BrokenArchive if it is cut or corrupt.
+
+    Compressed streams are decompressed to the end, which checks their CRC and length trailers;
+    tar archives are walked member by member; zip archives have every member's CRC tested.
+    Names of other kinds are not checked.
+    """
+    name = (name or Path(path).name).lower()
+    suffix = Path(name).suffix
+    is_tar = suffix == ".tgz" or Path(name).stem.endswith(".tar") or suffix == ".tar"
+    try:
+        if suffix == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise _BrokenArchive(f"zip member {bad} fails its CRC")
+            return
+        opener = _DECOMPRESS.get(suffix)
+        if opener is None and not is_tar:
+            return
+        with opener(path, "rb") if opener else open(path, "rb") as fh:
+            if is_tar:
+                with tarfile.open(fileobj=fh, mode="r|") as tar:
+                    for member in tar:
+                        if member.isfile():
+                            tar.extractfile(member).read()
+            while fh.read(CHUNK):  # to the end of the stream, so the trailer is checked
+                pass
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError) as exc:
+        raise _BrokenArchive(f"{name} does not read to its end: {type(exc).__name__}: {exc}") from exc
 
 
 def _local_path(url: str) -> Path | None:
@@ -78,15 +124,19 @@ def _fetch_once(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
-        if total is not None and received < total:
-            raise _ShortRead(f"connection closed after {received} of {total} bytes")
+        out.close()
+        if total is not None and received != total:
+            raise _ShortRead(f"received {received} of the {total} bytes announced")
         if md5 is not None and digest.hexdigest() != md5:
             raise _ChecksumMismatch(f"MD5 mismatch: expected {md5}, got {digest.hexdigest()}")
+        check_archive(tmp, dest.name)
 
 
-def _retryable(exc: BaseException) -> bool:
+def _retryable(exc: BaseException, local: bool) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500
+    if isinstance(exc, _BrokenArchive):
+        return not local  # a server may have cut the body short; a local file will not change
     return isinstance(
         exc,
         (urllib.error.URLError, ConnectionError, TimeoutError, http.client.IncompleteRead, _ShortRead),
@@ -94,9 +144,19 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (_ShortRead, _ChecksumMismatch, urllib.error.HTTPError)):
+    if isinstance(exc, (_ShortRead, _ChecksumMismatch, _BrokenArchive, urllib.error.HTTPError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _reusable(dest: Path, md5: str | None) -> bool:
+    if md5 is not None:
+        return file_md5(dest) == md5
+    try:
+        check_archive(dest)
+    except _BrokenArchive:
+        return False
+    return True
 
 
 def fetch(
@@ -109,22 +169,23 @@ def fetch(
 ) -> Path:
     """Download `url` (http(s), `file://` or a local path) to `dest`, verifying `md5` if given.
 
-    An existing `dest` is reused when its MD5 matches (or no MD5 is given: writes are atomic, so
-    it is whole). Network errors, short reads and HTTP 5xx are retried `retries` times, waiting
-    `backoff * 2**attempt` seconds (capped); HTTP 4xx, local errors and a checksum mismatch fail
-    at once. Raises DownloadError naming the URL, the attempts made and the cause.
+    An existing `dest` is reused when its MD5 matches or, with no MD5 given, when it reads to its
+    end as an archive (a file cached by an older, less careful version may be cut short).
+    Network errors, short reads, downloaded archives cut short and HTTP 5xx are retried `retries`
+    times, waiting `backoff * 2**attempt` seconds (capped); HTTP 4xx, local errors (a broken local
+    archive included) and a checksum mismatch fail at once. Raises DownloadError naming the URL, the attempts made and the cause.
     """
     dest = Path(dest)
     md5 = md5.strip().lower() if md5 else None
-    if dest.is_file() and (md5 is None or file_md5(dest) == md5):
+    if dest.is_file() and _reusable(dest, md5):
         return dest
     attempts = retries + 1
     for attempt in range(attempts):
         try:
             _fetch_once(url, dest, md5, timeout)
             return dest
-        except (OSError, http.client.HTTPException, _ShortRead, _ChecksumMismatch) as exc:
-            if not _retryable(exc) or attempt + 1 == attempts:
+        except (OSError, http.client.HTTPException, _ShortRead, _ChecksumMismatch, _BrokenArchive) as exc:
+            if not _retryable(exc, _local_path(url) is not None) or attempt + 1 == attempts:
                 raise DownloadError(
                     f"download of {url} failed after {attempt + 1} attempt(s): {_describe(exc)}"
                 ) from exc
@@ -132,4 +193,4 @@ def fetch(
     raise AssertionError("unreachable")
 
 
-__all__ = ["DownloadError", "fetch", "file_md5"]
+__all__ = ["DownloadError", "check_archive", "fetch", "file_md5"]
