@@ -36,7 +36,7 @@ class DownloadError(VisionopsError):
 
 
 class _ShortRead(Exception):
-    """The connection closed before Content-Length bytes arrived."""
+    """The bytes received differ from the Content-Length announced."""
 
 
 class _ChecksumMismatch(Exception):
@@ -47,6 +47,7 @@ class _BrokenArchive(Exception):
     """The file does not read to its end as the archive its name says (e.g. cut short)."""
 
 
+_FAILURES = (OSError, http.client.HTTPException, _ShortRead, _ChecksumMismatch, _BrokenArchive)
 _DECOMPRESS = {".gz": gzip.open, ".tgz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
@@ -59,34 +60,58 @@ def file_md5(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+class _Counted:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.count = fh, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.count += len(data)
+        return data
+
+
+def _read_tar(stream: _Counted) -> None:
+    """Walk every member's data, then check that the end-of-archive blocks follow the last one."""
+    end = 0
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                data = tar.extractfile(member)
+                while data.read(CHUNK):
+                    pass
+            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        while stream.read(CHUNK):
+            pass
+    if stream.count % tarfile.BLOCKSIZE or stream.count - end < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive marker ({stream.count} bytes, last member ends at {end})")
+
+
 def check_archive(path: Path | str, name: str | None = None) -> None:
     """Read the archive at `path` to its end, as its file `name` says; raise _BrokenArchive if it is cut or corrupt.
 
     Compressed streams are decompressed to the end, which checks their CRC and length trailers;
-    tar archives are walked member by member; zip archives have every member's CRC tested.
-    Names of other kinds are not checked.
+    tar archives are walked member by member up to their end-of-archive marker; zip archives have
+    every member's CRC tested. Files with other names are not checked.
     """
     name = (name or Path(path).name).lower()
     suffix = Path(name).suffix
-    is_tar = suffix == ".tgz" or Path(name).stem.endswith(".tar") or suffix == ".tar"
+    opener = _DECOMPRESS.get(suffix)
+    is_tar = suffix in (".tar", ".tgz") or Path(name).stem.endswith(".tar")
     try:
         if suffix == ".zip":
             with zipfile.ZipFile(path) as zf:
                 bad = zf.testzip()
             if bad is not None:
-                raise _BrokenArchive(f"zip member {bad} fails its CRC")
-            return
-        opener = _DECOMPRESS.get(suffix)
-        if opener is None and not is_tar:
-            return
-        with opener(path, "rb") if opener else open(path, "rb") as fh:
-            if is_tar:
-                with tarfile.open(fileobj=fh, mode="r|") as tar:
-                    for member in tar:
-                        if member.isfile():
-                            tar.extractfile(member).read()
-            while fh.read(CHUNK):  # to the end of the stream, so the trailer is checked
-                pass
+                raise zipfile.BadZipFile(f"member {bad} fails its CRC")
+        elif opener is not None or is_tar:
+            with opener(path, "rb") if opener else open(path, "rb") as fh:
+                stream = _Counted(fh)
+                if is_tar:
+                    _read_tar(stream)
+                while stream.read(CHUNK):  # to the end, so a compressed stream's trailer is checked
+                    pass
     except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError) as exc:
         raise _BrokenArchive(f"{name} does not read to its end: {type(exc).__name__}: {exc}") from exc
 
@@ -173,7 +198,8 @@ def fetch(
     end as an archive (a file cached by an older, less careful version may be cut short).
     Network errors, short reads, downloaded archives cut short and HTTP 5xx are retried `retries`
     times, waiting `backoff * 2**attempt` seconds (capped); HTTP 4xx, local errors (a broken local
-    archive included) and a checksum mismatch fail at once. Raises DownloadError naming the URL, the attempts made and the cause.
+    archive included) and a checksum mismatch fail at once. Raises DownloadError naming the URL,
+    the attempts made and the cause.
     """
     dest = Path(dest)
     md5 = md5.strip().lower() if md5 else None
@@ -184,7 +210,7 @@ def fetch(
         try:
             _fetch_once(url, dest, md5, timeout)
             return dest
-        except (OSError, http.client.HTTPException, _ShortRead, _ChecksumMismatch, _BrokenArchive) as exc:
+        except _FAILURES as exc:
             if not _retryable(exc, _local_path(url) is not None) or attempt + 1 == attempts:
                 raise DownloadError(
                     f"download of {url} failed after {attempt + 1} attempt(s): {_describe(exc)}"
