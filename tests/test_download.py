@@ -15,19 +15,26 @@ def _hashes(split):
 
 
 def test_digits_default_is_complete_stratified_and_leak_free(tmp_path):
-    summary = run_download(DataConfig(), tmp_path / "ds")
+    summary = run_download(DataConfig(), tmp_path / "ds", tmp_path / "holdout")
     ds = dataset.load(tmp_path / "ds")
-    assert summary["splits"] == {name: len(ds.splits[name]) for name in dataset.SPLITS}
+    holdout = dataset.load(tmp_path / "holdout")
+    assert list(holdout.splits) == ["holdout"] and holdout.class_names == ds.class_names
+    parts = {**ds.splits, **holdout.splits}
+    assert summary["splits"] == {name: len(split) for name, split in parts.items()}
     assert sum(summary["splits"].values()) == 1797
     assert ds.image_shape == (32, 32, 1) and ds.class_names == [str(i) for i in range(10)]
-    for split in ds.splits.values():
+    assert holdout.image_shape == (32, 32, 1) and holdout.rejected == []
+    for split in parts.values():
         assert split.images.dtype == np.uint8 and set(np.unique(split.labels)) == set(range(10))
-    test_frac = np.bincount(ds.splits["test"].labels) / np.bincount(
-        np.concatenate([s.labels for s in ds.splits.values()])
-    )
-    assert np.allclose(test_frac, 0.2, atol=0.03)
-    assert not _hashes(ds.splits["train"]) & _hashes(ds.splits["test"])
-    assert not _hashes(ds.splits["val"]) & _hashes(ds.splits["test"])
+    per_class = np.bincount(np.concatenate([s.labels for s in parts.values()]))
+    for name, frac in (("holdout", 0.1), ("val", 0.1), ("test", 0.2)):
+        got = np.bincount(parts[name].labels, minlength=10) / per_class
+        assert np.all(np.abs(got - frac) < 4 * np.sqrt(frac * (1 - frac) / per_class)), (name, got)
+    seen = set()
+    for split in parts.values():
+        hashes = _hashes(split)
+        assert not hashes & seen
+        seen |= hashes
 
 
 def test_digits_source_reads_what_sklearn_load_digits_returns():

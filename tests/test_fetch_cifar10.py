@@ -16,7 +16,7 @@ from cifar_archive import write_cifar10_archive
 from PIL import Image
 
 from visionops.config import DataConfig
-from visionops.fetch import DownloadError, fetch
+from visionops.fetch import DownloadError, _BrokenArchive, check_archive, fetch
 from visionops.images import array_to_canonical
 from visionops.sources import load_source
 from visionops.sources.cifar10 import read_archive
@@ -46,10 +46,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
+        if not mode.startswith("nolength"):
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if mode == "ok":
+        if mode in ("ok", "nolength"):
             self.wfile.write(body)
+            return
+        if mode == "nolength-cut":  # HTTP/1.0 with no length: closing early looks like a whole body
+            self.wfile.write(body[: len(body) * 9 // 10])
             return
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
@@ -61,7 +65,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class LoopbackServer:
-    """Serves `files` by name; `plans[name]` lists per-request behaviours: ok, drop, stall, 404, 503."""
+    """Serves `files` by name; `plans[name]` lists per-request behaviours: ok, drop, stall, 404, 503,
+    nolength (the whole body without Content-Length) and nolength-cut (90% of it, then close)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -258,3 +263,76 @@ def test_malformed_archives(tiny, tmp_path):
     not_tar.write_bytes(b"not an archive")
     with pytest.raises(ValueError, match=r"junk\.tar\.gz"):
         read_archive(not_tar)
+
+
+def test_archive_cut_short_without_length_or_md5_is_not_cached(server, tiny, tmp_path):
+    url = server.serve(NAME, tiny["bytes"], "nolength-cut")
+    cache = tmp_path / "cache"
+    cfg = cifar_cfg(url, "", cache, download_retries=1)
+    with pytest.raises(DownloadError) as err:
+        load_source(cfg)
+    msg = str(err.value)
+    assert url in msg and "2 attempt" in msg and f"{NAME} does not read to its end" in msg
+    assert server.requests[NAME] == 2 and listing(cache) == []
+
+    server.plans[NAME] = ["nolength"]  # the server is fixed: the next run downloads again
+    data = load_source(cfg)
+    assert server.requests[NAME] == 3 and listing(cache) == [NAME]
+    assert (cache / NAME).read_bytes() == tiny["bytes"]
+    np.testing.assert_array_equal(data.splits["train"].labels, tiny["train_labels"])
+
+
+def test_cut_archive_left_by_an_older_version_is_fetched_again(server, tiny, tmp_path):
+    url = server.serve(NAME, tiny["bytes"], "nolength")
+    (tmp_path / NAME).write_bytes(tiny["bytes"][:-10])  # only the gzip trailer (CRC, length) is missing
+    assert fetch(url, tmp_path / NAME, None).read_bytes() == tiny["bytes"]
+    assert server.requests[NAME] == 1
+    fetch(url, tmp_path / NAME, None)  # whole now: reused
+    assert server.requests[NAME] == 1
+
+
+@pytest.mark.parametrize("name", ["a.tar", "a.tar.gz", "a.tgz", "a.gz", "a.tar.bz2", "a.tar.xz", "a.zip"])
+def test_check_archive_catches_every_cut(tiny, tmp_path, name):
+    import io
+    import shutil
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 30000, dtype=np.uint8).tobytes())
+    whole = tmp_path / name
+    if name.endswith(".zip"):
+        shutil.make_archive(str(tmp_path / "a"), "zip", src)
+    elif name == "a.gz":
+        import gzip
+
+        whole.write_bytes(gzip.compress((src / "x.bin").read_bytes()))
+    else:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(src / "x.bin", arcname="x.bin")
+        data = buf.getvalue()
+        compress = {".bz2": "bz2", ".xz": "lzma", ".gz": "gzip", ".tgz": "gzip"}.get(whole.suffix)
+        whole.write_bytes(__import__(compress).compress(data) if compress else data)
+    check_archive(whole)
+    body = whole.read_bytes()
+    for cut in (len(body) // 2, len(body) - 1):
+        broken = tmp_path / "cut" / name
+        broken.parent.mkdir(exist_ok=True)
+        broken.write_bytes(body[:cut])
+        with pytest.raises(_BrokenArchive, match=f"{name} does not read to its end"):
+            check_archive(broken)
+
+
+def test_official_test_split_is_kept_and_holdout_val_come_from_train(server, tiny, tmp_path):
+    from visionops import dataset
+    from visionops.stages.download import run_download
+
+    url = server.serve(NAME, tiny["bytes"])
+    cfg = cifar_cfg(url, md5_of(tiny["bytes"]), tmp_path / "cache", channels=3, holdout_fraction=0.2, val_fraction=0.2)
+    summary = run_download(cfg, tmp_path / "ds", tmp_path / "holdout")
+    ds, holdout = dataset.load(tmp_path / "ds"), dataset.load(tmp_path / "holdout")
+    assert ds.splits["test"].paths == [f"test_batch:{i}" for i in range(10)]
+    carved = [*ds.splits["train"].paths, *ds.splits["val"].paths, *holdout.splits["holdout"].paths]
+    assert sorted(carved) == sorted(f"data_batch_{b}:{i}" for b in range(1, 6) for i in range(4))
+    assert summary["splits"]["holdout"] == len(holdout.splits["holdout"]) > 0 and len(ds.splits["val"]) > 0

@@ -61,14 +61,15 @@ def _check(params, args, run) -> dict:
     "fetch the data source and write the canonical dataset",
     "Read data.source (digits: embedded, no network; cifar10: the official archive from data.url, "
     "MD5-verified, retried; folder: an ImageFolder tree at data.root), resize to data.image_size and "
-    "data.channels, carve stratified, seeded train/val/test splits and write them (uint8 NHWC arrays, "
-    f"labels, manifests) atomically to {layout.DATASET}/.",
+    "data.channels, and assign each image to holdout, val, test or train by a seeded hash of its pixels "
+    "(adding images never moves one; duplicates stay together). Writes train/val/test (uint8 NHWC arrays, "
+    f"labels, manifests) to {layout.DATASET}/ and the frozen holdout to {layout.HOLDOUT}/, atomically.",
     sections=("data",),
 )
 def _download(params, args, run) -> dict:
     from visionops.stages.download import run_download
 
-    result = run_download(params.data, layout.DATASET)
+    result = run_download(params.data, layout.DATASET, layout.HOLDOUT)
     return _finish(run, result, None)
 
 

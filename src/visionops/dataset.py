@@ -1,6 +1,7 @@
 """The canonical on-disk dataset every stage after `download` reads.
 
-Layout of a dataset directory:
+`data/dataset` holds the splits train, val and test; the frozen holdout, `data/holdout`, is a
+dataset directory of the same format whose only split is "holdout". Layout of a dataset directory:
 
     meta.json               class names, channels, image size, split sizes, source
     <split>/images.npy      uint8 array, N x H x W x C (memory-mapped on read)

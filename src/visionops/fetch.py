@@ -1,17 +1,24 @@
 """Download a file over HTTP(S), or copy a local one, with retries and MD5 verification.
 
-The bytes go to a temporary file beside `dest` that is renamed onto it only once complete and
-verified, so `dest` is either absent or whole.
+The bytes go to a temporary file beside `dest` that is renamed onto it only once complete: its
+length matches Content-Length when the server sends one, its MD5 matches when one is given, and,
+for a .tar/.tgz/.tar.gz/.gz/.bz2/.xz/.zip name, the archive reads to its end (compression CRCs
+and every tar member). So `dest` is either absent or whole, even with no length and no checksum.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import http.client
+import lzma
+import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,11 +36,19 @@ class DownloadError(VisionopsError):
 
 
 class _ShortRead(Exception):
-    """The connection closed before Content-Length bytes arrived."""
+    """The bytes received differ from the Content-Length announced."""
 
 
 class _ChecksumMismatch(Exception):
     """The bytes arrived whole but their MD5 is not the expected one."""
+
+
+class _BrokenArchive(Exception):
+    """The file does not read to its end as the archive its name says (e.g. cut short)."""
+
+
+_FAILURES = (OSError, http.client.HTTPException, _ShortRead, _ChecksumMismatch, _BrokenArchive)
+_DECOMPRESS = {".gz": gzip.open, ".tgz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def file_md5(path: Path | str) -> str:
@@ -43,6 +58,62 @@ def file_md5(path: Path | str) -> str:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class _Counted:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.count = fh, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.count += len(data)
+        return data
+
+
+def _read_tar(stream: _Counted) -> None:
+    """Walk every member's data, then check that the end-of-archive blocks follow the last one."""
+    end = 0
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                data = tar.extractfile(member)
+                while data.read(CHUNK):
+                    pass
+            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        while stream.read(CHUNK):
+            pass
+    if stream.count % tarfile.BLOCKSIZE or stream.count - end < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive marker ({stream.count} bytes, last member ends at {end})")
+
+
+def check_archive(path: Path | str, name: str | None = None) -> None:
+    """Read the archive at `path` to its end, as its file `name` says; raise _BrokenArchive if it is cut or corrupt.
+
+    Compressed streams are decompressed to the end, which checks their CRC and length trailers;
+    tar archives are walked member by member up to their end-of-archive marker; zip archives have
+    every member's CRC tested. Files with other names are not checked.
+    """
+    name = (name or Path(path).name).lower()
+    suffix = Path(name).suffix
+    opener = _DECOMPRESS.get(suffix)
+    is_tar = suffix in (".tar", ".tgz") or Path(name).stem.endswith(".tar")
+    try:
+        if suffix == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"member {bad} fails its CRC")
+        elif opener is not None or is_tar:
+            with opener(path, "rb") if opener else open(path, "rb") as fh:
+                stream = _Counted(fh)
+                if is_tar:
+                    _read_tar(stream)
+                while stream.read(CHUNK):  # to the end, so a compressed stream's trailer is checked
+                    pass
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError) as exc:
+        raise _BrokenArchive(f"{name} does not read to its end: {type(exc).__name__}: {exc}") from exc
 
 
 def _local_path(url: str) -> Path | None:
@@ -78,15 +149,19 @@ def _fetch_once(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
-        if total is not None and received < total:
-            raise _ShortRead(f"connection closed after {received} of {total} bytes")
+        out.close()
+        if total is not None and received != total:
+            raise _ShortRead(f"received {received} of the {total} bytes announced")
         if md5 is not None and digest.hexdigest() != md5:
             raise _ChecksumMismatch(f"MD5 mismatch: expected {md5}, got {digest.hexdigest()}")
+        check_archive(tmp, dest.name)
 
 
-def _retryable(exc: BaseException) -> bool:
+def _retryable(exc: BaseException, local: bool) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500
+    if isinstance(exc, _BrokenArchive):
+        return not local  # a server may have cut the body short; a local file will not change
     return isinstance(
         exc,
         (urllib.error.URLError, ConnectionError, TimeoutError, http.client.IncompleteRead, _ShortRead),
@@ -94,9 +169,19 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (_ShortRead, _ChecksumMismatch, urllib.error.HTTPError)):
+    if isinstance(exc, (_ShortRead, _ChecksumMismatch, _BrokenArchive, urllib.error.HTTPError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _reusable(dest: Path, md5: str | None) -> bool:
+    if md5 is not None:
+        return file_md5(dest) == md5
+    try:
+        check_archive(dest)
+    except _BrokenArchive:
+        return False
+    return True
 
 
 def fetch(
@@ -109,22 +194,24 @@ def fetch(
 ) -> Path:
     """Download `url` (http(s), `file://` or a local path) to `dest`, verifying `md5` if given.
 
-    An existing `dest` is reused when its MD5 matches (or no MD5 is given: writes are atomic, so
-    it is whole). Network errors, short reads and HTTP 5xx are retried `retries` times, waiting
-    `backoff * 2**attempt` seconds (capped); HTTP 4xx, local errors and a checksum mismatch fail
-    at once. Raises DownloadError naming the URL, the attempts made and the cause.
+    An existing `dest` is reused when its MD5 matches or, with no MD5 given, when it reads to its
+    end as an archive (a file cached by an older, less careful version may be cut short).
+    Network errors, short reads, downloaded archives cut short and HTTP 5xx are retried `retries`
+    times, waiting `backoff * 2**attempt` seconds (capped); HTTP 4xx, local errors (a broken local
+    archive included) and a checksum mismatch fail at once. Raises DownloadError naming the URL,
+    the attempts made and the cause.
     """
     dest = Path(dest)
     md5 = md5.strip().lower() if md5 else None
-    if dest.is_file() and (md5 is None or file_md5(dest) == md5):
+    if dest.is_file() and _reusable(dest, md5):
         return dest
     attempts = retries + 1
     for attempt in range(attempts):
         try:
             _fetch_once(url, dest, md5, timeout)
             return dest
-        except (OSError, http.client.HTTPException, _ShortRead, _ChecksumMismatch) as exc:
-            if not _retryable(exc) or attempt + 1 == attempts:
+        except _FAILURES as exc:
+            if not _retryable(exc, _local_path(url) is not None) or attempt + 1 == attempts:
                 raise DownloadError(
                     f"download of {url} failed after {attempt + 1} attempt(s): {_describe(exc)}"
                 ) from exc
@@ -132,4 +219,4 @@ def fetch(
     raise AssertionError("unreachable")
 
 
-__all__ = ["DownloadError", "fetch", "file_md5"]
+__all__ = ["DownloadError", "check_archive", "fetch", "file_md5"]

@@ -11,9 +11,24 @@ from PIL import Image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # 16-bit greyscale as PIL decodes it (PNG: "I;16")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Rescale 16-bit greyscale to "L" (0..65535 -> 0..255, rounded); PIL's own convert clips at 255.
+
+    Mode "I" (32-bit) is read as 16-bit data, which is what PNG decoding gives; values outside
+    0..65535 are clipped. Other modes are returned unchanged.
+    """
+    if img.mode not in WIDE_MODES:
+        return img
+    wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def to_canonical(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """Convert to greyscale or RGB and resize to a square `image_size` (antialiased)."""
-    img = img.convert("L" if channels == 1 else "RGB")
+    """Convert to greyscale or RGB (16-bit rescaled) and resize to a square `image_size` (antialiased)."""
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
@@ -21,7 +36,7 @@ def to_canonical(img: Image.Image, image_size: int, channels: int) -> np.ndarray
 
 
 def array_to_canonical(arr: np.ndarray, image_size: int, channels: int) -> np.ndarray:
-    """Canonicalise an H x W (x C) uint8 array."""
+    """Canonicalise an H x W (x C) uint8 array (or an H x W uint16 one, rescaled)."""
     img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     return to_canonical(img, image_size, channels)
 

@@ -1,18 +1,21 @@
-"""Stage `download`: fetch or read the configured source and write the canonical dataset."""
+"""Stage `download`: fetch or read the configured source and write the canonical dataset and holdout."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from visionops import dataset
 from visionops.atomic import atomic_dir
-from visionops.config import DataConfig
+from visionops.config import DataConfig, ParamsError
 from visionops.dataset import Dataset, Split
 from visionops.images import content_hash
 from visionops.sources import load_source
-from visionops.splits import stratified_split
+from visionops.splits import hash_split
+
+HOLDOUT = "holdout"
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
@@ -25,28 +28,41 @@ def _take(split: Split, idx: np.ndarray) -> Split:
 
 
 def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
-    """Carve val (and test, if the source has none) out of train, stratified and seeded."""
-    fractions = {name: getattr(cfg, f"{name}_fraction") for name in ("val", "test") if name not in splits}
+    """train, val, test and holdout: the holdout, then val and test unless the source has them, hashed out of train.
+
+    The holdout comes first so that its membership depends on the seed and `holdout_fraction` only
+    (see `visionops.splits`).
+    """
+    fractions = {HOLDOUT: cfg.holdout_fraction}
+    fractions |= {name: getattr(cfg, f"{name}_fraction") for name in ("val", "test") if name not in splits}
+    if sum(fractions.values()) >= 1.0:
+        keys = " + ".join(f"data.{name}_fraction" for name in fractions)
+        raise ParamsError(f"{keys} = {sum(fractions.values()):g} leaves no images for train; it must be < 1")
     train = splits["train"]
-    if not fractions or len(train) == 0:
-        return {name: splits.get(name, _take(train, np.empty(0, np.int64))) for name in dataset.SPLITS}
-    hashes = [content_hash(img) for img in train.images]
-    parts = stratified_split(train.labels, hashes, fractions, cfg.seed)
+    parts = hash_split(train.labels, [content_hash(img) for img in train.images], fractions, cfg.seed)
     carved = {**splits, **{name: _take(train, idx) for name, idx in parts.items()}}
-    return {name: carved[name] for name in dataset.SPLITS}
+    return {name: carved[name] for name in (*dataset.SPLITS, HOLDOUT)}
 
 
-def run_download(cfg: DataConfig, out_dir: Path) -> dict:
-    """Load `cfg.source`, carve the splits and write the canonical dataset atomically to `out_dir`."""
+def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None) -> dict:
+    """Load `cfg.source`, carve the splits, and write the dataset (train/val/test) to `out_dir` and
+    the holdout (one split, "holdout") to `holdout_dir`, both atomically and together.
+
+    With no `holdout_dir` the holdout is still kept out of train/val/test, just not written.
+    """
     src = load_source(cfg)
-    ds = Dataset(src.class_names, carve_splits(src.splits, cfg), cfg.source, src.rejected)
-    with atomic_dir(out_dir) as tmp:
-        dataset.save(ds, tmp)
+    parts = carve_splits(src.splits, cfg)
+    outputs = [(out_dir, Dataset(src.class_names, {n: parts[n] for n in dataset.SPLITS}, cfg.source, src.rejected))]
+    if holdout_dir is not None:
+        outputs.append((holdout_dir, Dataset(src.class_names, {HOLDOUT: parts[HOLDOUT]}, cfg.source)))
+    with contextlib.ExitStack() as stack:  # neither directory is replaced unless both were written
+        for path, ds in outputs:
+            dataset.save(ds, stack.enter_context(atomic_dir(path)))
     return {
         "source": cfg.source,
-        "classes": len(ds.class_names),
-        "image_shape": list(ds.image_shape),
-        "splits": {name: len(s) for name, s in ds.splits.items()},
-        "rejected": len(ds.rejected),
+        "classes": len(src.class_names),
+        "image_shape": list(parts["train"].images.shape[1:]),
+        "splits": {name: len(s) for name, s in parts.items()},
+        "rejected": len(src.rejected),
         "ignored_non_images": len(src.ignored),
     }
