@@ -29,7 +29,7 @@ def prepare(tmp: Path, images: int) -> tuple[Path, Path]:
     ds, prepared = tmp / "ds", tmp / "prepared"
     from visionops.stages.download import run_download
 
-    run_download(DataConfig(source="folder", root=str(root), channels=3, image_size=32, val_fraction=0.1, test_fraction=0.1), ds)
+    run_download(DataConfig(source="folder", root=str(root), channels=3, image_size=32, val_fraction=0.1, test_fraction=0.1, holdout_fraction=0.0), ds)
     run_prepare(ds, BalanceConfig(), AUGMENT, prepared, tmp / "prepare_reports")
     return ds, prepared
 

@@ -51,7 +51,7 @@ def synced(device: torch.device) -> float:
 def load_data(root: Path, per_class: int | None, device: torch.device):
     if (root / "train").is_dir():
         root = root / "train"
-    cfg = DataConfig(source="folder", root=str(root), channels=3, image_size=32, val_fraction=0.1, test_fraction=0.0)
+    cfg = DataConfig(source="folder", root=str(root), channels=3, image_size=32, val_fraction=0.1, test_fraction=0.0, holdout_fraction=0.0)
     t0 = time.perf_counter()
     src = load_source(cfg)
     splits = carve_splits(src.splits, cfg)

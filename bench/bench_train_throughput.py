@@ -83,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = extract_cifar(Path(tmp) / "jpeg", per_class=args.images // 10)
         ds_dir = Path(tmp) / "ds"
-        run_download(DataConfig(source="folder", root=str(root), channels=3, val_fraction=0, test_fraction=0), ds_dir)
+        run_download(DataConfig(source="folder", root=str(root), channels=3, val_fraction=0, test_fraction=0, holdout_fraction=0), ds_dir)
         results = {"tensor_pipeline": tensor_pipeline(ds_dir, args.batch_size, args.epochs)}
         for workers in (0, 2):
             results[f"dataloader_workers{workers}"] = baseline(root, args.batch_size, args.epochs, workers)
