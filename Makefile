@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help setup run test test-fast bench ui clean deps
+.PHONY: help setup run test test-fast bench ui clean deps repro-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ test-fast: setup  ## the suite without tests marked slow
 
 deps: setup  ## rewrite each stage's code deps in dvc.yaml from its import closure (a test checks them)
 	python -m visionops.stage_deps
+
+repro-check: setup  ## two fresh clones run the pipeline: their dvc.lock must equal each other and the committed one
+	python bench/check_reproducible.py
 
 bench: setup  ## benchmarks (see bench/README.md)
 	cd bench && python bench_validate.py && python bench_train_throughput.py && python bench_make_run.py
