@@ -165,6 +165,17 @@ def store(tmp_path, empty_db, monkeypatch) -> str:
     mlflow.set_tracking_uri(old)
 
 
+def _project(tmp_path: Path, store: str, holdout: Path, **promote_gates) -> Path:
+    """A project directory for the CLI: params.yaml on this store and the holdout at data/holdout."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copytree(holdout, project / "data" / "holdout")
+    params = {"mlflow": {"teacher_model_name": NAME, "tracking_uri": store},
+              "promote": {**LOOSE, **promote_gates}, "evaluate": {"latency_batch_size": 8}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
 def _log(path: Path) -> str:
     with mlflow.start_run():
         return str(log_classifier(path, NAME, tags={"source": path.stem}).version)
@@ -248,13 +259,7 @@ def test_small_gain_is_refused_as_not_significant(store, models, holdouts, tmp_p
     assert "REJECTED" in mv.description and "p=" in mv.description and "300 holdout images" in mv.description
 
     # `visionops promote` refuses too, and says why: the p-value and the sample size
-    project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)
-    shutil.copytree(holdout, project / "data" / "holdout")
-    params = {"mlflow": {"teacher_model_name": NAME, "tracking_uri": store},
-              "promote": {**LOOSE, "min_gain": 0.0, "significance": 0.05}, "evaluate": {"latency_batch_size": 8}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(project)
+    monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.0, significance=0.05))
     capsys.readouterr()
     assert cli.main(["promote"]) == 1
     err = capsys.readouterr().err
@@ -262,20 +267,25 @@ def test_small_gain_is_refused_as_not_significant(store, models, holdouts, tmp_p
     assert _aliases() == {"champion": "1", "challenger": "2"}
 
 
-def test_clearly_better_challenger_is_promoted(store, models, holdouts):
+def test_clearly_better_challenger_is_promoted(store, models, holdouts, tmp_path, monkeypatch, capsys):
     client = MlflowClient()
     holdout = holdouts["clear"]
     _log(models["no_bottom"])
     assert promote(NAME, holdout, gates(), EVAL).promoted
     _log(models["good"])
+    _log(models["no_bottom"])  # v3 holds the challenger alias: `--version 2` picks v2 all the same
+    monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.1, significance=0.01, min_accuracy=0.9))
+    capsys.readouterr()
 
-    d = promote(NAME, holdout, gates(min_gain=0.1, significance=0.01, min_accuracy=0.9), EVAL)
+    assert cli.main(["promote", "--version", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
 
-    assert d.promoted, d.reasons
-    assert (d.challenger_version, d.champion_version) == ("2", "1")
-    assert d.comparison["challenger_only"] >= 35 and d.comparison["p_value"] < 1e-9
-    assert d.comparison["gain"] == pytest.approx(d.challenger_metrics["accuracy"] - d.champion_metrics["accuracy"])
-    assert _aliases() == {"champion": "2", "previous": "1"}
+    assert d["promoted"], d["reasons"]
+    assert (d["challenger_version"], d["champion_version"], d["holdout_n"]) == ("2", "1", 300)
+    assert d["comparison"]["challenger_only"] >= 35 and d["comparison"]["p_value"] < 1e-9
+    gain = d["challenger_metrics"]["accuracy"] - d["champion_metrics"]["accuracy"]
+    assert d["comparison"]["gain"] == pytest.approx(gain) and gain >= 0.1
+    assert _aliases() == {"champion": "2", "previous": "1", "challenger": "3"}
     mv = client.get_model_version(NAME, "2")
     assert mv.tags["promotion.decision"] == "promoted" and float(mv.tags["promotion.p_value"]) < 1e-9
     assert client.get_model_version(NAME, "1").tags["promotion.replaced_by"] == "2"

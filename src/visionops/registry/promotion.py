@@ -1,4 +1,8 @@
-"""Metric-gated champion/challenger promotion, rollback and batch prediction over the MLflow registry.
+"""Champion/challenger promotion on the frozen holdout, rollback and batch prediction over the MLflow registry.
+
+A challenger must beat the champion on the same holdout images by a gain that is significant (exact
+McNemar test), and machine-dependent figures (latency) are judged only against the champion, timed in
+the same run.
 
 Every decision is written onto the model versions themselves (tags and description), so the
 registry UI shows why each version was or was not promoted, and when.
