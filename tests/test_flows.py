@@ -315,7 +315,7 @@ def watched(tmp_path_factory, prefect_harness):
         loss.backward()
         opt.step()
     classifier.save(project.path / "teacher.pt", model.eval(), "lenet", names, shape)
-    configure(params.mlflow, project.path)
+    mlflow.set_experiment(experiment_id=configure(params.mlflow, project.path))  # artifacts in the project
     with mlflow.start_run():
         version = log_classifier(project.path / "teacher.pt", params.mlflow.teacher_model_name, tags={}).version
     decision = promote(params.mlflow.teacher_model_name, project.path / "data/holdout", params.promote, params.evaluate,
