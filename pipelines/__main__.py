@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("promotion", "run the metric-gated promotion of teacher and student")
     p = add("monitoring", "evaluate the champion on the newest data; fail below monitor.min_accuracy")
     p.add_argument("--no-refresh-data", dest="refresh_data", action="store_false",
-                   help="do not force the download stage (DVC decides whether it is up to date)")
+                   help="do not fetch the source again: evaluate on the newest data the last run fetched")
     add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily)")
     p = add("deploy", "register the deployments on the server at PREFECT_API_URL")
     p.add_argument("--work-pool", default=None, help="the work pool whose workers run them (default: none, just register)")

@@ -6,8 +6,10 @@
              metric-gated promotion of teacher and student; then a markdown artifact (metrics, promotion
              decisions, MLflow run ids of the stages).
 `promotion`  the metric-gated promotion alone (teacher and student), with a markdown artifact.
-`monitoring` reproduces `download` and `validate` on the newest data and evaluates the registered
-             champion on its test split; fails, with the numbers, when accuracy < monitor.min_accuracy.
+`monitoring` fetches the newest data with the download core into data/monitoring/ (never touching the
+             training workspace data/dataset or the frozen data/holdout), validates it, and evaluates the
+             registered champion on its holdout split (images no model trains on); fails, with the
+             numbers, when accuracy < monitor.min_accuracy.
 
 Lineage: every stage subprocess gets VISIONOPS_PIPELINE_RUN_ID=prefect-<flow run id> and
 VISIONOPS_PREFECT_FLOW_RUN_ID=<flow run id>, so all MLflow stage runs of one flow run hang under one
@@ -70,7 +72,8 @@ LONG_STAGES = ("train", "evaluate", "distill")
 LONG_STAGE_TIMEOUT_S = 2 * 60 * 60  # a task timeout terminates the stage's dvc process group
 
 PARAMS_FILE = "params.yaml"
-DATASET = Path("data") / "dataset"
+HOLDOUT = Path("data") / "holdout"  # the frozen holdout promotion judges on (visionops.layout.HOLDOUT)
+MONITORING = Path("data") / "monitoring"  # the monitoring flow's own copy of the newest data: dataset/, holdout/, validate/
 REPORTS = Path("reports")
 
 TRAINING_ARTIFACT, PROMOTION_ARTIFACT, MONITORING_ARTIFACT = "training-summary", "promotion-decisions", "monitoring-report"
@@ -289,7 +292,7 @@ def promote_all(project_dir: Path | str) -> list[dict]:
     outcomes = []
     for role, name in (("teacher", params.mlflow.teacher_model_name), ("student", params.mlflow.student_model_name)):
         try:
-            d = promote(name, root / DATASET, params.promote, params.evaluate, client=client)
+            d = promote(name, root / HOLDOUT, params.promote, params.evaluate, client=client)
         except NoChallengerError as exc:
             outcomes.append({
                 "role": role, "model": name, "outcome": "no challenger", "challenger_version": None,
@@ -508,9 +511,40 @@ def promotion(project_dir: str = ".") -> list[dict]:
     return outcomes
 
 
+def _project_paths(cfg, root: Path):
+    """`cfg` (a DataConfig) with its project-relative paths made absolute, for use outside the project dir."""
+    update = {"cache_dir": str(root / cfg.cache_dir)}
+    if cfg.root:
+        update["root"] = str(root / cfg.root)
+    return cfg.model_copy(update=update)
+
+
+@task(name="fetch-newest-data", task_run_name="fetch-newest-data", cache_policy=NO_CACHE, persist_result=False)
+def fetch_newest_data(project_dir: str) -> dict:
+    """The download core on the configured source, written to data/monitoring/{dataset,holdout}."""
+    from visionops.stages.download import run_download
+
+    root = Path(project_dir).resolve()
+    cfg = _project_paths(_params(root).data, root)
+    out = root / MONITORING
+    result = run_download(cfg, out / "dataset", holdout_dir=out / "holdout")
+    get_run_logger().info("newest data in %s: %s", out, json.dumps(result))
+    return result
+
+
+@task(name="validate-newest-data", task_run_name="validate-newest-data", cache_policy=NO_CACHE, persist_result=False)
+def validate_newest_data(project_dir: str) -> dict:
+    """The data checks of the validate stage on the newest data (reports in data/monitoring/validate)."""
+    from visionops.stages.validate import run_validate
+
+    root = Path(project_dir).resolve()
+    out = root / MONITORING
+    return run_validate(out / "dataset", _params(root).validate_, out / "validate")
+
+
 @task(name="evaluate-champion", task_run_name="evaluate-champion", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_champion(project_dir: str) -> dict:
-    """Accuracy (and more) of models:/<teacher_model_name>@champion on the test split of data/dataset."""
+def evaluate_champion(project_dir: str, holdout_dir: str) -> dict:
+    """Accuracy (and more) of models:/<teacher_model_name>@champion on the holdout dataset in `holdout_dir`."""
     import mlflow
 
     from visionops.registry.promotion import evaluate_version
@@ -525,27 +559,38 @@ def evaluate_champion(project_dir: str) -> dict:
     if version is None:
         raise NoChampionError(f"model {name!r} has no version with the alias 'champion': train and promote one first")
     start = time.monotonic()
-    metrics = evaluate_version(f"models:/{name}@champion", root / DATASET, params.evaluate)
+    metrics = evaluate_version(f"models:/{name}/{version}", holdout_dir, params.evaluate)
     get_run_logger().info(
-        "champion %s v%s: accuracy %.4f on %d test images (%.1f s)", name, version, metrics["accuracy"], metrics["n"],
+        "champion %s v%s: accuracy %.4f on %d holdout images (%.1f s)", name, version, metrics["accuracy"], metrics["n"],
         time.monotonic() - start,
     )
     return {**metrics, "model": name, "version": version}
 
 
-@flow(name="monitoring", description="Evaluate the champion on the newest data; fail below monitor.min_accuracy.")
+@flow(name="monitoring", description="Evaluate the champion on the newest data's holdout; fail below monitor.min_accuracy.")
 def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
-    """Reproduce download and validate on the newest data, evaluate the champion on its test split, and
-    fail (raise MonitoringAlert, with the numbers) when its accuracy is below params.yaml monitor.min_accuracy.
+    """Fetch the newest data into data/monitoring/, validate it, evaluate the champion on its holdout split
+    and fail (raise MonitoringAlert, with the numbers) when its accuracy is below params.yaml monitor.min_accuracy.
 
-    refresh_data: force the download stage, so data that DVC cannot see change (a folder source, a
-        re-published archive) is fetched again.
+    The training workspace (data/dataset) and the frozen holdout (data/holdout) are never touched, and no
+    DVC stage runs: the newest data is the download core's output in a directory of its own.
+    refresh_data: fetch the source again (False reuses data/monitoring/ from the last run, if there is one).
     """
     root = Path(project_dir).resolve()
     params = _params(root)
+    holdout = root / MONITORING / "holdout"
     stages: list[dict] = []
-    _run_stages(root, [DATA_STAGE, "validate"], refresh_data, stages)
-    result = evaluate_champion(str(root))
+    if refresh_data or not (holdout / "meta.json").exists():
+        # retried with backoff like the download stage
+        for name, step in (("fetch-newest-data", fetch_newest_data.with_options(**stage_policy(DATA_STAGE))),
+                           ("validate-newest-data", validate_newest_data)):
+            start = time.monotonic()
+            stages.append({"stage": name, "state": "running"})
+            step(str(root))
+            stages[-1] = {"stage": name, "state": "ran", "seconds": time.monotonic() - start}
+    else:
+        stages.append({"stage": "fetch-newest-data", "state": "skipped (refresh_data=False): the last fetch is reused"})
+    result = evaluate_champion(str(root), str(holdout))
     floor = params.monitor.min_accuracy
     ok = result["accuracy"] >= floor
     verdict = "OK" if ok else "ALERT"
@@ -554,8 +599,8 @@ def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
         f"# Monitoring: {verdict}",
         "",
         (
-            f"Champion `{result['model']}` v{result['version']} on the test split of the newest data "
-            f"({result['n']} images), project `{root}`, flow run `{current_flow_run.id}`."
+            f"Champion `{result['model']}` v{result['version']} on the holdout split of the newest data "
+            f"(`{MONITORING / 'holdout'}`, {result['n']} images), project `{root}`, flow run `{current_flow_run.id}`."
         ),
         "",
         _table(["metric", "value", "threshold"], [
@@ -575,7 +620,7 @@ def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
     if not ok:
         raise MonitoringAlert(
             f"champion {result['model']} v{result['version']} accuracy {result['accuracy']:.4f} on the newest data "
-            f"({result['n']} test images) is below monitor.min_accuracy {floor:.4f} "
+            f"({result['n']} holdout images) is below monitor.min_accuracy {floor:.4f} "
             f"(balanced accuracy {result['balanced_accuracy']:.4f}, macro F1 {result['macro_f1']:.4f})"
         )
     return summary

@@ -260,7 +260,7 @@ def test_overrides_reach_dvc_and_are_recorded(trained):
     assert saved[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["distill"]["temperature"] == 2.0
 
 
-def _drifted_folder(project: Project, root: Path, per_class: int = 40) -> Path:
+def _drifted_folder(project: Project, root: Path, per_class: int = 60) -> Path:
     """The project's digits as an ImageFolder tree, each class filed under the next class's folder."""
     from PIL import Image
 
@@ -282,12 +282,72 @@ def _drifted_folder(project: Project, root: Path, per_class: int = 40) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory, prefect_harness):
+    """A project with a workspace written by the download core (data/dataset, data/holdout) and a champion:
+    a LeNet trained here on its train split, registered, and promoted on its holdout (no training flow)."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from visionops import classifier, dataset
+    from visionops.config import load_params
+    from visionops.registry.promotion import promote
+    from visionops.registry.pyfunc import log_classifier
+    from visionops.stages.download import run_download
+    from visionops.tracking.store import configure
+
+    project = Project(tmp_path_factory.mktemp("monitor") / "proj")
+    params = load_params(project.path / "params.yaml")
+    data = params.data.model_copy(update={"cache_dir": str(project.path / params.data.cache_dir)})
+    run_download(data, project.path / "data/dataset", holdout_dir=project.path / "data/holdout")
+    train = dataset.load(project.path / "data/dataset").splits["train"]
+    shape = tuple(train.images.shape[1:])
+    names = dataset.load(project.path / "data/dataset").class_names
+    torch.manual_seed(0)
+    model = classifier.build("lenet", names, shape, *classifier.channel_stats(train.images))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(np.array(train.images)).permute(0, 3, 1, 2), torch.from_numpy(train.labels)
+    for _ in range(400):
+        idx = torch.randint(0, len(y), (64,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    classifier.save(project.path / "teacher.pt", model.eval(), "lenet", names, shape)
+    mlflow.set_experiment(experiment_id=configure(params.mlflow, project.path))  # artifacts in the project
+    with mlflow.start_run():
+        version = log_classifier(project.path / "teacher.pt", params.mlflow.teacher_model_name, tags={}).version
+    decision = promote(params.mlflow.teacher_model_name, project.path / "data/holdout", params.promote, params.evaluate,
+                       version=str(version))
+    assert decision.promoted, decision.reasons
+    return project
+
+
+def _tree(path: Path) -> dict:
+    """The directory's inode and every file's content hash: what "untouched" means."""
+    import hashlib
+
+    files = {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {"inode": path.stat().st_ino, "files": files}
+
+
 @pytest.mark.slow
-def test_monitoring_passes_then_fails_on_drifted_data(trained, tmp_path):
-    project = trained
+def test_monitoring_passes_then_fails_on_drifted_data_and_never_touches_the_workspace(watched, tmp_path):
+    from visionops import dataset
+
+    project = watched
+    workspace = ("data/dataset", "data/holdout")
+    before = {d: _tree(project.path / d) for d in workspace}
+    assert before["data/dataset"]["files"] and before["data/holdout"]["files"]
+
     ok = flows.monitoring(project_dir=str(project.path), return_state=True)
     assert ok.is_completed(), ok.message
+    newest = dataset.load(project.path / flows.MONITORING / "holdout")
+    assert list(newest.splits) == ["holdout"]
     assert ok.result()["accuracy"] >= 0.9 and ok.result()["version"] == "1"
+    assert ok.result()["n"] == len(newest.splits["holdout"])
+    assert [s["stage"] for s in ok.result()["stages"]] == ["fetch-newest-data", "validate-newest-data"]
     assert "Monitoring: OK" in _artifact(_flow_run_id(ok), flows.MONITORING_ARTIFACT).data
 
     # the newest data: the same digits, but every class now files its images under the next class's folder
@@ -296,13 +356,22 @@ def test_monitoring_passes_then_fails_on_drifted_data(trained, tmp_path):
     state = flows.monitoring(project_dir=str(project.path), return_state=True)
 
     assert state.is_failed()
-    assert "below monitor.min_accuracy 0.9000" in state.message
+    assert "below monitor.min_accuracy 0.9000" in state.message and "holdout images" in state.message
     accuracy = float(state.message.split(" accuracy ")[1].split()[0])
     assert accuracy < 0.2
     runs = {r.name: r for r in _task_runs(_flow_run_id(state))}
-    assert runs["download"].state.is_completed() and runs["validate"].state.is_completed()
+    assert runs["fetch-newest-data"].state.is_completed() and runs["validate-newest-data"].state.is_completed()
     markdown = _artifact(_flow_run_id(state), flows.MONITORING_ARTIFACT).data
     assert "Monitoring: ALERT" in markdown and f"{accuracy:.4f}" in markdown
+
+    # refresh_data=False evaluates the last fetch again without fetching
+    again = flows.monitoring(project_dir=str(project.path), refresh_data=False, return_state=True)
+    assert again.is_failed() and f"accuracy {accuracy:.4f}" in again.message
+    assert "fetch-newest-data" not in {r.name for r in _task_runs(_flow_run_id(again))}
+
+    # the training workspace and the frozen holdout are exactly as they were; no DVC stage ran
+    assert {d: _tree(project.path / d) for d in workspace} == before
+    assert not (project.path / "dvc.lock").exists()
 
 
 # ------------------------------------------------------------------------------------------

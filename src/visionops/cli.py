@@ -214,7 +214,7 @@ def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, st
     version = run.register(model_path, name, extra_tags)
     registered = {"name": name, "version": version.version, "alias": "challenger"}
     if not has_champion(name):
-        decision = promote(name, layout.DATASET, params.promote, params.evaluate)
+        decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=version.version)
         registered["alias"] = "champion" if decision.promoted else "challenger"
         registered["promotion"] = decision.to_dict()
     return registered
@@ -223,6 +223,13 @@ def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, st
 def _registry_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registered model name (default: mlflow.teacher_model_name)")
     p.add_argument("--student", action="store_true", help="use mlflow.student_model_name")
+
+
+def _promote_arguments(p: argparse.ArgumentParser) -> None:
+    _registry_arguments(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="the version to judge (default: the one holding --alias)")
+    which.add_argument("--alias", default="challenger", help="judge the version holding this alias (default: %(default)s)")
 
 
 def _registered_name(params, args) -> str:
@@ -234,23 +241,28 @@ def _registered_name(params, args) -> str:
 
 @command(
     "promote",
-    "move the champion alias to the challenger if it passes the metric gates",
-    "Evaluate the registered model's challenger and its current champion on the same test split, then apply "
-    "the gates in params.yaml (promote.min_accuracy, min_gain over the champion, min_class_recall for every "
-    "class, max_ece, max_latency_ms). On a pass, champion moves to the challenger and the old champion gets "
-    "the alias previous; on a fail the reasons are printed, recorded on the version, and the exit code is 1. "
-    "The first model ever registered becomes champion if it passes the absolute gates.",
-    arguments=_registry_arguments,
+    "make a version champion if it beats the champion significantly on the frozen holdout",
+    f"Score the challenger (or --version N, or the version with --alias) and the current champion on the same "
+    f"images of the frozen holdout {layout.HOLDOUT}/ (never trained on), then apply the gates in params.yaml "
+    "`promote`: min_accuracy; an accuracy gain over the champion of at least min_gain that is significant by a "
+    "one-sided exact McNemar test at `significance`; min_class_recall for every class; max_ece of the served "
+    "probabilities; and max_latency_ratio, the challenger's time per batch over the champion's, timed in turns "
+    "in this run. Without a champion only the absolute gates apply (no gain, significance or latency gate). "
+    "On a pass, champion moves to the version and the old champion gets the alias previous; on a fail the "
+    "reasons (with the p-value and the number of holdout images) are printed, and the exit code is 1. Either "
+    "way the decision, p-value, discordant counts and sample size are recorded on the version.",
+    arguments=_promote_arguments,
 )
 def _promote(params, args, run) -> dict:
     from visionops.errors import VisionopsError
     from visionops.registry.promotion import promote
 
-    decision = promote(_registered_name(params, args), layout.DATASET, params.promote, params.evaluate)
+    name = _registered_name(params, args)
+    decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=args.version, alias=args.alias)
     result = decision.to_dict()
     if not decision.promoted:
         print(json.dumps(result, indent=2, default=str))
-        raise VisionopsError(f"challenger version {decision.challenger_version} rejected: " + "; ".join(decision.reasons))
+        raise VisionopsError(f"{name} version {decision.challenger_version} rejected: " + "; ".join(decision.reasons))
     return result
 
 

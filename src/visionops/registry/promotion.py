@@ -1,4 +1,8 @@
-"""Metric-gated champion/challenger promotion, rollback and batch prediction over the MLflow registry.
+"""Champion/challenger promotion on the frozen holdout, rollback and batch prediction over the MLflow registry.
+
+A challenger must beat the champion on the same holdout images by a gain that is significant (exact
+McNemar test), and machine-dependent figures (latency) are judged only against the champion, timed in
+the same run.
 
 Every decision is written onto the model versions themselves (tags and description), so the
 registry UI shows why each version was or was not promoted, and when.
@@ -9,46 +13,43 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from visionops import classifier, dataset
+from visionops import dataset
 from visionops.atomic import atomic_path
-from visionops.calibration import expected_calibration_error, probabilities
+from visionops.calibration import expected_calibration_error
 from visionops.config import EvaluateConfig, PromoteConfig
 from visionops.fetch import file_md5
 from visionops.images import IMAGE_SUFFIXES
-from visionops.latency import measure_latency
+from visionops.latency import call_latency_ms, paired_latency
 from visionops.metrics import classification_metrics
 from visionops.registry.pyfunc import (
     CHALLENGER,
     CHAMPION,
-    MODEL_ARTIFACT,
     MODEL_MD5_TAG,
     PREVIOUS,
+    PROB_PREFIX,
     ImageClassifierModel,
     RegistryError,
     decode_image_bytes,
     describe_decode_error,
 )
 
-EVAL_BATCH = 1024
+HOLDOUT_SPLIT = "holdout"  # the one split of the frozen holdout dataset (layout.HOLDOUT)
 MAX_TAG_CHARS = 4900  # stay under the registry's tag value limit (5000 on some stores)
 
 
 class NoChallengerError(RegistryError):
-    """`promote` found no version carrying the `challenger` alias."""
+    """`promote` found no version carrying the `challenger` alias (or the alias it was given)."""
 
 
 class RollbackError(RegistryError):
@@ -71,6 +72,9 @@ class Decision:
     champion_metrics: dict | None
     checks: list[str] = field(default_factory=list)
     timestamp: str = ""
+    holdout_n: int = 0  # images in the frozen holdout both models were scored on
+    comparison: dict | None = None  # McNemar: n, challenger_only, champion_only, gain, p_value (None: no champion)
+    latency: dict | None = None  # challenger_ms, champion_ms, ratio, rounds (None: no champion)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,54 +122,82 @@ def _tag(client: MlflowClient, name: str, version: str, key: str, value) -> None
 
 
 # ------------------------------------------------------------------------------------------
-# evaluation
+# evaluation on the frozen holdout
 
 
-def load_version_classifier(model_uri: str) -> tuple[torch.nn.Module, dict]:
-    """The visionops classifier inside a logged pyfunc model (any models:/, runs:/ or local URI)."""
-    with tempfile.TemporaryDirectory(prefix="visionops-model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        try:
-            conf = Model.load(str(local)).flavors["python_function"]
-            rel = conf["artifacts"][MODEL_ARTIFACT]["path"]
-        except (KeyError, TypeError, OSError, MlflowException) as exc:
-            raise RegistryError(f"{model_uri}: not a visionops pyfunc model ({exc})") from None
-        return classifier.load(local / rel, device="cpu")
-
-
-def evaluate_version(model_uri: str, dataset_dir: Path | str, cfg: EvaluateConfig) -> dict:
-    """Accuracy, per-class recall, ECE and CPU latency (ms per batch of cfg.latency_batch_size)
-    of a registered model on the test split of `dataset_dir`."""
-    ds = dataset.load(dataset_dir)
-    test = ds.splits.get("test")
-    if test is None or len(test) == 0:
-        raise RegistryError(f"{dataset_dir}: the dataset has no test images to evaluate on")
-    model, info = load_version_classifier(model_uri)
-    if list(info["class_names"]) != list(ds.class_names):
+def load_holdout(holdout_dir: Path | str) -> tuple[dataset.Dataset, dataset.Split]:
+    """The frozen holdout dataset and its one split, `holdout` (never trained on or used for selection)."""
+    holdout_dir = Path(holdout_dir)
+    if not (holdout_dir / "meta.json").exists():
+        raise RegistryError(f"{holdout_dir}: no frozen holdout dataset here (no meta.json); run `dvc repro download`")
+    ds = dataset.load(holdout_dir)
+    split = ds.splits.get(HOLDOUT_SPLIT)
+    if split is None or len(split) == 0:
         raise RegistryError(
-            f"{model_uri} predicts classes {info['class_names']} but {dataset_dir} has {ds.class_names}"
+            f"{holdout_dir}: no {HOLDOUT_SPLIT!r} images to evaluate on (splits: {', '.join(ds.splits) or 'none'})"
         )
-    image_shape = tuple(int(s) for s in info["image_shape"])
-    if image_shape != tuple(ds.image_shape):
-        raise RegistryError(f"{model_uri} takes images of shape {image_shape} but {dataset_dir} has {ds.image_shape}")
-    cpu = torch.device("cpu")
-    logits = classifier.predict_logits(model, test.images, cpu, batch_size=EVAL_BATCH)
-    labels = np.asarray(test.labels)
-    m = classification_metrics(labels, logits, ds.class_names, top_k=cfg.top_k)
-    ece = expected_calibration_error(probabilities(logits), labels, cfg.calibration_bins)
-    latency = measure_latency(model, image_shape, cpu, batch_size=cfg.latency_batch_size)
-    return {
-        "model_uri": model_uri,
+    return ds, split
+
+
+def load_served(model_uri: str, ds: dataset.Dataset, data_dir: Path | str) -> ImageClassifierModel:
+    """The predictor that serving runs (the pyfunc's Python model), checked against the dataset's classes and shape."""
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if not hasattr(model, "predict_canonical"):
+        raise RegistryError(f"{model_uri}: not a visionops image classifier ({type(model).__name__})")
+    if list(model.class_names) != list(ds.class_names):
+        raise RegistryError(f"{model_uri} predicts classes {model.class_names} but {data_dir} has {ds.class_names}")
+    if tuple(model.image_shape) != tuple(ds.image_shape):
+        raise RegistryError(f"{model_uri} takes images of shape {model.image_shape} but {data_dir} has {ds.image_shape}")
+    return model
+
+
+def _score(model: ImageClassifierModel, split: dataset.Split, ds: dataset.Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
+    """(metrics, per-image correctness) of the served predictions: its labels and its probabilities."""
+    frame = model.predict_canonical(np.asarray(split.images))
+    probs = frame[[PROB_PREFIX + c for c in model.class_names]].to_numpy(dtype=np.float64)
+    labels = np.asarray(split.labels)
+    m = classification_metrics(labels, probs, ds.class_names, top_k=cfg.top_k)
+    metrics = {
         "n": m["n"],
         "accuracy": m["accuracy"],
         "balanced_accuracy": m["balanced_accuracy"],
         "macro_f1": m["macro_f1"],
-        # a class absent from the test split has no recall to gate on
+        # a class absent from the holdout has no recall to gate on
         "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items() if v["support"]},
-        "ece": ece,
-        "latency_ms": latency["batch_ms"],
+        "ece": expected_calibration_error(probs, labels, cfg.calibration_bins),
         "latency_batch_size": cfg.latency_batch_size,
     }
+    return metrics, frame["label_index"].to_numpy() == labels
+
+
+def _batch_call(model: ImageClassifierModel, batch_size: int):
+    """One served prediction of a random uint8 batch, as a zero-argument call to time."""
+    x = np.random.default_rng(0).integers(0, 256, (batch_size, *model.image_shape), dtype=np.uint8)
+    return lambda: model.predict_canonical(x)
+
+
+def evaluate_version(model_uri: str, holdout_dir: Path | str, cfg: EvaluateConfig) -> dict:
+    """Accuracy, per-class recall and ECE of a registered model's served predictions on the frozen
+    holdout in `holdout_dir`, and its latency (ms per batch of cfg.latency_batch_size, on this machine)."""
+    ds, split = load_holdout(holdout_dir)
+    model = load_served(model_uri, ds, holdout_dir)
+    metrics, _ = _score(model, split, ds, cfg)
+    latency = call_latency_ms(_batch_call(model, cfg.latency_batch_size))
+    return {"model_uri": model_uri, **metrics, "latency_ms": latency}
+
+
+def mcnemar(challenger_correct: np.ndarray, champion_correct: np.ndarray) -> dict:
+    """One-sided exact McNemar test that the challenger is the more accurate on the same images.
+
+    Only discordant images (one model right, the other wrong) carry information; if both models were
+    equally accurate each would favour either with probability 1/2, so the p-value is a binomial tail.
+    """
+    from scipy.stats import binomtest
+
+    ch, champ = np.asarray(challenger_correct, bool), np.asarray(champion_correct, bool)
+    b, c = int(np.sum(ch & ~champ)), int(np.sum(~ch & champ))
+    p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    return {"n": int(ch.size), "challenger_only": b, "champion_only": c, "gain": (b - c) / max(ch.size, 1), "p_value": float(p)}
 
 
 def _metrics_record(ch: dict, champ: dict | None, gates: PromoteConfig) -> dict:
@@ -187,8 +219,11 @@ def _metrics_record(ch: dict, champ: dict | None, gates: PromoteConfig) -> dict:
     return record
 
 
-def _gates(ch: dict, champ: dict | None, gates: PromoteConfig) -> tuple[list[str], list[str]]:
-    """(failures, checks) of the challenger's metrics against the gates."""
+def _gates(
+    ch: dict, champ: dict | None, gates: PromoteConfig, paired: dict | None = None, latency: dict | None = None
+) -> tuple[list[str], list[str]]:
+    """(failures, checks) of the challenger against the gates; `paired` (McNemar) and `latency`
+    (challenger vs champion in turns) exist when there is a champion."""
     failures, checks = [], []
 
     def check(ok: bool, text: str) -> None:
@@ -197,13 +232,20 @@ def _gates(ch: dict, champ: dict | None, gates: PromoteConfig) -> tuple[list[str
             failures.append(text)
 
     check(ch["accuracy"] >= gates.min_accuracy, f"accuracy {ch['accuracy']:.4f} vs min_accuracy {gates.min_accuracy:.4f}")
-    if champ is None:
+    if champ is None or paired is None:
         checks.append("SKIP min_gain: there is no champion yet")
+        checks.append("SKIP significance: there is no champion to compare with")
     else:
-        gain = ch["accuracy"] - champ["accuracy"]
+        n = paired["n"]
         check(
-            gain >= gates.min_gain - 1e-12,
-            f"accuracy gain {gain:+.4f} over champion ({champ['accuracy']:.4f}) vs min_gain {gates.min_gain:+.4f}",
+            paired["gain"] >= gates.min_gain - 1e-12,
+            f"accuracy gain {paired['gain']:+.4f} over champion ({champ['accuracy']:.4f}) vs min_gain "
+            f"{gates.min_gain:+.4f} on the same {n} holdout images",
+        )
+        check(
+            paired["p_value"] <= gates.significance,
+            f"McNemar exact p={paired['p_value']:.4g} vs significance {gates.significance:g} (n={n} holdout images: "
+            f"{paired['challenger_only']} right only by the challenger, {paired['champion_only']} only by the champion)",
         )
     low = {c: r for c, r in ch["per_class_recall"].items() if r < gates.min_class_recall}
     if low:
@@ -213,37 +255,78 @@ def _gates(ch: dict, champ: dict | None, gates: PromoteConfig) -> tuple[list[str
         worst = min(ch["per_class_recall"].values(), default=float("nan"))
         check(True, f"every class recall >= min_class_recall {gates.min_class_recall:.3f} (lowest {worst:.3f})")
     check(ch["ece"] <= gates.max_ece, f"ECE {ch['ece']:.4f} vs max_ece {gates.max_ece:.4f}")
-    check(
-        ch["latency_ms"] <= gates.max_latency_ms,
-        f"latency {ch['latency_ms']:.2f} ms per batch of {ch['latency_batch_size']} vs max_latency_ms {gates.max_latency_ms:.2f}",
-    )
+    if latency is None:
+        checks.append(
+            "SKIP max_latency_ratio: there is no champion to time against (latency depends on the machine and "
+            f"its load, so it is judged only against the champion in the same run; measured {ch['latency_ms']:.2f} ms "
+            f"per batch of {ch['latency_batch_size']})"
+        )
+    else:
+        check(
+            latency["ratio"] <= gates.max_latency_ratio,
+            f"latency ratio {latency['ratio']:.2f} (challenger {latency['challenger_ms']:.2f} ms vs champion "
+            f"{latency['champion_ms']:.2f} ms per batch of {ch['latency_batch_size']}, median of {latency['rounds']} "
+            f"alternating rounds) vs max_latency_ratio {gates.max_latency_ratio:.2f}",
+        )
     return failures, checks
+
+
+def _candidate(client: MlflowClient, name: str, version: str | None, alias: str) -> ModelVersion:
+    """The version to decide on: `version` when given, else the one holding `alias`."""
+    if version is not None:
+        try:
+            return client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise RegistryError(f"model {name!r} has no version {version}") from None
+            raise
+    found = _alias(client, name, alias)
+    if found is None:
+        raise NoChallengerError(f"model {name!r} has no version with alias {alias!r}: log and register a model first")
+    return found
 
 
 def promote(
     registered_name: str,
-    dataset_dir: Path | str,
+    holdout_dir: Path | str,
     gates: PromoteConfig,
     eval_cfg: EvaluateConfig,
+    version: str | None = None,
     client: MlflowClient | None = None,
+    alias: str = CHALLENGER,
 ) -> Decision:
-    """Evaluate the `challenger` (and the current `champion`) on the same test split and, if every
-    gate passes, make the challenger champion (old champion → `previous`, `challenger` removed).
-    The decision is tagged on the challenger version either way."""
+    """Judge a version (`version`, else the one with `alias`) against the gates on the frozen holdout
+    and, if every gate passes, make it champion (old champion → `previous`; its `challenger` alias removed).
+
+    With a champion, both are scored on the same holdout images: the gain must reach min_gain and be
+    significant (one-sided exact McNemar test at `significance`), and the latency ratio is timed in
+    turns in this run. Without one, only the absolute gates apply. The decision, p-value, discordant
+    counts and sample size are tagged on the version, and appended to its description, either way.
+    """
     client = client or MlflowClient()
-    challenger = _alias(client, registered_name, CHALLENGER)
-    if challenger is None:
-        raise NoChallengerError(
-            f"model {registered_name!r} has no version with alias {CHALLENGER!r}: log and register a model first"
-        )
+    challenger = _candidate(client, registered_name, version, alias)
     champion = _alias(client, registered_name, CHAMPION)
     if champion is not None and str(champion.version) == str(challenger.version):
         champion = None  # re-checking the champion itself: nothing to compare against
-    ch_metrics = evaluate_version(f"models:/{registered_name}/{challenger.version}", dataset_dir, eval_cfg)
-    champ_metrics = (
-        evaluate_version(f"models:/{registered_name}/{champion.version}", dataset_dir, eval_cfg) if champion else None
-    )
-    failures, checks = _gates(ch_metrics, champ_metrics, gates)
+    ds, split = load_holdout(holdout_dir)
+    ch_uri = f"models:/{registered_name}/{challenger.version}"
+    ch_model = load_served(ch_uri, ds, holdout_dir)
+    ch_metrics, ch_correct = _score(ch_model, split, ds, eval_cfg)
+    champ_metrics = paired = latency = None
+    if champion is None:
+        ch_metrics["latency_ms"] = call_latency_ms(_batch_call(ch_model, eval_cfg.latency_batch_size))
+    else:
+        champ_uri = f"models:/{registered_name}/{champion.version}"
+        champ_model = load_served(champ_uri, ds, holdout_dir)
+        champ_metrics, champ_correct = _score(champ_model, split, ds, eval_cfg)
+        paired = mcnemar(ch_correct, champ_correct)
+        latency = paired_latency(
+            _batch_call(ch_model, eval_cfg.latency_batch_size), _batch_call(champ_model, eval_cfg.latency_batch_size)
+        )
+        ch_metrics["latency_ms"], champ_metrics["latency_ms"] = latency["challenger_ms"], latency["champion_ms"]
+        champ_metrics["model_uri"] = champ_uri
+    ch_metrics["model_uri"] = ch_uri
+    failures, checks = _gates(ch_metrics, champ_metrics, gates, paired, latency)
     promoted = not failures
     stamp = _now()
     decision = Decision(
@@ -255,6 +338,9 @@ def promote(
         champion_metrics=champ_metrics,
         checks=checks,
         timestamp=stamp,
+        holdout_n=len(split),
+        comparison=paired,
+        latency=latency,
     )
     v = decision.challenger_version
     old = decision.champion_version
@@ -262,25 +348,42 @@ def promote(
         if old is not None:
             client.set_registered_model_alias(registered_name, PREVIOUS, old)
         client.set_registered_model_alias(registered_name, CHAMPION, v)
-        client.delete_registered_model_alias(registered_name, CHALLENGER)
+        for held in {alias, CHALLENGER} - {CHAMPION, PREVIOUS}:
+            if held in (challenger.aliases or []):
+                client.delete_registered_model_alias(registered_name, held)
         if old is not None:
             _tag(client, registered_name, old, "promotion.replaced_by", v)
             _tag(client, registered_name, old, "promotion.replaced_at", stamp)
-    _tag(client, registered_name, v, "promotion.decision", "promoted" if promoted else "rejected")
-    _tag(client, registered_name, v, "promotion.reasons", decision.reasons)
-    _tag(client, registered_name, v, "promotion.timestamp", stamp)
-    _tag(client, registered_name, v, "promotion.previous_champion", old or "")
-    _tag(
-        client,
-        registered_name,
-        v,
-        "promotion.metrics",
-        _metrics_record(ch_metrics, champ_metrics, gates),
-    )
-    verdict = "PROMOTED to champion" if promoted else "REJECTED"
-    against = f"champion v{old}" if old else "no champion"
-    _append_description(client, registered_name, v, f"[{stamp}] promotion {verdict} (vs {against}): " + "; ".join(decision.reasons))
+    _record(client, registered_name, decision, gates)
     return decision
+
+
+def _record(client: MlflowClient, name: str, d: Decision, gates: PromoteConfig) -> None:
+    """The decision, with its statistics, on the challenger version's tags and description."""
+    v, old, paired = d.challenger_version, d.champion_version, d.comparison
+    tags = {
+        "promotion.decision": "promoted" if d.promoted else "rejected",
+        "promotion.reasons": d.reasons,
+        "promotion.timestamp": d.timestamp,
+        "promotion.previous_champion": old or "",
+        "promotion.holdout_n": str(d.holdout_n),
+        "promotion.p_value": f"{paired['p_value']:.6g}" if paired else "n/a (no champion)",
+        "promotion.discordant": (
+            {"challenger_only": paired["challenger_only"], "champion_only": paired["champion_only"]} if paired else "n/a (no champion)"
+        ),
+        "promotion.latency_ratio": f"{d.latency['ratio']:.4f}" if d.latency else "n/a (no champion)",
+        "promotion.metrics": _metrics_record(d.challenger_metrics, d.champion_metrics, gates),
+    }
+    for key, value in tags.items():
+        _tag(client, name, v, key, value)
+    verdict = "PROMOTED to champion" if d.promoted else "REJECTED"
+    against = f"champion v{old}" if old else "no champion"
+    stats = f"{d.holdout_n} holdout images"
+    if paired:
+        stats += (
+            f", McNemar exact p={paired['p_value']:.4g} ({paired['challenger_only']} vs {paired['champion_only']} discordant)"
+        )
+    _append_description(client, name, v, f"[{d.timestamp}] promotion {verdict} (vs {against}; {stats}): " + "; ".join(d.reasons))
 
 
 def rollback(registered_name: str, client: MlflowClient | None = None) -> dict:

@@ -1,0 +1,393 @@
+"""Promotion on the frozen holdout: McNemar-tested gain, latency judged against the champion, explicit
+versions, rollback, and `visionops promote` refusing a gain too small to be significant.
+
+Real tiny classifiers are trained here and registered in a real MLflow SQLite store under tmp_path.
+The holdouts are built so that the discordant images are known: `no_bottom` (a trained model that never
+predicts `bottom`) misses exactly the `bottom` images a well-trained model gets right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
+
+from visionops import classifier, cli, dataset
+from visionops.config import EvaluateConfig, PromoteConfig
+from visionops.errors import VisionopsError
+from visionops.latency import paired_latency
+from visionops.registry.promotion import (
+    NoChallengerError,
+    RollbackError,
+    evaluate_version,
+    mcnemar,
+    promote,
+    rollback,
+)
+from visionops.registry.pyfunc import RegistryError, log_classifier
+
+CLASSES = ["top_left", "top_right", "bottom"]
+SHAPE = (16, 16, 1)
+NAME = "promo-classifier"
+EVAL = EvaluateConfig(latency_batch_size=8)
+# gates that anything passes; each test tightens what it is about
+LOOSE = {"min_accuracy": 0.0, "min_gain": -1.0, "significance": 1.0, "min_class_recall": 0.0, "max_ece": 1.0,
+         "max_latency_ratio": 1e6}
+
+
+def gates(**tight) -> PromoteConfig:
+    return PromoteConfig(**{**LOOSE, **tight})
+
+
+# ------------------------------------------------------------------------------------------
+# data and models
+
+
+def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Class 0: bright square top left; 1: top right; 2: bottom middle; on a noisy dark background."""
+    out = rng.normal(40, 15, size=(len(labels), 16, 16)).clip(0, 255)
+    corners = {0: (1, 1), 1: (1, 10), 2: (10, 5)}
+    for i, k in enumerate(labels):
+        r, c = corners[int(k)]
+        out[i, r : r + 5, c : c + 5] = rng.normal(220, 15, size=(5, 5)).clip(0, 255)
+    return out.astype(np.uint8)[..., None]
+
+
+def _split(labels, rng, prefix: str) -> dataset.Split:
+    labels = np.asarray(labels, dtype=np.int64)
+    return dataset.Split(_images(labels, rng), labels, [f"{prefix}/{i}.png" for i in range(len(labels))])
+
+
+def _holdout(root: Path, bottoms: int, n: int = 300, seed: int = 1) -> Path:
+    """A frozen-holdout dataset (one split, "holdout") of n images, `bottoms` of them of class bottom."""
+    rng = np.random.default_rng(seed)
+    labels = [i % 2 for i in range(n - bottoms)] + [2] * bottoms
+    dataset.save(dataset.Dataset(CLASSES, {"holdout": _split(labels, rng, "holdout")}, "synthetic"), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def holdouts(tmp_path_factory) -> dict[str, Path]:
+    """close: 3 bottom images in 300 (a 1% gain: not significant); clear: 40 in 300; balanced: 100 per class."""
+    base = tmp_path_factory.mktemp("holdouts")
+    return {
+        "close": _holdout(base / "close", bottoms=3),
+        "clear": _holdout(base / "clear", bottoms=40),
+        "balanced": _holdout(base / "balanced", bottoms=100),
+    }
+
+
+def _train(arch: str, train: dataset.Split, seed: int, steps: int) -> classifier.Classifier:
+    torch.manual_seed(seed)
+    mean, std = classifier.channel_stats(train.images)
+    model = classifier.build(arch, CLASSES, SHAPE, mean, std)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(np.asarray(train.images)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(train.labels)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """good: ~100% accurate LeNet; no_bottom: good with `bottom` never predicted; underconfident: good
+    with logits / 100 (same predictions, large ECE); slow: an untrained ResNet-18 (far slower than LeNet)."""
+    train = _split(np.arange(300) % 3, np.random.default_rng(0), "train")
+    out = tmp_path_factory.mktemp("models")
+    good = _train("lenet", train, seed=0, steps=120)
+    no_bottom = _train("lenet", train, seed=0, steps=120)
+    under = _train("lenet", train, seed=0, steps=120)
+    with torch.no_grad():
+        no_bottom.net.classifier[-1].bias[2] = -1e4
+        under.net.classifier[-1].weight.mul_(0.01)
+        under.net.classifier[-1].bias.mul_(0.01)
+    torch.manual_seed(0)
+    mean, std = classifier.channel_stats(train.images)
+    slow = classifier.build("resnet18", CLASSES, SHAPE, mean, std).eval()
+    paths = {}
+    for name, (model, arch) in {"good": (good, "lenet"), "no_bottom": (no_bottom, "lenet"),
+                                "underconfident": (under, "lenet"), "slow": (slow, "resnet18")}.items():
+        paths[name] = out / f"{name}.pt"
+        classifier.save(paths[name], model, arch, CLASSES, SHAPE)
+    return paths
+
+
+def _correct(path: Path, holdout: Path) -> np.ndarray:
+    """Which holdout images the model file gets right, computed without the registry."""
+    model, _ = classifier.load(path)
+    split = dataset.load(holdout).splits["holdout"]
+    return classifier.predict_logits(model, split.images, torch.device("cpu")).argmax(1).numpy() == split.labels
+
+
+# ------------------------------------------------------------------------------------------
+# a real MLflow store per test
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_db, monkeypatch) -> str:
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    old = tracking_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("promotion-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    yield uri
+    mlflow.end_run()
+    mlflow.set_tracking_uri(old)
+
+
+def _project(tmp_path: Path, store: str, holdout: Path, **promote_gates) -> Path:
+    """A project directory for the CLI: params.yaml on this store and the holdout at data/holdout."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copytree(holdout, project / "data" / "holdout")
+    params = {"mlflow": {"teacher_model_name": NAME, "tracking_uri": store},
+              "promote": {**LOOSE, **promote_gates}, "evaluate": {"latency_batch_size": 8}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def _log(path: Path) -> str:
+    with mlflow.start_run():
+        return str(log_classifier(path, NAME, tags={"source": path.stem}).version)
+
+
+def _aliases() -> dict[str, str]:
+    return {alias: str(v) for alias, v in MlflowClient().get_registered_model(NAME).aliases.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# the statistics
+
+
+def test_mcnemar_counts_only_discordant_images():
+    ch = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 0], bool)
+    champ = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0], bool)
+    r = mcnemar(ch, champ)
+    assert (r["n"], r["challenger_only"], r["champion_only"]) == (12, 8, 2)
+    assert r["p_value"] == pytest.approx(56 / 1024)  # P(X >= 8), X ~ Binomial(10, 1/2): (45 + 10 + 1) / 2^10
+    assert r["gain"] == pytest.approx(6 / 12)
+    assert mcnemar(np.ones(5, bool), np.ones(5, bool))["p_value"] == 1.0  # no discordant pair: no evidence
+    assert mcnemar(np.zeros(3, bool), np.ones(3, bool))["p_value"] == 1.0  # worse is never significant
+
+
+def test_paired_latency_is_a_ratio_of_turns():
+    r = paired_latency(lambda: time.sleep(0.004), lambda: time.sleep(0.002), rounds=7, warmup=1)
+    assert r["rounds"] == 7 and r["challenger_ms"] > r["champion_ms"] >= 2.0
+    assert 1.4 < r["ratio"] < 3.0
+
+
+# ------------------------------------------------------------------------------------------
+# promotion
+
+
+def test_first_version_faces_only_the_absolute_gates(store, models, holdouts):
+    client = MlflowClient()
+    _log(models["good"])
+    strict = PromoteConfig(min_accuracy=0.9, min_gain=0.05, significance=0.01, min_class_recall=0.8, max_ece=0.2,
+                           max_latency_ratio=0.001)
+    d = promote(NAME, holdouts["balanced"], strict, EVAL)
+    assert d.promoted, d.reasons
+    assert (d.challenger_version, d.champion_version, d.holdout_n) == ("1", None, 300)
+    assert d.comparison is None and d.latency is None and d.champion_metrics is None
+    skipped = [c.split(":")[0] for c in d.checks if c.startswith("SKIP")]
+    assert skipped == ["SKIP min_gain", "SKIP significance", "SKIP max_latency_ratio"]
+    assert "no champion to time against" in d.checks[-1]
+    assert d.challenger_metrics["n"] == 300 and d.challenger_metrics["accuracy"] >= 0.95
+    assert _aliases() == {"champion": "1"}
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags["promotion.decision"] == "promoted" and mv.tags["promotion.holdout_n"] == "300"
+    assert mv.tags["promotion.p_value"].startswith("n/a")
+    assert "PROMOTED" in mv.description and "300 holdout images" in mv.description
+    with pytest.raises(NoChallengerError, match="no version with alias 'challenger'"):
+        promote(NAME, holdouts["balanced"], strict, EVAL)
+
+
+def test_small_gain_is_refused_as_not_significant(store, models, holdouts, tmp_path, monkeypatch, capsys):
+    client = MlflowClient()
+    holdout = holdouts["close"]
+    _log(models["no_bottom"])
+    assert promote(NAME, holdout, gates(), EVAL).promoted
+    _log(models["good"])
+    ch, champ = _correct(models["good"], holdout), _correct(models["no_bottom"], holdout)
+    b, c = int(np.sum(ch & ~champ)), int(np.sum(~ch & champ))
+    assert b - c >= 1 and b <= 4  # better, by about 1% of 300 images
+
+    d = promote(NAME, holdout, gates(min_gain=0.0, significance=0.05), EVAL)
+
+    assert not d.promoted
+    assert (d.comparison["challenger_only"], d.comparison["champion_only"], d.comparison["n"]) == (b, c, 300)
+    assert d.comparison["p_value"] > 0.05
+    (reason,) = d.reasons  # the gain itself passed min_gain 0: only its significance failed
+    assert re.search(rf"McNemar exact p={d.comparison['p_value']:.4g} vs significance 0.05 \(n=300 holdout images", reason)
+    assert any(c.startswith("PASS accuracy gain +0.0") for c in d.checks)
+    assert _aliases() == {"champion": "1", "challenger": "2"}  # nothing moved
+    mv = client.get_model_version(NAME, "2")
+    assert mv.tags["promotion.decision"] == "rejected"
+    assert float(mv.tags["promotion.p_value"]) == pytest.approx(d.comparison["p_value"], rel=1e-5)
+    assert json.loads(mv.tags["promotion.discordant"]) == {"challenger_only": b, "champion_only": c}
+    assert mv.tags["promotion.holdout_n"] == "300"
+    assert "REJECTED" in mv.description and "p=" in mv.description and "300 holdout images" in mv.description
+
+    # `visionops promote` refuses too, and says why: the p-value and the sample size
+    monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.0, significance=0.05))
+    capsys.readouterr()
+    assert cli.main(["promote"]) == 1
+    err = capsys.readouterr().err
+    assert f"{NAME} version 2 rejected" in err and "McNemar exact p=" in err and "n=300 holdout images" in err
+    assert _aliases() == {"champion": "1", "challenger": "2"}
+
+
+def test_clearly_better_challenger_is_promoted(store, models, holdouts, tmp_path, monkeypatch, capsys):
+    client = MlflowClient()
+    holdout = holdouts["clear"]
+    _log(models["no_bottom"])
+    assert promote(NAME, holdout, gates(), EVAL).promoted
+    _log(models["good"])
+    _log(models["no_bottom"])  # v3 holds the challenger alias: `--version 2` picks v2 all the same
+    monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.1, significance=0.01, min_accuracy=0.9))
+    capsys.readouterr()
+
+    assert cli.main(["promote", "--version", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
+
+    assert d["promoted"], d["reasons"]
+    assert (d["challenger_version"], d["champion_version"], d["holdout_n"]) == ("2", "1", 300)
+    assert d["comparison"]["challenger_only"] >= 35 and d["comparison"]["p_value"] < 1e-9
+    gain = d["challenger_metrics"]["accuracy"] - d["champion_metrics"]["accuracy"]
+    assert d["comparison"]["gain"] == pytest.approx(gain) and gain >= 0.1
+    assert _aliases() == {"champion": "2", "previous": "1", "challenger": "3"}
+    mv = client.get_model_version(NAME, "2")
+    assert mv.tags["promotion.decision"] == "promoted" and float(mv.tags["promotion.p_value"]) < 1e-9
+    assert client.get_model_version(NAME, "1").tags["promotion.replaced_by"] == "2"
+
+
+def test_latency_is_judged_against_the_champion(store, models, holdouts):
+    holdout = holdouts["balanced"]
+    _log(models["good"])
+    assert promote(NAME, holdout, gates(), EVAL).promoted
+    _log(models["slow"])  # a ResNet-18 against the LeNet champion, timed in turns
+    d = promote(NAME, holdout, gates(max_latency_ratio=1.5), EVAL)
+    assert not d.promoted
+    (reason,) = d.reasons
+    assert re.match(r"latency ratio \d+\.\d\d \(challenger .* ms vs champion .* ms per batch of 8, median of 15 alternating", reason)
+    assert d.latency["ratio"] > 1.5 and d.latency["ratio"] == pytest.approx(float(
+        MlflowClient().get_model_version(NAME, "2").tags["promotion.latency_ratio"]), rel=1e-3)
+    # the other way round, the LeNet is faster than the ResNet champion
+    MlflowClient().set_registered_model_alias(NAME, "champion", "2")
+    _log(models["good"])
+    d = promote(NAME, holdout, gates(max_latency_ratio=1.0), EVAL)
+    assert d.promoted and d.latency["ratio"] < 1.0
+
+
+@pytest.mark.parametrize(
+    "model, tight, expect",
+    [
+        ("no_bottom", {"min_accuracy": 0.9}, r"accuracy 0\.\d+ vs min_accuracy 0\.9"),
+        ("no_bottom", {"min_class_recall": 0.5}, r"class recall below min_class_recall 0\.500: bottom \(0\.000\)$"),
+        ("underconfident", {"max_ece": 0.1}, r"ECE 0\.\d+ vs max_ece 0\.1"),
+        ("good", {"min_gain": 0.01}, r"accuracy gain \+0\.0000 over champion .* vs min_gain \+0\.0100 on the same 300"),
+    ],
+    ids=["min_accuracy", "min_class_recall", "max_ece", "min_gain"],
+)
+def test_each_gate_rejects_alone(store, models, holdouts, model, tight, expect):
+    if "min_gain" in tight:  # the same model again: no gain over the champion
+        _log(models["good"])
+        assert promote(NAME, holdouts["balanced"], gates(), EVAL).promoted
+    v = _log(models[model])
+    d = promote(NAME, holdouts["balanced"], gates(**tight), EVAL)
+    assert not d.promoted
+    assert len(d.reasons) == 1 and re.search(expect, d.reasons[0]), d.reasons
+    assert json.loads(MlflowClient().get_model_version(NAME, v).tags["promotion.reasons"]) == d.reasons
+
+
+def test_an_explicit_version_is_judged_not_the_alias(store, models, holdouts):
+    holdout = holdouts["balanced"]
+    _log(models["good"])
+    _log(models["good"])
+    _log(models["no_bottom"])  # v3 holds the challenger alias now
+    d = promote(NAME, holdout, gates(), EVAL, version="1")
+    assert d.promoted and d.challenger_version == "1"
+    assert _aliases() == {"champion": "1", "challenger": "3"}  # v3 keeps its alias: it was not judged
+    MlflowClient().set_registered_model_alias(NAME, "candidate", "2")
+    d = promote(NAME, holdout, gates(min_gain=0.01), EVAL, alias="candidate")
+    assert not d.promoted and d.challenger_version == "2" and d.champion_version == "1"
+    with pytest.raises(RegistryError, match=f"model '{NAME}' has no version 9"):
+        promote(NAME, holdout, gates(), EVAL, version="9")
+    with pytest.raises(NoChallengerError, match="no version with alias 'nightly'"):
+        promote(NAME, holdout, gates(), EVAL, alias="nightly")
+
+
+def test_holdout_must_exist_and_have_its_split(store, models, holdouts, tmp_path):
+    _log(models["no_bottom"])
+    with pytest.raises(RegistryError, match="no frozen holdout dataset here") as err:
+        promote(NAME, tmp_path / "missing", gates(), EVAL)
+    assert isinstance(err.value, VisionopsError)
+    rng = np.random.default_rng(0)
+    dataset.save(dataset.Dataset(CLASSES, {"test": _split([0, 1, 2], rng, "test")}, "synthetic"), tmp_path / "nohold")
+    with pytest.raises(RegistryError, match=r"no 'holdout' images to evaluate on \(splits: test\)"):
+        evaluate_version(f"models:/{NAME}@challenger", tmp_path / "nohold", EVAL)
+    m = evaluate_version(f"models:/{NAME}@challenger", holdouts["balanced"], EVAL)
+    assert m["n"] == 300 and m["per_class_recall"]["bottom"] == 0.0
+    assert m["accuracy"] == pytest.approx(np.mean(list(m["per_class_recall"].values())))
+    assert 0.0 <= m["ece"] <= 1.0 and m["latency_ms"] > 0 and m["latency_batch_size"] == 8
+
+
+# ------------------------------------------------------------------------------------------
+# rollback
+
+
+def test_rollback_moves_champion_back(store, models, holdouts):
+    holdout = holdouts["balanced"]
+    client = MlflowClient()
+    with pytest.raises(RollbackError, match="no 'champion'"):
+        rollback(NAME)
+    _log(models["no_bottom"])
+    promote(NAME, holdout, gates(), EVAL)
+    with pytest.raises(RollbackError, match="no 'previous' version") as err:
+        rollback(NAME)
+    assert isinstance(err.value, VisionopsError)
+    for _ in range(2):
+        _log(models["good"])
+        promote(NAME, holdout, gates(), EVAL)
+    assert _aliases() == {"champion": "3", "previous": "2"}
+
+    r = rollback(NAME)
+    assert (r["champion_version"], r["rolled_back_version"], r["previous_version"]) == ("2", "3", "1")
+    assert _aliases() == {"champion": "2", "previous": "1"}  # previous follows the promotion chain
+    assert client.get_model_version(NAME, "3").tags["rollback.replaced_by"] == "2"
+    assert client.get_model_version(NAME, "2").tags["rollback.restored_from"] == "3"
+
+    r = rollback(NAME)
+    assert (r["champion_version"], r["previous_version"]) == ("1", None)
+    with pytest.raises(RollbackError, match="no 'previous'"):
+        rollback(NAME)
