@@ -261,15 +261,19 @@ def test_overrides_reach_dvc_and_are_recorded(trained):
 
 
 def _drifted_folder(project: Project, root: Path, per_class: int = 60) -> Path:
-    """The project's digits as an ImageFolder tree, each class filed under the next class's folder."""
+    """The project's digits as an ImageFolder tree, each class filed under the next class's folder.
+
+    The holdout's images come first: an image keeps its split by content, so only they can land in the
+    newest data's holdout again.
+    """
     from PIL import Image
 
     from visionops import dataset
 
-    ds = dataset.load(project.path / "data/dataset")
+    holdout, ds = dataset.load(project.path / "data/holdout"), dataset.load(project.path / "data/dataset")
     names = ds.class_names
     counts = {}
-    for split in ds.splits.values():
+    for split in [*holdout.splits.values(), *ds.splits.values()]:
         for image, label in zip(split.images, split.labels, strict=True):
             label = int(label)
             if counts.get(label, 0) >= per_class:
