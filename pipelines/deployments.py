@@ -9,8 +9,8 @@
 
 Locally (what `make schedule` does): a Prefect server on 127.0.0.1 and `python -m pipelines serve`,
 i.e. `main()`: `prefect.serve(...)` registers the deployments and runs their flow runs in subprocesses
-of this process, one at a time (`limit=1`: training and monitoring share the workspace, so they must not
-overlap). Stopping it pauses the schedules; serving again resumes them.
+of this process, one at a time (`limit=1`: training runs share the workspace, so they must not overlap;
+monitoring writes only data/monitoring/ and the shared data/cache). Stopping it pauses the schedules; serving again resumes them.
 
 Against a remote Prefect server with a work pool there is no prefect.yaml on purpose: it could not read
 the cron from params.yaml, so it would be a second copy of the schedule. `register()` (CLI:
@@ -20,7 +20,7 @@ checkout of this repository imports:
 
     export PREFECT_API_URL=http://<server>:4200/api
     prefect work-pool create visionops --type process                 # once
-    prefect work-pool set-concurrency-limit visionops 1                # training and monitoring share the workspace
+    prefect work-pool set-concurrency-limit visionops 1                # training runs share the workspace
     python -m pipelines deploy --work-pool visionops
     prefect worker start --pool visionops      # in the repository root, with .venv/bin on PATH
 
