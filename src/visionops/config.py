@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
+from visionops.model_names import check_model_name
 
 DEFAULT_PARAMS = Path("params.yaml")
+ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
 
 
 class ParamsError(VisionopsError, ValueError):
@@ -86,7 +88,7 @@ class AugmentConfig(Section):
 class TrainConfig(Section):
     """The teacher's training run."""
 
-    model: str = "lenet"
+    model: ModelName = "lenet"
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -122,7 +124,7 @@ class EvaluateConfig(Section):
 class DistillConfig(Section):
     """Hinton knowledge distillation of a small student from the trained teacher."""
 
-    student: str = "slim_resnet"
+    student: ModelName = "slim_resnet"
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)  # weight of the KD term; 1 - alpha on the hard labels
     epochs: int = Field(15, ge=1, le=10_000)
@@ -207,7 +209,7 @@ def _describe(err: dict) -> str:
         return f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}"
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {err['msg']}{shown}"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def parse_params(raw: object, origin: str = "params") -> Params:

@@ -1,0 +1,27 @@
+"""The names `visionops.models` registers, without importing torch: what `visionops check` accepts.
+
+tests/test_config.py keeps this tuple equal to `visionops.models.list_models()`.
+"""
+
+MODEL_NAMES = (
+    "fastnet",
+    "fastnet_tiny",
+    "lenet",
+    "mobilenet_tiny",
+    "resnet",
+    "resnet18",
+    "resnet20",
+    "resnet8",
+    "slim_resnet",
+)
+
+
+def check_model_name(name: str) -> str:
+    """`name` if a model of that name is registered, else a ValueError listing the valid names."""
+    if name in MODEL_NAMES:
+        return name
+    import difflib
+
+    close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint}; valid models: {', '.join(MODEL_NAMES)}")
