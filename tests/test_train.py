@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,11 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
     assert metrics["epochs_run"] == 8 and saved_epoch < 8
     history = classifier.load(project.path / "models" / "teacher.pt")[1]["history"]
     assert [r["epoch"] for r in history] == list(range(1, 9))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("visionops").experiment_id], "tags.`visionops.stage` = 'train'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the whole process group was killed
+    killed, resumed = sorted(runs, key=lambda r: r.info.status, reverse=True)
+    assert resumed.data.tags["visionops.resumed_from"] == killed.info.run_id
 
 
 @pytest.mark.slow

@@ -97,8 +97,9 @@ class ResumeLink:
     """Ties a stage's run to the run whose checkpoint it resumes, through the sidecar beside the checkpoints.
 
     The sidecar names the run that owns the checkpoint progress and the last epoch of each training
-    loop (`desc`). A run resumes that progress when its first epoch of such a loop is the next one, or
-    when it trains only loops the sidecar does not name (those it names were complete), or nothing.
+    loop (`desc`). A run resumes that progress when its first epoch of such a loop is not the first (the
+    trainer resumed a checkpoint), or when it trains only loops the sidecar does not name (those it
+    names were complete), or nothing.
     """
 
     def __init__(self, client, stage: str, run_id: str, directory: Path = layout.CHECKPOINTS):
@@ -118,7 +119,7 @@ class ResumeLink:
             self.first[desc] = epoch
             if self.resumed is None:
                 earlier = self.previous["epochs"]
-                self._decide(epoch == earlier[desc] + 1 if desc in earlier else True)
+                self._decide(epoch > 1 if desc in earlier else True)
         self.last[desc] = epoch
         carried = self.previous["epochs"] if self.resumed else {}
         atomic.write_json(self.path, {"run_id": self.run_id, "epochs": {**carried, **self.last}})

@@ -51,10 +51,10 @@ class StageRun:
         """
         import mlflow
 
-        prefix = "" if desc == "train" else desc.replace(" ", "_") + "/"
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         if self.resume is not None:
             self.resume.on_epoch(desc, int(row["epoch"]))
+        prefix = "" if desc == "train" else desc.replace(" ", "_") + "/"
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
     def log_result(self, result: dict, reports_dir: Path | None = None) -> None:
         """Final metrics, and every file the stage wrote under `reports_dir` as artifacts."""
