@@ -1,5 +1,6 @@
 """After a crash the MLflow store tells the truth: orphans end KILLED, resumes link, parents show the worst."""
 
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +128,29 @@ def test_a_live_process_run_and_another_hosts_run_are_left_alone(store):
     assert sorted(faults.end_orphans(client, exp_id)) == sorted([gone.info.run_id, reused.info.run_id])
     assert client.get_run(mine.info.run_id).info.status == "RUNNING"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    "before,logged,linked",
+    [
+        ({"distill": 15}, [("student alone", 1)], True),  # killed between the two students
+        ({"distill": 3}, [("distill", 4), ("student alone", 1)], True),
+        ({"distill": 3}, [("distill", 1)], False),  # the checkpoint did not match: a fresh start
+        ({"distill": 15, "student alone": 15}, [], True),  # killed after the last epoch: nothing left to train
+    ],
+)
+def test_resume_link_follows_the_training_loops(store, tmp_path, before, logged, linked):
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp_id = client.create_experiment("visionops")
+    old, new = (client.create_run(exp_id).info.run_id for _ in range(2))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "distill.mlflow.json").write_text(json.dumps({"run_id": old, "epochs": before}))
+    link = faults.ResumeLink(client, "distill", new, tmp_path / "ck")
+    for desc, epoch in logged:
+        link.on_epoch(desc, epoch)
+    link.on_end("FAILED")
+    assert (client.get_run(new).data.tags.get(faults.RESUMED_FROM_TAG) == old) is linked
+    sidecar = json.loads((tmp_path / "ck" / "distill.mlflow.json").read_text())
+    assert sidecar["run_id"] == (new if logged else old)
+    if linked and logged:
+        assert sidecar["epochs"] == {**before, **dict(logged)}
