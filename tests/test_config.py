@@ -117,3 +117,28 @@ def test_params_yaml_and_the_schema_name_the_same_keys():
     schema = _schema_keys(Params)
     assert not shipped - schema, f"params.yaml keys the schema does not know: {sorted(shipped - schema)}"
     assert not schema - shipped, f"schema keys params.yaml does not mention: {sorted(schema - shipped)}"
+
+
+def test_a_model_too_big_for_the_images_is_rejected_naming_both_keys():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"data": {"image_size": 8}, "train": {"model": "lenet"}, "distill": {"student": "fastnet"}})
+    msg = str(err.value)
+    assert "train.model: lenet needs data.image_size >= 16, got 8" in msg
+    assert "(top level)" not in msg
+    parse_params({"data": {"image_size": 16}, "train": {"model": "lenet"}})
+
+
+def test_min_image_sizes_are_what_the_models_build_at():
+    import torch
+
+    from visionops.model_names import MIN_IMAGE_SIZE, MODEL_NAMES
+    from visionops.models import create_model
+
+    floor = Params.model_fields["data"].annotation.model_fields["image_size"].metadata[0].ge
+    for name in MODEL_NAMES:
+        size = MIN_IMAGE_SIZE.get(name, floor)
+        net = create_model(name, in_channels=3, num_classes=4, image_size=size).eval()
+        assert net(torch.rand(2, 3, size, size)).shape == (2, 4), name
+        if size > floor:
+            with pytest.raises((ValueError, RuntimeError)):
+                create_model(name, in_channels=3, num_classes=4, image_size=size - 1).eval()(torch.rand(2, 3, size - 1, size - 1))

@@ -10,7 +10,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
-from visionops.model_names import check_model_name
+from visionops.model_names import MIN_IMAGE_SIZE, check_model_name
 
 DEFAULT_PARAMS = Path("params.yaml")
 ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
@@ -186,6 +186,14 @@ class Params(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _models_fit_the_images(self) -> Params:
+        for key, name in (("train.model", self.train.model), ("distill.student", self.distill.student)):
+            need = MIN_IMAGE_SIZE.get(name, 0)
+            if self.data.image_size < need:
+                raise ValueError(f"{key}: {name} needs data.image_size >= {need}, got {self.data.image_size}")
+        return self
+
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at `loc` (the parent of an offending key)."""
@@ -207,6 +215,8 @@ def _describe(err: dict) -> str:
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}"
+    if not loc and err["type"] == "value_error":  # a rule across sections names its keys itself
+        return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"

@@ -1,6 +1,6 @@
 """The names `visionops.models` registers, without importing torch: what `visionops check` accepts.
 
-tests/test_config.py keeps this tuple equal to `visionops.models.list_models()`.
+tests/test_config.py keeps these equal to `visionops.models.list_models()` and to what the models build.
 """
 
 MODEL_NAMES = (
@@ -14,6 +14,7 @@ MODEL_NAMES = (
     "resnet8",
     "slim_resnet",
 )
+MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16}  # others work from the schema's floor, 8
 
 
 def check_model_name(name: str) -> str:
