@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from visionops.errors import InvalidInputError, MissingInputError
 from visionops.tracking.lineage import PIPELINE_RUN_ENV, PREFECT_FLOW_RUN_ENV
 
 DVC_FILE = "dvc.yaml"
@@ -84,15 +85,15 @@ def load_stages(project_dir: Path | str = ".") -> dict[str, dict]:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file (project_dir must be a DVC project)") from None
+        raise MissingInputError(f"{path}: no such file (project_dir must be a DVC project)") from None
     stages = doc.get("stages") or {}
     if not isinstance(stages, dict):
-        raise ValueError(f"{path}: 'stages' must be a mapping of stage names")
+        raise InvalidInputError(f"{path}: 'stages' must be a mapping of stage names")
     for name, stage in stages.items():
         if not isinstance(stage, dict):
-            raise ValueError(f"{path}: stage '{name}' must be a mapping")
+            raise InvalidInputError(f"{path}: stage '{name}' must be a mapping")
         if "foreach" in stage or "matrix" in stage:
-            raise ValueError(f"{path}: stage '{name}' is templated (foreach/matrix), which stage_order does not expand")
+            raise InvalidInputError(f"{path}: stage '{name}' is templated (foreach/matrix), which stage_order does not expand")
     return stages
 
 
@@ -135,7 +136,7 @@ def stage_order(project_dir: Path | str = ".") -> list[str]:
                     heapq.heappush(ready, index[other])
     if len(order) != len(names):
         stuck = [n for n in names if n not in order]
-        raise ValueError(f"{Path(project_dir) / DVC_FILE}: dependency cycle between stages {stuck}")
+        raise InvalidInputError(f"{Path(project_dir) / DVC_FILE}: dependency cycle between stages {stuck}")
     return order
 
 

@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny real datasets and the CIFAR-10 JPEG subset from ../shared/datasets."""
+"""Shared fixtures: tiny real datasets, images made here with PIL, and the CIFAR-10 JPEGs from ../shared.
+
+Tests that need ../shared/datasets are marked `shared_data` and skipped, with the reason, on a clone
+that has no ../shared beside it.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,13 +17,49 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import CIFAR_JPEG, extract_cifar  # noqa: E402  (bench/common.py: shared with the benchmarks)
 
+SHARED_FIXTURES = {"cifar_subset"}  # fixtures that read ../shared: a test using one must be marked shared_data
+NO_SHARED = f"needs the shared CIFAR-10 JPEG archive {CIFAR_JPEG}, which is absent beside this clone"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marked = item.get_closest_marker("shared_data") is not None
+        if SHARED_FIXTURES & set(item.fixturenames) and not marked:
+            raise pytest.UsageError(f"{item.nodeid} reads ../shared but is not marked shared_data")
+        if marked and not CIFAR_JPEG.exists():
+            item.add_marker(pytest.mark.skip(reason=NO_SHARED))
+
 
 @pytest.fixture(scope="session")
 def cifar_subset(tmp_path_factory) -> Path:
     """A read-only-by-convention ImageFolder tree of 30 real CIFAR-10 JPEGs per class (copy before editing)."""
     if not CIFAR_JPEG.exists():
-        pytest.fail(f"{CIFAR_JPEG} is missing: the real-data tests need the shared CIFAR-10 JPEG archive")
+        pytest.skip(NO_SHARED)
     return extract_cifar(tmp_path_factory.mktemp("cifar"), per_class=30)
+
+
+def write_image_folder(root: Path, classes=CLASSES, per_class: int = 30, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder tree root/train/<class>/ of real files made with PIL: noisy RGB images whose mean
+    colour depends on the class, every third one a PNG, the rest JPEGs; no two files are alike."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, cls in enumerate(classes):
+        folder = root / "train" / cls
+        folder.mkdir(parents=True)
+        base = np.array([40 + 17 * c, 200 - 13 * c, 90 + 11 * (c % 5)], dtype=np.int16)
+        for i in range(per_class):
+            pixels = np.clip(base + rng.integers(-40, 41, (size, size, 3)), 0, 255).astype(np.uint8)
+            suffix = "png" if i % 3 == 0 else "jpg"
+            Image.fromarray(pixels).save(folder / f"{cls}_{i:03d}.{suffix}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A read-only-by-convention ImageFolder tree of 10 classes x 30 PIL-made JPEG/PNG files (copy before editing)."""
+    return write_image_folder(tmp_path_factory.mktemp("images") / "tree")
 
 
 @pytest.fixture(autouse=True)

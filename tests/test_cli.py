@@ -37,3 +37,32 @@ def test_bad_params_file_is_one_clear_line(tmp_path):
     )
     assert out.returncode == 1
     assert "train.epochs" in out.stderr and "Traceback" not in out.stderr
+
+
+def _run_failing_command(tmp_path, raise_line: str) -> subprocess.CompletedProcess:
+    """Run `visionops boom`, a command whose body is `raise_line`, through the real `main()`."""
+    (tmp_path / "params.yaml").write_text("")
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys\n"
+        "from visionops import cli\n"
+        "from visionops.errors import MissingInputError\n"
+        "def boom(params, args, run):\n"
+        f"    {raise_line}\n"
+        "cli.COMMANDS['boom'] = cli.Command(boom, 'fails', 'fails on purpose')\n"
+        "sys.exit(cli.main(['boom', '--params', sys.argv[1]]))\n"
+    )
+    return subprocess.run([sys.executable, str(script), str(tmp_path / "params.yaml")], capture_output=True, text=True)
+
+
+def test_a_user_error_is_one_line_and_exit_1(tmp_path):
+    out = _run_failing_command(tmp_path, "raise MissingInputError('models/teacher.pt: no trained model')")
+    assert out.returncode == 1
+    assert out.stderr.strip() == "visionops boom: error: models/teacher.pt: no trained model"
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path):
+    for bug in ("raise ValueError('a bug')", "open('/nonexistent/file')", "{}['key']"):
+        out = _run_failing_command(tmp_path, bug)
+        assert out.returncode != 0
+        assert "Traceback (most recent call last)" in out.stderr and "boom.py" in out.stderr, bug

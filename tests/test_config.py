@@ -1,5 +1,6 @@
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from visionops.config import ParamsError, Params, load_params, parse_params
 
@@ -58,3 +59,86 @@ def test_file_errors(tmp_path):
     bad.write_text(yaml.safe_dump(["a", "list"]))
     with pytest.raises(ParamsError, match="must be a mapping"):
         load_params(bad)
+
+
+@pytest.mark.parametrize("section,key", [("train", "model"), ("distill", "student")])
+def test_unknown_model_name_names_the_key_and_lists_the_models(section, key):
+    with pytest.raises(ParamsError) as err:
+        parse_params({section: {key: "resnt20"}})
+    msg = str(err.value)
+    assert f"{section}.{key}: unknown model 'resnt20' (did you mean 'resnet20'?)" in msg
+    assert "valid models: fastnet, fastnet_tiny, lenet" in msg
+
+
+def test_check_rejects_an_unknown_model_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  model: resnt20\n")
+    code = (
+        "import sys; from visionops.cli import main; rc = main(['check', '--params', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(params)], capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert "train.model: unknown model 'resnt20'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_model_names_known_to_the_schema_are_the_registry():
+    from visionops.model_names import MODEL_NAMES
+    from visionops.models import list_models
+
+    assert MODEL_NAMES == tuple(list_models())
+
+
+def _schema_keys(model, prefix=""):
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        sub = field.annotation
+        keys |= _schema_keys(sub, key + ".") if isinstance(sub, type) and issubclass(sub, BaseModel) else {key}
+    return keys
+
+
+def _yaml_keys(raw, model, prefix=""):
+    keys = set()
+    for key, value in raw.items():
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == key), None)
+        sub = field.annotation if field is not None else None
+        nested = isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict)
+        keys |= _yaml_keys(value, sub, f"{prefix}{key}.") if nested else {prefix + key}
+    return keys
+
+
+def test_params_yaml_and_the_schema_name_the_same_keys():
+    """params.yaml sets every setting of the default run; the schema's defaults are what an empty section gives."""
+    shipped = _yaml_keys(yaml.safe_load((ROOT / "params.yaml").read_text()), Params)
+    schema = _schema_keys(Params)
+    assert not shipped - schema, f"params.yaml keys the schema does not know: {sorted(shipped - schema)}"
+    assert not schema - shipped, f"schema keys params.yaml does not mention: {sorted(schema - shipped)}"
+
+
+def test_a_model_too_big_for_the_images_is_rejected_naming_both_keys():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"data": {"image_size": 8}, "train": {"model": "lenet"}, "distill": {"student": "fastnet"}})
+    msg = str(err.value)
+    assert "train.model: lenet needs data.image_size >= 16, got 8" in msg
+    assert "(top level)" not in msg
+    parse_params({"data": {"image_size": 16}, "train": {"model": "lenet"}})
+
+
+def test_min_image_sizes_are_what_the_models_build_at():
+    import torch
+
+    from visionops.model_names import MIN_IMAGE_SIZE, MODEL_NAMES
+    from visionops.models import create_model
+
+    floor = Params.model_fields["data"].annotation.model_fields["image_size"].metadata[0].ge
+    for name in MODEL_NAMES:
+        size = MIN_IMAGE_SIZE.get(name, floor)
+        net = create_model(name, in_channels=3, num_classes=4, image_size=size).eval()
+        assert net(torch.rand(2, 3, size, size)).shape == (2, 4), name
+        if size > floor:
+            with pytest.raises((ValueError, RuntimeError)):
+                create_model(name, in_channels=3, num_classes=4, image_size=size - 1).eval()(torch.rand(2, 3, size - 1, size - 1))

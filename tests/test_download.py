@@ -61,10 +61,10 @@ def test_digits_as_rgb_at_other_size(tmp_path):
     assert dataset.load(tmp_path / "ds").image_shape == (16, 16, 3)
 
 
-def test_folder_with_test_split_reports_bad_files(tmp_path, cifar_subset):
+def test_folder_with_test_split_reports_bad_files(tmp_path, image_folder):
     root = tmp_path / "photos"
     for cls in ("cat", "dog"):
-        files = sorted((cifar_subset / "train" / cls).iterdir())
+        files = sorted((image_folder / "train" / cls).iterdir())
         for split, chosen in (("train", files[:20]), ("test", files[20:25])):
             (root / split / cls).mkdir(parents=True)
             for f in chosen:

@@ -148,10 +148,9 @@ def test_bad_params_stop_before_any_stage_works(project):
     assert check.returncode == 1 and "data.image_size" in check.stderr
 
 
-@pytest.fixture
-def cifar_project(project, cifar_subset):
+def _folder_project(project, tree):
     root = project.path.parent / "images"
-    shutil.copytree(cifar_subset, root)
+    shutil.copytree(tree, root)
     project.set_params(
         data={"source": "folder", "root": str(root), "channels": 3},
         validate={"max_imbalance_ratio": 2.0},
@@ -160,6 +159,18 @@ def cifar_project(project, cifar_subset):
     return project, root
 
 
+@pytest.fixture
+def cifar_project(project, cifar_subset):
+    return _folder_project(project, cifar_subset)
+
+
+@pytest.fixture
+def folder_project(project, image_folder):
+    """The same faults on JPEG/PNG files made by the tests: these run on a lone clone too."""
+    return _folder_project(project, image_folder)
+
+
+@pytest.mark.shared_data
 def test_cifar_folder_runs_the_data_stages(cifar_project):
     project, _ = cifar_project
     project.repro("prepare")
@@ -177,15 +188,15 @@ def _fails_naming(project, *names):
     assert "Running stage 'prepare'" not in out.stdout
 
 
-def test_truncated_jpeg_fails_validation(cifar_project):
-    project, root = cifar_project
-    victim = sorted((root / "train" / "bird").iterdir())[3]
+def test_truncated_jpeg_fails_validation(folder_project):
+    project, root = folder_project
+    victim = sorted((root / "train" / "bird").glob("*.jpg"))[3]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     _fails_naming(project, str(victim))
 
 
-def test_image_in_train_and_test_fails_validation(cifar_project):
-    project, root = cifar_project
+def test_image_in_train_and_test_fails_validation(folder_project):
+    project, root = folder_project
     (root / "test" / "frog").mkdir(parents=True)
     for cls in ("frog",):
         for f in sorted((root / "train" / cls).iterdir())[:5]:
@@ -195,8 +206,8 @@ def test_image_in_train_and_test_fails_validation(cifar_project):
     _fails_naming(project, str(leaked), str(root / "test" / "frog" / "copy.jpg"))
 
 
-def test_empty_class_folder_fails_validation(cifar_project):
-    project, root = cifar_project
+def test_empty_class_folder_fails_validation(folder_project):
+    project, root = folder_project
     for f in (root / "train" / "ship").iterdir():
         f.unlink()
     _fails_naming(project, "ship")

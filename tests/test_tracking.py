@@ -237,3 +237,49 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_kill_9_during_train_then_repro_leaves_no_running_run_and_links_the_resume(tmp_path):
+    import psutil
+
+    project = Project(tmp_path / "proj")
+    project.set_params(data={"image_size": 16}, train={"model": "resnet20", "epochs": 8, "batch_size": 32})
+    project.repro("prepare")
+    sidecar = project.path / "models" / "checkpoints" / "train.mlflow.json"
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project.path, env=project.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not sidecar.exists():  # written just after the epoch's checkpoint
+            assert proc.poll() is None, "train ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.05)
+        (stage,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if any(os.path.basename(c) == "visionops" for c in p.cmdline()[:2])]
+        time.sleep(0.3)  # mid-epoch
+        stage.send_signal(signal.SIGKILL)  # the stage only: dvc sees it die and stops
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (orphan,) = _runs(project, "attributes.status = 'RUNNING' and tags.`visionops.role` = 'stage'")
+    assert orphan.data.tags["visionops.stage"] == "train"  # kill -9 left it RUNNING
+
+    project.repro("train")
+    client = _client(project)
+    assert _runs(project, "attributes.status = 'RUNNING'") == []
+    killed = client.get_run(orphan.info.run_id)
+    assert killed.info.status == "KILLED" and "killed or crashed" in killed.data.tags["visionops.end_reason"]
+    (resumed,) = [r for r in _runs(project, "tags.`visionops.stage` = 'train'") if r.info.run_id != killed.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["visionops.resumed_from"] == killed.info.run_id
+    assert killed.data.tags["visionops.resumed_by"] == resumed.info.run_id
+    before = [m.step for m in client.get_metric_history(killed.info.run_id, "val_acc")]
+    after = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_acc")]
+    assert before == list(range(1, len(before) + 1)) and after == list(range(after[0], 9))
+    assert after[0] - 1 in (len(before), len(before) + 1)  # from the last checkpoint (its epoch may be unlogged)
+    parents = {r.info.run_id: r.info.status for r in _runs(project, "tags.`visionops.role` = 'pipeline'")}
+    assert parents[killed.data.tags["mlflow.parentRunId"]] == "KILLED"
+    assert parents[resumed.data.tags["mlflow.parentRunId"]] == "FINISHED"
+    assert list(parents.values()).count("FINISHED") == 2  # prepare's pipeline, and the resumed one

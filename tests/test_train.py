@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,40 @@ def test_early_stopping(digits16, tmp_path):
     assert metrics["epochs_run"] < 30
 
 
+def _plain(value) -> bool:
+    """Only tensors and plain values: what `torch.load(weights_only=True)` can read without code."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str | int) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, torch.Tensor | str | int | float | bool)
+
+
+@pytest.mark.parametrize("schedule,optimizer", [("triangle", "sgd"), ("onecycle", "adamw")])
+def test_checkpoint_holds_plain_values_and_resumes_with_weights_only(tmp_path, schedule, optimizer):
+    from visionops.augment import BatchAugment
+    from visionops.trainer import fit
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(64) % 4
+    cfg = TrainConfig(epochs=2, batch_size=16, schedule=schedule, optimizer=optimizer, lookahead=True)
+    augment = BatchAugment.from_config(AugmentConfig(), num_classes=4)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 4))
+
+    def criterion(logits, targets, _x):
+        return F.cross_entropy(logits, targets)
+
+    ckpt = tmp_path / "ck.pt"
+    _, first = fit(model(), (x, y), (x, y), cfg, augment, criterion, torch.device("cpu"), ckpt, "fp")
+    payload = torch.load(ckpt, weights_only=True)
+    assert _plain(payload) and payload["state"]["epoch"] == 2
+    _, resumed = fit(model(), (x, y), (x, y), cfg, augment, criterion, torch.device("cpu"), ckpt, "fp")
+    assert resumed.epoch == 2 and resumed.history == first.history
+
+
 @pytest.fixture
 def prepared_project(tmp_path):
     project = Project(tmp_path / "proj")
@@ -120,7 +155,7 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
         assert proc.poll() is None, "train ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint after 240 s"
         time.sleep(0.05)
-    saved_epoch = torch.load(ckpt, weights_only=False)["state"]["epoch"]
+    saved_epoch = torch.load(ckpt, weights_only=True)["state"]["epoch"]
     time.sleep(0.3)  # mid-epoch
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -131,6 +166,11 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
     assert metrics["epochs_run"] == 8 and saved_epoch < 8
     history = classifier.load(project.path / "models" / "teacher.pt")[1]["history"]
     assert [r["epoch"] for r in history] == list(range(1, 9))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("visionops").experiment_id], "tags.`visionops.stage` = 'train'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the whole process group was killed
+    killed, resumed = sorted(runs, key=lambda r: r.info.status, reverse=True)
+    assert resumed.data.tags["visionops.resumed_from"] == killed.info.run_id
 
 
 @pytest.mark.slow

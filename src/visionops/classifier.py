@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from visionops.atomic import atomic_path
+from visionops.errors import MissingInputError
 from visionops.models import create_model
 
 
@@ -58,7 +59,7 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Classifi
     """Rebuild a saved classifier in eval mode; also returns the saved metadata."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no trained model (run `visionops train`)")
+        raise MissingInputError(f"{path}: no trained model (run `visionops train`)")
     info = torch.load(path, map_location="cpu", weights_only=True)
     state = info.pop("state_dict")
     model = build(info["arch"], info["class_names"], tuple(info["image_shape"]), state["mean"].flatten(), state["std"].flatten())

@@ -328,7 +328,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from visionops.errors import USER_ERRORS
+    from visionops.errors import VisionopsError
     from visionops.gctune import tune_gc
 
     tune_gc()
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = cmd.fn(params, args, run)
         else:
             result = cmd.fn(params, args, None)
-    except USER_ERRORS as exc:
+    except VisionopsError as exc:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"visionops {args.command}: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
+from visionops.model_names import MIN_IMAGE_SIZE, check_model_name
 
 DEFAULT_PARAMS = Path("params.yaml")
+ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
 
 
 class ParamsError(VisionopsError, ValueError):
@@ -86,7 +88,7 @@ class AugmentConfig(Section):
 class TrainConfig(Section):
     """The teacher's training run."""
 
-    model: str = "lenet"
+    model: ModelName = "lenet"
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -122,7 +124,7 @@ class EvaluateConfig(Section):
 class DistillConfig(Section):
     """Hinton knowledge distillation of a small student from the trained teacher."""
 
-    student: str = "slim_resnet"
+    student: ModelName = "slim_resnet"
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)  # weight of the KD term; 1 - alpha on the hard labels
     epochs: int = Field(15, ge=1, le=10_000)
@@ -185,6 +187,14 @@ class Params(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _models_fit_the_images(self) -> Params:
+        for key, name in (("train.model", self.train.model), ("distill.student", self.distill.student)):
+            need = MIN_IMAGE_SIZE.get(name, 0)
+            if self.data.image_size < need:
+                raise ValueError(f"{key}: {name} needs data.image_size >= {need}, got {self.data.image_size}")
+        return self
+
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at `loc` (the parent of an offending key)."""
@@ -206,9 +216,11 @@ def _describe(err: dict) -> str:
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}"
+    if not loc and err["type"] == "value_error":  # a rule across sections names its keys itself
+        return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {err['msg']}{shown}"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def parse_params(raw: object, origin: str = "params") -> Params:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visionops.errors import InvalidInputError, MissingInputError
+
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 
@@ -106,10 +108,10 @@ def load(root: Path | str, mmap: bool = True) -> Dataset:
     root = Path(root)
     meta_path = root / "meta.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{root}: not a visionops dataset (no meta.json); run `visionops download`")
+        raise MissingInputError(f"{root}: not a visionops dataset (no meta.json); run `visionops download`")
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+        raise InvalidInputError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
     splits = {}
     for name in meta["splits"]:
         d = root / name

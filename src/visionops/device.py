@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from visionops.errors import InvalidInputError
+
 
 def select_device(requested: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
@@ -17,7 +19,7 @@ def select_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
     if not available.get(requested, False):
-        raise ValueError(f"train.device: '{requested}' is not available on this machine")
+        raise InvalidInputError(f"train.device: '{requested}' is not available on this machine")
     return torch.device(requested)
 
 

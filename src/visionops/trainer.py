@@ -140,6 +140,7 @@ def init_from_data(model: nn.Module, images: Tensor, sample: int = 5000, seed: i
 
 
 def _save_checkpoint(path: Path, fingerprint: str, state: TrainState, model, opt, sched, gen) -> None:
+    """Only tensors and plain values (the RNG state is a uint8 tensor): loadable with `weights_only=True`."""
     payload = {
         "fingerprint": fingerprint,
         "generator_device": gen.device.type,
@@ -156,7 +157,7 @@ def _save_checkpoint(path: Path, fingerprint: str, state: TrainState, model, opt
 def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, sched, gen) -> TrainState:
     if path is None or not path.exists():
         return TrainState()
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("fingerprint") != fingerprint or ckpt.get("generator_device", "cpu") != gen.device.type:
         print(f"train: {path} was made with other settings or data; starting fresh", file=sys.stderr)
         return TrainState()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from visionops.errors import InvalidInputError
 from visionops.models.registry import register_model
 
 
@@ -16,7 +17,7 @@ class LeNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: int):
         super().__init__()
         if image_size < 16:
-            raise ValueError(f"lenet needs image_size >= 16, got {image_size}")
+            raise InvalidInputError(f"lenet needs image_size >= 16, got {image_size}")
         side = _pooled_size(image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5),

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from visionops.errors import InvalidInputError
+
 ModelBuilder = Callable[..., nn.Module]
 
 _MODELS: dict[str, ModelBuilder] = {}
@@ -29,7 +31,7 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
     try:
         builder = _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+        raise InvalidInputError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     return builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
 
 

@@ -28,6 +28,7 @@ from visionops import dataset
 from visionops.atomic import atomic_path
 from visionops.calibration import expected_calibration_error
 from visionops.config import EvaluateConfig, PromoteConfig
+from visionops.errors import InvalidInputError, MissingInputError
 from visionops.fetch import file_md5
 from visionops.images import IMAGE_SUFFIXES
 from visionops.latency import call_latency_ms, paired_latency
@@ -443,7 +444,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
+            raise MissingInputError(f"{p}: no such file or directory")
     return out
 
 
@@ -456,7 +457,7 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
     with an empty label and their error. Returns the number of rows (files) written.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     files = expand_paths(paths)
     if not files:
         raise RegistryError(f"no PNG/JPEG files found in {', '.join(map(str, paths))}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from visionops.config import DataConfig
 from visionops.dataset import Split
+from visionops.errors import InvalidInputError
 from visionops.fetch import fetch
 from visionops.images import array_to_canonical
 from visionops.sources import SourceData
@@ -70,20 +71,20 @@ def read_archive(archive: Path | str) -> tuple[list[str], dict[str, tuple[np.nda
                 if key is None:
                     continue
                 if not member.isfile() or key in raw:
-                    raise ValueError(f"{archive}: member {member.name} is not a single regular file")
+                    raise InvalidInputError(f"{archive}: member {member.name} is not a single regular file")
                 data = tar.extractfile(member).read()
                 raw[key] = _unpickle(archive, member.name, data)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ValueError(f"{archive}: not a readable tar archive: {exc}") from exc
+        raise InvalidInputError(f"{archive}: not a readable tar archive: {exc}") from exc
 
     def member(key: str) -> dict:
         if key not in raw:
-            raise ValueError(f"{archive}: missing member {PREFIX}/{key}")
+            raise InvalidInputError(f"{archive}: missing member {PREFIX}/{key}")
         return raw[key]
 
     names = member(META).get(b"label_names")
     if not isinstance(names, list) or not names:
-        raise ValueError(f"{archive}: member {PREFIX}/{META} has no b'label_names' list")
+        raise InvalidInputError(f"{archive}: member {PREFIX}/{META} has no b'label_names' list")
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     batches = {key: _batch(archive, key, member(key), len(class_names)) for key in (*TRAIN_BATCHES, TEST_BATCH)}
     return class_names, batches
@@ -93,9 +94,9 @@ def _unpickle(archive: Path | str, name: str, data: bytes) -> dict:
     try:
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # any unpickling failure means a malformed member
-        raise ValueError(f"{archive}: member {name} is not a valid pickle: {exc}") from exc
+        raise InvalidInputError(f"{archive}: member {name} is not a valid pickle: {exc}") from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{archive}: member {name} holds a {type(obj).__name__}, not a dict")
+        raise InvalidInputError(f"{archive}: member {name} holds a {type(obj).__name__}, not a dict")
     return obj
 
 
@@ -105,15 +106,15 @@ def _batch(archive: Path | str, key: str, d: dict, n_classes: int) -> tuple[np.n
     ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
     if not ok or data.shape[1] != 3 * SIDE * SIDE:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"{where}: b'data' must be a uint8 N x {3 * SIDE * SIDE} array, got {got}")
+        raise InvalidInputError(f"{where}: b'data' must be a uint8 N x {3 * SIDE * SIDE} array, got {got}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: b'labels' is not a list of integers") from exc
+        raise InvalidInputError(f"{where}: b'labels' is not a list of integers") from exc
     if labels.shape != (len(data),):
-        raise ValueError(f"{where}: {labels.size} labels for {len(data)} images")
+        raise InvalidInputError(f"{where}: {labels.size} labels for {len(data)} images")
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"{where}: labels outside 0..{n_classes - 1}")
+        raise InvalidInputError(f"{where}: labels outside 0..{n_classes - 1}")
     return data, labels
 
 

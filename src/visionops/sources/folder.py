@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from visionops.config import DataConfig
 from visionops.dataset import Rejected, Split
+from visionops.errors import InvalidInputError, MissingInputError
 from visionops.images import IMAGE_SUFFIXES, decode_file
 from visionops.sources import SourceData
 
@@ -26,14 +27,14 @@ def _split_roots(root: Path) -> dict[str, Path]:
     if not named:
         return {"train": root}
     if "train" not in named:
-        raise ValueError(f"{root}: has {', '.join(named)}/ but no train/ subfolder")
+        raise InvalidInputError(f"{root}: has {', '.join(named)}/ but no train/ subfolder")
     return named
 
 
 def _class_names(split_root: Path) -> list[str]:
     names = sorted(p.name for p in split_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise ValueError(f"{split_root}: no class folders (expected {split_root}/<class>/<image>)")
+        raise InvalidInputError(f"{split_root}: no class folders (expected {split_root}/<class>/<image>)")
     return names
 
 
@@ -57,7 +58,7 @@ def _decode_all(paths: list[str], cfg: DataConfig, desc: str) -> list:
 def load(cfg: DataConfig) -> SourceData:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root: {root} is not a directory")
+        raise MissingInputError(f"data.root: {root} is not a directory")
     roots = _split_roots(root)
     class_names = _class_names(roots["train"])
     index = {name: i for i, name in enumerate(class_names)}
@@ -65,7 +66,7 @@ def load(cfg: DataConfig) -> SourceData:
     for split, split_root in roots.items():
         extra = sorted(set(_class_names(split_root)) - set(index))
         if extra:
-            raise ValueError(f"{split_root}: class folders {extra} are not in {roots['train']}")
+            raise InvalidInputError(f"{split_root}: class folders {extra} are not in {roots['train']}")
         files, labels = [], []
         for name in class_names:
             class_dir = split_root / name

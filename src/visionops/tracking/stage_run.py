@@ -4,6 +4,7 @@ The stage cores know nothing of MLflow: the CLI wraps each core in `track_stage`
 plain callbacks (`log_epoch`). A stage that logs only its result (no epochs, no models) has its run
 kept by a helper process (`BackgroundRun`): importing MLflow and opening the run take ~2.5 s, which
 then happen on the other core while the stage works (threads would not help: both halves hold the GIL).
+After a crash the store still tells the truth: see `visionops.tracking.faults`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from visionops.config import Params
 from visionops.gctune import tune_gc
-from visionops.tracking import lineage
+from visionops.tracking import faults, lineage
 from visionops.tracking.store import configure, project_root
 
 ROLE_TAG, PIPELINE_TAG = "visionops.role", "visionops.pipeline_run_id"
@@ -40,13 +41,18 @@ def numeric(result: dict) -> dict[str, float]:
 class StageRun:
     """Logging handle for the active stage run."""
 
-    def __init__(self, run_id: str, stage: str, lineage_tags: dict[str, str]):
-        self.run_id, self.stage, self.lineage_tags = run_id, stage, lineage_tags
+    def __init__(self, run_id: str, stage: str, lineage_tags: dict[str, str], resume: faults.ResumeLink | None = None):
+        self.run_id, self.stage, self.lineage_tags, self.resume = run_id, stage, lineage_tags, resume
 
     def log_epoch(self, desc: str, row: dict) -> None:
-        """Per-epoch curves, step = epoch; the distill stage prefixes its two students."""
+        """Per-epoch curves, step = epoch; the distill stage prefixes its two students.
+
+        Called after the epoch's checkpoint is written: a resumed run is linked to the one it continues.
+        """
         import mlflow
 
+        if self.resume is not None:
+            self.resume.on_epoch(desc, int(row["epoch"]))
         prefix = "" if desc == "train" else desc.replace(" ", "_") + "/"
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
@@ -67,14 +73,18 @@ class StageRun:
 
 
 def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: dict[str, str]) -> str:
-    """The parent run grouping this pipeline run's stages (created by its first stage)."""
+    """The parent run grouping this pipeline run's stages (created by its first stage), RUNNING again
+    while a stage runs unless a stage already failed or was killed."""
     found = client.search_runs(
         [experiment_id], f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{ROLE_TAG}` = 'pipeline'", max_results=1
     )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"pipeline {pipeline_id}", tags={**tags, ROLE_TAG: "pipeline"})
-    return run.info.run_id
+    if not found:
+        owner = faults.pipeline_owner_tags(pipeline_id)
+        tags = {**tags, **owner, ROLE_TAG: "pipeline"}
+        return client.create_run(experiment_id, run_name=f"pipeline {pipeline_id}", tags=tags).info.run_id
+    if faults.SEVERITY.get(found[0].info.status, 3) < faults.SEVERITY["KILLED"]:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+    return found[0].info.run_id
 
 
 def _dataset_input(root: Path, hashes: dict[str, str], commit: str):
@@ -87,8 +97,14 @@ def _dataset_input(root: Path, hashes: dict[str, str], commit: str):
 
 
 @contextlib.contextmanager
-def _mlflow_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator[StageRun]:
-    """The stage's run, in this process: under its pipeline parent, with lineage tags, params and dataset."""
+def _mlflow_run(
+    stage: str, params: Params, sections: tuple[str, ...], owner_pid: int | None = None, resumable: bool = False
+) -> Iterator[StageRun]:
+    """The stage's run: under its pipeline parent, with lineage tags, params and dataset.
+
+    `owner_pid` is the stage's process (default: this one); runs of processes that died are ended first.
+    A `resumable` stage (one that checkpoints) links its run to the run whose checkpoint it resumes.
+    """
     import mlflow
 
     root = project_root()
@@ -109,6 +125,7 @@ def _mlflow_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterat
     flow_run = os.environ.get(lineage.PREFECT_FLOW_RUN_ENV)
     if flow_run:
         common["prefect.flow_run_id"] = flow_run
+    faults.end_orphans(client, experiment_id)
     parent_id = _pipeline_parent(client, experiment_id, pipeline_id, common)
     lineage_tags = {**common, "dvc.data_version": lineage.data_version(hashes)}
     tags = {
@@ -116,23 +133,25 @@ def _mlflow_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterat
         ROLE_TAG: "stage",
         "visionops.stage": stage,
         "mlflow.parentRunId": parent_id,
+        **faults.owner_tags(owner_pid),
         **{f"dvc.dep.{path}": md5 for path, md5 in hashes.items()},
     }
     dump = params.model_dump(by_alias=True)
     status = "FAILED"
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+            resume = faults.ResumeLink(client, stage, run.info.run_id) if resumable else None
             mlflow.log_params(flatten({s: dump[s] for s in sections}))
             if "data/dataset" in hashes:
                 mlflow.log_input(_dataset_input(root, hashes, git["commit"]), context=stage)
-            yield StageRun(run.info.run_id, stage, lineage_tags)
-            status = "FINISHED"
+            try:
+                yield StageRun(run.info.run_id, stage, lineage_tags, resume)
+                status = "FINISHED"
+            finally:
+                if resume is not None:
+                    resume.on_end(status)
     finally:
-        client.set_terminated(parent_id, status)
-
-
-class StageFailed(Exception):
-    """The stage failed (or its process died): the helper ends the run FAILED."""
+        faults.settle_parent(client, parent_id)
 
 
 class BackgroundRun:
@@ -152,7 +171,12 @@ class BackgroundRun:
             text=True,
             env=env,
         )
-        request = {"stage": stage, "params": params.model_dump(mode="json", by_alias=True), "sections": sections}
+        request = {
+            "stage": stage,
+            "params": params.model_dump(mode="json", by_alias=True),
+            "sections": sections,
+            "owner_pid": os.getpid(),  # the stage's process owns the run, not the helper
+        }
         self._helper.stdin.write(json.dumps(request) + "\n")
         self._helper.stdin.flush()
         self._result: dict = {"metrics": {}, "reports_dir": None}
@@ -180,19 +204,23 @@ class BackgroundRun:
 
 def _serve_background_run() -> None:
     """The helper behind `BackgroundRun`: open the run, say so on stdout, then log what the stage sends on stdin."""
+    import mlflow
+
     tune_gc()
     ready, sys.stdout = sys.stdout, sys.stderr  # stdout only carries the "open" line
     request = json.loads(sys.stdin.readline())
     params = Params.model_validate(request["params"])
-    with contextlib.suppress(StageFailed), _mlflow_run(request["stage"], params, tuple(request["sections"])) as run:
+    with _mlflow_run(request["stage"], params, tuple(request["sections"]), request["owner_pid"]) as run:
         with contextlib.suppress(BrokenPipeError):  # the stage process is gone
             ready.write("open\n")
             ready.flush()
         line = sys.stdin.readline()  # empty if the stage process died
-        outcome = json.loads(line) if line else {"metrics": {}, "reports_dir": None, "status": "FAILED"}
+        outcome = json.loads(line) if line else {"metrics": {}, "reports_dir": None, "status": "KILLED"}
         run.log_result(outcome["metrics"], outcome["reports_dir"])
+        if not line:
+            mlflow.set_tag(faults.END_REASON_TAG, "the stage process ended without reporting (killed or crashed)")
         if outcome["status"] != "FINISHED":
-            raise StageFailed
+            mlflow.end_run(outcome["status"])
 
 
 @contextlib.contextmanager
@@ -206,7 +234,7 @@ def track_stage(
     if not params.mlflow.enabled or int(os.environ.get("RANK", "0")) != 0:
         yield None
     elif in_process:
-        with _mlflow_run(stage, params, sections) as run:
+        with _mlflow_run(stage, params, sections, resumable=True) as run:
             yield run
     else:
         run = BackgroundRun(stage, params, sections)

@@ -1,0 +1,138 @@
+"""Runs that tell the truth after a crash: who runs them, orphans ended, resumes linked, parents' status.
+
+- Every run records the process that owns it (host, pid, start time). When a stage run starts, the
+  RUNNING runs of the experiment whose owner is gone from this host are ended KILLED, with the reason.
+- A pipeline's parent run takes the status of its worst stage (FAILED > KILLED > RUNNING > FINISHED).
+- A stage that resumes from a checkpoint links its run to the run that wrote the checkpoint. The link
+  lives in a sidecar beside the checkpoints (`<stage>.mlflow.json`): the run that owns the checkpoint
+  progress and its last epoch per training loop. The trainer knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from visionops import atomic, layout
+
+HOST_TAG, PID_TAG, STARTED_TAG = "visionops.host", "visionops.pid", "visionops.process_started"
+END_REASON_TAG = "visionops.end_reason"
+RESUMED_FROM_TAG, RESUMED_BY_TAG = "visionops.resumed_from", "visionops.resumed_by"
+SEVERITY = {"FINISHED": 0, "SCHEDULED": 1, "RUNNING": 1, "KILLED": 2, "FAILED": 3}
+
+
+def owner_tags(pid: int | None = None, started: float | None = None) -> dict[str, str]:
+    """Tags naming the process that owns a run (this process by default)."""
+    if started is None:
+        import psutil
+
+        pid = pid or os.getpid()
+        started = psutil.Process(pid).create_time()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid or os.getpid()), STARTED_TAG: f"{started:.0f}"}
+
+
+def pipeline_owner_tags(pipeline_id: str) -> dict[str, str]:
+    """The owner of a pipeline run: the `dvc` process of `dvc-<pid>-<start>` ids, this process for
+    `single-` ids, none (unknown) for ids set from outside (the Prefect flow's)."""
+    if pipeline_id.startswith("dvc-"):
+        _, pid, started = pipeline_id.split("-")
+        return owner_tags(int(pid), float(started))
+    return owner_tags() if pipeline_id.startswith("single-") else {}
+
+
+def owner_gone(tags: dict[str, str]) -> bool:
+    """True when the run's owner was a process of this host that no longer exists (pid reuse included)."""
+    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+        return False
+    import psutil
+
+    try:
+        started = psutil.Process(int(tags[PID_TAG])).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    return abs(started - float(tags.get(STARTED_TAG, started))) > 1.0
+
+
+def worst(statuses) -> str:
+    return max(statuses, key=lambda s: SEVERITY.get(s, 3), default="FINISHED")
+
+
+def settle_parent(client, parent_id: str, floor: str = "FINISHED") -> str:
+    """Give a pipeline's parent run the status of its worst stage run (at least `floor`)."""
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000
+    )
+    status = worst([floor, *(run.info.status for run in children)])
+    if SEVERITY[status] == SEVERITY["RUNNING"]:
+        client.update_run(parent_id, status="RUNNING")
+    elif parent.info.status != status or parent.info.end_time is None:
+        client.set_terminated(parent_id, status)
+    return status
+
+
+def end_orphans(client, experiment_id: str) -> list[str]:
+    """End KILLED the RUNNING runs whose owner process is gone from this host; return their ids."""
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=10_000)
+    orphans = [run for run in running if owner_gone(run.data.tags)]
+    parents = set()
+    for run in orphans:
+        tags = run.data.tags
+        why = f"process {tags[PID_TAG]} on {tags[HOST_TAG]} ended without closing the run (killed or crashed)"
+        client.set_tag(run.info.run_id, END_REASON_TAG, why)
+        if tags.get("visionops.role") == "pipeline":
+            settle_parent(client, run.info.run_id, floor="KILLED")
+        else:
+            client.set_terminated(run.info.run_id, "KILLED")
+            if "mlflow.parentRunId" in tags:
+                parents.add(tags["mlflow.parentRunId"])
+    for parent_id in parents - {run.info.run_id for run in orphans}:
+        settle_parent(client, parent_id)
+    return [run.info.run_id for run in orphans]
+
+
+class ResumeLink:
+    """Ties a stage's run to the run whose checkpoint it resumes, through the sidecar beside the checkpoints.
+
+    The sidecar names the run that owns the checkpoint progress and the last epoch of each training
+    loop (`desc`). A run resumes that progress when its first epoch of such a loop is not the first (the
+    trainer resumed a checkpoint), or when it trains only loops the sidecar does not name (those it
+    names were complete), or nothing.
+    """
+
+    def __init__(self, client, stage: str, run_id: str, directory: Path = layout.CHECKPOINTS):
+        self.client, self.run_id = client, run_id
+        self.path = Path(directory) / f"{stage}.mlflow.json"
+        try:
+            self.previous = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.previous = None
+        self.first: dict[str, int] = {}
+        self.last: dict[str, int] = {}
+        self.resumed: bool | None = None if self.previous else False
+
+    def on_epoch(self, desc: str, epoch: int) -> None:
+        """Call after each epoch's checkpoint is written."""
+        if desc not in self.first:
+            self.first[desc] = epoch
+            if self.resumed is None:
+                earlier = self.previous["epochs"]
+                self._decide(epoch > 1 if desc in earlier else True)
+        self.last[desc] = epoch
+        carried = self.previous["epochs"] if self.resumed else {}
+        atomic.write_json(self.path, {"run_id": self.run_id, "epochs": {**carried, **self.last}})
+
+    def on_end(self, status: str) -> None:
+        """Decide a resume that had nothing left to train; forget the checkpoints once the stage succeeded."""
+        if self.resumed is None:
+            self._decide(True)
+        if status == "FINISHED":
+            self.path.unlink(missing_ok=True)
+
+    def _decide(self, resumed: bool) -> None:
+        self.resumed = resumed and self.previous["run_id"] != self.run_id
+        if self.resumed:
+            self.client.set_tag(self.run_id, RESUMED_FROM_TAG, self.previous["run_id"])
+            self.client.set_tag(self.previous["run_id"], RESUMED_BY_TAG, self.run_id)
