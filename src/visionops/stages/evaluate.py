@@ -194,9 +194,9 @@ def run_evaluate(
     test = ds.splits["test"]
     y = np.asarray(test.labels, dtype=np.int64)
 
-    raw = classifier.predict_logits(model, test.images, dev, eval_batch_size, calibrated=False).double().numpy()
+    raw32 = classifier.predict_logits(model, test.images, dev, eval_batch_size, calibrated=False)
     temperature = float(info["temperature"])
-    logits = raw / temperature  # what the served model computes
+    raw, logits = raw32.double().numpy(), (raw32 / temperature).double().numpy()  # logits: what is served
     probs_raw = calibration.probabilities(raw)
     probs = calibration.probabilities(logits)
     pred, conf = probs.argmax(1), probs.max(1)
