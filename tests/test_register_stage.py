@@ -4,6 +4,8 @@ it just registered. Real CLI, real MLflow SQLite store, real (tiny) trained mode
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +21,7 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from visionops import classifier, dataset, layout
 from visionops.cli import main
+from visionops.registry.pyfunc import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["a", "b", "c"]
@@ -133,3 +136,24 @@ def test_register_with_tracking_off_registers_nothing(project, capsys):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _register(capsys)["registered"] == []
     assert not (project / "mlflow.db").exists()
+
+
+def test_predict_writes_every_row_then_fails_when_a_file_failed(project, capsys):
+    _register(capsys)
+    ds = dataset.load(project / layout.HOLDOUT)
+    folder = project / "incoming"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(base64.b64decode(encode_png(np.asarray(ds.splits["holdout"].images[i]))))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = project / "predictions.csv"
+    assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"visionops predict: error: 1 of 4 files could not be classified; see the error column of {out}" in err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"0.png", "1.png", "2.png", "broken.png"}
+    assert rows["broken.png"]["label"] == "" and rows["broken.png"]["error"].startswith("cannot decode image bytes")
+    assert all(rows[f"{i}.png"]["label"] == NAMES[ds.splits["holdout"].labels[i]] for i in range(3))
+    (folder / "broken.png").unlink()
+    assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3

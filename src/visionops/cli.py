@@ -298,8 +298,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     "predict",
     "classify image files or folders with a registered model",
     "Classify PNG/JPEG files (folders are searched recursively) with a registered model, preprocessing them "
-    "exactly as in training and serving, and write a CSV of path, label, probability (and error for files "
-    "that cannot be decoded).",
+    "exactly as in training and serving (the same per-row path and image size limit as the served model), and "
+    "write a CSV of path, label, probability and error (empty unless the file could not be read or decoded). "
+    "Every row is written first; then the exit code is 1 if any file failed.",
     arguments=_predict_arguments,
 )
 def _predict(params, args, run) -> dict:
