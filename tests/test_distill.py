@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from visionops import classifier, dataset
+from visionops.calibration import fit_temperature
 from visionops.config import (
     AugmentConfig,
     BalanceConfig,
@@ -128,11 +129,12 @@ def test_criterion_alpha_one_is_kd_and_mixes_linearly():
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """Real digits at 16x16: the dataset, the prepared split and a 3-epoch lenet teacher."""
+    """Real digits at 16x16: the dataset, the prepared split and a 3-epoch lenet teacher (selected,
+    and so served, with mirrored test-time augmentation)."""
     root = tmp_path_factory.mktemp("distill")
     run_download(DataConfig(image_size=16), root / "dataset")
     run_prepare(root / "dataset", BalanceConfig(), AugmentConfig(), root / "prepared", root / "reports_prepare")
-    train_cfg = TrainConfig(model="lenet", epochs=3, batch_size=32, device="cpu")
+    train_cfg = TrainConfig(model="lenet", epochs=3, batch_size=32, device="cpu", tta="flip")
     run_train(root / "dataset", root / "prepared", train_cfg, AugmentConfig(), root / "teacher.pt", root / "reports_train", root / "ck.pt")
     return root, train_cfg
 
@@ -188,6 +190,13 @@ def test_run_distill_end_to_end(digits, tmp_path):
     assert info["arch"] == "slim_resnet" and info["teacher"]["arch"] == "lenet" and len(info["history"]) == 2
     torch.testing.assert_close(student.mean, teacher.mean)
     torch.testing.assert_close(student.std, teacher.std)
+    # both files carry their served rule: the selection's TTA and the temperature fitted on val
+    val = ds.splits["val"]
+    for model, saved in ((teacher, classifier.load(root / "teacher.pt")[1]), (student, info)):
+        raw = classifier.predict_logits(model, np.array(val.images), torch.device("cpu"), calibrated=False)
+        assert saved["tta"] == "flip" and saved["temperature"] == pytest.approx(fit_temperature(raw, val.labels), rel=1e-6)
+        assert saved["temperature"] != 1.0
+    assert m["student_tta"] == "flip" and m["student_temperature"] == info["temperature"]
 
     def acc(model):
         return float((classifier.predict_logits(model, np.array(test.images), torch.device("cpu")).argmax(1).numpy() == test.labels).mean())

@@ -11,14 +11,17 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -29,15 +32,18 @@ import torch
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
-from PIL import Image
+from PIL import Image, ImageFile
 
 from visionops import classifier, dataset
 from visionops.fetch import file_md5
-from visionops.registry.promotion import find_version_by_file, predict_paths
+from visionops.registry.promotion import PredictionFailed, find_version_by_file, predict_paths
 from visionops.registry.pyfunc import (
+    MAX_BATCH_ROWS,
+    MAX_IMAGE_PIXELS,
     ImageClassifierModel,
     ImageInputError,
     RegistryError,
+    RequestError,
     encode_png,
     log_classifier,
 )
@@ -198,8 +204,11 @@ def test_log_classifier_registers_challenger_with_tags(store, models, tmp_path):
     info = mlflow.models.get_model_info("models:/test-classifier@challenger")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image"]
     assert [c["name"] for c in info.signature.outputs.to_dict()] == [
-        "label", "label_index", "probability", *(f"prob_{c}" for c in CLASSES)
+        "label", "label_index", "probability", *(f"prob_{c}" for c in CLASSES), "error"
     ]
+    # logged as code (models-from-code): no pickled python model in the artifact
+    conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    assert conf["model_code_path"].endswith("served_model.py") and not list(local.rglob("*.pkl"))
     example = json.loads((local / "input_example.json").read_text())
     assert example["columns"] == ["image"]
     png = Image.open(io.BytesIO(base64.b64decode(example["data"][0][0])))
@@ -233,7 +242,8 @@ def test_pyfunc_predict_base64_and_arrays_agree_with_classifier(store, models, d
 
     pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     out = pm.predict(pd.DataFrame({"image": [_png_b64(im) for im in images]}))
-    assert list(out.columns) == ["label", "label_index", "probability", *(f"prob_{c}" for c in CLASSES)]
+    assert list(out.columns) == ["label", "label_index", "probability", *(f"prob_{c}" for c in CLASSES), "error"]
+    assert list(out["error"]) == [""] * 12
     np.testing.assert_array_equal(out["label_index"], expected.argmax(1))
     assert list(out["label"]) == [CLASSES[i] for i in expected.argmax(1)]
     np.testing.assert_allclose(out[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-6)
@@ -269,23 +279,95 @@ def test_pyfunc_canonicalises_any_size_and_colour(store, models, data_dir):
         np.testing.assert_array_equal(got["label_index"], labels)
 
 
-def test_pyfunc_bad_input_names_the_row(store, models):
+def test_pyfunc_answers_each_row_on_its_own(store, models, data_dir):
+    _log(models["good"])
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    raw = pm.unwrap_python_model()
+    ds = dataset.load(data_dir)
+    images, labels = np.asarray(ds.splits["test"].images[:3]), ds.splits["test"].labels[:3]
+    good = [_png_b64(im) for im in images]
+    bad = {
+        1: ("%%% not an image", r"^string is not base64-encoded image data$"),
+        3: (base64.b64encode(b"GIF89a nope").decode(), r"^cannot decode image bytes: not a PNG/JPEG image"),
+        5: (base64.b64encode(b"\x89PNG\r\n\x1a\n truncated").decode(), r"^cannot decode image bytes: "),
+    }
+    column = [good[0], bad[1][0], good[1], bad[3][0], good[2], bad[5][0]]
+    for out in (raw.predict(None, pd.DataFrame({"image": column})), pm.predict(pd.DataFrame({"image": column}))):
+        assert list(out.columns)[-1] == "error" and len(out) == 6
+        for i, (_, pattern) in bad.items():
+            assert re.search(pattern, out["error"][i]) and "\n" not in out["error"][i]
+            assert out["label"][i] is None and out["probability"][i] is None
+        assert list(out["error"][[0, 2, 4]]) == ["", "", ""]
+        assert list(out["label"][[0, 2, 4]]) == [CLASSES[k] for k in labels]
+        assert list(out["label_index"][[0, 2, 4]]) == list(labels)
+    arrays = raw.predict(None, pd.DataFrame({"image": [np.full((4, 4), 300), np.zeros((4, 4, 2), np.uint8), images[0]]}))
+    assert re.match(r"pixel values must be whole numbers in 0\.\.255", arrays["error"][0])
+    assert re.match(r"array of shape \(4, 4, 2\) is not an image", arrays["error"][1])
+    assert arrays["error"][2] == "" and arrays["label"][2] == CLASSES[labels[0]]
+    every_row_bad = raw.predict(None, pd.DataFrame({"image": ["%%%", "%%%"]}))
+    assert every_row_bad["error"].str.startswith("string is not base64").all()
+
+
+def test_pyfunc_whole_request_errors(store, models):
     _log(models["good"])
     pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     good = _png_b64(np.zeros(SHAPE, np.uint8))
-    with pytest.raises(ImageInputError, match=r"row 1: .*not base64"):
-        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [good, "%%% not an image"]}))
-    with pytest.raises(ImageInputError, match=r"row 2: cannot decode image bytes: not a PNG/JPEG image"):
-        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [good, good, base64.b64encode(b"GIF89a nope").decode()]}))
-    with pytest.raises(ImageInputError, match=r"row 0: pixel values must be whole numbers in 0\.\.255"):
-        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [np.full((4, 4), 300)]}))
-    with pytest.raises(ImageInputError, match=r"row 0: array of shape \(4, 4, 2\) is not an image"):
-        pm.unwrap_python_model().predict(None, pd.DataFrame({"image": [np.zeros((4, 4, 2), np.uint8)]}))
     with pytest.raises(ImageInputError, match="expected a column 'image'"):
         pm.unwrap_python_model().predict(None, pd.DataFrame({"a": [good], "b": [good]}))
-    # through the pyfunc wrapper (signature enforcement included) the error still names the row
-    with pytest.raises(Exception, match="row 1"):
-        pm.predict(pd.DataFrame({"image": [good, "not-base64!"]}))
+    with pytest.raises(RequestError, match=f"{MAX_BATCH_ROWS + 1} rows in one request; the limit is {MAX_BATCH_ROWS}") as exc:
+        pm.predict(pd.DataFrame({"image": [good] * (MAX_BATCH_ROWS + 1)}))
+    assert exc.value.get_http_status_code() == 400 and "stack_trace" not in exc.value.serialize_as_json()
+    assert len(pm.predict(pd.DataFrame({"image": [good] * MAX_BATCH_ROWS}))) == MAX_BATCH_ROWS
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _huge_png(side: int) -> bytes:
+    """A valid greyscale PNG of side x side black pixels (~170 KB for 13000), built row by row."""
+    z = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte 0 + pixels
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def test_pyfunc_refuses_huge_images_from_the_header(store, models, monkeypatch):
+    _log(models["good"])
+    raw = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger").unwrap_python_model()
+    huge = _huge_png(13000)
+    assert Image.open(io.BytesIO(huge)).size == (13000, 13000)  # a real image
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or load(self))
+    ok = _png_b64(np.zeros((64, 64), np.uint8))
+    out = raw.predict(None, pd.DataFrame({"image": [base64.b64encode(huge).decode(), ok]}))
+    assert out["error"][0] == f"image of 13000x13000 pixels is over the limit of {MAX_IMAGE_PIXELS} (4096x4096)"
+    assert out["error"][1] == "" and (64, 64) in decoded and (13000, 13000) not in decoded  # never decoded
+    too_big = np.zeros((4097, 4096), np.uint8)  # arrays obey the same limit
+    assert "over the limit" in raw.predict(None, pd.DataFrame({"image": [too_big]}))["error"][0]
+
+
+def test_registered_model_loads_and_predicts_without_unpickling(store, models, data_dir, monkeypatch):
+    import pickle
+
+    import cloudpickle
+
+    _log(models["good"])
+    ds = dataset.load(data_dir)
+    images = np.asarray(ds.splits["test"].images[:6])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module in (pickle, cloudpickle):
+        monkeypatch.setattr(module, "load", refuse)
+        monkeypatch.setattr(module, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    out = pm.predict(pd.DataFrame({"image": [_png_b64(im) for im in images]}))
+    assert list(out["label_index"]) == list(ds.splits["test"].labels[:6])
 
 
 def test_predict_paths_writes_labelled_csv(store, models, data_dir, tmp_path, capsys):
@@ -311,9 +393,10 @@ def test_predict_paths_writes_labelled_csv(store, models, data_dir, tmp_path, ca
     explicit.write_bytes(b"junk")
     out_csv = tmp_path / "out" / "predictions.csv"
 
-    n = predict_paths(f"models:/{NAME}@challenger", [folder, explicit], out_csv, batch_size=4)
-    assert n == 17
-    rows = list(csv.DictReader(out_csv.open()))
+    with pytest.raises(PredictionFailed, match=f"2 of 17 files could not be classified; see the error column of {out_csv}"):
+        predict_paths(f"models:/{NAME}@challenger", [folder, explicit], out_csv, batch_size=4)
+    rows = list(csv.DictReader(out_csv.open()))  # every row was written first
+    assert len(rows) == 17
     assert list(rows[0]) == ["path", "label", "probability", "error"]
     by_path = {r["path"]: r for r in rows}
     assert set(by_path) == set(expected) | {str(folder / "broken.png"), str(explicit)}
@@ -322,8 +405,10 @@ def test_predict_paths_writes_labelled_csv(store, models, data_dir, tmp_path, ca
         assert 1 / 3 <= float(by_path[path]["probability"]) <= 1
     for bad in (folder / "broken.png", explicit):
         assert by_path[str(bad)]["label"] == "" and by_path[str(bad)]["error"]
+    assert by_path[str(explicit)]["error"] == "cannot decode image bytes: not a PNG/JPEG image (unrecognised format)"
     err = capsys.readouterr().err
-    assert "broken.png" in err and "listed.bin" in err and "2 of 17 files could not be decoded" in err
+    assert "broken.png" in err and "listed.bin" in err
+    assert predict_paths(f"models:/{NAME}@challenger", sorted(map(Path, expected)), out_csv) == 15  # all good: no error
 
     # identical to what the served model says for the same files
     pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
@@ -403,8 +488,20 @@ def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
         assert [p["label"] for p in preds] == [CLASSES[k] for k in labels]
         assert all(abs(sum(p[f"prob_{c}"] for c in CLASSES) - 1) < 1e-6 for p in preds)
 
-        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
-        assert status == 400 and "row 0" in json.dumps(body)
+        # a bad row gets its own error; the other rows are answered
+        rows = [[_png_b64(images[0])], ["bm90IGFuIGltYWdl"], [_png_b64(images[1])]]
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
+        assert status == 200, body
+        preds = body["predictions"]
+        assert [p["error"] for p in preds[::2]] == ["", ""] and [p["label"] for p in preds[::2]] == [CLASSES[k] for k in labels[:2]]
+        assert preds[1]["error"].startswith("cannot decode image bytes: not a PNG/JPEG image") and preds[1]["label"] is None
+        # too many rows: a clear 400, no server traceback
+        status, body = _post(
+            f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[_png_b64(images[0])]] * (MAX_BATCH_ROWS + 1)}}
+        )
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert f"{MAX_BATCH_ROWS + 1} rows in one request; the limit is {MAX_BATCH_ROWS}" in body["message"]
+        assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
         try:

@@ -115,8 +115,10 @@ def _prepare(params, args, run) -> dict:
     "early-stopped on val. Uses cuda, then mps, then cpu (train.device); bf16 autocast, channels_last and "
     "optional torch.compile on CUDA. A checkpoint is written every epoch: rerunning after a crash resumes. "
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
-    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png). "
-    f"Registers the teacher in MLflow as mlflow.teacher_model_name with the alias challenger.",
+    "At the end it stores the served rule in the model file: the test-time augmentation train.tta that "
+    "selected it, and the temperature fitted on val. "
+    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png); "
+    "`visionops register` registers it.",
     sections=("train", "augment"),
     tracked_in_process=True,
 )
@@ -135,7 +137,6 @@ def _train(params, args, run) -> dict:
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.TRAIN_REPORTS)
-        result["registered"] = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name)
     return result
 
 
@@ -143,7 +144,8 @@ def _train(params, args, run) -> dict:
     "evaluate",
     "measure the teacher on the test split, with calibration and Grad-CAM explanations",
     "Accuracy, balanced accuracy, macro-F1, top-k and per-class precision/recall/F1; a confusion matrix; "
-    "ECE and a reliability diagram before and after temperature scaling fitted on val; latency, throughput, "
+    "ECE and a reliability diagram before and after the model's temperature (fitted on val when it was trained); "
+    "all of the served predictor (its test-time augmentation and temperature); latency, throughput, "
     "parameters and size on the current device; Grad-CAM overlays of right and wrong predictions and a "
     f"gallery of mistakes; all tied together in report.md. Writes {layout.EVALUATE_REPORTS}/.",
     sections=("evaluate",),
@@ -171,8 +173,8 @@ def _evaluate(params, args, run) -> dict:
     "term scaled by T^2) under the same augmentation, and (distill.baseline) the same student alone to show "
     "what distillation gained. Compares teacher and student on the test split (accuracy, parameters, size, "
     "CPU latency), exports the student to ONNX with an ONNX Runtime parity check, and (distill.quantize) "
-    f"int8-quantizes it. Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/. Registers the student in "
-    "MLflow as mlflow.student_model_name with the alias challenger, tagged with its teacher's version.",
+    f"int8-quantizes it. The student's file stores its served rule (train.tta, temperature fitted on val). "
+    f"Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/; `visionops register` registers it.",
     sections=("distill", "train"),
     tracked_in_process=True,
 )
@@ -194,28 +196,47 @@ def _distill(params, args, run) -> dict:
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.DISTILL_REPORTS)
-        teacher = _teacher_version(params, run)
-        result["registered"] = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, teacher)
     return result
 
 
-def _teacher_version(params, run) -> dict[str, str]:
-    """Tags linking a student to the registered version of the teacher file it learnt from."""
-    from visionops.registry.promotion import find_version_by_file
-
-    version = find_version_by_file(params.mlflow.teacher_model_name, layout.TEACHER)
-    return {"visionops.teacher_version": version.version if version else "unregistered"}
+@command(
+    "register",
+    "register the teacher and the student in the MLflow model registry",
+    f"Register {layout.TEACHER} as mlflow.teacher_model_name, then {layout.STUDENT} as "
+    "mlflow.student_model_name tagged visionops.teacher_version, each as a new version with the alias "
+    "challenger, inside this stage's MLflow run. Idempotent: a file whose content (MD5) is already "
+    "registered is not registered again. A model with no champion yet has the version just registered "
+    f"judged by the promotion gates on {layout.HOLDOUT}/ once, and made champion if it passes.",
+    sections=("mlflow", "promote", "evaluate"),
+    tracked_in_process=True,
+)
+def _register_models(params, args, run) -> dict:
+    if run is None:
+        return {"registered": [], "note": "mlflow.enabled is false: nothing registered"}
+    teacher = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name)
+    link = {"visionops.teacher_version": teacher["version"]}
+    student = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, link)
+    result = {"registered": [teacher, student]}
+    run.log_result({"new_versions": sum(r["created"] for r in result["registered"])})
+    return result
 
 
 def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, str] | None = None) -> dict:
-    """Register a new version (alias challenger); the first model ever becomes champion if it passes the gates."""
-    from visionops.registry.promotion import has_champion, promote
+    """Register `model_path` unless a version with its content exists; a model without a champion
+    has that version judged by the gates once (on the holdout) and made champion if it passes."""
+    from visionops.registry.promotion import find_version_by_file, has_champion, promote
+    from visionops.registry.pyfunc import RegistryError
 
-    version = run.register(model_path, name, extra_tags)
-    registered = {"name": name, "version": version.version, "alias": "challenger"}
-    if not has_champion(name):
-        decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=version.version)
-        registered["alias"] = "champion" if decision.promoted else "challenger"
+    if not Path(model_path).is_file():
+        raise RegistryError(f"{model_path}: no model file to register (run `dvc repro` or `visionops train`/`distill`)")
+    version = find_version_by_file(name, model_path)
+    created = version is None
+    if created:
+        version = run.register(model_path, name, extra_tags)
+    registered = {"name": name, "version": str(version.version), "created": created}
+    judged = "promotion.decision" in (version.tags or {})
+    if not has_champion(name) and not judged:
+        decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=str(version.version))
         registered["promotion"] = decision.to_dict()
     return registered
 
@@ -290,8 +311,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     "predict",
     "classify image files or folders with a registered model",
     "Classify PNG/JPEG files (folders are searched recursively) with a registered model, preprocessing them "
-    "exactly as in training and serving, and write a CSV of path, label, probability (and error for files "
-    "that cannot be decoded).",
+    "exactly as in training and serving (the same per-row path and image size limit as the served model), and "
+    "write a CSV of path, label, probability and error (empty unless the file could not be read or decoded). "
+    "Every row is written first; then the exit code is 1 if any file failed.",
     arguments=_predict_arguments,
 )
 def _predict(params, args, run) -> dict:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 TTA = Literal["none", "flip", "flip_translate"]
+TTA_LEVELS = get_args(TTA)
 
 
 def _mirror(model: nn.Module, x: Tensor) -> Tensor:

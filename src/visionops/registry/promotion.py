@@ -41,8 +41,6 @@ from visionops.registry.pyfunc import (
     PROB_PREFIX,
     ImageClassifierModel,
     RegistryError,
-    decode_image_bytes,
-    describe_decode_error,
 )
 
 HOLDOUT_SPLIT = "holdout"  # the one split of the frozen holdout dataset (layout.HOLDOUT)
@@ -350,7 +348,8 @@ def promote(
             client.set_registered_model_alias(registered_name, PREVIOUS, old)
         client.set_registered_model_alias(registered_name, CHAMPION, v)
         for held in {alias, CHALLENGER} - {CHAMPION, PREVIOUS}:
-            if held in (challenger.aliases or []):
+            holder = _alias(client, registered_name, held)  # asked now: another pipeline may have moved it
+            if holder is not None and str(holder.version) == v:
                 client.delete_registered_model_alias(registered_name, held)
         if old is not None:
             _tag(client, registered_name, old, "promotion.replaced_by", v)
@@ -448,13 +447,23 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
+class PredictionFailed(RegistryError):
+    """`predict_paths` wrote its CSV, but some files could not be classified."""
+
+    def __init__(self, failed: int, total: int, out_csv: Path):
+        super().__init__(f"{failed} of {total} files could not be classified; see the error column of {out_csv}")
+        self.failed, self.total, self.out_csv = failed, total, out_csv
+
+
 def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: int = 256) -> int:
     """Classify image files (folders searched recursively for PNG/JPEG) with the pyfunc model at
     `model_uri` and write `out_csv` (path,label,probability,error) atomically.
 
-    Uses the served model's own preprocessing and prediction code, so labels and probabilities
-    equal what `mlflow models serve` returns. Undecodable files are reported on stderr and listed
-    with an empty label and their error. Returns the number of rows (files) written.
+    Each file goes through the served model's own per-row path (`predict_values`: size limit,
+    decoding, preprocessing, prediction), so labels, probabilities and errors equal what `mlflow
+    models serve` returns. A file that cannot be read or decoded gets an empty label and its error
+    (also on stderr); after writing every row, PredictionFailed is raised if any file failed.
+    Returns the number of rows (files) written.
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -465,34 +474,32 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
     model = pyfunc_model.unwrap_python_model()
     if not isinstance(model, ImageClassifierModel):
         raise RegistryError(f"{model_uri}: not a visionops image classifier ({type(model).__name__})")
-    size, channels = model.image_shape[0], model.image_shape[2]
     rows: list[list] = []
     failed = 0
     with tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr) as bar:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            images, good, errors = [], [], {}
-            for f in chunk:
+            values, read_errors = [], {}
+            for i, f in enumerate(chunk):
                 try:
-                    images.append(decode_image_bytes(f.read_bytes(), size, channels))
-                    good.append(f)
-                except Exception as exc:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
-                    errors[f] = describe_decode_error(exc)
+                    values.append(f.read_bytes())
+                except OSError as exc:
+                    values.append(None)
+                    read_errors[i] = f"cannot read file: {exc.strerror or type(exc).__name__}"
+            preds = model.predict_values(values)
+            for i, (f, pred) in enumerate(zip(chunk, preds[["label", "probability", "error"]].itertuples(index=False))):
+                error = read_errors.get(i) or pred.error
+                if error:
                     failed += 1
-                    tqdm.write(f"warning: {f}: cannot decode image ({errors[f]})", file=sys.stderr)
-            preds = model.predict_canonical(np.stack(images)) if images else None
-            by_path = {} if preds is None else dict(zip(good, preds[["label", "probability"]].itertuples(index=False)))
-            for f in chunk:
-                if f in by_path:
-                    label, prob = by_path[f]
-                    rows.append([str(f), label, f"{prob:.6f}", ""])
+                    tqdm.write(f"warning: {f}: {error}", file=sys.stderr)
+                    rows.append([str(f), "", "", error])
                 else:
-                    rows.append([str(f), "", "", errors[f]])
+                    rows.append([str(f), pred.label, f"{pred.probability:.6f}", ""])
             bar.update(len(chunk))
     with atomic_path(out_csv) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "probability", "error"])
         writer.writerows(rows)
     if failed:
-        print(f"{failed} of {len(files)} files could not be decoded; see the error column of {out_csv}", file=sys.stderr)
+        raise PredictionFailed(failed, len(files), out_csv)
     return len(rows)

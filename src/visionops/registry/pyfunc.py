@@ -1,8 +1,15 @@
 """A visionops classifier as an MLflow pyfunc model: images in (base64 PNG/JPEG, bytes or uint8
 arrays), labels and probabilities out, with the training data's resize/greyscale inside.
 
-This module is what the scoring server unpickles, so it imports only what serving needs (mlflow,
-torch, pillow, numpy, pandas; torchvision for mobilenet_tiny) and nothing of the evaluation stack.
+The model is logged as code (MLflow models-from-code): loading it runs `served_model.py`, which
+builds an `ImageClassifierModel`, and reads the weights with `torch.load(weights_only=True)`;
+nothing is unpickled. This module is what the scoring server imports, so it imports only what
+serving needs (mlflow, torch, pillow, numpy, pandas) and nothing of the evaluation stack.
+
+Each row of a batch is answered on its own: a bad row gets a one-line reason in the `error` column
+(empty for good rows), the others are predicted. Images over `MAX_IMAGE_PIXELS` are refused from
+their header, before decoding; requests of more than `MAX_BATCH_ROWS` rows are refused whole with
+an MLflow INVALID_PARAMETER_VALUE error, which the scoring server answers with 400 and no traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -38,7 +47,12 @@ MODEL_ARTIFACT = "model"  # key of the visionops .pt file in the pyfunc model's 
 MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
 IMAGE_COLUMN = "image"
 PROB_PREFIX = "prob_"
+ERROR_COLUMN = "error"
 PREDICT_BATCH = 256
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE  # refused from the header, before decoding
+MAX_BATCH_ROWS = 1024  # rows per request
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")  # the models-from-code file
 
 
 class RegistryError(VisionopsError):
@@ -49,13 +63,35 @@ class ImageInputError(VisionopsError, ValueError):
     """An input row is not a decodable image; the message names the row."""
 
 
+class RequestError(MlflowException, ImageInputError):
+    """The request as a whole is unusable (too many rows, no image column): the scoring server
+    answers it with 400 and this message, without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 # ------------------------------------------------------------------------------------------
 # decoding
 
 
+class ImageTooLargeError(ValueError):
+    """An input image has more than MAX_IMAGE_PIXELS pixels."""
+
+
+def check_image_size(width: int, height: int) -> None:
+    """ImageTooLargeError for an image of more than MAX_IMAGE_PIXELS pixels."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"image of {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} ({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})"
+        )
+
+
 def decode_image_bytes(data: bytes, image_size: int, channels: int) -> np.ndarray:
-    """Decode PNG/JPEG bytes fully and canonicalise them exactly as `images.decode_file` does."""
+    """Decode PNG/JPEG bytes and canonicalise them exactly as `images.decode_file` does; an image
+    over MAX_IMAGE_PIXELS is refused from its header (`Image.open` reads only that), before decoding."""
     with Image.open(io.BytesIO(data)) as img:
+        check_image_size(*img.size)
         img.load()
         return to_canonical(img, image_size, channels)
 
@@ -88,6 +124,7 @@ def _array_image(value, image_size: int, channels: int) -> np.ndarray:
         raise ValueError("not a rectangular, non-empty array of pixel values")
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))):
         raise ValueError(f"array of shape {arr.shape} is not an image (expected H x W or H x W x C with C in 1, 3, 4)")
+    check_image_size(arr.shape[1], arr.shape[0])
     if arr.dtype != np.uint8:
         if arr.dtype.kind not in "iuf":
             raise ValueError(f"pixel values of dtype {arr.dtype} (expected uint8 0..255)")
@@ -109,9 +146,12 @@ def to_image(value, image_size: int, channels: int) -> np.ndarray:
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             return decode_image_bytes(bytes(value), image_size, channels)
+        except ImageTooLargeError:
+            raise
         except Exception as exc:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
             raise ValueError(f"cannot decode image bytes: {describe_decode_error(exc)}") from None
     if isinstance(value, Image.Image):
+        check_image_size(*value.size)
         return to_canonical(value, image_size, channels)
     return _array_image(value, image_size, channels)
 
@@ -124,7 +164,7 @@ def _rows(model_input) -> tuple[list, list]:
         elif model_input.shape[1] == 1:
             col = model_input.iloc[:, 0]
         else:
-            raise ImageInputError(
+            raise RequestError(
                 f"expected a column {IMAGE_COLUMN!r} of base64 PNG/JPEG strings or uint8 arrays; "
                 f"got columns {list(model_input.columns)}"
             )
@@ -137,7 +177,7 @@ def _rows(model_input) -> tuple[list, list]:
         elif model_input.ndim in (3, 4):  # N x H x W or N x H x W x C
             values = list(model_input)
         else:
-            raise ImageInputError(f"a numpy input must be N x H x W x C (or N x H x W); got shape {model_input.shape}")
+            raise RequestError(f"a numpy input must be N x H x W x C (or N x H x W); got shape {model_input.shape}")
         return list(range(len(values))), values
     if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
         values = list(model_input[IMAGE_COLUMN])
@@ -146,7 +186,7 @@ def _rows(model_input) -> tuple[list, list]:
         return [0], [model_input]
     if isinstance(model_input, (list, tuple)):
         return list(range(len(model_input))), list(model_input)
-    raise ImageInputError(f"unsupported input of type {type(model_input).__name__}")
+    raise RequestError(f"unsupported input of type {type(model_input).__name__}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,23 +209,24 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     @property
     def output_columns(self) -> list[str]:
-        return ["label", "label_index", "probability", *(PROB_PREFIX + c for c in self.class_names)]
+        return ["label", "label_index", "probability", *(PROB_PREFIX + c for c in self.class_names), ERROR_COLUMN]
 
     def canonical(self, value) -> np.ndarray:
         """One input value → the canonical uint8 H x W x C array the network was trained on."""
         return to_image(value, self.image_shape[0], self.image_shape[2])
 
-    def preprocess(self, model_input) -> tuple[list, np.ndarray]:
-        """(row labels, N x H x W x C uint8); raises ImageInputError naming the first bad row."""
-        rows, values = _rows(model_input)
+    def canonical_rows(self, values: list) -> tuple[np.ndarray, list[str]]:
+        """(N x H x W x C uint8, per-row error): the error is "" or a one-line reason the value is not
+        a usable image (its pixels are then zeros)."""
         h, w, c = self.image_shape
-        out = np.empty((len(values), h, w, c), dtype=np.uint8)
-        for i, (row, value) in enumerate(zip(rows, values)):
+        out = np.zeros((len(values), h, w, c), dtype=np.uint8)
+        errors = [""] * len(values)
+        for i, value in enumerate(values):
             try:
                 out[i] = self.canonical(value)
             except ValueError as exc:
-                raise ImageInputError(f"row {row}: {exc}") from None
-        return rows, out
+                errors[i] = " ".join(str(exc).split()) or type(exc).__name__
+        return out, errors
 
     @torch.no_grad()
     def predict_canonical(self, images: np.ndarray, index=None) -> pd.DataFrame:
@@ -202,6 +243,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         }
         for j, name in enumerate(self.class_names):
             frame[PROB_PREFIX + name] = probs[:, j]
+        frame[ERROR_COLUMN] = [""] * len(probs)
         return pd.DataFrame(frame, index=index)
 
     # (the pd.DataFrame hint is one MLflow infers no schema from: the logged signature stays the contract)
@@ -211,11 +253,28 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         `model_input` is a DataFrame with a column "image" (base64 PNG/JPEG strings, raw encoded
         bytes, or uint8 H x W x C arrays / nested lists of any size), or a uint8 N x H x W x C
         array. Each image is converted to greyscale/RGB and resized like the training data.
-        Returns columns label, label_index, probability (the top one) and prob_<class> per class.
+        Returns columns label, label_index, probability (the top one), prob_<class> per class and
+        error: empty for a predicted row; for a row that is not a usable image, a one-line reason,
+        with every other column null.
         """
-        rows, images = self.preprocess(model_input)
-        index = rows if isinstance(model_input, pd.DataFrame) else None
-        return self.predict_canonical(images, index=index)
+        rows, values = _rows(model_input)
+        if len(values) > MAX_BATCH_ROWS:
+            raise RequestError(f"{len(values)} rows in one request; the limit is {MAX_BATCH_ROWS}: split the batch")
+        return self.predict_values(values, index=rows if isinstance(model_input, pd.DataFrame) else None)
+
+    def predict_values(self, values: list, index=None) -> pd.DataFrame:
+        """`predict`'s output for a list of input values (no row limit): each row answered on its own."""
+        images, errors = self.canonical_rows(values)
+        good = [i for i, e in enumerate(errors) if not e]
+        if len(good) == len(errors):
+            return self.predict_canonical(images, index=index)
+        out = pd.DataFrame({c: [None] * len(errors) for c in self.output_columns}, dtype=object)  # JSON null
+        if good:
+            out.iloc[good] = self.predict_canonical(images[good]).to_numpy(dtype=object)
+        out[ERROR_COLUMN] = errors
+        if index is not None:
+            out.index = index
+        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,6 +286,7 @@ def signature_for(class_names: list[str]) -> ModelSignature:
     outputs = Schema(
         [ColSpec("string", "label"), ColSpec("long", "label_index"), ColSpec("double", "probability")]
         + [ColSpec("double", PROB_PREFIX + c) for c in class_names]
+        + [ColSpec("string", ERROR_COLUMN)]
     )
     return ModelSignature(inputs=inputs, outputs=outputs)
 
@@ -293,14 +353,20 @@ def log_classifier(
     with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
         model_info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=ImageClassifierModel(),
+            python_model=str(SERVED_MODEL_CODE),  # models-from-code: loading never unpickles
             artifacts={MODEL_ARTIFACT: str(model_path)},
             code_paths=[str(_package_copy(Path(tmp)))],
             signature=signature_for(class_names),
             input_example=example,
             pip_requirements=pip_requirements(),
             registered_model_name=registered_name,
-            metadata={"class_names": class_names, "image_shape": [h, w, c], "arch": info["arch"]},
+            metadata={
+                "class_names": class_names,
+                "image_shape": [h, w, c],
+                "arch": info["arch"],
+                "temperature": float(info["temperature"]),
+                "tta": info["tta"],
+            },
         )
     version = str(model_info.registered_model_version)
     client = client or MlflowClient()

@@ -33,6 +33,7 @@ from visionops.models import count_parameters
 from visionops.stages.train import (
     fingerprint,
     load_train_data,
+    set_served_rule,
     to_device,
     write_history,
 )
@@ -91,7 +92,9 @@ def _accuracy(model: nn.Module, images, labels, device: torch.device) -> float |
 
 
 def _cpu_latency(model: nn.Module, image_shape, batch_size: int = 64) -> dict:
-    return measure_latency(copy.deepcopy(model).cpu(), image_shape, torch.device("cpu"), batch_size=batch_size)
+    """CPU latency of the served predictor (test-time augmentation and temperature included)."""
+    served = classifier.Served(copy.deepcopy(model).cpu())
+    return measure_latency(served, image_shape, torch.device("cpu"), batch_size=batch_size)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -161,6 +164,9 @@ def run_distill(
         baseline, base_state, _ = train_student(
             "student alone", DistillationLoss(hard, None, 0.0), checkpoint_dir / "student_alone.pt", base_digest
         )
+    for model in (student, baseline):  # judged below, and saved, as they will be served
+        if model is not None:
+            set_served_rule(model, train_cfg.tta, val, device, train_cfg.eval_batch_size)
     if not dist_info.is_main:
         return {"rank": dist_info.rank}
 
@@ -208,6 +214,8 @@ def run_distill(
         "baseline_acc": baseline_acc,
         "kd_gain": _diff(student_acc, baseline_acc),
         "student_best_val_acc": state.best_acc,
+        "student_tta": student.tta,
+        "student_temperature": student.temperature,
         "baseline_best_val_acc": base_state.best_acc if base_state is not None else None,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,

@@ -3,10 +3,14 @@
 Writes to `reports_dir` (each file atomically; metrics.json last, so its presence means a full run):
 
     metrics.json            headline metrics (DVC metrics): accuracy, balanced accuracy, macro F1,
-                            top-k accuracy, ECE before/after temperature scaling, the temperature
-                            (fitted on val; later stages may reuse it), NLL, latency, size
+                            top-k accuracy, ECE before/after temperature scaling, the model's
+                            temperature and test-time augmentation, NLL, latency, size
     per_class.json          precision, recall, F1, support, accuracy per class
     predictions.csv         path, actual, predicted (class names), confidence (DVC confusion plot)
+
+Everything is judged on the served predictor (`classifier.predict_logits`: the model file's
+test-time augmentation and temperature, fitted on val where the model was made); "before" ECE and
+NLL are the same predictions without the temperature.
     confusion_matrix.png    counts, coloured by row-normalised rate
     reliability.png         reliability diagrams before / after temperature scaling
     per_class_accuracy.png  bar chart
@@ -124,13 +128,14 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         lines += ["Most frequent mistakes:", "", "| actual | predicted | count |", "|---|---|---|"]
         lines += [f"| {c['actual']} | {c['predicted']} | {c['count']} |" for c in confusions]
         lines.append("")
-    fitted = "the validation split" if m["temperature_fitted"] else "nothing (no validation images), so T = 1"
     lines += [
         "## Calibration",
         "",
         (
-            f"Temperature scaling divides the logits by T = {m['temperature']:.4f}, fitted on {fitted} by "
-            "minimising the negative log-likelihood; predictions (and accuracy) are unchanged."
+            f"The served model divides its logits (test-time augmentation: `{m['tta']}`) by T = "
+            f"{m['temperature']:.4f}, fitted on the validation split when the model was trained by minimising "
+            "the negative log-likelihood (T = 1 without validation images); predictions (and accuracy) are "
+            "unchanged. All other figures here are of the served, temperature-scaled model."
         ),
         "",
         "| | uncalibrated | temperature scaled |",
@@ -146,7 +151,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         "|---|---|",
         f"| parameters | {m['parameters']:,} |",
         f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
-        f"| latency, batch of {m['latency_batch_size']} | {m['latency_batch_ms']:.3f} ms |",
+        f"| latency (served, TTA `{m['tta']}`), batch of {m['latency_batch_size']} | {m['latency_batch_ms']:.3f} ms |",
         f"| latency, single image | {m['latency_single_image_ms']:.3f} ms |",
         f"| throughput | {m['images_per_second']:.0f} images/s |",
         f"| device | `{m['device']}` |",
@@ -189,23 +194,18 @@ def run_evaluate(
     test = ds.splits["test"]
     y = np.asarray(test.labels, dtype=np.int64)
 
-    logits = classifier.predict_logits(model, test.images, dev, eval_batch_size).double().numpy()
-    val = ds.splits.get("val")
-    fitted = val is not None and len(val) > 0
-    if fitted:
-        val_logits = classifier.predict_logits(model, val.images, dev, eval_batch_size)
-        temperature = calibration.fit_temperature(val_logits, val.labels)
-    else:
-        temperature = 1.0
+    raw32 = classifier.predict_logits(model, test.images, dev, eval_batch_size, calibrated=False)
+    temperature = float(info["temperature"])
+    raw, logits = raw32.double().numpy(), (raw32 / temperature).double().numpy()  # logits: what is served
+    probs_raw = calibration.probabilities(raw)
     probs = calibration.probabilities(logits)
-    probs_cal = calibration.probabilities(logits, temperature)
     pred, conf = probs.argmax(1), probs.max(1)
 
     cls = classification_metrics(y, logits, names, cfg.top_k)
     per_class = cls.pop("per_class")
     bins = cfg.calibration_bins
-    ece, ece_cal = (calibration.expected_calibration_error(p, y, bins) for p in (probs, probs_cal))
-    latency = measure_latency(model, ds.image_shape, dev, batch_size=cfg.latency_batch_size)
+    ece, ece_cal = (calibration.expected_calibration_error(p, y, bins) for p in (probs_raw, probs))
+    latency = measure_latency(classifier.Served(model), ds.image_shape, dev, batch_size=cfg.latency_batch_size)
     metrics = {
         "model": info["arch"],
         "test_images": cls["n"],
@@ -219,9 +219,9 @@ def run_evaluate(
         "ece": ece,
         "ece_calibrated": ece_cal,
         "temperature": temperature,
-        "temperature_fitted": fitted,
-        "nll": calibration.nll(logits, y),
-        "nll_calibrated": calibration.nll(logits, y, temperature),
+        "tta": info["tta"],
+        "nll": calibration.nll(raw, y),
+        "nll_calibrated": calibration.nll(logits, y),
         "device": latency["device"],
         "latency_batch_size": latency["batch_size"],
         "latency_batch_ms": latency["batch_ms"],
@@ -236,8 +236,8 @@ def run_evaluate(
     atomic.write_json(reports_dir / "per_class.json", per_class)
     eval_plots.confusion_matrix(cm, names, reports_dir / "confusion_matrix.png", f"Confusion matrix: {info['arch']}")
     eval_plots.reliability_diagram(
+        calibration.reliability_bins(probs_raw, y, bins),
         calibration.reliability_bins(probs, y, bins),
-        calibration.reliability_bins(probs_cal, y, bins),
         ece, ece_cal, temperature, reports_dir / "reliability.png",
     )  # fmt: skip
     eval_plots.per_class_accuracy(

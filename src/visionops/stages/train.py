@@ -1,6 +1,7 @@
 """Stage `train`: fit the teacher on the prepared train split, early-stopped on val.
 
-Writes the model (network + preprocessing + class names) to `model_path`, and to `reports_dir`:
+Writes the model (network + preprocessing + class names + served rule: the test-time augmentation
+`train.tta` that selected it, and the temperature fitted on val) to `model_path`, and to `reports_dir`:
 metrics.json, history.csv (per-epoch curves for DVC plots) and curves.png. Launch under
 `torchrun --nproc_per_node N` for multi-GPU (or multi-process CPU) data parallelism.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visionops import atomic, classifier, dataset, plots
+from visionops import atomic, calibration, classifier, dataset, plots
 from visionops.augment import BatchAugment
 from visionops.config import AugmentConfig, TrainConfig
 from visionops.device import select_device
@@ -58,6 +59,14 @@ def fingerprint(*parts: object, arrays: tuple[np.ndarray, ...] = ()) -> str:
     for arr in arrays:
         h.update(np.ascontiguousarray(arr).data)
     return h.hexdigest()
+
+
+def set_served_rule(model: classifier.Classifier, tta: str, val: dataset.Split, device: torch.device, batch_size: int) -> None:
+    """Store the served rule on `model`: the test-time augmentation `tta` (what selection scored val
+    with) and the temperature that minimises the NLL of its val logits (1 when there is no val)."""
+    model.tta, model.temperature = tta, 1.0
+    logits = classifier.predict_logits(model, val.images, device, batch_size, calibrated=False)
+    model.temperature = calibration.fit_temperature(logits, val.labels)
 
 
 def write_history(history: list[dict], reports_dir: Path, title: str, stem: str = "history") -> None:
@@ -107,6 +116,7 @@ def run_train(
         dist_info=dist_info,
         on_epoch=on_epoch,
     )
+    set_served_rule(model, cfg.tta, val, device, cfg.eval_batch_size)
     metrics = {
         "model": cfg.model,
         "device": str(device),
@@ -114,6 +124,8 @@ def run_train(
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_acc": state.best_acc,
+        "tta": cfg.tta,
+        "temperature": model.temperature,
         "train_images": int(len(labels)),
         "parameters": count_parameters(model),
         "train_seconds": time.perf_counter() - t0,

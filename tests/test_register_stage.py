@@ -1,0 +1,159 @@
+"""`visionops register`: the one step that registers the teacher and the student (train and distill
+only write files), idempotent by the model file's hash, with the first promotion judging the version
+it just registered. Real CLI, real MLflow SQLite store, real (tiny) trained models."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
+
+from visionops import classifier, dataset, layout
+from visionops.cli import main
+from visionops.registry.pyfunc import encode_png
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["a", "b", "c"]
+SHAPE = (16, 16, 1)
+TEACHER, STUDENT = "reg-teacher", "reg-student"
+
+
+def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = rng.integers(0, 60, (len(labels), *SHAPE), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        region = [(slice(0, 8), slice(0, 8)), (slice(0, 8), slice(8, 16)), (slice(8, 16), slice(0, 16))][k]
+        x[i][region] = rng.integers(150, 256, x[i][region].shape, dtype=np.uint8)
+    return x
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A holdout dataset and three model files: two good ones (teacher, student) and another student."""
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("register-assets")
+    labels = np.arange(60) % 3
+    held = dataset.Split(_images(labels, rng), labels, [f"holdout/{i}.png" for i in range(60)])
+    # one frozen set of images, under both names the promotion code has used for it
+    dataset.save(dataset.Dataset(NAMES, {"holdout": held, "test": held}, "synthetic"), out / "holdout")
+    train_labels = np.arange(240) % 3
+    x = torch.from_numpy(_images(train_labels, rng)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(train_labels)
+    paths = {"holdout": out / "holdout"}
+    for name, (seed, steps) in {"teacher": (0, 40), "student": (1, 40), "student2": (2, 40)}.items():
+        torch.manual_seed(seed)
+        model = classifier.build("lenet", NAMES, SHAPE, [0.3], [0.3])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        paths[name] = out / f"{name}.pt"
+        classifier.save(paths[name], model.eval(), "lenet", NAMES, SHAPE)
+    return paths
+
+
+@pytest.fixture
+def project(tmp_path, assets, monkeypatch) -> Path:
+    """A project folder (params.yaml, models/, data/holdout) with its own MLflow store; cwd is inside it."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", teacher_model_name=TEACHER,
+                            student_model_name=STUDENT)  # fmt: skip
+    params["promote"].update(min_accuracy=0.9, min_class_recall=0.5, max_ece=1.0, max_latency_ms=60_000.0)
+    params["evaluate"]["latency_batch_size"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "models").mkdir()
+    shutil.copy(assets["teacher"], tmp_path / layout.TEACHER)
+    shutil.copy(assets["student"], tmp_path / layout.STUDENT)
+    shutil.copytree(assets["holdout"], tmp_path / layout.HOLDOUT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    old = tracking_utils._tracking_uri
+    yield tmp_path
+    mlflow.end_run()
+    mlflow.set_tracking_uri(old)
+
+
+def _register(capsys) -> dict:
+    assert main(["register"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def _versions(client: MlflowClient, name: str) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def test_register_is_one_idempotent_step_and_first_promotion_judges_the_new_version(project, assets, capsys):
+    first = _register(capsys)
+    client = MlflowClient()
+    teacher, student = first["registered"]
+    assert (teacher["name"], teacher["version"], teacher["created"]) == (TEACHER, "1", True)
+    assert (student["name"], student["version"], student["created"]) == (STUDENT, "1", True)
+    assert teacher["promotion"]["promoted"] and teacher["promotion"]["challenger_version"] == "1"
+    assert student["promotion"]["challenger_version"] == "1"
+    assert client.get_registered_model(TEACHER).aliases == {"champion": 1}
+    mv = client.get_model_version(STUDENT, "1")
+    assert mv.tags["visionops.teacher_version"] == "1" and mv.tags["visionops.stage"] == "register"
+    run = client.get_run(mv.run_id)  # registered inside the register stage's own tracked run
+    assert run.data.tags["visionops.stage"] == "register" and run.info.status == "FINISHED"
+    assert run.data.params["promote.min_accuracy"] == "0.9" and run.data.metrics["new_versions"] == 2
+    description = client.get_model_version(TEACHER, "1").description
+
+    again = _register(capsys)  # a rerun (`dvc repro -f register`) registers and judges nothing new
+    assert [(r["version"], r["created"], "promotion" in r) for r in again["registered"]] == [("1", False, False)] * 2
+    assert _versions(client, TEACHER) == ["1"] and _versions(client, STUDENT) == ["1"]
+    assert client.get_model_version(TEACHER, "1").description == description
+
+    shutil.copy(assets["student2"], project / layout.STUDENT)  # a retrained student: one new version
+    third = _register(capsys)
+    assert [(r["version"], r["created"]) for r in third["registered"]] == [("1", False), ("2", True)]
+    assert "promotion" not in third["registered"][1]  # there is a champion: `visionops promote` decides
+    assert str(client.get_registered_model(STUDENT).aliases["challenger"]) == "2"
+    assert client.get_model_version(STUDENT, "2").tags["visionops.teacher_version"] == "1"
+
+
+def test_register_names_a_missing_model_file(project, capsys):
+    (project / layout.STUDENT).unlink()
+    assert main(["register"]) == 1
+    assert "models/student.pt: no model file to register" in capsys.readouterr().err
+
+
+def test_register_with_tracking_off_registers_nothing(project, capsys):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["mlflow"]["enabled"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _register(capsys)["registered"] == []
+    assert not (project / "mlflow.db").exists()
+
+
+def test_predict_writes_every_row_then_fails_when_a_file_failed(project, capsys):
+    _register(capsys)
+    ds = dataset.load(project / layout.HOLDOUT)
+    folder = project / "incoming"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(base64.b64decode(encode_png(np.asarray(ds.splits["holdout"].images[i]))))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = project / "predictions.csv"
+    assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"visionops predict: error: 1 of 4 files could not be classified; see the error column of {out}" in err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"0.png", "1.png", "2.png", "broken.png"}
+    assert rows["broken.png"]["label"] == "" and rows["broken.png"]["error"].startswith("cannot decode image bytes")
+    assert all(rows[f"{i}.png"]["label"] == NAMES[ds.splits["holdout"].labels[i]] for i in range(3))
+    (folder / "broken.png").unlink()
+    assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
