@@ -225,14 +225,15 @@ def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, st
     """Register `model_path` unless a version with its content exists; a model without a champion
     has that version judged by the gates once (on the holdout) and made champion if it passes."""
     from visionops.registry.promotion import find_version_by_file, has_champion, promote
-    from visionops.registry.pyfunc import RegistryError
+    from visionops.registry.pyfunc import RegistryError, log_classifier
 
     if not Path(model_path).is_file():
         raise RegistryError(f"{model_path}: no model file to register (run `dvc repro` or `visionops train`/`distill`)")
     version = find_version_by_file(name, model_path)
     created = version is None
     if created:
-        version = run.register(model_path, name, extra_tags)
+        tags = {**run.lineage_tags, "visionops.stage": run.stage, **(extra_tags or {})}
+        version = log_classifier(model_path, name, tags=tags)
     registered = {"name": name, "version": str(version.version), "created": created}
     judged = "promotion.decision" in (version.tags or {})
     if not has_champion(name) and not judged:

@@ -64,13 +64,6 @@ class StageRun:
         if reports_dir is not None and Path(reports_dir).exists():
             mlflow.log_artifacts(str(reports_dir), artifact_path=Path(reports_dir).name)
 
-    def register(self, model_path: Path, registered_name: str, extra_tags: dict[str, str] | None = None):
-        """Log the model into this run and register it as a new version with the alias `challenger`."""
-        from visionops.registry.pyfunc import log_classifier
-
-        tags = {**self.lineage_tags, "visionops.stage": self.stage, **(extra_tags or {})}
-        return log_classifier(model_path, registered_name, tags=tags)
-
 
 def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: dict[str, str]) -> str:
     """The parent run grouping this pipeline run's stages (created by its first stage), RUNNING again
