@@ -80,7 +80,7 @@ def train_run(data, cfg: TrainConfig, augment: BatchAugment, device, criterion=N
     eval_seconds = synced(device) - t0
     elapsed, reached = init_seconds, None
     for row in state.history:
-        elapsed += row["train_seconds"]
+        elapsed += row["epoch_train_seconds"]
         if reached is None and row["val_acc"] >= TARGET:
             reached = {"epoch": row["epoch"], "seconds": round(elapsed + eval_seconds, 3)}
     return {
@@ -90,7 +90,7 @@ def train_run(data, cfg: TrainConfig, augment: BatchAugment, device, criterion=N
         "val_acc": [round(r["val_acc"], 4) for r in state.history],
         "final_val_acc": round(state.history[-1]["val_acc"], 4),
         "best_val_acc": round(final["acc"], 4),
-        "train_seconds": round(init_seconds + sum(r["train_seconds"] for r in state.history), 3),
+        "train_seconds": round(init_seconds + sum(r["epoch_train_seconds"] for r in state.history), 3),
         "tta_eval_seconds": round(eval_seconds, 3),
         "time_to_94": reached,
         "net": net,

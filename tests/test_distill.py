@@ -176,11 +176,18 @@ def test_run_distill_end_to_end(digits, tmp_path):
     root, train_cfg = digits
     cfg = DistillConfig(student="slim_resnet", epochs=2)
     student_path, reports, ckpts = tmp_path / "student.pt", tmp_path / "reports", tmp_path / "ck"
-    m = run_distill(root / "dataset", root / "prepared", root / "teacher.pt", cfg, train_cfg, AugmentConfig(), student_path, reports, ckpts)
+    logged = []
+    m = run_distill(root / "dataset", root / "prepared", root / "teacher.pt", cfg, train_cfg, AugmentConfig(), student_path, reports, ckpts,
+                    on_epoch=lambda desc, row: logged.append(row) if desc == "distill" else None)
 
     for name in ("metrics.json", "history.csv", "history.png", "history_baseline.csv", "student.onnx", "student.int8.onnx", "report.md"):
         assert (reports / name).exists(), name
-    assert json.loads((reports / "metrics.json").read_text()) == pytest.approx(m)
+    # the files DVC hashes hold no timings or speeds; those are in measured.json and speed.md
+    on_disk, speeds = json.loads((reports / "metrics.json").read_text()), json.loads((reports / "measured.json").read_text())
+    assert on_disk == pytest.approx({k: v for k, v in m.items() if k not in speeds})
+    assert {"train_seconds", "cpu_speedup", "int8_speedup", "student_cpu_images_per_second"} <= set(speeds)
+    assert speeds == pytest.approx({k: m[k] for k in speeds})
+    assert m["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in logged))
     assert not list(ckpts.glob("*.pt"))  # checkpoints are removed once the stage is done
 
     ds = dataset.load(root / "dataset")
@@ -222,6 +229,8 @@ def test_run_distill_end_to_end(digits, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2] and {"train_loss", "val_acc"} <= set(rows[0])
     report = (reports / "report.md").read_text()
     assert "| teacher | lenet" in report and "student alone" in report and "parity passed" in report
+    assert "images/s" not in report and "images/s" in (reports / "speed.md").read_text()
+    assert all(not k.endswith("seconds") for row in info["history"] for k in row)
     print({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 

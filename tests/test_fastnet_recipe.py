@@ -122,7 +122,7 @@ def test_fastnet_recipe_trains_and_resumes_exactly(tmp_path):
 
     cpu = torch.device("cpu")
     full, state = fit(build(), train, val, _recipe_cfg(), augment, criterion, cpu)
-    assert state.best_acc > 0.8 and all("train_seconds" in row for row in state.history)
+    assert state.best_acc > 0.8 and all("epoch_train_seconds" in row for row in state.history)
     # Two epochs, then a "restart" from the checkpoint for the third: the same weights as one run.
     ckpt = tmp_path / "ck.pt"
     with pytest.raises(_Stop):

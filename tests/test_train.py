@@ -61,6 +61,11 @@ def test_training_learns_and_writes_outputs(digits16, tmp_path):
     rows = (tmp_path / "r" / "history.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc") and len(rows) == 4
     assert (tmp_path / "r" / "history.png").exists() and not (tmp_path / "ck.pt").exists()
+    # timings are in the result (MLflow) and measured.json, never in the files DVC hashes
+    on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "train_seconds" not in on_disk and "seconds" not in rows[0] and "epoch_seconds" not in info["history"][0]
+    assert json.loads((tmp_path / "r" / "measured.json").read_text()) == pytest.approx(
+        {k: metrics[k] for k in ("train_seconds", "train_images_per_second")})
 
 
 def test_training_is_deterministic_on_cpu(digits16, tmp_path):
@@ -166,6 +171,8 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
     assert metrics["epochs_run"] == 8 and saved_epoch < 8
     history = classifier.load(project.path / "models" / "teacher.pt")[1]["history"]
     assert [r["epoch"] for r in history] == list(range(1, 9))
+    seconds = json.loads((project.path / "reports/train/measured.json").read_text())["train_seconds"]
+    assert seconds > 0  # the whole run's time, the epochs before the kill included (issue 13)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("visionops").experiment_id], "tags.`visionops.stage` = 'train'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the whole process group was killed

@@ -251,8 +251,8 @@ def fit(
             "val_loss": val_metrics["loss"],
             "val_acc": val_metrics["acc"],
             "lr": opt.param_groups[0]["lr"],
-            "train_seconds": train_seconds,
-            "seconds": time.perf_counter() - t0,
+            "epoch_train_seconds": train_seconds,  # the optimisation steps alone
+            "epoch_seconds": time.perf_counter() - t0,  # with the val pass
         }
         state.history.append(row)
         if row["val_acc"] > state.best_acc:
@@ -270,7 +270,7 @@ def fit(
             tqdm.write(
                 f"{desc} epoch {state.epoch}/{cfg.epochs}: train_loss {row['train_loss']:.4f} "
                 f"train_acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
-                f"({row['seconds']:.1f}s)",
+                f"({row['epoch_seconds']:.1f}s)",
                 file=sys.stderr,
             )
     bar.close()

@@ -8,21 +8,21 @@ onnxruntime parity check, and (with `distill.quantize`) static int8 quantization
 
 Writes the student to `student_path` and, to `reports_dir`: metrics.json, history.csv/png (the
 distilled student; history_baseline.csv/png for the baseline), student.onnx, student.int8.onnx and
-report.md. Resumable: each run checkpoints every epoch under `checkpoint_dir`.
+report.md, which DVC hashes, and the machine-dependent speed figures to measured.json and speed.md,
+which it does not. Resumable: each run checkpoints every epoch under `checkpoint_dir`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops import atomic, classifier, export
+from visionops import atomic, classifier, export, measured
 from visionops.augment import BatchAugment
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
 from visionops.device import memory_format, select_device
@@ -33,6 +33,7 @@ from visionops.models import count_parameters
 from visionops.stages.train import (
     fingerprint,
     load_train_data,
+    run_seconds,
     set_served_rule,
     to_device,
     write_history,
@@ -40,6 +41,7 @@ from visionops.stages.train import (
 from visionops.trainer import EpochCallback, fit, init_distributed
 
 CALIBRATION_IMAGES = 256
+SPEED_REPORT = "speed.md"
 
 
 class TeacherMismatchError(VisionopsError):
@@ -146,22 +148,21 @@ def run_distill(
     def train_student(desc: str, criterion: DistillationLoss, checkpoint: Path, digest: str):
         torch.manual_seed(train_cfg.seed)  # the same initial weights for the distilled and the baseline student
         model = classifier.build(cfg.student, class_names, image_shape, mean, std)
-        t0 = time.perf_counter()
         model, state = fit(
             model, train_data, val_data, student_cfg, augment, criterion, device,
             checkpoint=checkpoint, fingerprint=digest, dist_info=dist_info, desc=desc, on_epoch=on_epoch,
         )
-        return model, state, time.perf_counter() - t0
+        return model, state
 
     teacher_digest = _file_digest(teacher_path)
     kd_digest = fingerprint("distill", cfg.alpha, cfg.temperature, teacher_digest, *common, arrays=arrays)
-    student, state, kd_seconds = train_student(
+    student, state = train_student(
         "distill", DistillationLoss(hard, teacher, cfg.alpha, cfg.temperature), checkpoint_dir / "distill.pt", kd_digest
     )
     baseline = base_state = None
     if cfg.baseline:
         base_digest = fingerprint("student_alone", *common, arrays=arrays)
-        baseline, base_state, _ = train_student(
+        baseline, base_state = train_student(
             "student alone", DistillationLoss(hard, None, 0.0), checkpoint_dir / "student_alone.pt", base_digest
         )
     for model in (student, baseline):  # judged below, and saved, as they will be served
@@ -219,7 +220,7 @@ def run_distill(
         "baseline_best_val_acc": base_state.best_acc if base_state is not None else None,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
-        "train_seconds": kd_seconds,
+        **run_seconds(state.history, len(labels)),
         "teacher_parameters": teacher_params,
         "student_parameters": student_params,
         "param_ratio": student_params / teacher_params,
@@ -249,7 +250,7 @@ def run_distill(
     }
 
     extra = {
-        "history": state.history,
+        "history": [measured.pure(row) for row in state.history],
         "teacher": {
             "arch": teacher_info["arch"], "path": str(teacher_path), "digest": teacher_digest,
             "parameters": teacher_params, "test_acc": teacher_acc,
@@ -257,11 +258,13 @@ def run_distill(
         "distill": cfg.model_dump(),
     }
     classifier.save(student_path, student_cpu, cfg.student, class_names, image_shape, **extra)
-    write_history(state.history, reports_dir, f"student: {cfg.student} distilled from {teacher_info['arch']}", stem="history")
+    write_history(extra["history"], reports_dir, f"student: {cfg.student} distilled from {teacher_info['arch']}", stem="history")
     if base_state is not None:
-        write_history(base_state.history, reports_dir, f"student alone: {cfg.student}", stem="history_baseline")
-    atomic.write_json(reports_dir / "metrics.json", metrics)
-    atomic.write_text(reports_dir / "report.md", _report(metrics, teacher_lat, student_lat, int8, cfg.model_dump()))
+        write_history([measured.pure(r) for r in base_state.history], reports_dir, f"student alone: {cfg.student}", stem="history_baseline")
+    atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
+    atomic.write_text(reports_dir / "report.md", _report(metrics, int8, cfg.model_dump()))
+    measured.write(reports_dir, metrics)
+    atomic.write_text(reports_dir / SPEED_REPORT, _speed_report(metrics, teacher_lat, student_lat, int8))
     for name in ("distill.pt", "student_alone.pt"):
         (checkpoint_dir / name).unlink(missing_ok=True)
     return metrics
@@ -275,33 +278,32 @@ def _fmt(x, spec: str = ".4f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def _report(m: dict, teacher_lat: dict, student_lat: dict, int8: dict | None, cfg: dict) -> str:
+def _report(m: dict, int8: dict | None, cfg: dict) -> str:
+    """Accuracy, size and ONNX parity: figures that depend only on the deps and params (DVC hashes it)."""
     kb = 1024
     lines = [
         f"# Distillation: {m['teacher']} → {m['student']}",
         "",
         (f"Hinton KD, T = {cfg['temperature']:g}, alpha = {cfg['alpha']:g} (KD weight; {1 - cfg['alpha']:g} on the labels), "
-        f"{cfg['epochs']} epochs at lr {cfg['lr']:g}. Accuracy on the test split; latency on the CPU "
-        f"(PyTorch, batch {student_lat['batch_size']})."),
+        f"{cfg['epochs']} epochs at lr {cfg['lr']:g}. Accuracy on the test split. CPU speed depends on the machine "
+        f"and its load, so it is in `{SPEED_REPORT}` and `{measured.MEASURED_FILE}` beside this report (and the MLflow run)."),
         "",
-        "| model | arch | parameters | size (KiB) | test acc | CPU images/s | CPU ms / image (batch 1) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        (f"| teacher | {m['teacher']} | {m['teacher_parameters']:,} | {m['teacher_size_bytes'] / kb:.1f} | {_fmt(m['teacher_acc'])} "
-        f"| {teacher_lat['images_per_second']:,.0f} | {teacher_lat['single_image_ms']:.3f} |"),
+        "| model | arch | parameters | size (KiB) | test acc |",
+        "|---|---|---:|---:|---:|",
+        f"| teacher | {m['teacher']} | {m['teacher_parameters']:,} | {m['teacher_size_bytes'] / kb:.1f} | {_fmt(m['teacher_acc'])} |",
         (f"| student (distilled) | {m['student']} | {m['student_parameters']:,} | {m['student_size_bytes'] / kb:.1f} "
-        f"| {_fmt(m['student_acc'])} | {student_lat['images_per_second']:,.0f} | {student_lat['single_image_ms']:.3f} |"),
+        f"| {_fmt(m['student_acc'])} |"),
     ]
     if m["baseline_acc"] is not None:
         lines.append(
             f"| student alone (baseline) | {m['student']} | {m['student_parameters']:,} | {m['student_size_bytes'] / kb:.1f} "
-            f"| {_fmt(m['baseline_acc'])} | — | — |"
+            f"| {_fmt(m['baseline_acc'])} |"
         )
     lines += [
         "",
         f"- KD gain (distilled − alone): {_fmt(m['kd_gain'], '+.4f')}",
         f"- parameter ratio (student / teacher): {m['param_ratio']:.4f}",
         f"- size ratio (student / teacher): {m['size_ratio']:.4f}",
-        f"- CPU throughput speedup (student / teacher): {m['cpu_speedup']:.2f}x",
         "",
         "## ONNX",
         "",
@@ -324,12 +326,36 @@ def _report(m: dict, teacher_lat: dict, student_lat: dict, int8: dict | None, cf
         lines += [
             f"`student.int8.onnx` by {how}.",
             "",
-            "| | size (KiB) | test acc | ORT CPU images/s |",
-            "|---|---:|---:|---:|",
-            f"| fp32 ONNX | {m['onnx_bytes'] / kb:.1f} | {_fmt(int8['fp32_onnx_acc'])} | {int8['fp32_ort']['images_per_second']:,.0f} |",
-            f"| int8 ONNX | {int8['bytes'] / kb:.1f} | {_fmt(int8['acc'])} | {int8['int8_ort']['images_per_second']:,.0f} |",
+            "| | size (KiB) | test acc |",
+            "|---|---:|---:|",
+            f"| fp32 ONNX | {m['onnx_bytes'] / kb:.1f} | {_fmt(int8['fp32_onnx_acc'])} |",
+            f"| int8 ONNX | {int8['bytes'] / kb:.1f} | {_fmt(int8['acc'])} |",
             "",
-            f"- int8 speedup over fp32 (onnxruntime, batch {int8['int8_ort']['batch_size']}): {int8['speedup']:.2f}x",
             f"- int8 argmax agreement with fp32: {_fmt(int8['agreement_with_fp32'])}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _speed_report(m: dict, teacher_lat: dict, student_lat: dict, int8: dict | None) -> str:
+    """CPU speed of teacher and student, and of the ONNX models: measured here, now (not hashed by DVC)."""
+    lines = [
+        f"# CPU speed: {m['teacher']} → {m['student']}",
+        "",
+        f"PyTorch on the CPU, served predictor (TTA and temperature included), batch {student_lat['batch_size']}. "
+        "Measured on this machine, under its current load: compare ratios, not absolute figures.",
+        "",
+        "| model | CPU images/s | CPU ms / image (batch 1) |",
+        "|---|---:|---:|",
+        f"| teacher ({m['teacher']}) | {teacher_lat['images_per_second']:,.0f} | {teacher_lat['single_image_ms']:.3f} |",
+        f"| student ({m['student']}) | {student_lat['images_per_second']:,.0f} | {student_lat['single_image_ms']:.3f} |",
+        "",
+        f"- CPU throughput speedup (student / teacher): {m['cpu_speedup']:.2f}x",
+    ]
+    if int8 is not None:
+        lines += [
+            "",
+            f"onnxruntime, batch {int8['int8_ort']['batch_size']}: fp32 {int8['fp32_ort']['images_per_second']:,.0f} images/s, "
+            f"int8 {int8['int8_ort']['images_per_second']:,.0f} images/s: int8 is {int8['speedup']:.2f}x the fp32 speed"
+            + (" (slower: int8 does not pay for this model on this CPU)." if int8["speedup"] < 1 else "."),
         ]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops import atomic, calibration, classifier, dataset, eval_plots, explain
+from visionops import atomic, calibration, classifier, dataset, eval_plots, explain, measured
 from visionops.config import EvaluateConfig
 from visionops.device import select_device
 from visionops.errors import VisionopsError
@@ -145,16 +145,19 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         "",
         "![Reliability diagram](reliability.png)",
         "",
-        "## Speed and size",
+        "## Size",
         "",
         "| | |",
         "|---|---|",
         f"| parameters | {m['parameters']:,} |",
         f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
-        f"| latency (served, TTA `{m['tta']}`), batch of {m['latency_batch_size']} | {m['latency_batch_ms']:.3f} ms |",
-        f"| latency, single image | {m['latency_single_image_ms']:.3f} ms |",
-        f"| throughput | {m['images_per_second']:.0f} images/s |",
         f"| device | `{m['device']}` |",
+        "",
+        (
+            f"Latency and throughput of the served model (TTA `{m['tta']}`, batch of {m['latency_batch_size']}) "
+            f"depend on the machine and its load, so they are not in this report, which DVC hashes: see "
+            f"`{measured.MEASURED_FILE}` beside it and the stage's MLflow run."
+        ),
         "",
         "## Explanations",
         "",
@@ -250,5 +253,6 @@ def run_evaluate(
     atomic.write_text(
         reports_dir / "report.md", render_report(metrics, per_class, top_confusions(cm, names), info["arch"])
     )
-    atomic.write_json(reports_dir / "metrics.json", metrics)
+    atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
+    measured.write(reports_dir, metrics)
     return metrics

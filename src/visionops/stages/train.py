@@ -12,13 +12,12 @@ import csv
 import hashlib
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from visionops import atomic, calibration, classifier, dataset, plots
+from visionops import atomic, calibration, classifier, dataset, measured, plots
 from visionops.augment import BatchAugment
 from visionops.config import AugmentConfig, TrainConfig
 from visionops.device import select_device
@@ -69,6 +68,12 @@ def set_served_rule(model: classifier.Classifier, tta: str, val: dataset.Split, 
     model.temperature = calibration.fit_temperature(logits, val.labels)
 
 
+def run_seconds(history: list[dict], train_images: int) -> dict:
+    """Training time of the whole run (the epochs before a resume included) and its throughput."""
+    seconds = sum(row["epoch_seconds"] for row in history)
+    return {"train_seconds": seconds, "train_images_per_second": train_images * len(history) / max(seconds, 1e-9)}
+
+
 def write_history(history: list[dict], reports_dir: Path, title: str, stem: str = "history") -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -102,7 +107,6 @@ def run_train(
     augment = BatchAugment.from_config(augment_cfg, num_classes=len(ds.class_names))
     val = ds.splits["val"]
     digest = fingerprint(cfg.model_dump(), augment_cfg.model_dump(), ds.class_names, dist_info.world_size, arrays=(images, labels, val.labels))
-    t0 = time.perf_counter()
     model, state = fit(
         model,
         to_device(images, labels, device),
@@ -128,12 +132,13 @@ def run_train(
         "temperature": model.temperature,
         "train_images": int(len(labels)),
         "parameters": count_parameters(model),
-        "train_seconds": time.perf_counter() - t0,
-        "train_images_per_second": len(labels) * len(state.history) / max(sum(r["seconds"] for r in state.history), 1e-9),
+        **run_seconds(state.history, len(labels)),
     }
     if dist_info.is_main:
-        classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=state.history)
-        write_history(state.history, reports_dir, f"teacher: {cfg.model}")
-        atomic.write_json(reports_dir / "metrics.json", metrics)
+        history = [measured.pure(row) for row in state.history]
+        classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history)
+        write_history(history, reports_dir, f"teacher: {cfg.model}")
+        atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
+        measured.write(reports_dir, metrics)
         checkpoint.unlink(missing_ok=True)
     return metrics
