@@ -33,7 +33,7 @@ def ran_project(tmp_path_factory):
 
 def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
     project = ran_project
-    for stage in ("download", "validate", "prepare", "train", "evaluate", "distill"):
+    for stage in ("download", "validate", "prepare", "train", "evaluate", "distill", "register"):
         assert f"Running stage '{stage}'" in project.first_run.stdout
     assert json.loads((project.path / "reports/validate/summary.json").read_text())["success"] is True
     for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.png",
