@@ -99,6 +99,26 @@ def test_each_stage_runs_only_code_its_closure_lists(ran_project, tmp_path):
         assert loaded <= listed, f"{stage} ran modules dvc.yaml does not list: {sorted(loaded - listed)}"
 
 
+def test_forced_rerun_writes_identical_outputs_and_registers_no_new_version(ran_project):
+    """Outputs are pure functions of deps and params: `dvc repro -f register` retrains every stage, and
+    dvc.lock (every output's hash) stays byte for byte; the register stage finds each model's file already
+    registered."""
+    import mlflow
+
+    project = ran_project
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+
+    def versions():
+        return sorted((v.name, v.version) for v in client.search_model_versions(""))
+
+    lock, before = (project.path / "dvc.lock").read_text(), versions()
+    assert {name for name, _ in before} == {"visionops-classifier", "visionops-student"}
+    out = project.repro("-f", "register").stdout
+    assert "Running stage 'train'" in out and "Running stage 'register'" in out
+    assert (project.path / "dvc.lock").read_text() == lock
+    assert versions() == before
+
+
 def test_dvc_metrics_and_plots(ran_project):
     project = ran_project
     metrics = json.loads(project.run("dvc", "metrics", "show", "--json").stdout)
