@@ -56,6 +56,16 @@ def failure_for(summary: dict, column: str) -> dict:
     return matches[0]
 
 
+def test_relative_paths_as_dvc_gives_them(tmp_path, monkeypatch):
+    """The stage runs as `visionops validate` from the project root, with relative paths."""
+    save(make_dataset(), tmp_path / "data" / "dataset")
+    monkeypatch.chdir(tmp_path)
+    summary = run_validate(Path("data/dataset"), ValidateConfig(), Path("reports/validate"))
+    on_disk = json.loads((tmp_path / "reports/validate/summary.json").read_text())
+    assert summary["success"] and on_disk["dataset"] == "data/dataset"  # no absolute path in a file DVC hashes
+    assert (tmp_path / "reports/validate/data_docs/index.html").exists()
+
+
 def test_clean_dataset_passes_and_writes_outputs(tmp_path):
     summary, out = validate(tmp_path, make_dataset())
     assert summary["success"] is True

@@ -359,7 +359,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
     Raises ValidationFailed (after writing every output) when a critical check fails.
     """
     t0 = time.perf_counter()
-    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir).resolve()  # GX wants an absolute docs path
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = dsmod.load(dataset_dir)
     names = list(ds.class_names)
