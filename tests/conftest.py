@@ -6,6 +6,7 @@ that has no ../shared beside it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,14 +63,18 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images") / "tree")
 
 
+_SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
 def _restore_mlflow_env():
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; keep one test's store out of the next."""
-    import os
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; keep one test's store out of the next.
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    Reset to the session's value after every test, not to the value seen before it: a module-scoped
+    fixture (set up before this one) may have exported its store during that test's set-up.
+    """
     yield
-    if before is None:
+    if _SESSION_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ["MLFLOW_TRACKING_URI"] = _SESSION_TRACKING_URI

@@ -196,7 +196,8 @@ def test_cifar_folder_runs_the_data_stages(cifar_project):
     project.repro("prepare")
     summary = json.loads((project.path / "reports/validate/summary.json").read_text())
     assert summary["success"] is True and summary["n_classes"] == 10
-    assert sum(summary["n_images"].values()) == 300
+    holdout = json.loads((project.path / "data/holdout/meta.json").read_text())["splits"]["holdout"]
+    assert sum(summary["n_images"].values()) + holdout == 300 and holdout > 0
 
 
 def _fails_naming(project, *names):

@@ -69,7 +69,7 @@ def project(tmp_path, assets, monkeypatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", teacher_model_name=TEACHER,
                             student_model_name=STUDENT)  # fmt: skip
-    params["promote"].update(min_accuracy=0.9, min_class_recall=0.5, max_ece=1.0, max_latency_ms=60_000.0)
+    params["promote"].update(min_accuracy=0.9, min_class_recall=0.5, max_ece=1.0, max_latency_ratio=1000.0)
     params["evaluate"]["latency_batch_size"] = 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (tmp_path / "models").mkdir()

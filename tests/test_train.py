@@ -183,9 +183,17 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train(prepared_project):
     project = prepared_project
-    project.set_params(train={"model": "lenet", "epochs": 3, "batch_size": 32, "device": "cpu"})
+    project.set_params(train={"model": "lenet", "epochs": 6, "batch_size": 32, "device": "cpu"})
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "visionops", "train")
     metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["epochs_run"] == 3
+    assert metrics["world_size"] == 2 and metrics["epochs_run"] == 6
     assert metrics["best_val_acc"] > 0.3, out.stderr
+
+
+def test_saved_model_bytes_depend_only_on_the_model(tmp_path):
+    """torch.save names its zip folder after the file; classifier.save must not leak its temp file's name."""
+    model = classifier.build("lenet", list("0123456789"), (16, 16, 1), [0.5], [0.5])
+    for name in ("a.pt", "b.pt"):
+        classifier.save(tmp_path / name, model, "lenet", list("0123456789"), (16, 16, 1))
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

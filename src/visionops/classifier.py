@@ -8,13 +8,14 @@ network's own `forward` stays the raw logits that training, Grad-CAM and ONNX ex
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops.atomic import atomic_path
+from visionops.atomic import write_bytes
 from visionops.errors import MissingInputError
 from visionops.models import create_model
 from visionops.tta import TTA_LEVELS, tta_logits
@@ -81,8 +82,9 @@ def save(path: Path, model: Classifier, arch: str, class_names: list[str], image
         "state_dict": state,
         **extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buf = io.BytesIO()  # torch.save names the zip's top folder after the file: a temp file's name would leak in
+    torch.save(payload, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
