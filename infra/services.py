@@ -91,10 +91,10 @@ def _tail(path: Path, n: int = 30) -> str:
 
 def wait_until(what: str, ready, proc: psutil.Process | None = None, log: Path | None = None,
                timeout: float = START_TIMEOUT_S) -> None:
-    """Poll `ready()` until true; fail early, with the log's tail, when `proc` dies."""
+    """Poll `ready()` until true; fail early, with the log's tail, when `proc` is gone or dies."""
     deadline, delay = time.monotonic() + timeout, 0.05
     while not ready():
-        if proc is not None and (not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE):
+        if proc is None or not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
             raise ServiceError(f"{what} exited while starting; log {log}:\n{_tail(log) if log else ''}")
         if time.monotonic() > deadline:
             raise ServiceError(f"{what} not healthy after {timeout:.0f}s; log {log}:\n{_tail(log) if log else ''}")
@@ -317,7 +317,7 @@ class Services:
         if self.running("mlflow") is None:
             cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(self.ports["mlflow"]), "--workers", "1",
                    "--backend-store-uri", self.db_url("mlflow", "postgresql+psycopg2"), "--artifacts-destination", f"s3://{BUCKETS[0]}"]
-            env = {"MLFLOW_S3_ENDPOINT_URL": self.urls["s3"],
+            env = {"MLFLOW_S3_ENDPOINT_URL": self.urls["s3"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                    **{k: self.creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
             self.spawn("mlflow", cmd, env=env)
         wait_until("MLflow server", lambda: _http_ok(self.urls["mlflow"] + "/health"), self.running("mlflow"),
@@ -361,7 +361,8 @@ class Services:
 
     def start_worker(self, name: str, pool: str = POOL) -> None:
         if self.running(name) is None:
-            cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+            # --limit 1: one flow run at a time per worker (a training run owns its checkout); more runs, more workers
+            cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name, "--limit", "1"]
             self.spawn(name, cmd, env=self.prefect_env(), cwd=ROOT)
         wait_until(f"Prefect worker {name}", lambda: name in self.online_workers(pool), self.running(name),
                    self.logs / f"{name}.log")

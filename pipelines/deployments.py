@@ -22,7 +22,7 @@ a process worker of that pool runs them, and their schedules stay active when wo
     export PREFECT_API_URL=http://<server>:4200/api
     prefect work-pool create visionops --type process                 # once
     python -m pipelines deploy --work-pool visionops
-    prefect worker start --pool visionops      # in the repository root, with .venv/bin on PATH
+    prefect worker start --pool visionops --limit 1   # in the repository root, with .venv/bin on PATH
 
 Without --work-pool, `register()` only creates the deployments (`RunnerDeployment.apply`), which is how
 tests check them without starting a worker; their runs then wait for a `serve` process.

@@ -33,10 +33,14 @@ RUN_TIMEOUT_S = 900
 
 
 def _need(*modules: str) -> None:
-    for m in modules:
-        pytest.importorskip(m, reason=f"the scale extra is not installed (pip install -e '.[scale]'): no {m}")
+    """Skip without the scale extra or PostgreSQL; fail instead where CI requires them (.ci/run)."""
+    import importlib.util
+
+    missing = [f"python module {m} (pip install -e '.[scale]')" for m in modules if importlib.util.find_spec(m) is None]
     if not (svc.PG_BIN / "initdb").exists():
-        pytest.skip(f"PostgreSQL 15 is not installed ({svc.PG_BIN}/initdb; apt-get install postgresql)")
+        missing.append(f"PostgreSQL 15 ({svc.PG_BIN}/initdb: apt-get install postgresql)")
+    if missing:
+        (pytest.fail if os.environ.get("VISIONOPS_REQUIRE_SERVICES") else pytest.skip)("missing: " + ", ".join(missing))
 
 
 def _commit(project: Project, message: str) -> None:
