@@ -164,10 +164,12 @@ def test_mlflow_on_postgres_has_every_stage_and_both_models(stack):
     # artifacts and the registered models are objects in the SeaweedFS bucket, written through the server's proxy
     s3 = services.s3_client()
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow") for o in page.get("Contents", [])]
+    assert any(f"/{r}/artifacts/" in k for r in run_ids for k in keys)  # the stage runs' artifacts
     for v in versions:
-        location = client.get_logged_model(v.model_id).artifact_location if v.model_id else client.get_run(v.run_id).info.artifact_uri
-        prefix = location.split("mlflow-artifacts:/", 1)[-1].strip("/")
-        assert any(k.startswith(prefix) and k.endswith("MLmodel") for k in keys), (location, keys[:20])
+        location = client.get_model_version_download_uri(TEACHER, v.version)
+        assert location.startswith("mlflow-artifacts:/"), location  # through the server's proxy
+        prefix = location.removeprefix("mlflow-artifacts:").strip("/")
+        assert f"{prefix}/MLmodel" in keys, (location, [k for k in keys if "MLmodel" in k])
 
 
 def test_dvc_push_then_pull_into_a_fresh_clone(stack, tmp_path):
@@ -234,7 +236,7 @@ def test_killing_the_mlflow_server_mid_run_leaves_the_store_consistent(stack):
     assert champion.status == "READY"
 
 
-def test_schedules_stay_active_and_stop_leaves_no_process(stack):
+def test_schedules_stay_active_stop_leaves_no_process_and_data_survives_a_restart(stack):
     from prefect.client.orchestration import get_client
 
     services, _ = stack
@@ -252,3 +254,15 @@ def test_schedules_stay_active_and_stop_leaves_no_process(stack):
     assert services.pids() == {}
     stragglers = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(services.dir) in " ".join(p.info["cmdline"] or [])]
     assert not stragglers, stragglers
+
+    # a restart finds everything again: the same registry in PostgreSQL, the same objects in SeaweedFS
+    import mlflow
+
+    services.start(workers=0, deploy=False, dvc=False)
+    try:
+        client = mlflow.MlflowClient(services.client_env()["MLFLOW_TRACKING_URI"])
+        assert len(client.search_model_versions(f"name = '{TEACHER}'")) >= 2
+        assert client.get_model_version_by_alias(TEACHER, "champion").status == "READY"
+        assert services.s3_client().list_objects_v2(Bucket="dvc").get("KeyCount", 0) > 0
+    finally:
+        assert set(services.stop()) == {"postgres", "seaweedfs", "mlflow", "prefect"}
