@@ -227,6 +227,9 @@ def test_killing_the_mlflow_server_mid_run_leaves_the_store_consistent(stack):
     services.start_mlflow()
     run = _wait_final([str(flow_run.id)])[0]
     assert run.state.is_final() and (run.state.is_completed() or run.state.message), run.state
+    train_runs = client.search_runs(exp, f"tags.`prefect.flow_run_id` = '{flow_run.id}' and tags.`visionops.stage` = 'train'")
+    print(f"flow run after the MLflow restart: {run.state.type.value} ({run.state.message}); "
+          f"train stage runs: {[r.info.status for r in train_runs]}")
     client = mlflow.MlflowClient(client_uri)
     versions = client.search_model_versions(f"name = '{TEACHER}'")
     for v in versions:
