@@ -4,11 +4,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
+# scale: the servers' clients and binaries for `make services` (the suite's `services` tests use them)
+EXTRAS ?= test,scale
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help setup run test test-fast bench ui clean deps repro-check
+.PHONY: help setup run test test-fast bench ui clean deps repro-check services services-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -16,7 +18,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[$(EXTRAS)]'
 	@touch $@
 
 setup: $(STAMP)  ## create .venv and install pinned dependencies (once)
@@ -45,6 +47,15 @@ bench: setup  ## benchmarks (see bench/README.md)
 MLFLOW_PORT ?= 5000
 ui: setup  ## MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, models)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# ---- the services at scale (infra/services.py): all on 127.0.0.1, all data under $(SERVICES_DIR) ------
+SERVICES_DIR ?= $(CURDIR)/.services
+WORKERS ?= 1
+services: setup  ## PostgreSQL, SeaweedFS (S3), MLflow + Prefect servers, WORKERS=1 worker(s) on 127.0.0.1; then source .services/env
+	python infra/services.py start --dir "$(SERVICES_DIR)" --workers $(WORKERS)
+
+services-stop:  ## stop exactly what `make services` started (by PID); the data stays for the next start
+	$(BIN)/python infra/services.py stop --dir "$(SERVICES_DIR)"
 
 clean:  ## remove pipeline outputs and run state (keeps .venv)
 	rm -rf data/dataset data/prepared reports .dvc/tmp

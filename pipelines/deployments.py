@@ -14,15 +14,15 @@ monitoring writes only data/monitoring/ and the shared data/cache). Stopping it 
 
 Against a remote Prefect server with a work pool there is no prefect.yaml on purpose: it could not read
 the cron from params.yaml, so it would be a second copy of the schedule. `register()` (CLI:
-`python -m pipelines deploy --work-pool NAME`) sends the same deployments to the server with
-`prefect.deploy`, as module entrypoints (`pipelines.flows.training`) that a process worker started in a
-checkout of this repository imports:
+`python -m pipelines deploy --work-pool NAME`) sends the same deployments to the server from source
+(`flow.from_source(<checkout or git URL>, "pipelines/flows.py:training").deploy(work_pool_name=NAME)`);
+a process worker of that pool runs them, and their schedules stay active when workers stop
+(`make services` does all of this on one machine, see infra/services.py):
 
     export PREFECT_API_URL=http://<server>:4200/api
     prefect work-pool create visionops --type process                 # once
-    prefect work-pool set-concurrency-limit visionops 1                # training runs share the workspace
     python -m pipelines deploy --work-pool visionops
-    prefect worker start --pool visionops      # in the repository root, with .venv/bin on PATH
+    prefect worker start --pool visionops --limit 1   # in the repository root, with .venv/bin on PATH
 
 Without --work-pool, `register()` only creates the deployments (`RunnerDeployment.apply`), which is how
 tests check them without starting a worker; their runs then wait for a `serve` process.
@@ -49,47 +49,48 @@ def _schedule_params(project_dir: Path):
     return load_params(Path(project_dir) / "params.yaml").schedule
 
 
-def build_deployments(project_dir: Path | str = ROOT, work_pool_name: str | None = None) -> list[RunnerDeployment]:
-    """The three deployments; their flow runs work in `project_dir` (default: this checkout)."""
-    project_dir = Path(project_dir).resolve()
+def _specs(project_dir: Path) -> list[tuple]:
+    """(flow, deployment name, its keyword arguments) of the three deployments."""
     schedule = _schedule_params(project_dir)
-    common = {
-        "tags": TAGS,
-        "entrypoint_type": EntrypointType.MODULE_PATH,  # `pipelines.flows.<flow>`: importable from the repo root
-        "work_pool_name": work_pool_name,
-        "job_variables": {"working_dir": str(ROOT)} if work_pool_name else None,
-    }
     project = {"project_dir": str(project_dir)}
     return [
-        training.to_deployment(
-            name=NIGHTLY,
-            schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
-            parameters={**project, "refresh_data": True, "promote": True},
-            description=f"Scheduled retraining ({schedule.cron}, {schedule.timezone}; params.yaml `schedule`).",
-            **common,
-        ),
-        promotion.to_deployment(name=PROMOTION, parameters=project, description="Metric-gated promotion, on demand.", **common),
-        monitoring.to_deployment(
-            name=MONITORING,
-            schedules=[Cron(schedule.monitor_cron, timezone=schedule.timezone)],
-            parameters={**project, "refresh_data": True},
-            description="The champion's accuracy on the newest data; fails below monitor.min_accuracy.",
-            **common,
-        ),
+        (training, NIGHTLY, {
+            "schedules": [Cron(schedule.cron, timezone=schedule.timezone)],
+            "parameters": {**project, "refresh_data": True, "promote": True},
+            "description": f"Scheduled retraining ({schedule.cron}, {schedule.timezone}; params.yaml `schedule`).",
+        }),
+        (promotion, PROMOTION, {"parameters": project, "description": "Metric-gated promotion, on demand."}),
+        (monitoring, MONITORING, {
+            "schedules": [Cron(schedule.monitor_cron, timezone=schedule.timezone)],
+            "parameters": {**project, "refresh_data": True},
+            "description": "The champion's accuracy on the newest data; fails below monitor.min_accuracy.",
+        }),
     ]
 
 
-def register(project_dir: Path | str = ROOT, work_pool_name: str | None = None) -> list[str]:
+def build_deployments(project_dir: Path | str = ROOT) -> list[RunnerDeployment]:
+    """The three deployments as `serve` runs them; their flow runs work in `project_dir` (default: this checkout)."""
+    project_dir = Path(project_dir).resolve()
+    return [f.to_deployment(name=name, tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH, **kw)
+            for f, name, kw in _specs(project_dir)]
+
+
+def register(project_dir: Path | str = ROOT, work_pool_name: str | None = None, source: str | None = None) -> list[str]:
     """Create or update the deployments on the server at PREFECT_API_URL; returns their ids.
 
-    With a work pool: `prefect.deploy` (a worker of that pool runs them). Without: `apply()` only."""
-    deployments = build_deployments(project_dir, work_pool_name)
-    if work_pool_name:
-        from prefect import deploy
-
-        return [str(i) for i in deploy(*deployments, work_pool_name=work_pool_name, build=False, push=False,
-                                        print_next_steps_message=False, ignore_warnings=True)]
-    return [str(d.apply()) for d in deployments]
+    With a work pool: each flow is loaded from source (`flow.from_source(source, "pipelines/flows.py:<flow>")`,
+    by default this checkout, whose path every worker machine must have; or a git URL, cloned per run) and
+    deployed to the pool, where a worker runs it; its schedules stay active whether or not a worker is up.
+    Without: `apply()` only (their runs then wait for a `serve` process)."""
+    project_dir = Path(project_dir).resolve()
+    if not work_pool_name:
+        return [str(d.apply()) for d in build_deployments(project_dir)]
+    ids = []
+    for f, name, kw in _specs(project_dir):
+        remote = f.from_source(source=source or str(ROOT), entrypoint=f"pipelines/flows.py:{f.fn.__name__}")
+        ids.append(str(remote.deploy(name=name, work_pool_name=work_pool_name, tags=TAGS, build=False, push=False,
+                                     print_next_steps=False, ignore_warnings=True, **kw)))
+    return ids
 
 
 def main(project_dir: Path | str = ROOT) -> None:
