@@ -44,7 +44,7 @@ bench: setup  ## benchmarks (see bench/README.md)
 
 MLFLOW_PORT ?= 5000
 ui: setup  ## MLflow UI (one worker) on http://127.0.0.1:$(MLFLOW_PORT); prints the link to the experiment's runs
-	python -m visionops.tracking.ui --host 127.0.0.1 --port $(MLFLOW_PORT)
+	python -m visionops.mlflow_ui --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:  ## remove pipeline outputs and run state (keeps .venv)
 	rm -rf data/dataset data/prepared reports .dvc/tmp
