@@ -1,7 +1,7 @@
 """`make ui`: MLflow's UI on the project's store, started lean, with a link straight to the runs.
 
 MLflow 3's UI opens on its GenAI overview; the classic view of runs (metrics, params, Compare) is the
-experiment's Runs tab in the "Machine learning" workflow, which the printed link opens directly
+experiment's Runs tab in the "Model training" workflow, which the printed link opens directly
 (`#/experiments/<id>/runs?workflowType=machine_learning`). visionops experiments are also tagged
 `mlflow.experimentKind=custom_model_development`, so the UI shows them as model training.
 The server runs one worker and no GenAI job runner (MLflow's defaults start 4 workers plus job
