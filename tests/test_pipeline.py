@@ -155,7 +155,10 @@ def test_dvc_metrics_and_plots_in_a_fresh_clone(ran_project, tmp_path):
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(project.path), str(clone)], check=True)
-    run = lambda *cmd: subprocess.run(cmd, cwd=clone, env=project.env(), capture_output=True, text=True, check=True)  # noqa: E731
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=clone, env=project.env(), capture_output=True, text=True, check=True)
+
     diff = run("dvc", "metrics", "diff", "HEAD~1", "--all", "--json")
     assert "failed to load" not in diff.stderr
     student = json.loads(diff.stdout)["reports/distill/metrics.json"]["student_acc"]

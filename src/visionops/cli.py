@@ -170,9 +170,9 @@ def _evaluate(params, args, run) -> dict:
     "baseline",
     "train the distillation student alone, for distill's comparison",
     "Train distill.student without a teacher (plain cross-entropy; the same initial weights, seed, schedule "
-    "and augmentation as the distilled student), measure it on the test split, and write baseline.json and "
-    f"history.csv/png to {layout.BASELINE_REPORTS}/. Its own stage because it does not depend on the teacher: "
-    "DVC skips it when only the teacher changed. With distill.baseline false it trains nothing and "
+    "and augmentation as the distilled student), measure it on the test split, and write baseline.json (with "
+    f"its per-epoch history) and history.png to {layout.BASELINE_REPORTS}/. Its own stage because it does "
+    "not depend on the teacher: DVC skips it when only the teacher changed. With distill.baseline false it trains nothing and "
     "baseline.json says so (distill then reports no KD gain).",
     sections=("distill", "train"),
     tracked_in_process=True,
@@ -200,8 +200,9 @@ def _baseline(params, args, run) -> dict:
     "distill",
     "distill a small student from the trained teacher, export it to ONNX and int8",
     "Train distill.student with Hinton knowledge distillation from the teacher (temperature, alpha; KL "
-    "term scaled by T^2) under the same augmentation; with distill.baseline, the result of `visionops baseline` "
-    "(the same student alone) shows what distillation gained. Compares teacher and student on the test split (accuracy, parameters, size, "
+    "term scaled by T^2) under the same augmentation; with distill.baseline, the result of "
+    "`visionops baseline` (the same student alone) shows what distillation gained. Compares teacher and "
+    "student on the test split (accuracy, parameters, size, "
     "CPU latency), exports the student to ONNX with an ONNX Runtime parity check, and (distill.quantize) "
     f"int8-quantizes it. The student's file stores its served rule (train.tta, temperature fitted on val). "
     f"Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/; `visionops register` registers it.",

@@ -24,7 +24,8 @@ def runs_url(base: str, experiment_id: str) -> str:
 
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
-    mlflow = shutil.which("mlflow", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # this venv's first
+    mlflow = shutil.which("mlflow", path=search)
     return [mlflow or "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) is None:  # a store made before the tag
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     command = server_command(tracking_uri(cfg), args.host, args.port)
-    print(f"MLflow UI, runs of experiment {cfg.experiment!r}: {runs_url(f'http://{args.host}:{args.port}', experiment_id)}")
+    link = runs_url(f"http://{args.host}:{args.port}", experiment_id)
+    print(f"MLflow UI, runs of experiment {cfg.experiment!r}: {link}")
     print(f"  (the classic view: Experiments > {cfg.experiment} > Runs; tick runs and press Compare)", flush=True)
     if args.print_only:
         print(" ".join(command))

@@ -133,9 +133,8 @@ def run_baseline(
     s = student_setup(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg)
     digest = fingerprint("student_alone", *s.common, arrays=s.arrays)
     hard = s.hard
-    model, state = train_student(
-        s, "student alone", lambda logits, targets, _x: hard(logits, targets), checkpoint_dir / CHECKPOINT, digest, on_epoch
-    )
+    criterion = lambda logits, targets, _x: hard(logits, targets)  # plain CE, no teacher
+    model, state = train_student(s, "student alone", criterion, checkpoint_dir / CHECKPOINT, digest, on_epoch)
     val, test = s.ds.splits["val"], s.ds.splits["test"]
     set_served_rule(model, train_cfg.tta, val, s.device, train_cfg.eval_batch_size)  # judged as it would be served
     if not s.dist_info.is_main:

@@ -43,11 +43,11 @@ def pipeline_name(commit: str, dirty: str, pipeline_id: str, stage: str) -> str:
     exp = experiment_name()
     if exp:
         return f"dvc exp {exp}"
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     mark = "+" if dirty == "true" else ""
     how = f"visionops {stage}" if pipeline_id.startswith(SINGLE_PREFIX) else "dvc repro"
-    return f"{how} {commit[:7]}{mark} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+    return f"{how} {commit[:7]}{mark} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
 
 def dvc_dep_hashes(root: Path, stage: str) -> dict[str, str]:
