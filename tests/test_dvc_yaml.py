@@ -17,23 +17,28 @@ def _entries(stage: dict, key: str) -> dict[str, dict]:
 
 
 def test_metrics_and_plot_data_are_committed_not_cached():
+    """Metrics and plot files are `cache: false` (git keeps them); every stage plot has the properties it is
+    drawn with (no auto-plot); no plain out is `cache: false`, which would stop DVC's run cache for its stage."""
     uncached = set()
     for name, stage in DVC["stages"].items():
-        assert "plots" not in stage, f"{name}: a stage's plots are auto-plotted; declare them in the top-level plots"
-        for path, opts in _entries(stage, "metrics").items():
-            assert opts.get("cache") is False, path
-        uncached |= {p for p, o in {**_entries(stage, "outs"), **_entries(stage, "metrics")}.items() if o.get("cache") is False}
+        for path, opts in _entries(stage, "outs").items():
+            assert opts.get("cache", True), f"{name}: {path}: a plain cache: false out disables the run cache"
+        for key in ("metrics", "plots"):
+            for path, opts in _entries(stage, key).items():
+                assert opts.get("cache") is False, path
+                uncached.add(path)
+        for path, opts in _entries(stage, "plots").items():
+            assert path.endswith(".png") or {"template", "x", "y", "title"} <= set(opts), path
     plot_files = set()
     for plot in DVC["plots"]:
-        if isinstance(plot, str):
-            plot_files.add(plot)
-        else:
-            (props,) = plot.values()
-            plot_files |= set(props["y"])
+        (props,) = plot.values()
+        plot_files |= set(props["y"])
     assert plot_files <= uncached  # every declared plot's data is in git, for `dvc plots diff` in any clone
     # .gitignore keeps exactly those files of reports/ in git
     candidates = sorted(uncached | {p for s in DVC["stages"].values() for p in _entries(s, "outs") if p.startswith("reports/")})
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", *candidates], cwd=ROOT, capture_output=True, text=True, check=False).stdout.split()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *candidates], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
     assert set(candidates) - set(ignored) == uncached
 
 

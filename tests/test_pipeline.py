@@ -126,10 +126,10 @@ def _commit(project, message: str) -> None:
 
 
 def _uncached_outs() -> set[str]:
-    """The `cache: false` outs and metrics of dvc.yaml: what git keeps."""
+    """The `cache: false` outs, metrics and plots of dvc.yaml: what git keeps."""
     found = set()
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
-        for entry in stage.get("outs", []) + stage.get("metrics", []):
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             if isinstance(entry, dict):
                 ((path, opts),) = entry.items()
                 if opts.get("cache") is False:
@@ -168,8 +168,10 @@ def test_dvc_metrics_and_plots_in_a_fresh_clone(ran_project, tmp_path):
     assert max(len(line) for line in shown.stdout.splitlines()) <= 200, shown.stdout
     plots = json.loads(run("dvc", "plots", "show", "--json").stdout)
     assert "errors" not in plots
-    declared = [p if isinstance(p, str) else next(iter(p)) for p in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]]
-    assert list(plots["data"]) == declared and all(len(v) == 1 for v in plots["data"].values())
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = [next(iter(p)) for p in dvc["plots"]]
+    declared += [next(iter(p)) for stage in dvc["stages"].values() for p in stage.get("plots", [])]
+    assert sorted(plots["data"]) == sorted(declared) and all(len(v) == 1 for v in plots["data"].values())
 
 
 def test_dvc_exp_run_moves_no_alias_and_skips_the_baseline(ran_project):
