@@ -45,8 +45,8 @@ bench: setup  ## benchmarks (see bench/README.md)
 	cd bench && python bench_validate.py && python bench_train_throughput.py && python bench_make_run.py
 
 MLFLOW_PORT ?= 5000
-ui: setup  ## MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, models)
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
+ui: setup  ## MLflow UI (one worker) on http://127.0.0.1:$(MLFLOW_PORT); prints the link to the experiment's runs
+	python -m visionops.mlflow_ui --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # ---- the services at scale (infra/services.py): all on 127.0.0.1, all data under $(SERVICES_DIR) ------
 SERVICES_DIR ?= $(CURDIR)/.services

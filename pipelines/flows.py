@@ -68,7 +68,7 @@ DOWNLOAD_BACKOFF_S = 10.0  # exponential backoff: 10 s, 20 s, 40 s (+ jitter)
 STAGE_RETRIES = 1  # every other stage
 STAGE_RETRY_DELAY_S = 30.0
 RETRY_JITTER_FACTOR = 0.2
-LONG_STAGES = ("train", "evaluate", "distill")
+LONG_STAGES = ("train", "evaluate", "baseline", "distill")
 LONG_STAGE_TIMEOUT_S = 2 * 60 * 60  # a task timeout terminates the stage's dvc process group
 
 PARAMS_FILE = "params.yaml"
@@ -78,7 +78,7 @@ REPORTS = Path("reports")
 
 TRAINING_ARTIFACT, PROMOTION_ARTIFACT, MONITORING_ARTIFACT = "training-summary", "promotion-decisions", "monitoring-report"
 
-# (report, key, label) rows of the metrics table, taken from reports/<report>/metrics.json
+# (report, key, label) rows of the metrics table, taken from reports/<report>/{metrics,details,measured}.json
 METRICS = (
     ("train", "epochs_run", "teacher epochs run"),
     ("train", "best_val_acc", "teacher best val accuracy"),
@@ -348,15 +348,17 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def collect_metrics(project_dir: Path | str) -> list[tuple[str, str, object]]:
-    """(label, source, value) of the headline metrics found in reports/*/metrics.json."""
+    """(label, source, value) of the headline metrics found in reports/<stage>/: the DVC metrics, their
+    details, and what the stage measured about the machine (measured.json)."""
     root = Path(project_dir)
     rows = []
     for report, key, label in METRICS:
-        path = root / REPORTS / report / "metrics.json"
-        try:
-            value = json.loads(path.read_text()).get(key)
-        except (OSError, ValueError):
-            continue
+        value = None
+        for name in ("metrics.json", "details.json", "measured.json"):
+            try:
+                value = json.loads((root / REPORTS / report / name).read_text()).get(key, value)
+            except (OSError, ValueError):
+                continue
         if isinstance(value, int | float) and not isinstance(value, bool):
             rows.append((label, f"{report}/{key}", value))
     return rows

@@ -29,6 +29,7 @@ from visionops.export import (
 )
 from visionops.losses import ClassificationLoss, kd_loss
 from visionops.models import count_parameters
+from visionops.stages.baseline import BaselineMismatchError, run_baseline
 from visionops.stages.distill import DistillationLoss, run_distill
 from visionops.stages.download import run_download
 from visionops.stages.prepare import run_prepare
@@ -176,15 +177,24 @@ def test_run_distill_end_to_end(digits, tmp_path):
     root, train_cfg = digits
     cfg = DistillConfig(student="slim_resnet", epochs=2)
     student_path, reports, ckpts = tmp_path / "student.pt", tmp_path / "reports", tmp_path / "ck"
+    base = run_baseline(root / "dataset", root / "prepared", cfg, train_cfg, AugmentConfig(), tmp_path / "baseline", ckpts)
+    assert not base["skipped"] and base["epochs_run"] == 2 and not list(ckpts.glob("*.pt"))
+    on_file = json.loads((tmp_path / "baseline" / "baseline.json").read_text())
+    assert on_file["test_acc"] == base["test_acc"] and len(on_file["history"]) == 2 and "train_seconds" not in on_file
     logged = []
     m = run_distill(root / "dataset", root / "prepared", root / "teacher.pt", cfg, train_cfg, AugmentConfig(), student_path, reports, ckpts,
-                    on_epoch=lambda desc, row: logged.append(row) if desc == "distill" else None)
+                    on_epoch=lambda desc, row: logged.append(row) if desc == "distill" else None,
+                    baseline_path=tmp_path / "baseline" / "baseline.json")
 
-    for name in ("metrics.json", "history.csv", "history.png", "history_baseline.csv", "student.onnx", "student.int8.onnx", "report.md"):
+    for name in ("metrics.json", "details.json", "history.csv", "history.png", "student.onnx", "student.int8.onnx", "report.md", "report.html"):
         assert (reports / name).exists(), name
     # the files DVC hashes hold no timings or speeds; those are in measured.json and speed.md
-    on_disk, speeds = json.loads((reports / "metrics.json").read_text()), json.loads((reports / "measured.json").read_text())
+    on_disk, speeds = json.loads((reports / "details.json").read_text()), json.loads((reports / "measured.json").read_text())
     assert on_disk == pytest.approx({k: v for k, v in m.items() if k not in speeds})
+    headline = json.loads((reports / "metrics.json").read_text())  # the DVC metrics: a few numbers
+    assert headline == pytest.approx({k: m[k] for k in ("student_acc", "kd_gain", "student_gap", "int8_acc")})
+    assert m["baseline_acc"] == base["test_acc"] and m["baseline_best_val_acc"] == base["best_val_acc"]
+    assert m["student_gap"] == pytest.approx(m["teacher_acc"] - m["student_acc"])
     assert {"train_seconds", "cpu_speedup", "int8_speedup", "student_cpu_images_per_second"} <= set(speeds)
     assert speeds == pytest.approx({k: m[k] for k in speeds})
     assert m["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in logged))
@@ -230,6 +240,8 @@ def test_run_distill_end_to_end(digits, tmp_path):
     report = (reports / "report.md").read_text()
     assert "| teacher | lenet" in report and "student alone" in report and "parity passed" in report
     assert "images/s" not in report and "images/s" in (reports / "speed.md").read_text()
+    page = (reports / "report.html").read_text()  # what MLflow's artifact viewer renders: the curves embedded
+    assert "<table>" in page and '<img alt="Distilled student: loss and accuracy per epoch" src="data:image/png;base64,' in page
     assert all(not k.endswith("seconds") for row in info["history"] for k in row)
     print({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
@@ -240,14 +252,14 @@ def test_run_distill_rejects_a_teacher_for_other_data(digits, tmp_path):
     other = classifier.build("lenet", ds.class_names[:5], ds.image_shape, [0.5], [0.5])
     classifier.save(tmp_path / "other.pt", other, "lenet", ds.class_names[:5], ds.image_shape)
     with pytest.raises(VisionopsError, match="retrain"):
-        run_distill(root / "dataset", root / "prepared", tmp_path / "other.pt", DistillConfig(epochs=1), train_cfg,
+        run_distill(root / "dataset", root / "prepared", tmp_path / "other.pt", DistillConfig(epochs=1, baseline=False), train_cfg,
                     AugmentConfig(), tmp_path / "s.pt", tmp_path / "r", tmp_path / "ck")
     assert not (tmp_path / "s.pt").exists()
 
 
 def test_run_distill_resumes_from_its_checkpoints(digits, tmp_path, monkeypatch, capsys):
     root, train_cfg = digits
-    cfg = DistillConfig(student="slim_resnet", epochs=1, quantize=False)
+    cfg = DistillConfig(student="slim_resnet", epochs=1, quantize=False, baseline=False)
     args = (root / "dataset", root / "prepared", root / "teacher.pt", cfg, train_cfg, AugmentConfig(), tmp_path / "s.pt", tmp_path / "r", tmp_path / "ck")
 
     def crash(*_a, **_k):
@@ -256,16 +268,32 @@ def test_run_distill_resumes_from_its_checkpoints(digits, tmp_path, monkeypatch,
     monkeypatch.setattr("visionops.export.export_onnx", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_distill(*args)
-    assert {p.name for p in (tmp_path / "ck").glob("*.pt")} == {"distill.pt", "student_alone.pt"}
+    assert {p.name for p in (tmp_path / "ck").glob("*.pt")} == {"distill.pt"}
     assert not (tmp_path / "s.pt").exists()
     monkeypatch.undo()
     capsys.readouterr()
     m = run_distill(*args)
     err = capsys.readouterr().err
-    assert "resuming from" in err and "distill.pt" in err and "student_alone.pt" in err
+    assert "resuming from" in err and "distill.pt" in err
     assert "epoch 1/1" not in err  # nothing retrained
     assert m["int8_acc"] is None and not (tmp_path / "r" / "student.int8.onnx").exists()
     student, _ = classifier.load(tmp_path / "s.pt")
     test = dataset.load(root / "dataset").splits["test"]
     pred = classifier.predict_logits(student, np.array(test.images), torch.device("cpu")).argmax(1).numpy()
     assert m["student_acc"] == pytest.approx(float((pred == test.labels).mean()))
+
+
+def test_baseline_skipped_and_a_mismatched_baseline(digits, tmp_path):
+    """distill.baseline false: the baseline stage trains nothing and says so, and distill reports no KD gain;
+    distill refuses a baseline made for another student, naming the file."""
+    root, train_cfg = digits
+    skip = DistillConfig(student="slim_resnet", epochs=1, quantize=False, baseline=False)
+    result = run_baseline(root / "dataset", root / "prepared", skip, train_cfg, AugmentConfig(), tmp_path / "b", tmp_path / "ck")
+    assert json.loads((tmp_path / "b" / "baseline.json").read_text()) == result and result["skipped"] is True
+    m = run_distill(root / "dataset", root / "prepared", root / "teacher.pt", skip, train_cfg, AugmentConfig(),
+                    tmp_path / "s.pt", tmp_path / "r", tmp_path / "ck", baseline_path=tmp_path / "b" / "baseline.json")
+    assert m["baseline_acc"] is None and m["kd_gain"] is None and "student alone" not in (tmp_path / "r" / "report.md").read_text()
+    other = DistillConfig(student="slim_resnet", epochs=1, quantize=False, baseline=True)
+    with pytest.raises(BaselineMismatchError, match=r"b/baseline.json: the baseline is for student 'slim_resnet' \(skipped: True\)"):
+        run_distill(root / "dataset", root / "prepared", root / "teacher.pt", other, train_cfg, AugmentConfig(),
+                    tmp_path / "s.pt", tmp_path / "r", tmp_path / "ck", baseline_path=tmp_path / "b" / "baseline.json")

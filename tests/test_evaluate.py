@@ -209,10 +209,12 @@ def test_run_evaluate_writes_every_output(tiny_dataset, tmp_path):
     for name in OUTPUTS:
         assert (reports / name).stat().st_size > 0, name
     assert not list(reports.glob(".*.tmp"))  # no leftovers of the atomic writes
-    on_disk = json.loads((reports / "metrics.json").read_text())
+    on_disk = json.loads((reports / "details.json").read_text())
     speeds = json.loads((reports / "measured.json").read_text())  # machine-dependent: not in a file DVC hashes
     assert set(speeds) == {"latency_batch_ms", "latency_single_image_ms", "images_per_second"}
     assert on_disk == pytest.approx({k: v for k, v in metrics.items() if k not in speeds})
+    headline = json.loads((reports / "metrics.json").read_text())  # the DVC metrics: a few numbers
+    assert headline == pytest.approx({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated")})
     assert speeds == pytest.approx({k: metrics[k] for k in speeds}) and speeds["latency_batch_ms"] > 0
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "top_k_accuracy", "ece", "ece_calibrated",
                 "temperature", "nll", "parameters", "model_size_bytes"):  # fmt: skip

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 from pipelines import dvc_stages, flows
 
-STAGES = ["download", "validate", "prepare", "train", "evaluate", "distill", "register"]
+STAGES = ["download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register"]
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
 # passes the promotion gates and becomes the champion the monitoring tests watch.
 FAST = {
@@ -249,7 +249,7 @@ def test_overrides_reach_dvc_and_are_recorded(trained):
     ran = {s["stage"]: s["state"] for s in state.result()["stages"]}
     rerun = {"distill": "ran", "register": "ran"}  # a new student file is registered
     assert ran == {**{s: "up to date" for s in STAGES}, **rerun, **({"flaky": "up to date"} if "flaky" in ran else {})}
-    assert json.loads((project.path / "reports/distill/metrics.json").read_text())["temperature"] == 2.0
+    assert json.loads((project.path / "reports/distill/details.json").read_text())["temperature"] == 2.0
     lock = yaml.safe_load((project.path / "dvc.lock").read_text())
     assert lock["stages"]["distill"]["params"]["params.yaml"]["distill"]["temperature"] == 2.0
     diff = json.loads(project.run("dvc", "params", "diff", "--json").stdout)["params.yaml"]

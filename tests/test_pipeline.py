@@ -1,6 +1,7 @@
 """The real `dvc repro` on the embedded digits data and on real CIFAR-10 JPEGs with injected faults."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,7 +34,7 @@ def ran_project(tmp_path_factory):
 
 def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
     project = ran_project
-    for stage in ("download", "validate", "prepare", "train", "evaluate", "distill", "register"):
+    for stage in ("download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register"):
         assert f"Running stage '{stage}'" in project.first_run.stdout
     assert json.loads((project.path / "reports/validate/summary.json").read_text())["success"] is True
     for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.png",
@@ -119,35 +120,87 @@ def test_forced_rerun_writes_identical_outputs_and_registers_no_new_version(ran_
     assert versions() == before
 
 
-def test_dvc_metrics_and_plots(ran_project):
-    project = ran_project
-    metrics = json.loads(project.run("dvc", "metrics", "show", "--json").stdout)
-    flat = json.dumps(metrics)
-    for key in ("imbalance_ratio", "best_val_acc", "balanced_accuracy", "ece", "student_acc"):
-        assert key in flat, key
+def _commit(project, message: str) -> None:
     project.run("git", "add", "-A")
-    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, check=False)
+
+
+def _uncached_outs() -> set[str]:
+    """The `cache: false` outs, metrics and plots of dvc.yaml: what git keeps."""
+    found = set()
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            if isinstance(entry, dict):
+                ((path, opts),) = entry.items()
+                if opts.get("cache") is False:
+                    found.add(path)
+    return found
+
+
+def test_dvc_metrics_and_plots_in_a_fresh_clone(ran_project, tmp_path):
+    """Metrics and plot data are committed (`cache: false`), so a clone with no DVC cache or remote diffs
+    them against any commit; `dvc metrics show` fits a 200-column terminal; `dvc plots show` draws
+    exactly the declared plots, each once."""
+    project = ran_project
+    _commit(project, "run")
+    committed = set(project.run("git", "ls-files", "reports").stdout.split())
+    assert committed == _uncached_outs()
+    before = json.loads((project.path / "reports/distill/metrics.json").read_text())
     project.set_params(distill={"temperature": 2.0})
     out = project.repro().stdout
     assert "Running stage 'distill'" in out
-    assert all(f"Running stage '{s}'" not in out for s in ("download", "validate", "prepare", "train", "evaluate"))
-    diff = project.run("dvc", "metrics", "diff", "--json").stdout
-    assert "reports/distill/metrics.json" in diff
-    shown = project.run("dvc", "plots", "show", "--json").stdout
-    for name in ("Teacher accuracy", "Confusion matrix (test)", "reports/train/history.png"):
-        assert name in shown, name
+    for stage in ("download", "validate", "prepare", "train", "evaluate", "baseline"):
+        assert f"Running stage '{stage}'" not in out, stage
+    _commit(project, "distill at T=2")
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project.path), str(clone)], check=True)
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=clone, env=project.env(), capture_output=True, text=True, check=True)
+
+    diff = run("dvc", "metrics", "diff", "HEAD~1", "--all", "--json")
+    assert "failed to load" not in diff.stderr
+    student = json.loads(diff.stdout)["reports/distill/metrics.json"]["student_acc"]
+    assert student["old"] == before["student_acc"] and isinstance(student["new"], float)
+    shown = run("dvc", "metrics", "show")
+    assert "failed to load" not in shown.stderr
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 200, shown.stdout
+    plots = json.loads(run("dvc", "plots", "show", "--json").stdout)
+    assert "errors" not in plots
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = [next(iter(p)) for p in dvc["plots"]]
+    declared += [next(iter(p)) for stage in dvc["stages"].values() for p in stage.get("plots", [])]
+    assert sorted(plots["data"]) == sorted(declared) and all(len(v) == 1 for v in plots["data"].values())
 
 
-def test_dvc_exp_run_with_override(ran_project):
+def test_dvc_exp_run_moves_no_alias_and_skips_the_baseline(ran_project):
+    """`dvc exp run -S train.epochs=1`: the teacher changes, the student-alone baseline does not rerun; the
+    new versions carry the experiment's name, and challenger/champion stay where they were."""
+    import mlflow
+
     project = ran_project
-    project.run("git", "add", "-A")
-    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before exp", check=False)
-    out = project.run("dvc", "exp", "run", "-S", "train.epochs=3")
-    assert "Running stage 'train'" in out.stdout
-    metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
-    assert metrics["epochs_run"] == 3
-    shown = project.run("dvc", "exp", "show", "--json").stdout
-    assert "train.epochs" in shown or '"epochs": 3' in shown
+    _commit(project, "before exp")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+    names = ("visionops-classifier", "visionops-student")
+    aliases = {name: client.get_registered_model(name).aliases for name in names}
+    assert all(aliases.values())  # the main line set challenger (or champion) on both
+    versions = {name: {v.version for v in client.search_model_versions(f"name = '{name}'")} for name in names}
+
+    out = project.run("dvc", "exp", "run", "-S", "train.epochs=1").stdout
+    assert "Running stage 'train'" in out and "Running stage 'register'" in out
+    assert "Running stage 'baseline'" not in out
+    assert json.loads((project.path / "reports/train/details.json").read_text())["epochs_run"] == 1
+    (exp_name,) = re.findall(r"Ran experiment\(s\): (\S+)", out)
+
+    for name in names:
+        assert client.get_registered_model(name).aliases == aliases[name], name
+        new = [v for v in client.search_model_versions(f"name = '{name}'") if v.version not in versions[name]]
+        assert len(new) == 1 and new[0].tags["visionops.experiment"] == exp_name, name
+    runs = client.search_runs([client.get_experiment_by_name("visionops").experiment_id], f"tags.`visionops.experiment` = '{exp_name}'")
+    by_stage = {r.data.tags.get("visionops.stage"): r for r in runs}
+    assert by_stage["train"].info.run_name == f"train · {exp_name}"
+    assert {r.info.run_name for r in runs if r.data.tags["visionops.role"] == "pipeline"} == {f"dvc exp {exp_name}"}
 
 
 def test_changing_balance_reruns_from_prepare(project):

@@ -157,3 +157,24 @@ def test_predict_writes_every_row_then_fails_when_a_file_failed(project, capsys)
     (folder / "broken.png").unlink()
     assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 3
+
+
+def test_register_in_a_dvc_experiment_moves_no_alias_then_the_main_line_takes_its_version(project, capsys, monkeypatch):
+    """Under `dvc exp run` (DVC_EXP_NAME) register tags its versions with the experiment and moves no alias,
+    not even a first champion; the main pipeline registering the same file makes that version its challenger."""
+    monkeypatch.setenv("DVC_EXP_NAME", "sappy-lure")
+    exp = _register(capsys)
+    client = MlflowClient()
+    assert exp["experiment"] == "sappy-lure"
+    assert [(r["version"], r["created"], "promotion" in r) for r in exp["registered"]] == [("1", True, False)] * 2
+    for name in (TEACHER, STUDENT):
+        assert client.get_registered_model(name).aliases == {}
+        mv = client.get_model_version(name, "1")
+        assert mv.tags["visionops.experiment"] == "sappy-lure" and "promotion.decision" not in mv.tags
+        assert client.get_run(mv.run_id).data.tags["visionops.experiment"] == "sappy-lure"
+
+    monkeypatch.delenv("DVC_EXP_NAME")
+    main_line = _register(capsys)  # e.g. `dvc repro -f register` after `dvc exp apply`
+    assert [(r["version"], r["created"]) for r in main_line["registered"]] == [("1", False)] * 2
+    assert main_line["registered"][0]["promotion"]["promoted"]  # the first promotion judges it now
+    assert client.get_registered_model(TEACHER).aliases == {"champion": 1}

@@ -21,7 +21,7 @@ from visionops.tracking.lineage import data_version
 from visionops.tracking.store import project_root
 
 FAST = dict(train={"epochs": 2}, distill={"epochs": 1, "baseline": False}, evaluate={"gradcam_samples": 2})
-STAGES = ("download", "validate", "prepare", "train", "evaluate", "distill", "register")
+STAGES = ("download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register")
 
 
 def _client(project) -> mlflow.MlflowClient:
@@ -70,7 +70,7 @@ def test_background_run_logs_the_result_and_fails_with_the_stage(tmp_path, monke
             raise RuntimeError("bad data")
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("visionops")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.`visionops.role` = 'stage'")}
+    runs = {r.data.tags["visionops.stage"]: r for r in client.search_runs([exp.experiment_id], "tags.`visionops.role` = 'stage'")}
     prepare, validate = runs["prepare"], runs["validate"]
     assert prepare.info.status == "FINISHED" and prepare.data.metrics == {"train_images_after": 7.0}
     assert prepare.data.params["balance.strategy"] == "none"
@@ -88,11 +88,15 @@ def test_every_stage_is_a_run_grouped_under_its_pipeline(tracked):
     pid = parents[0].data.tags["visionops.pipeline_run_id"]
     assert pid.startswith("dvc-")
     commit = tracked.run("git", "rev-parse", "HEAD").stdout.strip()
+    parent_name = parents[0].info.run_name  # readable: what ran, on which commit, when
+    assert parent_name.startswith(f"dvc repro {commit[:7]} 20"), parent_name
     for name, run in stages.items():
         tags = run.data.tags
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id, name
         assert tags["visionops.pipeline_run_id"] == pid and tags["git.commit"] == commit
-        assert tags["git.dirty"] in ("true", "false") and run.info.status == "FINISHED"
+        assert run.info.run_name == f"{name} · {parent_name}" and tags["visionops.pipeline_name"] == parent_name
+        # the pipeline's own outputs (reports, committed metrics, dvc.lock) do not make the tree dirty
+        assert tags["git.dirty"] == "false" and run.info.status == "FINISHED"
         deps = {k[len("dvc.dep."):]: v for k, v in tags.items() if k.startswith("dvc.dep.")}
         assert deps and tags["dvc.data_version"] == data_version(deps), name
     lock = (tracked.path / "dvc.lock").read_text()
@@ -112,7 +116,7 @@ def test_curves_metrics_artifacts_and_dataset(tracked):
     assert train.data.metrics["best_val_acc"] == max(m.value for m in history)
     assert "accuracy" in by_stage["evaluate"].data.metrics and "student_acc" in by_stage["distill"].data.metrics
     evaluate_files = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
-    for name in ("report.md", "confusion_matrix.png", "gradcam_correct.png", "reliability.png"):
+    for name in ("report.md", "report.html", "confusion_matrix.png", "gradcam_correct.png", "reliability.png"):
         assert f"evaluate/{name}" in evaluate_files
     validate_files = {f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validate")}
     assert {"validate/summary.json", "validate/data_docs"} <= validate_files

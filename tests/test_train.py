@@ -62,7 +62,8 @@ def test_training_learns_and_writes_outputs(digits16, tmp_path):
     assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc") and len(rows) == 4
     assert (tmp_path / "r" / "history.png").exists() and not (tmp_path / "ck.pt").exists()
     # timings are in the result (MLflow) and measured.json, never in the files DVC hashes
-    on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    on_disk = json.loads((tmp_path / "r" / "details.json").read_text())
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"best_val_acc": metrics["best_val_acc"]}
     assert "train_seconds" not in on_disk and "seconds" not in rows[0] and "epoch_seconds" not in info["history"][0]
     assert json.loads((tmp_path / "r" / "measured.json").read_text()) == pytest.approx(
         {k: metrics[k] for k in ("train_seconds", "train_images_per_second")})
@@ -167,7 +168,7 @@ def test_sigkill_mid_epoch_then_dvc_repro_resumes(prepared_project):
     assert not (project.path / "models" / "teacher.pt").exists()
     resumed = project.repro("train")
     assert "resuming from models/checkpoints/train.pt after epoch" in resumed.stderr + resumed.stdout
-    metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
+    metrics = json.loads((project.path / "reports/train/details.json").read_text())
     assert metrics["epochs_run"] == 8 and saved_epoch < 8
     history = classifier.load(project.path / "models" / "teacher.pt")[1]["history"]
     assert [r["epoch"] for r in history] == list(range(1, 9))
@@ -186,7 +187,7 @@ def test_ddp_two_cpu_processes_train(prepared_project):
     project.set_params(train={"model": "lenet", "epochs": 6, "batch_size": 32, "device": "cpu"})
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "visionops", "train")
-    metrics = json.loads((project.path / "reports/train/metrics.json").read_text())
+    metrics = json.loads((project.path / "reports/train/details.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_run"] == 6
     assert metrics["best_val_acc"] > 0.3, out.stderr
 

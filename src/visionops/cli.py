@@ -167,11 +167,42 @@ def _evaluate(params, args, run) -> dict:
 
 
 @command(
+    "baseline",
+    "train the distillation student alone, for distill's comparison",
+    "Train distill.student without a teacher (plain cross-entropy; the same initial weights, seed, schedule "
+    "and augmentation as the distilled student), measure it on the test split, and write baseline.json (with "
+    f"its per-epoch history) and history.png to {layout.BASELINE_REPORTS}/. Its own stage because it does "
+    "not depend on the teacher: DVC skips it when only the teacher changed. With distill.baseline false it trains nothing and "
+    "baseline.json says so (distill then reports no KD gain).",
+    sections=("distill", "train"),
+    tracked_in_process=True,
+)
+def _baseline(params, args, run) -> dict:
+    from visionops.stages.baseline import run_baseline
+    from visionops.stages.train import recorded_augment
+
+    result = run_baseline(
+        layout.DATASET,
+        layout.PREPARED,
+        params.distill,
+        params.train,
+        recorded_augment(layout.PREPARED),
+        layout.BASELINE_REPORTS,
+        layout.CHECKPOINTS,
+        on_epoch=run.log_epoch if run else None,
+    )
+    if run is not None:  # None when tracking is off, and on every DDP rank but 0
+        _finish(run, result, layout.BASELINE_REPORTS)
+    return result
+
+
+@command(
     "distill",
     "distill a small student from the trained teacher, export it to ONNX and int8",
     "Train distill.student with Hinton knowledge distillation from the teacher (temperature, alpha; KL "
-    "term scaled by T^2) under the same augmentation, and (distill.baseline) the same student alone to show "
-    "what distillation gained. Compares teacher and student on the test split (accuracy, parameters, size, "
+    "term scaled by T^2) under the same augmentation; with distill.baseline, the result of "
+    "`visionops baseline` (the same student alone) shows what distillation gained. Compares teacher and "
+    "student on the test split (accuracy, parameters, size, "
     "CPU latency), exports the student to ONNX with an ONNX Runtime parity check, and (distill.quantize) "
     f"int8-quantizes it. The student's file stores its served rule (train.tta, temperature fitted on val). "
     f"Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/; `visionops register` registers it.",
@@ -193,6 +224,7 @@ def _distill(params, args, run) -> dict:
         layout.DISTILL_REPORTS,
         layout.CHECKPOINTS,
         on_epoch=run.log_epoch if run else None,
+        baseline_path=layout.BASELINE_REPORTS / "baseline.json",
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.DISTILL_REPORTS)
@@ -206,26 +238,49 @@ def _distill(params, args, run) -> dict:
     "mlflow.student_model_name tagged visionops.teacher_version, each as a new version with the alias "
     "challenger, inside this stage's MLflow run. Idempotent: a file whose content (MD5) is already "
     "registered is not registered again. A model with no champion yet has the version just registered "
-    f"judged by the promotion gates on {layout.HOLDOUT}/ once, and made champion if it passes.",
+    f"judged by the promotion gates on {layout.HOLDOUT}/ once, and made champion if it passes. "
+    "Under `dvc exp run` (DVC_EXP_NAME set) it only registers: the versions are tagged "
+    "visionops.experiment=<name>, and no alias moves (promote one with `visionops promote --version N`).",
     sections=("mlflow", "promote", "evaluate"),
     tracked_in_process=True,
 )
 def _register_models(params, args, run) -> dict:
+    from visionops.tracking.lineage import experiment_name
+
     if run is None:
         return {"registered": [], "note": "mlflow.enabled is false: nothing registered"}
-    teacher = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name)
+    experiment = experiment_name()
+    teacher = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name, experiment=experiment)
     link = {"visionops.teacher_version": teacher["version"]}
-    student = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, link)
+    student = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, link, experiment)
     result = {"registered": [teacher, student]}
+    if experiment:
+        result["experiment"] = experiment
     run.log_result({"new_versions": sum(r["created"] for r in result["registered"])})
     return result
 
 
-def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, str] | None = None) -> dict:
-    """Register `model_path` unless a version with its content exists; a model without a champion
-    has that version judged by the gates once (on the holdout) and made champion if it passes."""
-    from visionops.registry.promotion import find_version_by_file, has_champion, promote
-    from visionops.registry.pyfunc import RegistryError, log_classifier
+def _register(
+    params, run, model_path: Path, name: str, extra_tags: dict[str, str] | None = None, experiment: str | None = None
+) -> dict:
+    """Register `model_path` unless a version with its content exists.
+
+    On the main line (`experiment` None) the version gets the alias challenger (unless it is the
+    champion), and a model without a champion has it judged by the gates once (on the holdout) and made
+    champion if it passes. A DVC experiment's version is tagged with its name and moves no alias.
+    """
+    from visionops.registry.promotion import (
+        CHAMPION,
+        find_version_by_file,
+        has_champion,
+        promote,
+    )
+    from visionops.registry.pyfunc import (
+        CHALLENGER,
+        EXPERIMENT_TAG,
+        RegistryError,
+        log_classifier,
+    )
 
     if not Path(model_path).is_file():
         raise RegistryError(f"{model_path}: no model file to register (run `dvc repro` or `visionops train`/`distill`)")
@@ -233,8 +288,19 @@ def _register(params, run, model_path: Path, name: str, extra_tags: dict[str, st
     created = version is None
     if created:
         tags = {**run.lineage_tags, "visionops.stage": run.stage, **(extra_tags or {})}
-        version = log_classifier(model_path, name, tags=tags)
+        if experiment:
+            tags[EXPERIMENT_TAG] = experiment
+        version = log_classifier(model_path, name, tags=tags, alias=None if experiment else CHALLENGER)
     registered = {"name": name, "version": str(version.version), "created": created}
+    if experiment:
+        return registered
+    if not created:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        if not {CHAMPION, CHALLENGER} & set(client.get_model_version(name, str(version.version)).aliases or ()):
+            # registered before by an experiment (or replaced since): the main line's model is the challenger
+            client.set_registered_model_alias(name, CHALLENGER, str(version.version))
     judged = "promotion.decision" in (version.tags or {})
     if not has_champion(name) and not judged:
         decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=str(version.version))

@@ -41,6 +41,7 @@ from visionops.images import array_to_canonical, to_canonical
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 PREVIOUS = "previous"
+EXPERIMENT_TAG = "visionops.experiment"  # the DVC experiment (DVC_EXP_NAME) that registered a version
 MODEL_MD5_TAG = "visionops.model_md5"  # content hash of the logged .pt file (links DVC outputs to versions)
 
 MODEL_ARTIFACT = "model"  # key of the visionops .pt file in the pyfunc model's artifacts
@@ -336,9 +337,11 @@ def log_classifier(
     tags: dict[str, str],
     example_image: np.ndarray | None = None,
     client: MlflowClient | None = None,
+    alias: str | None = CHALLENGER,
 ) -> ModelVersion:
     """Log `model_path` (a visionops .pt) as pyfunc model "model" in the active run, register it as
-    a new version of `registered_name`, point the `challenger` alias at it and tag it (plus run_id).
+    a new version of `registered_name`, point `alias` at it (none when None: a DVC experiment's
+    version moves no alias) and tag it (plus run_id).
     """
     run = mlflow.active_run()
     if run is None:
@@ -370,7 +373,8 @@ def log_classifier(
         )
     version = str(model_info.registered_model_version)
     client = client or MlflowClient()
-    client.set_registered_model_alias(registered_name, CHALLENGER, version)
+    if alias:
+        client.set_registered_model_alias(registered_name, alias, version)
     from visionops.fetch import file_md5
 
     for key, value in {**tags, "run_id": run.info.run_id, MODEL_MD5_TAG: file_md5(model_path)}.items():

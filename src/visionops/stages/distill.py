@@ -1,15 +1,16 @@
 """Stage `distill`: Hinton knowledge distillation of a small student from the frozen teacher.
 
 The student is trained with `alpha * KD(student, teacher, T) + (1 - alpha) * CE(labels)` under the
-teacher's augmentation policy and normalisation. With `distill.baseline` the same student is also
-trained alone (plain CE; same init, seed and settings) so the report shows what distillation gained.
+teacher's augmentation policy and normalisation. With `distill.baseline` the `baseline` stage trains the
+same student alone (plain CE; same init, seed and settings) and this stage reads its result, so the
+report shows what distillation gained without retraining the baseline whenever the teacher changes.
 Then, on the test split: accuracy, parameter/size/CPU-latency ratios, ONNX export with an
 onnxruntime parity check, and (with `distill.quantize`) static int8 quantization.
 
-Writes the student to `student_path` and, to `reports_dir`: metrics.json, history.csv/png (the
-distilled student; history_baseline.csv/png for the baseline), student.onnx, student.int8.onnx and
-report.md, which DVC hashes, and the machine-dependent speed figures to measured.json and speed.md,
-which it does not. Resumable: each run checkpoints every epoch under `checkpoint_dir`.
+Writes the student to `student_path` and, to `reports_dir`: metrics.json (DVC metrics: `HEADLINE`),
+details.json, history.csv/png, student.onnx, student.int8.onnx and report.md/.html, which DVC hashes, and
+the machine-dependent speed figures to measured.json and speed.md, which it does not. Resumable:
+the run checkpoints every epoch under `checkpoint_dir`.
 """
 
 from __future__ import annotations
@@ -22,24 +23,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops import atomic, classifier, export, measured
-from visionops.augment import BatchAugment
+from visionops import atomic, classifier, export, measured, report_html
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
 from visionops.device import memory_format, select_device
 from visionops.errors import VisionopsError
 from visionops.latency import measure_latency, model_size_bytes
-from visionops.losses import ClassificationLoss, kd_loss
+from visionops.losses import kd_loss
 from visionops.models import count_parameters
+from visionops.stages.baseline import (
+    accuracy,
+    read_baseline,
+    student_setup,
+    train_student,
+)
 from visionops.stages.train import (
     fingerprint,
-    load_train_data,
     run_seconds,
     set_served_rule,
-    to_device,
     write_history,
 )
-from visionops.trainer import EpochCallback, fit, init_distributed
+from visionops.trainer import EpochCallback
 
+# what `dvc metrics show` shows (it must fit a terminal); the baseline's accuracy is student_acc - kd_gain
+HEADLINE = ("student_acc", "kd_gain", "student_gap", "int8_acc")
 CALIBRATION_IMAGES = 256
 SPEED_REPORT = "speed.md"
 
@@ -86,13 +92,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _accuracy(model: nn.Module, images, labels, device: torch.device) -> float | None:
-    if len(labels) == 0:
-        return None
-    logits = classifier.predict_logits(model, np.asarray(images).copy(), device)  # a writable copy of the memmap
-    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
-
-
 def _cpu_latency(model: nn.Module, image_shape, batch_size: int = 64) -> dict:
     """CPU latency of the served predictor (test-time augmentation and temperature included)."""
     served = classifier.Served(copy.deepcopy(model).cpu())
@@ -114,17 +113,19 @@ def run_distill(
     reports_dir: Path,
     checkpoint_dir: Path,
     on_epoch: EpochCallback | None = None,
+    baseline_path: Path | None = None,
 ) -> dict:
-    dataset_dir, prepared_dir, teacher_path = Path(dataset_dir), Path(prepared_dir), Path(teacher_path)
-    student_path, reports_dir, checkpoint_dir = Path(student_path), Path(reports_dir), Path(checkpoint_dir)
+    """Distil, compare and export; the student-alone figures come from the `baseline` stage's
+    `baseline_path` (required when distill.baseline is true)."""
+    teacher_path, student_path = Path(teacher_path), Path(student_path)
+    reports_dir, checkpoint_dir = Path(reports_dir), Path(checkpoint_dir)
+    base = read_baseline(baseline_path, cfg)
     device = select_device(train_cfg.device)
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda" and dist_info.world_size > 1:
-        device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
-    ds, images, labels, loss_opts = load_train_data(dataset_dir, prepared_dir)
-    class_names, image_shape = ds.class_names, ds.image_shape
-
     teacher, teacher_info = classifier.load(teacher_path, device)
+    mean, std = teacher.mean.flatten().tolist(), teacher.std.flatten().tolist()
+    s = student_setup(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, mean, std)
+    device, dist_info, ds = s.device, s.dist_info, s.ds
+    class_names, image_shape = ds.class_names, ds.image_shape
     if teacher_info["class_names"] != class_names or tuple(teacher_info["image_shape"]) != tuple(image_shape):
         raise TeacherMismatchError(
             f"{teacher_path}: teacher was trained on classes {teacher_info['class_names']} / shape "
@@ -132,49 +133,21 @@ def run_distill(
         )
     teacher = teacher.to(device, memory_format=memory_format(device, train_cfg.channels_last))
     teacher.eval().requires_grad_(False)
-    mean, std = teacher.mean.flatten().tolist(), teacher.std.flatten().tolist()
-
-    student_cfg = train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "lr": cfg.lr})
-    hard = ClassificationLoss(
-        train_cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], train_cfg.logit_adjust_tau
-    ).to(device)
-    augment = BatchAugment.from_config(augment_cfg, num_classes=len(class_names))
     val, test = ds.splits["val"], ds.splits["test"]
-    train_data = to_device(images, labels, device)
-    val_data = to_device(val.images, val.labels, device)
-    common = (student_cfg.model_dump(), augment_cfg.model_dump(), class_names, mean, std, dist_info.world_size)
-    arrays = (images, labels, val.labels)
-
-    def train_student(desc: str, criterion: DistillationLoss, checkpoint: Path, digest: str):
-        torch.manual_seed(train_cfg.seed)  # the same initial weights for the distilled and the baseline student
-        model = classifier.build(cfg.student, class_names, image_shape, mean, std)
-        model, state = fit(
-            model, train_data, val_data, student_cfg, augment, criterion, device,
-            checkpoint=checkpoint, fingerprint=digest, dist_info=dist_info, desc=desc, on_epoch=on_epoch,
-        )
-        return model, state
+    images, labels = s.arrays[0], s.labels
 
     teacher_digest = _file_digest(teacher_path)
-    kd_digest = fingerprint("distill", cfg.alpha, cfg.temperature, teacher_digest, *common, arrays=arrays)
-    student, state = train_student(
-        "distill", DistillationLoss(hard, teacher, cfg.alpha, cfg.temperature), checkpoint_dir / "distill.pt", kd_digest
-    )
-    baseline = base_state = None
-    if cfg.baseline:
-        base_digest = fingerprint("student_alone", *common, arrays=arrays)
-        baseline, base_state = train_student(
-            "student alone", DistillationLoss(hard, None, 0.0), checkpoint_dir / "student_alone.pt", base_digest
-        )
-    for model in (student, baseline):  # judged below, and saved, as they will be served
-        if model is not None:
-            set_served_rule(model, train_cfg.tta, val, device, train_cfg.eval_batch_size)
+    kd_digest = fingerprint("distill", cfg.alpha, cfg.temperature, teacher_digest, *s.common, arrays=s.arrays)
+    criterion = DistillationLoss(s.hard, teacher, cfg.alpha, cfg.temperature)
+    student, state = train_student(s, "distill", criterion, checkpoint_dir / "distill.pt", kd_digest, on_epoch)
+    set_served_rule(student, train_cfg.tta, val, device, train_cfg.eval_batch_size)  # judged, and saved, as served
     if not dist_info.is_main:
         return {"rank": dist_info.rank}
 
     # --- evaluation on the test split ---------------------------------------------------------
-    teacher_acc = _accuracy(teacher, test.images, test.labels, device)
-    student_acc = _accuracy(student, test.images, test.labels, device)
-    baseline_acc = _accuracy(baseline, test.images, test.labels, device) if baseline is not None else None
+    teacher_acc = accuracy(teacher, test.images, test.labels, device)
+    student_acc = accuracy(student, test.images, test.labels, device)
+    baseline_acc = base["test_acc"] if base is not None else None
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     teacher_bytes, student_bytes = model_size_bytes(teacher), model_size_bytes(student)
     teacher_lat, student_lat = _cpu_latency(teacher, image_shape), _cpu_latency(student, image_shape)
@@ -214,10 +187,11 @@ def run_distill(
         "student_acc": student_acc,
         "baseline_acc": baseline_acc,
         "kd_gain": _diff(student_acc, baseline_acc),
+        "student_gap": _diff(teacher_acc, student_acc),
         "student_best_val_acc": state.best_acc,
         "student_tta": student.tta,
         "student_temperature": student.temperature,
-        "baseline_best_val_acc": base_state.best_acc if base_state is not None else None,
+        "baseline_best_val_acc": base["best_val_acc"] if base is not None else None,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         **run_seconds(state.history, len(labels)),
@@ -259,14 +233,11 @@ def run_distill(
     }
     classifier.save(student_path, student_cpu, cfg.student, class_names, image_shape, **extra)
     write_history(extra["history"], reports_dir, f"student: {cfg.student} distilled from {teacher_info['arch']}", stem="history")
-    if base_state is not None:
-        write_history([measured.pure(r) for r in base_state.history], reports_dir, f"student alone: {cfg.student}", stem="history_baseline")
-    atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
+    measured.write_reports(reports_dir, metrics, HEADLINE)
     atomic.write_text(reports_dir / "report.md", _report(metrics, int8, cfg.model_dump()))
-    measured.write(reports_dir, metrics)
+    report_html.write(reports_dir / "report.md", f"Distillation: {metrics['teacher']} → {cfg.student}")
     atomic.write_text(reports_dir / SPEED_REPORT, _speed_report(metrics, teacher_lat, student_lat, int8))
-    for name in ("distill.pt", "student_alone.pt"):
-        (checkpoint_dir / name).unlink(missing_ok=True)
+    (checkpoint_dir / "distill.pt").unlink(missing_ok=True)
     return metrics
 
 
@@ -302,8 +273,11 @@ def _report(m: dict, int8: dict | None, cfg: dict) -> str:
     lines += [
         "",
         f"- KD gain (distilled − alone): {_fmt(m['kd_gain'], '+.4f')}",
+        f"- gap to the teacher (teacher − distilled): {_fmt(m['student_gap'], '+.4f')}",
         f"- parameter ratio (student / teacher): {m['param_ratio']:.4f}",
         f"- size ratio (student / teacher): {m['size_ratio']:.4f}",
+        "",
+        "![Distilled student: loss and accuracy per epoch](history.png)",
         "",
         "## ONNX",
         "",

@@ -2,9 +2,11 @@
 
 Writes to `reports_dir` (each file atomically; metrics.json last, so its presence means a full run):
 
-    metrics.json            headline metrics (DVC metrics): accuracy, balanced accuracy, macro F1,
-                            top-k accuracy, ECE before/after temperature scaling, the model's
-                            temperature and test-time augmentation, NLL, latency, size
+    metrics.json            the DVC metrics (`HEADLINE`): accuracy, balanced accuracy, macro F1, and
+                            the ECE of the served (temperature-scaled) model
+    details.json            every figure but the timings: also top-k accuracy, ECE before temperature
+                            scaling, the temperature and test-time augmentation, NLL, size, device
+                            (timings go to measured.json)
     per_class.json          precision, recall, F1, support, accuracy per class
     predictions.csv         path, actual, predicted (class names), confidence (DVC confusion plot)
 
@@ -18,6 +20,7 @@ NLL are the same predictions without the temperature.
     gradcam_wrong.png       Grad-CAM overlays of the most confident mistakes
     misclassified.png       gallery of misclassified test images
     report.md               Markdown report tying the above together
+    report.html             the same with the figures embedded (MLflow's artifact viewer renders it)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops import atomic, calibration, classifier, dataset, eval_plots, explain, measured
+from visionops import atomic, calibration, classifier, dataset, eval_plots, explain, measured, report_html
 from visionops.config import EvaluateConfig
 from visionops.device import select_device
 from visionops.errors import VisionopsError
@@ -44,7 +47,9 @@ FIGURES = {
     "gradcam_wrong.png": "Grad-CAM: misclassified",
     "misclassified.png": "Misclassified gallery",
 }
-OUTPUTS = ("metrics.json", "per_class.json", "predictions.csv", *FIGURES, "report.md")
+# what `dvc metrics show` shows (it must fit a terminal): ece_calibrated is the served model's ECE
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated")
+OUTPUTS = ("metrics.json", "details.json", "per_class.json", "predictions.csv", *FIGURES, "report.md", "report.html")
 TOP_CONFUSIONS = 10
 
 
@@ -253,6 +258,6 @@ def run_evaluate(
     atomic.write_text(
         reports_dir / "report.md", render_report(metrics, per_class, top_confusions(cm, names), info["arch"])
     )
-    atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
-    measured.write(reports_dir, metrics)
+    report_html.write(reports_dir / "report.md", f"Evaluation: {info['arch']}")
+    measured.write_reports(reports_dir, metrics, HEADLINE)
     return metrics

@@ -3,7 +3,8 @@
 Writes to `out_dir`: train_indices.npy (rows of the dataset's train split, repeated when
 oversampled), loss.json (class weights or priors for the loss), policy.json (the validated
 balance and augmentation policy), and with `balance.offline` an offline/ folder of augmented
-minority images. Writes to `reports_dir`: summary.json, class_distribution.csv and .png.
+minority images. Writes to `reports_dir`: summary.json, class_distribution.csv and .png (no DVC
+metrics: validate's imbalance ratio and evaluate's balanced accuracy are the headline numbers).
 """
 
 from __future__ import annotations

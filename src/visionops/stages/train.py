@@ -2,7 +2,8 @@
 
 Writes the model (network + preprocessing + class names + served rule: the test-time augmentation
 `train.tta` that selected it, and the temperature fitted on val) to `model_path`, and to `reports_dir`:
-metrics.json, history.csv (per-epoch curves for DVC plots) and curves.png. Launch under
+metrics.json (the DVC metrics: `HEADLINE`), details.json (every figure but the timings), history.csv
+(per-epoch curves for DVC plots) and history.png. Launch under
 `torchrun --nproc_per_node N` for multi-GPU (or multi-process CPU) data parallelism.
 """
 
@@ -24,6 +25,8 @@ from visionops.device import select_device
 from visionops.losses import ClassificationLoss
 from visionops.models import count_parameters
 from visionops.trainer import EpochCallback, fit, init_distributed
+
+HEADLINE = ("best_val_acc",)  # what `dvc metrics show` shows of this stage
 
 
 def load_train_data(dataset_dir: Path, prepared_dir: Path) -> tuple[dataset.Dataset, np.ndarray, np.ndarray, dict]:
@@ -138,7 +141,6 @@ def run_train(
         history = [measured.pure(row) for row in state.history]
         classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history)
         write_history(history, reports_dir, f"teacher: {cfg.model}")
-        atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
-        measured.write(reports_dir, metrics)
+        measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)
     return metrics

@@ -10,8 +10,9 @@ from the memory-mapped arrays, derives the cross-row facts a row-wise expectatio
 * warning (`warning_*`): class imbalance above `max_imbalance_ratio`, source images larger than
   `max_image_size`. Recorded in `summary.json`, never fatal.
 
-Everything is written to `out_dir` whether or not the checks pass: `summary.json` (DVC metrics),
-`manifest.csv`, `class_counts.csv` (DVC plots) and the GX Data Docs site under `data_docs/`.
+Everything is written to `out_dir` whether or not the checks pass: `metrics.json` (the DVC metrics:
+success and imbalance ratio), `summary.json` (the details: counts, failed checks, warnings),
+`manifest.csv`, `class_counts.csv` and the GX Data Docs site under `data_docs/`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ from visionops.atomic import atomic_dir, atomic_path, write_json
 from visionops.config import ValidateConfig
 from visionops.errors import VisionopsError
 from visionops.images import content_hash
+
+
+def headline(summary: dict) -> dict:
+    """The DVC metrics of a validation: its outcome and imbalance (the details stay in summary.json)."""
+    return {"success": summary["success"], "imbalance_ratio": summary["imbalance_ratio"]}
+
 
 CHUNK_IMAGES = 4096  # images per vectorised statistics chunk (fewer for large images)
 CHUNK_BYTES = 64 << 20  # cap on the uint8 bytes of one chunk
@@ -417,6 +424,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
     with atomic_path(out_dir / "class_counts.csv") as tmp:
         counts.to_csv(tmp, index=False)
     write_json(out_dir / "summary.json", summary)  # DVC hashes it: no timings, no absolute paths
+    write_json(out_dir / "metrics.json", headline(summary))
 
     if critical:
         message = (

@@ -10,6 +10,12 @@ from pathlib import Path
 
 PIPELINE_RUN_ENV = "VISIONOPS_PIPELINE_RUN_ID"
 PREFECT_FLOW_RUN_ENV = "VISIONOPS_PREFECT_FLOW_RUN_ID"
+PIPELINE_NAME_ENV = "VISIONOPS_PIPELINE_NAME"  # the parent run's name, set by whoever runs the pipeline (the flow)
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for every stage command (dvc/repo/experiments/queue/base.py)
+# What git.dirty looks at: the code and the pipeline's definition. params.yaml is not in it: a run logs its
+# params, and `dvc exp run -S` edits params.yaml on purpose. DVC's outputs (reports, models, dvc.lock) never are.
+SINGLE_PREFIX = "single-"  # pipeline run id of a stage run on its own
+SOURCE_PATHS = ("src", "pipelines", "dvc.yaml", "pyproject.toml", "requirements.lock")
 
 
 def git_info(root: Path) -> dict[str, str]:
@@ -18,7 +24,30 @@ def git_info(root: Path) -> dict[str, str]:
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
-    return {"commit": commit or "unknown", "dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()}
+    dirty = bool(git("status", "--porcelain", "--", *SOURCE_PATHS))  # untracked sources count: a stage may import them
+    return {"commit": commit or "unknown", "dirty": str(dirty).lower()}
+
+
+def experiment_name() -> str | None:
+    """The DVC experiment this stage runs in (`dvc exp run`), or None (`dvc repro`, the flow, by hand)."""
+    return os.environ.get(DVC_EXP_NAME_ENV) or None
+
+
+def pipeline_name(commit: str, dirty: str, pipeline_id: str, stage: str) -> str:
+    """A readable name for a new pipeline run: VISIONOPS_PIPELINE_NAME (the flow sets it), else the DVC
+    experiment's name, else `dvc repro <commit> <UTC time>` (`visionops <stage> ...` for a stage run by
+    hand; the commit is marked + when its sources are edited)."""
+    explicit = os.environ.get(PIPELINE_NAME_ENV)
+    if explicit:
+        return explicit
+    exp = experiment_name()
+    if exp:
+        return f"dvc exp {exp}"
+    from datetime import UTC, datetime
+
+    mark = "+" if dirty == "true" else ""
+    how = f"visionops {stage}" if pipeline_id.startswith(SINGLE_PREFIX) else "dvc repro"
+    return f"{how} {commit[:7]}{mark} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
 
 def dvc_dep_hashes(root: Path, stage: str) -> dict[str, str]:
@@ -60,4 +89,4 @@ def pipeline_run_id() -> str:
             proc = proc.parent()
         except psutil.Error:
             break
-    return f"single-{uuid.uuid4().hex[:12]}"
+    return f"{SINGLE_PREFIX}{uuid.uuid4().hex[:12]}"

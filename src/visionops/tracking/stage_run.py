@@ -23,6 +23,7 @@ from visionops.tracking import faults, lineage
 from visionops.tracking.store import configure, project_root
 
 ROLE_TAG, PIPELINE_TAG = "visionops.role", "visionops.pipeline_run_id"
+PIPELINE_NAME_TAG, EXPERIMENT_TAG = "visionops.pipeline_name", "visionops.experiment"
 
 
 def flatten(obj: object, prefix: str = "") -> dict[str, object]:
@@ -65,19 +66,19 @@ class StageRun:
             mlflow.log_artifacts(str(reports_dir), artifact_path=Path(reports_dir).name)
 
 
-def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: dict[str, str]) -> str:
-    """The parent run grouping this pipeline run's stages (created by its first stage), RUNNING again
-    while a stage runs unless a stage already failed or was killed."""
+def _pipeline_parent(client, experiment_id: str, pipeline_id: str, name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """The parent run grouping this pipeline run's stages (created, called `name`, by its first stage),
+    RUNNING again while a stage runs unless a stage already failed or was killed; (run id, run name)."""
     found = client.search_runs(
         [experiment_id], f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{ROLE_TAG}` = 'pipeline'", max_results=1
     )
     if not found:
         owner = faults.pipeline_owner_tags(pipeline_id)
-        tags = {**tags, **owner, ROLE_TAG: "pipeline"}
-        return client.create_run(experiment_id, run_name=f"pipeline {pipeline_id}", tags=tags).info.run_id
+        tags = {**tags, **owner, ROLE_TAG: "pipeline", PIPELINE_NAME_TAG: name}
+        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id, name
     if faults.SEVERITY.get(found[0].info.status, 3) < faults.SEVERITY["KILLED"]:
         client.update_run(found[0].info.run_id, status="RUNNING")
-    return found[0].info.run_id
+    return found[0].info.run_id, found[0].info.run_name
 
 
 def _dataset_input(root: Path, hashes: dict[str, str], commit: str):
@@ -118,9 +119,13 @@ def _mlflow_run(
     flow_run = os.environ.get(lineage.PREFECT_FLOW_RUN_ENV)
     if flow_run:
         common["prefect.flow_run_id"] = flow_run
+    experiment = lineage.experiment_name()
+    if experiment:
+        common[EXPERIMENT_TAG] = experiment
     faults.end_orphans(client, experiment_id)
-    parent_id = _pipeline_parent(client, experiment_id, pipeline_id, common)
-    lineage_tags = {**common, "dvc.data_version": lineage.data_version(hashes)}
+    name = lineage.pipeline_name(git["commit"], git["dirty"], pipeline_id, stage)
+    parent_id, parent_name = _pipeline_parent(client, experiment_id, pipeline_id, name, common)
+    lineage_tags = {**common, PIPELINE_NAME_TAG: parent_name, "dvc.data_version": lineage.data_version(hashes)}
     tags = {
         **lineage_tags,
         ROLE_TAG: "stage",
@@ -132,7 +137,8 @@ def _mlflow_run(
     dump = params.model_dump(by_alias=True)
     status = "FAILED"
     try:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        run_name = f"{stage} · {experiment or parent_name}"  # two runs of one stage compared side by side differ
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
             resume = faults.ResumeLink(client, stage, run.info.run_id) if resumable else None
             mlflow.log_params(flatten({s: dump[s] for s in sections}))
             if "data/dataset" in hashes:

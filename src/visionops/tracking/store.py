@@ -54,5 +54,9 @@ def configure(cfg: MlflowConfig, root: Path | None = None) -> str:
 
 
 def _experiment_id(client, name: str, location: str | None) -> str:
+    """The experiment's id, created if needed, tagged as model training (MLflow's UI then shows its runs, not GenAI)."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name, artifact_location=location)
+    if exp is not None:
+        return exp.experiment_id
+    tags = {"mlflow.experimentKind": "custom_model_development"}
+    return client.create_experiment(name, artifact_location=location, tags=tags)

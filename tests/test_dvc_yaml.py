@@ -1,0 +1,54 @@
+"""dvc.yaml says what DVC shows: committed metrics and plot data, exactly the declared plots, and a baseline
+stage that depends on the student's settings and not on the teacher."""
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from visionops.config import DistillConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def _entries(stage: dict, key: str) -> dict[str, dict]:
+    return {next(iter(e)) if isinstance(e, dict) else e: next(iter(e.values())) if isinstance(e, dict) else {} for e in stage.get(key, [])}
+
+
+def test_metrics_and_plot_data_are_committed_not_cached():
+    """Metrics and plot files are `cache: false` (git keeps them); every stage plot has the properties it is
+    drawn with (no auto-plot); no plain out is `cache: false`, which would stop DVC's run cache for its stage."""
+    uncached = set()
+    for name, stage in DVC["stages"].items():
+        for path, opts in _entries(stage, "outs").items():
+            assert opts.get("cache", True), f"{name}: {path}: a plain cache: false out disables the run cache"
+        for key in ("metrics", "plots"):
+            for path, opts in _entries(stage, key).items():
+                assert opts.get("cache") is False, path
+                uncached.add(path)
+        for path, opts in _entries(stage, "plots").items():
+            assert path.endswith(".png") or {"template", "x", "y", "title"} <= set(opts), path
+    plot_files = set()
+    for plot in DVC["plots"]:
+        (props,) = plot.values()
+        plot_files |= set(props["y"])
+    assert plot_files <= uncached  # every declared plot's data is in git, for `dvc plots diff` in any clone
+    # .gitignore keeps exactly those files of reports/ in git
+    candidates = sorted(uncached | {p for s in DVC["stages"].values() for p in _entries(s, "outs") if p.startswith("reports/")})
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *candidates], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert set(candidates) - set(ignored) == uncached
+
+
+def test_baseline_depends_on_the_student_settings_only():
+    """Every train setting the student uses (all but model, epochs and lr, which distill sets), and
+    distill's student, epochs, lr and baseline: not the teacher, not distill's KD settings."""
+    baseline = DVC["stages"]["baseline"]
+    want = {f"train.{k}" for k in TrainConfig.model_fields} - {"train.model", "train.epochs", "train.lr"}
+    want |= {f"distill.{k}" for k in ("student", "epochs", "lr", "baseline")}
+    assert set(baseline["params"]) == want
+    assert {p.split(".")[1] for p in want if p.startswith("distill.")} <= set(DistillConfig.model_fields)
+    assert "models/teacher.pt" not in baseline["deps"]
+    assert "reports/baseline/baseline.json" in DVC["stages"]["distill"]["deps"]
