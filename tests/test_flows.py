@@ -161,6 +161,70 @@ def test_stage_policies():
     assert train["timeout_seconds"] == flows.LONG_STAGE_TIMEOUT_S and prepare["timeout_seconds"] is None
 
 
+def _tiny_project(path: Path, stages: dict) -> Project:
+    """A git + DVC project with the real params.yaml (a user's comment and spacing added) and `stages`."""
+    project = Project(path)
+    (project.path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    params = (project.path / "params.yaml").read_bytes()
+    (project.path / "params.yaml").write_bytes(b"# my notes, my layout\n\n" + params.replace(b": ", b":   ", 3))
+    _commit(project, "tiny pipeline")
+    return project
+
+
+ECHO = {"cmd": "python -c \"import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])\" > epochs.txt",
+        "params": ["train.epochs"], "outs": [{"epochs.txt": {"cache": False}}]}
+
+
+def test_a_flow_with_overrides_leaves_params_yaml_byte_for_byte(tmp_path, prefect_harness):
+    """`make flow SET="train.epochs=2"`: the stage runs with 2, DVC records it (dvc.lock and a saved
+    experiment), and the user's params.yaml keeps its bytes, also when a stage fails."""
+    project = _tiny_project(tmp_path / "proj", {"echo": ECHO})
+    before = (project.path / "params.yaml").read_bytes()
+
+    state = flows.training(project_dir=str(project.path), overrides={"train.epochs": 2}, promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert (project.path / "params.yaml").read_bytes() == before
+    assert (project.path / "epochs.txt").read_text().strip() == "2"
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())
+    assert lock["stages"]["echo"]["params"]["params.yaml"]["train.epochs"] == 2
+    summary = state.result()
+    assert summary["experiment"] and summary["pipeline_name"].endswith(" train.epochs=2")
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    saved = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == summary["experiment"]]
+    assert saved and saved[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    assert "echo" in project.run("dvc", "status").stdout  # honest: the workspace outputs ran with epochs=2
+
+    # a failing stage: the overrides are undone all the same
+    dvc_yaml = yaml.safe_load((project.path / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["boom"] = {"cmd": "exit 3", "deps": ["epochs.txt"], "outs": ["never.txt"]}
+    (project.path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    failed = flows.training(project_dir=str(project.path), overrides={"train.epochs": 3}, promote=False, return_state=True)
+    assert failed.is_failed() and "'boom' failed" in failed.message
+    assert (project.path / "params.yaml").read_bytes() == before
+
+
+def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, prefect_harness):
+    project = _tiny_project(tmp_path / "proj", {"echo": ECHO})
+    first = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+    again = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+    assert first.is_completed() and again.is_completed()
+    ((ran,), (skipped,)) = (_task_runs(_flow_run_id(s)) for s in (first, again))
+    assert ran.state.message.startswith("ran in ") and skipped.state.message.startswith("up to date in ")
+    assert [s["state"] for s in again.result()["stages"]] == ["up to date"]
+    assert "| echo | skipped: up to date (DVC) |" in _artifact(_flow_run_id(again), flows.TRAINING_ARTIFACT).data
+    ours = [log.message for log in _logs(ran.id) if not log.message.startswith("Finished in state")]
+    assert len(ours) == 1 and "Running stage 'echo'" in ours[0]  # dvc's whole output is one record
+
+
+def _logs(task_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+
+
 # ------------------------------------------------------------------------------------------
 # flows on the real pipeline
 
