@@ -5,6 +5,7 @@
     python -m pipelines monitoring
     python -m pipelines serve                        # what `make schedule` runs (needs PREFECT_API_URL)
     python -m pipelines deploy --work-pool visionops # register on a remote server for a process worker
+    python -m pipelines stop                         # what `make prefect-stop` runs: serve, then the server
 
 Flows run against PREFECT_API_URL when it is set, else on Prefect's ephemeral local server (its SQLite
 database under PREFECT_HOME). A failed flow run prints its error and exits 1.
@@ -49,11 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily)")
     p = add("deploy", "register the deployments on the server at PREFECT_API_URL")
     p.add_argument("--work-pool", default=None, help="the work pool whose workers run them (default: none, just register)")
+    p = sub.add_parser("stop", help="stop the serve process, then the server, that make schedule / prefect-ui started")
+    p.add_argument("--prefect-home", default=None, help="where their PID files are (default: $PREFECT_HOME)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "stop":
+        import os
+
+        from pipelines.stop import stop_all
+
+        home = args.prefect_home or os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
+        for line in stop_all(home):
+            print(line)
+        return 0
     if args.command in ("serve", "deploy"):
         from pipelines import deployments
 
