@@ -408,9 +408,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = COMMANDS[args.command]
     try:
-        from visionops.config import load_params
+        from visionops.config import apply_threads, load_params
 
         params = load_params(args.params)
+        if args.command in TORCH_COMMANDS:
+            apply_threads(params.train.threads)
         if cmd.sections:
             from visionops.tracking.stage_run import track_stage
 
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2, default=str) if args.json else _summary(args.command, result))
     return 0
 
+
+TORCH_COMMANDS = ("train", "evaluate", "distill")  # the commands that apply train.threads
 
 # The headline values of each command's result, in the order the summary shows them.
 HEADLINES = {
