@@ -46,6 +46,8 @@ FIGURES = {
 }
 OUTPUTS = ("metrics.json", "per_class.json", "predictions.csv", *FIGURES, "report.md")
 TOP_CONFUSIONS = 10
+BOOTSTRAP_RESAMPLES = 200  # paired bootstrap of the ECE change (seeded: the report is the same every run)
+NOISE_SE = 2.0  # a change within this many standard errors is reported as within noise
 
 
 class EvaluationError(VisionopsError):
@@ -85,6 +87,39 @@ def top_confusions(cm: np.ndarray, class_names: list[str], limit: int = TOP_CONF
     return [{"actual": class_names[i], "predicted": class_names[j], "count": c} for c, i, j in pairs[:limit]]
 
 
+def ece_change(probs_raw: np.ndarray, probs: np.ndarray, y: np.ndarray, bins: int,
+               resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """ECE after minus before temperature scaling, with the standard error of that change under a paired
+    bootstrap over the test images (the same resampled images for both), and a plain-words verdict."""
+    before = calibration.expected_calibration_error(probs_raw, y, bins)
+    after = calibration.expected_calibration_error(probs, y, bins)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples if len(y) > 1 else 0):
+        i = rng.integers(0, len(y), len(y))
+        diffs.append(calibration.expected_calibration_error(probs[i], y[i], bins)
+                     - calibration.expected_calibration_error(probs_raw[i], y[i], bins))
+    change = after - before
+    se = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
+    if not np.isfinite(se) or abs(change) <= NOISE_SE * se:
+        verdict = "within noise"
+    else:
+        verdict = "lower (better calibrated)" if change < 0 else "higher (worse calibrated)"
+    return {"before": before, "after": after, "change": change, "se": se, "resamples": len(diffs), "verdict": verdict}
+
+
+def calibration_sentence(e: dict, n: int) -> str:
+    """The ECE change in words: never called an improvement unless it is lower beyond the noise."""
+    direction = "unchanged" if e["change"] == 0 else ("lower" if e["change"] < 0 else "higher")
+    text = (f"Temperature scaling left the ECE {direction}: {e['before']:.4f} → {e['after']:.4f} "
+            f"(change {e['change']:+.4f}; paired bootstrap standard error {_fmt(e['se'])} over {e['resamples']} "
+            f"resamples of the {n} test images). ")
+    if e["verdict"] == "within noise":
+        return text + (f"That is within binning noise (|change| ≤ {NOISE_SE:g} standard errors): "
+                       "neither better nor worse calibrated on this test set.")
+    return text + f"Beyond {NOISE_SE:g} standard errors, so the served probabilities are {e['verdict']} on this test set."
+
+
 def _fmt(x, digits: int = 4) -> str:
     if x is None:
         return "n/a"
@@ -93,7 +128,7 @@ def _fmt(x, digits: int = 4) -> str:
     return str(x)
 
 
-def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str) -> str:
+def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str, ece_noise: dict | None = None) -> str:
     m = metrics
     lines = [
         f"# Evaluation report: `{arch}` on the test split",
@@ -109,7 +144,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         f"| macro F1 | {_fmt(m['macro_f1'])} |",
         f"| top-{m['top_k']} accuracy | {_fmt(m['top_k_accuracy'])} |",
         f"| ECE ({m['calibration_bins']} bins) | {_fmt(m['ece'])} |",
-        f"| ECE after temperature scaling | {_fmt(m['ece_calibrated'])} |",
+        f"| ECE with the served temperature | {_fmt(m['ece_calibrated'])} |",
         f"| NLL | {_fmt(m['nll'])} |",
         "",
         "## Per-class results",
@@ -143,6 +178,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         f"| ECE | {_fmt(m['ece'])} | {_fmt(m['ece_calibrated'])} |",
         f"| NLL | {_fmt(m['nll'])} | {_fmt(m['nll_calibrated'])} |",
         "",
+        *([calibration_sentence(ece_noise, m["test_images"]), ""] if ece_noise else []),
         "![Reliability diagram](reliability.png)",
         "",
         "## Size",
@@ -251,7 +287,8 @@ def run_evaluate(
         model, test.images, y, probs, names, reports_dir, cfg.gradcam_samples, cfg.gallery_size, dev
     )
     atomic.write_text(
-        reports_dir / "report.md", render_report(metrics, per_class, top_confusions(cm, names), info["arch"])
+        reports_dir / "report.md",
+        render_report(metrics, per_class, top_confusions(cm, names), info["arch"], ece_change(probs_raw, probs, y, bins)),
     )
     atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
     measured.write(reports_dir, metrics)
