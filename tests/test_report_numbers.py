@@ -33,3 +33,15 @@ def test_ece_change_is_called_better_only_beyond_its_bootstrap_noise():
     if noise["change"] > 0:
         assert "left the ECE higher" in text
     assert "higher (worse calibrated)" in calibration_sentence(worse, n)
+
+
+def test_ort_throughput_alternates_models_in_one_process(tmp_path):
+    from visionops import export
+    from visionops.models import create_model
+
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=32).eval()
+    export.export_onnx(model, (32, 32, 1), tmp_path / "a.onnx")
+    a, b = export.ort_throughput([tmp_path / "a.onnx", tmp_path / "a.onnx"], (32, 32, 1), batch_size=4, repeats=5)
+    assert a["alternated_with"] == b["alternated_with"] == 1 and a["images_per_second"] > 0 < b["images_per_second"]
+    single = export.ort_throughput(tmp_path / "a.onnx", (32, 32, 1), batch_size=4, repeats=3)
+    assert single["alternated_with"] == 0

@@ -209,16 +209,29 @@ def quantize_onnx(onnx_path: Path | str, out_path: Path | str, calibration_image
     }
 
 
-def ort_throughput(onnx_path: Path | str, image_shape: tuple[int, int, int], batch_size: int = 64, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> dict:
-    """Median onnxruntime CPU time per batch of random [0, 1] images, and images per second."""
-    session = ort_session(onnx_path, threads)
+def ort_throughput(
+    onnx_paths: Path | str | list[Path | str], image_shape: tuple[int, int, int], batch_size: int = 64, repeats: int = 20,
+    warmup: int = 3, threads: int | None = None,
+) -> dict | list[dict]:
+    """Median onnxruntime CPU time per batch of random [0, 1] images, and images per second.
+
+    Given several models (fp32 and int8), all sessions live in this process and their batches alternate
+    (a, b, a, b, ...), so a change in the machine's load hits every model alike and their ratio is fair.
+    Returns one dict per model (a single dict for a single path)."""
+    paths = onnx_paths if isinstance(onnx_paths, list) else [onnx_paths]
+    sessions = [ort_session(p, threads) for p in paths]
     h, w, c = image_shape
     x = np.random.default_rng(0).random((batch_size, c, h, w), dtype=np.float32)
-    times = []
+    times: list[list[float]] = [[] for _ in sessions]
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    batch_s = sorted(times)[len(times) // 2]
-    return {"batch_size": batch_size, "batch_ms": batch_s * 1e3, "images_per_second": batch_size / batch_s}
+        for session, kept in zip(sessions, times):
+            t0 = time.perf_counter()
+            session.run([OUTPUT_NAME], {INPUT_NAME: x})
+            if i >= warmup:
+                kept.append(time.perf_counter() - t0)
+    out = []
+    for kept in times:
+        batch_s = sorted(kept)[len(kept) // 2]
+        out.append({"batch_size": batch_size, "batch_ms": batch_s * 1e3, "images_per_second": batch_size / batch_s,
+                    "alternated_with": len(paths) - 1})
+    return out if isinstance(onnx_paths, list) else out[0]
