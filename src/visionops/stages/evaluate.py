@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,29 @@ def top_confusions(cm: np.ndarray, class_names: list[str], limit: int = TOP_CONF
     np.fill_diagonal(off, 0)
     pairs = sorted(((int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))), key=lambda t: (-t[0], t[1], t[2]))
     return [{"actual": class_names[i], "predicted": class_names[j], "count": c} for c, i, j in pairs[:limit]]
+
+
+PHASES = ("predicting", "latency", "plots", "Grad-CAM", "report")
+
+
+class _Phases:
+    """A bar over the stage's phases on stderr (off when stderr is not a terminal, as tqdm decides)."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(PHASES), desc="evaluate", unit="phase", leave=False, disable=None, file=sys.stderr)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        self.bar.set_postfix_str(name, refresh=not self.started)
+        if self.started:
+            self.bar.update(1)  # the phase before it is done
+        self.started = True
+
+    def close(self) -> None:
+        self.bar.update(1)
+        self.bar.close()
 
 
 def ece_change(probs_raw: np.ndarray, probs: np.ndarray, y: np.ndarray, bins: int,
@@ -232,6 +256,8 @@ def run_evaluate(
     names = list(ds.class_names)
     test = ds.splits["test"]
     y = np.asarray(test.labels, dtype=np.int64)
+    phase = _Phases()
+    phase("predicting")
 
     raw32 = classifier.predict_logits(model, test.images, dev, eval_batch_size, calibrated=False)
     temperature = float(info["temperature"])
@@ -244,6 +270,7 @@ def run_evaluate(
     per_class = cls.pop("per_class")
     bins = cfg.calibration_bins
     ece, ece_cal = (calibration.expected_calibration_error(p, y, bins) for p in (probs_raw, probs))
+    phase("latency")
     latency = measure_latency(classifier.Served(model), ds.image_shape, dev, batch_size=cfg.latency_batch_size)
     metrics = {
         "model": info["arch"],
@@ -270,6 +297,7 @@ def run_evaluate(
         "model_size_bytes": model_size_bytes(model),
     }
 
+    phase("plots")
     cm = confusion(y, pred, len(names))
     atomic.write_text(reports_dir / "predictions.csv", predictions_csv(test.paths, y, pred, conf, names))
     atomic.write_json(reports_dir / "per_class.json", per_class)
@@ -283,13 +311,16 @@ def run_evaluate(
         names, [r["accuracy"] for r in per_class.values()], [r["support"] for r in per_class.values()],
         reports_dir / "per_class_accuracy.png", overall=metrics["accuracy"],
     )  # fmt: skip
+    phase("Grad-CAM")
     explain.explain_predictions(
         model, test.images, y, probs, names, reports_dir, cfg.gradcam_samples, cfg.gallery_size, dev
     )
+    phase("report")
     atomic.write_text(
         reports_dir / "report.md",
         render_report(metrics, per_class, top_confusions(cm, names), info["arch"], ece_change(probs_raw, probs, y, bins)),
     )
     atomic.write_json(reports_dir / "metrics.json", measured.pure(metrics))
     measured.write(reports_dir, metrics)
+    phase.close()
     return metrics
