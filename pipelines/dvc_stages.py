@@ -16,6 +16,7 @@ a non-zero exit raises `StageFailed`, naming the stage, its exit code and the ta
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import os
 import posixpath
@@ -181,6 +182,23 @@ def stage_env(
 def dvc_command(env: dict[str, str]) -> list[str]:
     exe = shutil.which("dvc", path=env.get("PATH"))
     return [exe] if exe else [sys.executable, "-m", "dvc"]
+
+
+def changed_stages(project_dir: Path | str, env: dict[str, str] | None = None) -> set[str] | None:
+    """The stages `dvc status` says would run (None when it cannot tell: then every stage is reproduced).
+
+    One `dvc status` answers for all stages at once; a stage it does not list is up to date as long as
+    no stage before it runs."""
+    env = env if env is not None else stage_env(project_dir)
+    proc = subprocess.run([*dvc_command(env), "status", "--json"], cwd=project_dir, env=env, capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    try:
+        status = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        return None
+    return {name.rsplit(":", 1)[-1] for name in status}
 
 
 def _default_logger():

@@ -113,12 +113,17 @@ class NoChampionError(RuntimeError):
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def dvc_stage(
-    project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, pipeline_name: str = "", force: bool = False
+    project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, pipeline_name: str = "", force: bool = False,
+    known_up_to_date: bool = False,
 ):
     """Reproduce one DVC stage; its output goes to this task's log as one record.
 
-    A stage DVC found up to date ends as `Completed("up to date")`, one that ran as `Completed("ran")`:
-    the state message the UI shows beside the task."""
+    A stage DVC found up to date ends as `Completed("up to date ...")`, one that ran as `Completed("ran ...")`:
+    the state message the UI shows beside the task. `known_up_to_date`: the flow's one `dvc status` said so
+    and nothing before it ran, so no `dvc repro` is started for it."""
+    if known_up_to_date:
+        get_run_logger().info("`dvc status`: stage '%s' is up to date (nothing before it ran); not reproduced", stage)
+        return Completed(message="up to date (dvc status)", data={"stage": stage, "returncode": 0, "ran": False, "seconds": 0.0})
     result = dvc_stages.run_stage(
         project_dir, stage, pipeline_run_id=pipeline_run_id, flow_run_id=flow_run_id, force=force,
         logger=get_run_logger(), pipeline_name=pipeline_name or None,
@@ -155,9 +160,12 @@ def pipeline_name(flow_run_name: str, overrides: list[str]) -> str:
 def _run_stages(root: Path, stages: list[str], refresh_data: bool, record: list[dict], name: str) -> None:
     flow_run_id, pipeline_id = _ids()
     logger = get_run_logger()
+    changed = dvc_stages.changed_stages(root)  # one `dvc status` instead of a `dvc repro` per up-to-date stage
     for stage in stages:
+        force = refresh_data and stage == DATA_STAGE
+        skip = changed is not None and not force and stage not in changed and not any(r.get("ran") for r in record)
         record.append({"stage": stage, "state": "running"})
-        state = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, name, force=refresh_data and stage == DATA_STAGE)
+        state = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, name, force=force, known_up_to_date=skip)
         summary = state.result()  # the task returned its Completed state (a failure raised)
         record[-1] = {**summary, "state": "ran" if summary["ran"] else "up to date"}
         logger.info("%-9s %s (%.1f s)", stage, record[-1]["state"], summary["seconds"])

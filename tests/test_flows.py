@@ -210,11 +210,24 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
     again = flows.training(project_dir=str(project.path), promote=False, return_state=True)
     assert first.is_completed() and again.is_completed()
     ((ran,), (skipped,)) = (_task_runs(_flow_run_id(s)) for s in (first, again))
-    assert ran.state.message.startswith("ran in ") and skipped.state.message.startswith("up to date in ")
+    assert ran.state.message.startswith("ran in ") and skipped.state.message == "up to date (dvc status)"
     assert [s["state"] for s in again.result()["stages"]] == ["up to date"]
     assert "| echo | skipped: up to date (DVC) |" in _artifact(_flow_run_id(again), flows.TRAINING_ARTIFACT).data
     ours = [log.message for log in _logs(ran.id) if not log.message.startswith("Finished in state")]
     assert len(ours) == 1 and "Running stage 'echo'" in ours[0]  # dvc's whole output is one record
+
+    # nothing to do and no server configured: `python -m pipelines training` starts no Prefect at all
+    from pipelines.nothing_to_do import nothing_to_do
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    out = subprocess.run([sys.executable, "-m", "pipelines", "training", "--no-promote", "--project-dir", str(project.path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("nothing to do: `dvc status` says every stage is up to date"), out
+    assert "Starting temporary server" not in out.stderr
+    assert nothing_to_do(project.path, promote=False, env={"PREFECT_API_URL": "http://x/api"}) is None  # a UI: run
+    assert "visionops-classifier: no challenger" in nothing_to_do(project.path, promote=True, env={})
+    (project.path / "params.yaml").write_bytes((project.path / "params.yaml").read_bytes().replace(b"  epochs: 10", b"  epochs: 9", 1))
+    assert nothing_to_do(project.path, promote=False, env={}) is None  # the echo stage would run
 
 
 def _logs(task_run_id) -> list:
