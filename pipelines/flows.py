@@ -13,7 +13,12 @@
 
 Lineage: every stage subprocess gets VISIONOPS_PIPELINE_RUN_ID=prefect-<flow run id> and
 VISIONOPS_PREFECT_FLOW_RUN_ID=<flow run id>, so all MLflow stage runs of one flow run hang under one
-pipeline run and carry the tag `prefect.flow_run_id`.
+pipeline run and carry the tag `prefect.flow_run_id`; VISIONOPS_PIPELINE_NAME=<flow run name> <overrides>
+names that pipeline run.
+
+Logs: each stage's DVC output is one record of its task; the flow logs one line per stage with its
+result. A stage DVC skipped ends as `Completed("up to date ...")` and the summary artifact says
+"skipped: up to date (DVC)".
 
 Parameter overrides (`overrides={"train.epochs": 5}`, `python -m pipelines training --set train.epochs=5`)
 -----------------------------------------------------------------------------------------------------
@@ -444,8 +449,8 @@ def training_markdown(summary: dict) -> str:
         f"- project: `{summary['project_dir']}`",
         f"- MLflow pipeline run id (tag `visionops.pipeline_run_id`): `{summary['pipeline_run_id']}`"
         + (f", parent run `{parent['run_id']}`" if parent else ""),
-        f"- overrides (applied through DVC; params.yaml restored afterwards): "
-        f"{', '.join(f'`{o}`' for o in summary['overrides']) or 'none'}",
+        "- overrides (applied through DVC; params.yaml restored afterwards): "
+        + (", ".join(f"`{o}`" for o in summary["overrides"]) or "none"),
     ]
     if summary.get("pipeline_name"):
         out.append(f"- pipeline name (`{dvc_stages.PIPELINE_NAME_ENV}`): `{summary['pipeline_name']}`")

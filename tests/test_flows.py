@@ -221,7 +221,7 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     out = subprocess.run([sys.executable, "-m", "pipelines", "training", "--no-promote", "--project-dir", str(project.path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.startswith("nothing to do: `dvc status` says every stage is up to date"), out
     assert "Starting temporary server" not in out.stderr
     assert nothing_to_do(project.path, promote=False, env={"PREFECT_API_URL": "http://x/api"}) is None  # a UI: run
@@ -290,7 +290,7 @@ def test_a_stage_failing_once_is_retried(trained, no_retry_delays):
     assert runs["flaky"].run_count == 2 and runs["flaky"].state.is_completed()
     assert all(runs[s].run_count == 1 for s in STAGES)
     summary = state.result()
-    assert [s["state"] for s in summary["stages"]] == ["up to date"] * 6 + ["ran"]
+    assert [s["state"] for s in summary["stages"]] == ["up to date"] * len(STAGES) + ["ran"]
     assert (project.path / "reports/flaky/ok.txt").read_text().strip() == "ok"
 
 
@@ -556,7 +556,7 @@ def test_prefect_stop_stops_serve_first_then_the_server_cleanly(prefect_server, 
 
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "pipelines", "stop", "--prefect-home", str(home)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     elapsed = time.monotonic() - start
     log.close()
     assert out.returncode == 0, out.stderr

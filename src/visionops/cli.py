@@ -457,9 +457,9 @@ def _summary(command: str, result: dict) -> str:
         return f"classified {result['images']} images with {result['model']}; wrote {result['csv']}"
     if command in ("promote", "rollback") and "promoted" in result:
         verdict = "PROMOTED" if result["promoted"] else "REJECTED"
-        lines = [f"{verdict}: version {result['challenger_version']} (champion before: {result['champion_version'] or 'none'}, "
-                 f"{result.get('holdout_n')} holdout images)"]
-        return "\n".join(lines + [f"  {c}" for c in result.get("checks") or result.get("reasons") or []])
+        head = (f"{verdict}: version {result['challenger_version']} (champion before: {result['champion_version'] or 'none'}, "
+                f"{result.get('holdout_n')} holdout images)")
+        return "\n".join([head] + [f"  {c}" for c in result.get("checks") or result.get("reasons") or []])
     if command == "register" and "registered" in result:
         lines = [f"{r['name']} v{r['version']}: " + ("registered" if r["created"] else "already registered (same file)")
                  + (f"; {'champion' if r['promotion']['promoted'] else 'not champion'} after the gates" if r.get("promotion") else "")
