@@ -313,11 +313,42 @@ def _quiet_mlflow_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def promote_all(project_dir: Path | str) -> list[dict]:
+def _earlier_decision(client, name: str, gates: dict) -> dict | None:
+    """The challenger's recorded rejection when it was judged against the champion it faces now, under
+    the same gates (params.yaml `promote`), else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        challenger = client.get_model_version_by_alias(name, "challenger")
+    except MlflowException:
+        return None
+    tags, champion = challenger.tags or {}, _champion_version(client, name)
+    if tags.get("promotion.decision") != "rejected" or tags.get("promotion.previous_champion", "") != (champion or ""):
+        return None
+    try:
+        if json.loads(tags.get("promotion.metrics", "{}")).get("gates") != gates:
+            return None
+    except (ValueError, AttributeError):
+        return None
+    try:
+        reasons = [str(r) for r in json.loads(tags.get("promotion.reasons", "[]"))]
+    except ValueError:
+        reasons = [tags.get("promotion.reasons", "")]
+    when = tags.get("promotion.timestamp", "earlier")
+    return {
+        "outcome": "rejected", "challenger_version": str(challenger.version), "champion_version": champion,
+        "previous_champion": champion, "accuracy": None,
+        "reasons": [f"already judged at {when} against the same champion and gates; not judged again", *reasons],
+    }
+
+
+def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
     """The metric-gated promotion of the teacher, then the student; one outcome dict per model.
 
     A rejected challenger is an outcome (`"rejected"`, with the failed gates), as is a model with no
     challenger to decide on (`"no challenger"`: e.g. the first version was decided when it was registered).
+    rejudge=False (the training flow): a challenger already rejected against the current champion keeps
+    that decision instead of being scored again (the promotion flow and `visionops promote` rejudge).
     """
     import mlflow
 
@@ -332,6 +363,10 @@ def promote_all(project_dir: Path | str) -> list[dict]:
     client = mlflow.MlflowClient()
     outcomes = []
     for role, name in (("teacher", params.mlflow.teacher_model_name), ("student", params.mlflow.student_model_name)):
+        earlier = None if rejudge else _earlier_decision(client, name, json.loads(params.promote.model_dump_json()))
+        if earlier is not None:
+            outcomes.append({"role": role, "model": name, **earlier})
+            continue
         try:
             d = promote(name, root / HOLDOUT, params.promote, params.evaluate, client=client)
         except NoChallengerError as exc:
@@ -353,10 +388,10 @@ def promote_all(project_dir: Path | str) -> list[dict]:
 
 
 @task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, persist_result=False)
-def promote_task(project_dir: str) -> list[dict]:
+def promote_task(project_dir: str, rejudge: bool = True) -> list[dict]:
     """Promote teacher and student challengers that pass the gates in params.yaml `promote`."""
     logger = get_run_logger()
-    outcomes = promote_all(project_dir)
+    outcomes = promote_all(project_dir, rejudge)
     for o in outcomes:
         text = f"{o['role']} {o['model']}: {o['outcome']}"
         if o["challenger_version"]:
@@ -526,7 +561,7 @@ def training(
         elif not params.mlflow.enabled:
             summary["promotion_note"] = "skipped: mlflow.enabled is false, so nothing is registered"
         else:
-            summary["promotion"] = promote_task(str(root))
+            summary["promotion"] = promote_task(str(root), rejudge=False)
     except BaseException as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         if summary["stages"] and summary["stages"][-1]["state"] == "running":

@@ -3,7 +3,8 @@
 With no Prefect server configured (PREFECT_API_URL unset), a flow run goes to a temporary server that
 is started for it and thrown away afterwards: 15-20 s of start-up and shutdown to record a run that no
 UI ever shows. So when `dvc status` reports every stage up to date, and every challenger (teacher and
-student) was already judged against the champion it would face now, there is nothing to do.
+student) was already judged against the champion it would face now, under the same gates (params.yaml
+`promote`, recorded in the version's `promotion.metrics` tag), there is nothing to do.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def _judged(project_dir: Path) -> list[str] | None:
         return _lines(params, alias, tags)
 
 
+def _same_gates(t: dict, params) -> bool:
+    import json
+
+    try:
+        return json.loads(t.get("promotion.metrics", "{}")).get("gates") == json.loads(params.promote.model_dump_json())
+    except (ValueError, AttributeError):
+        return False
+
+
 def _lines(params, alias, tags) -> list[str] | None:
     lines = []
     for name in (params.mlflow.teacher_model_name, params.mlflow.student_model_name):
@@ -80,7 +90,8 @@ def _lines(params, alias, tags) -> list[str] | None:
             lines.append(f"{name}: no challenger" + (f" (champion v{champion})" if champion else ""))
             continue
         t = tags(name, challenger)
-        if "promotion.decision" not in t or t.get("promotion.previous_champion", "") != (champion or ""):
+        if ("promotion.decision" not in t or t.get("promotion.previous_champion", "") != (champion or "")
+                or not _same_gates(t, params)):
             return None
         lines.append(f"{name}: challenger v{challenger} already {t['promotion.decision']} ({t.get('promotion.timestamp', '?')}) "
                      "against " + (f"champion v{champion}" if champion else "no champion"))

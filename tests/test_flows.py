@@ -566,3 +566,39 @@ def test_prefect_stop_stops_serve_first_then_the_server_cleanly(prefect_server, 
     assert "SIGKILL" not in out.stdout and elapsed < 40, (out.stdout, elapsed)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
     assert not (home / "serve.pid").exists() and not (home / "server.pid").exists()
+
+
+def test_the_training_flow_does_not_rejudge_a_challenger_rejected_against_the_same_champion_and_gates(tmp_path, monkeypatch):
+    """A real MLflow registry: v2 was rejected against champion v1 under today's gates, so the training flow's
+    promotion keeps that decision (no holdout exists here: judging again would fail); new gates mean judge again."""
+    from mlflow import MlflowClient
+
+    from pipelines.nothing_to_do import _judged
+    from visionops.config import load_params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\n")
+    gates = json.loads(load_params(tmp_path / "params.yaml").promote.model_dump_json())
+    client = MlflowClient(store)
+    for name in ("visionops-classifier", "visionops-student"):
+        client.create_registered_model(name)
+        for _ in range(2):
+            client.create_model_version(name, source=str(tmp_path), run_id=None)
+        client.set_registered_model_alias(name, "champion", "1")
+        client.set_registered_model_alias(name, "challenger", "2")
+        for key, value in {"promotion.decision": "rejected", "promotion.previous_champion": "1",
+                           "promotion.reasons": json.dumps(["accuracy 0.5 < 0.9"]), "promotion.timestamp": "T",
+                           "promotion.metrics": json.dumps({"gates": gates})}.items():
+            client.set_model_version_tag(name, "2", key, value)
+
+    outcomes = flows.promote_all(tmp_path, rejudge=False)
+    assert [(o["outcome"], o["challenger_version"], o["champion_version"]) for o in outcomes] == [("rejected", "2", "1")] * 2
+    assert outcomes[0]["reasons"] == ["already judged at T against the same champion and gates; not judged again",
+                                      "accuracy 0.5 < 0.9"]
+    assert "challenger v2 already rejected (T) against champion v1" in "\n".join(_judged(tmp_path))  # make flow: no run
+
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\npromote:\n  min_accuracy: 0.5\n")
+    assert _judged(tmp_path) is None  # make flow runs the flow
+    with pytest.raises(Exception, match="holdout"):  # other gates: judged again (and this project has no holdout)
+        flows.promote_all(tmp_path, rejudge=False)
