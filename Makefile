@@ -90,9 +90,7 @@ prefect-ui: setup  ## start (or reuse) the local Prefect server in the backgroun
 
 schedule: prefect-ui  ## serve the deployments (training/nightly on params.yaml schedule.cron, ...) on the local server
 	@echo "serving training/nightly, promotion/manual, monitoring/daily; Prefect UI: $(PREFECT_URL) (Ctrl-C stops serving)"
-	PREFECT_API_URL=$(PREFECT_URL)/api python -m pipelines serve
+	@echo $$$$ > "$(PREFECT_HOME)/serve.pid"; PREFECT_API_URL=$(PREFECT_URL)/api exec python -m pipelines serve
 
-prefect-stop:  ## stop the background Prefect server started by prefect-ui / schedule
-	@if [ -f "$(PREFECT_HOME)/server.pid" ]; then kill -- -$$(cat "$(PREFECT_HOME)/server.pid") 2>/dev/null \
-	  && echo "stopped the Prefect server" || echo "no Prefect server running"; rm -f "$(PREFECT_HOME)/server.pid"; \
-	else echo "no Prefect server started by make"; fi
+prefect-stop:  ## stop what prefect-ui / schedule started: the serve process first (SIGTERM), then the server
+	@python -m pipelines stop --prefect-home "$(PREFECT_HOME)"

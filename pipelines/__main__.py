@@ -5,9 +5,17 @@
     python -m pipelines monitoring
     python -m pipelines serve                        # what `make schedule` runs (needs PREFECT_API_URL)
     python -m pipelines deploy --work-pool visionops # register on a remote server for a process worker
+    python -m pipelines stop                         # what `make prefect-stop` runs: serve, then the server
 
 Flows run against PREFECT_API_URL when it is set, else on Prefect's ephemeral local server (its SQLite
 database under PREFECT_HOME). A failed flow run prints its error and exits 1.
+
+Nothing to do, no server: `training` with no overrides, no --refresh-data and no --exp-name, when
+PREFECT_API_URL is unset, first asks `dvc status`; when every stage is up to date and (with promotion)
+every challenger was already judged against the current champion, it says so and exits 0 without
+starting Prefect's temporary server, since a flow run there would be recorded nowhere anyone looks.
+With PREFECT_API_URL set (`make flow` sets it when `make prefect-ui` runs), the flow always runs, so
+the run shows in the UI. --always-run runs the flow regardless.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-promote", dest="promote", action="store_false", help="skip the promotion step")
     p.add_argument("--refresh-data", action="store_true", help="force the download stage to fetch the source again")
     p.add_argument("--exp-name", default=None, help="also save the result as this named DVC experiment (dvc exp save)")
+    p.add_argument("--always-run", action="store_true", help="run the flow even when there is nothing to do")
     add("promotion", "run the metric-gated promotion of teacher and student")
     p = add("monitoring", "evaluate the champion on the newest data; fail below monitor.min_accuracy")
     p.add_argument("--no-refresh-data", dest="refresh_data", action="store_false",
@@ -49,11 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily)")
     p = add("deploy", "register the deployments on the server at PREFECT_API_URL")
     p.add_argument("--work-pool", default=None, help="the work pool whose workers run them (default: none, just register)")
+    p = sub.add_parser("stop", help="stop the serve process, then the server, that make schedule / prefect-ui started")
+    p.add_argument("--prefect-home", default=None, help="where their PID files are (default: $PREFECT_HOME)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "stop":
+        import os
+
+        from pipelines.stop import stop_all
+
+        home = args.prefect_home or os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
+        for line in stop_all(home):
+            print(line)
+        return 0
     if args.command in ("serve", "deploy"):
         from pipelines import deployments
 
@@ -63,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             for line in deployments.register(args.project_dir, args.work_pool):
                 print(line)
         return 0
+
+    if args.command == "training" and not (args.overrides or args.refresh_data or args.exp_name or args.always_run):
+        from pipelines.nothing_to_do import nothing_to_do
+
+        reason = nothing_to_do(args.project_dir, args.promote)
+        if reason:
+            print(reason)
+            return 0
 
     from pipelines import flows
 

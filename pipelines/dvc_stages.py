@@ -6,15 +6,17 @@ at the same time, the one written first in dvc.yaml goes first, so the order is 
 
 `run_stage` runs `dvc repro --single-item <stage>` in the project directory as a subprocess — DVC still
 decides whether the stage is up to date, runs its command, and writes dvc.lock — with the lineage
-environment (`VISIONOPS_PIPELINE_RUN_ID`, `VISIONOPS_PREFECT_FLOW_RUN_ID`) that makes every MLflow stage
-run of one flow run share one pipeline id and carry the Prefect flow-run id. The output is streamed line
-by line into the given logger (the Prefect task's run logger inside a task) and kept; a non-zero exit
-raises `StageFailed`, naming the stage, its exit code and the tail of its log.
+environment (`VISIONOPS_PIPELINE_RUN_ID`, `VISIONOPS_PREFECT_FLOW_RUN_ID`, and `VISIONOPS_PIPELINE_NAME`:
+the flow run's name and its overrides, which names the MLflow parent run) that makes every MLflow stage
+run of one flow run share one pipeline id and carry the Prefect flow-run id. The output is collected and
+logged as ONE record when the stage ends (not one record per line; the flow logs one line per stage);
+a non-zero exit raises `StageFailed`, naming the stage, its exit code and the tail of its log.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import os
 import posixpath
@@ -40,6 +42,7 @@ OUT_KEYS = ("outs", "metrics", "plots")
 TAIL_LINES = 40  # lines of the stage's log quoted in StageFailed
 KEEP_LINES = 20_000  # lines of log kept per stage run (the whole log of any normal stage)
 KILL_GRACE_S = 10.0  # SIGTERM first, SIGKILL after this long
+PIPELINE_NAME_ENV = "VISIONOPS_PIPELINE_NAME"  # a human name for the pipeline run (MLflow's parent run name)
 COMMAND_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # DVC's report of the stage command's exit
 
 
@@ -73,6 +76,10 @@ class StageResult:
 
     def summary(self) -> dict:
         return {"stage": self.stage, "returncode": self.returncode, "ran": self.ran, "seconds": round(self.seconds, 2)}
+
+    @property
+    def outcome(self) -> str:
+        return "ran" if self.ran else "up to date"
 
 
 # ------------------------------------------------------------------------------------------
@@ -149,9 +156,11 @@ def stage_env(
     pipeline_run_id: str | None = None,
     flow_run_id: str | None = None,
     base: dict[str, str] | None = None,
+    pipeline_name: str | None = None,
 ) -> dict[str, str]:
     """The environment of a stage subprocess: this interpreter's bin first on PATH (dvc, visionops),
-    the project's src/ first on PYTHONPATH (the code DVC tracks as deps), analytics off, lineage ids."""
+    the project's src/ first on PYTHONPATH (the code DVC tracks as deps), analytics off, lineage ids
+    and the pipeline run's name."""
     env = dict(os.environ if base is None else base)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
@@ -165,12 +174,31 @@ def stage_env(
         env[PIPELINE_RUN_ENV] = pipeline_run_id
     if flow_run_id:
         env[PREFECT_FLOW_RUN_ENV] = flow_run_id
+    if pipeline_name:
+        env[PIPELINE_NAME_ENV] = pipeline_name
     return env
 
 
 def dvc_command(env: dict[str, str]) -> list[str]:
     exe = shutil.which("dvc", path=env.get("PATH"))
     return [exe] if exe else [sys.executable, "-m", "dvc"]
+
+
+def changed_stages(project_dir: Path | str, env: dict[str, str] | None = None) -> set[str] | None:
+    """The stages `dvc status` says would run (None when it cannot tell: then every stage is reproduced).
+
+    One `dvc status` answers for all stages at once; a stage it does not list is up to date as long as
+    no stage before it runs."""
+    env = env if env is not None else stage_env(project_dir)
+    proc = subprocess.run([*dvc_command(env), "status", "--json"], cwd=project_dir, env=env, capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    try:
+        status = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        return None
+    return {name.rsplit(":", 1)[-1] for name in status}
 
 
 def _default_logger():
@@ -217,18 +245,19 @@ def run_stage(
     force: bool = False,
     logger=None,
     env: dict[str, str] | None = None,
+    pipeline_name: str | None = None,
 ) -> StageResult:
-    """`dvc repro --single-item [--force] <stage>` in `project_dir`, its output streamed into `logger`.
+    """`dvc repro --single-item [--force] <stage>` in `project_dir`; its output is logged to `logger` as
+    one record when it ends.
 
     Raises StageFailed on a non-zero exit. If this call is interrupted (a Prefect task timeout, Ctrl-C),
     the dvc process group is terminated before the exception propagates.
     """
     project_dir = Path(project_dir).resolve()
     logger = logger or _default_logger()
-    env = env if env is not None else stage_env(project_dir, pipeline_run_id, flow_run_id)
+    env = env if env is not None else stage_env(project_dir, pipeline_run_id, flow_run_id, pipeline_name=pipeline_name)
     args = ["repro", "--single-item", *(["--force"] if force else []), stage]
     cmd = [*dvc_command(env), *args]
-    logger.info("$ dvc %s  (in %s)", " ".join(args), project_dir)
     log: deque[str] = deque(maxlen=KEEP_LINES)
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -248,7 +277,6 @@ def run_stage(
                 break
             if line:
                 log.append(line)
-                logger.info(line)
         returncode = proc.wait()
     finally:
         _terminate(proc)
@@ -256,7 +284,7 @@ def run_stage(
         if proc.stdout is not None:
             proc.stdout.close()
     result = StageResult(stage, returncode, f"Running stage '{stage}'" in "\n".join(log), time.monotonic() - start, list(log))
+    logger.info("$ dvc %s  (in %s)\n%s", " ".join(args), project_dir, "\n".join(log) or "(no output)")
     if returncode != 0:
         raise StageFailed(stage, returncode, result.log)
-    logger.info("stage '%s' %s in %.1f s", stage, "ran" if result.ran else "was up to date", result.seconds)
     return result

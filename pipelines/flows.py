@@ -13,41 +13,43 @@
 
 Lineage: every stage subprocess gets VISIONOPS_PIPELINE_RUN_ID=prefect-<flow run id> and
 VISIONOPS_PREFECT_FLOW_RUN_ID=<flow run id>, so all MLflow stage runs of one flow run hang under one
-pipeline run and carry the tag `prefect.flow_run_id`.
+pipeline run and carry the tag `prefect.flow_run_id`; VISIONOPS_PIPELINE_NAME=<flow run name> <overrides>
+names that pipeline run.
+
+Logs: each stage's DVC output is one record of its task; the flow logs one line per stage with its
+result. A stage DVC skipped ends as `Completed("up to date ...")` and the summary artifact says
+"skipped: up to date (DVC)".
 
 Parameter overrides (`overrides={"train.epochs": 5}`, `python -m pipelines training --set train.epochs=5`)
 -----------------------------------------------------------------------------------------------------
-They go through DVC, exactly as `dvc exp run --set-param` applies them, never by editing params.yaml
-behind DVC's back. What DVC 3 offers, and why this approach:
+They go through DVC, with the `dvc exp run -S` grammar, and the user's params.yaml is left byte for byte
+as it was, as `dvc exp run -S --temp` leaves it:
 
-* `dvc exp run -S k=v` applies the overrides to the workspace *and* reproduces the whole pipeline in
-  one process. Running it first would leave nothing for the per-stage tasks to do (every stage would
-  then be up to date), so the UI would show one opaque step instead of six stages with their own
-  logs, retries and timeouts.
-* `dvc exp run -S k=v --single-item <stage>` per task would apply the overrides six times and commit
-  six experiments, one per stage: the run would be recorded in pieces.
-* What `exp run -S` does to the workspace is a separate, public-enough step: `dvc.utils.hydra.
-  apply_overrides(params_file, ["k=v", ...])` (called by `BaseStashQueue._update_params`), with the
-  `-S` grammar (`to_path_overrides`: `k=v` targets params.yaml, `other.yaml:k=v` another file; values
-  use Hydra's override syntax, so `5` is an int, `null` is None, `[1,2]` a list, and an unknown key is
-  an error rather than a silently added one). It round-trips the YAML, keeping its comments.
+1. `apply-overrides` applies them to a scratch copy of the params file(s) and validates the result with
+   the visionops schema (a typo or a bad value fails the flow before anything changes), keeps the files'
+   original bytes, then applies them to the project with DVC's own function
+   (`dvc.utils.hydra.apply_overrides`, which `dvc exp run -S` calls; Hydra values: `5` is an int, `null`
+   None, `[1,2]` a list, and an unknown key is an error rather than a silently added one).
+2. Each stage task reproduces its stage; DVC records the parameters each stage ran with in dvc.lock.
+3. `save-experiment` commits the result as a DVC experiment (`dvc exp save`, named `experiment_name` or
+   else after the flow run): params, dvc.lock and metrics as they ran. `dvc exp show` lists it and
+   `dvc exp apply <name>` brings its params back into the workspace.
+4. The params file(s) get their original bytes back, also when the flow fails or is interrupted.
 
-So the flow's first task, `apply-overrides`, (1) applies the overrides to a scratch copy of the params
-file(s) and validates the result with the visionops schema (a typo or a bad value fails the flow before
-anything changes), (2) applies them to the project with that same DVC function; each stage task then
-reproduces its stage, and DVC records the parameters each stage ran with in dvc.lock. Afterwards
-`dvc params diff` shows the overrides against the last commit, `dvc exp show` shows them (with the
-resulting metrics) in its workspace row, and `dvc status` is clean. With `experiment_name=...`
-(`--exp-name`) the finished workspace is also saved as a named DVC experiment (`dvc exp save`), which is
-the commit `dvc exp run` makes at its end; it is opt-in because `dvc exp save`, like `dvc exp run`,
-resets the git index (staged changes become unstaged). Like `dvc exp run -S` in the workspace, the
-overrides stay in params.yaml afterwards: the workspace is the experiment.
+Why not `dvc exp run -S` itself: it reproduces the whole pipeline in one process, so the UI would show
+one opaque step instead of a task per stage, and `--single-item` per task would record the run as one
+experiment per stage. What the workspace holds afterwards is said plainly: the outputs and dvc.lock of
+the experiment, and the user's params, so `dvc status` lists the stages whose params differ from the
+ones they ran with, and the next `dvc repro` (or `make flow`) rebuilds them for params.yaml. `dvc exp
+save`, like `dvc exp run`, resets the git index (staged changes become unstaged). A run without
+overrides saves an experiment only when `experiment_name` is given.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -57,6 +59,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from pipelines import dvc_stages
@@ -114,13 +117,23 @@ class NoChampionError(RuntimeError):
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def dvc_stage(project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, force: bool = False) -> dict:
-    """Reproduce one DVC stage; its output goes to this task's log."""
+def dvc_stage(
+    project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, pipeline_name: str = "", force: bool = False,
+    known_up_to_date: bool = False,
+):
+    """Reproduce one DVC stage; its output goes to this task's log as one record.
+
+    A stage DVC found up to date ends as `Completed("up to date ...")`, one that ran as `Completed("ran ...")`:
+    the state message the UI shows beside the task. `known_up_to_date`: the flow's one `dvc status` said so
+    and nothing before it ran, so no `dvc repro` is started for it."""
+    if known_up_to_date:
+        get_run_logger().info("`dvc status`: stage '%s' is up to date (nothing before it ran); not reproduced", stage)
+        return Completed(message="up to date (dvc status)", data={"stage": stage, "returncode": 0, "ran": False, "seconds": 0.0})
     result = dvc_stages.run_stage(
         project_dir, stage, pipeline_run_id=pipeline_run_id, flow_run_id=flow_run_id, force=force,
-        logger=get_run_logger(),
+        logger=get_run_logger(), pipeline_name=pipeline_name or None,
     )
-    return result.summary()
+    return Completed(message=f"{result.outcome} in {result.seconds:.1f} s", data=result.summary())
 
 
 def stage_policy(stage: str) -> dict:
@@ -144,12 +157,23 @@ def _ids() -> tuple[str, str]:
     return flow_run_id, f"prefect-{flow_run_id}"
 
 
-def _run_stages(root: Path, stages: list[str], refresh_data: bool, record: list[dict]) -> None:
+def pipeline_name(flow_run_name: str, overrides: list[str]) -> str:
+    """The name of one pipeline run: the flow run's name, then the overrides (`brave-fox train.epochs=2`)."""
+    return " ".join([flow_run_name, *overrides])
+
+
+def _run_stages(root: Path, stages: list[str], refresh_data: bool, record: list[dict], name: str) -> None:
     flow_run_id, pipeline_id = _ids()
+    logger = get_run_logger()
+    changed = dvc_stages.changed_stages(root)  # one `dvc status` instead of a `dvc repro` per up-to-date stage
     for stage in stages:
+        force = refresh_data and stage == DATA_STAGE
+        skip = changed is not None and not force and stage not in changed and not any(r.get("ran") for r in record)
         record.append({"stage": stage, "state": "running"})
-        summary = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, force=refresh_data and stage == DATA_STAGE)
+        state = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, name, force=force, known_up_to_date=skip)
+        summary = state.result()  # the task returned its Completed state (a failure raised)
         record[-1] = {**summary, "state": "ran" if summary["ran"] else "up to date"}
+        logger.info("%-9s %s (%.1f s)", stage, record[-1]["state"], summary["seconds"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,6 +222,15 @@ def _apply(path: Path, overrides: list[str]) -> None:
         raise OverrideError(f"cannot apply {overrides} to {path.name}: {cause}") from None
 
 
+def override_files(project_dir: Path | str, overrides: dict[str, object] | list[str]) -> dict[Path, bytes]:
+    """The bytes of every params file the overrides would change (to give back with `restore_files`)."""
+    from dvc.utils.cli_parse import to_path_overrides
+
+    root = Path(project_dir).resolve()
+    strings = list(overrides) if isinstance(overrides, list) else override_strings(overrides)
+    return {root / name: (root / name).read_bytes() for name in to_path_overrides(strings) if (root / name).is_file()}
+
+
 def apply_param_overrides(project_dir: Path | str, overrides: dict[str, object] | list[str]) -> list[str]:
     """Apply `dvc exp run -S`-style overrides to the project's params file(s), validated first."""
     from dvc.utils.cli_parse import to_path_overrides
@@ -222,6 +255,16 @@ def apply_param_overrides(project_dir: Path | str, overrides: dict[str, object] 
     return strings
 
 
+def restore_files(originals: dict[Path, bytes]) -> None:
+    """Give each file its original bytes back (atomically)."""
+    from visionops.atomic import atomic_path
+
+    for path, data in originals.items():
+        if not path.is_file() or path.read_bytes() != data:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+
+
 @task(name="apply-overrides", task_run_name="apply-overrides", cache_policy=NO_CACHE, persist_result=False)
 def apply_overrides_task(project_dir: str, overrides: dict[str, object]) -> list[str]:
     """Apply the overrides through DVC (see the module docstring)."""
@@ -238,9 +281,7 @@ def save_experiment(project_dir: str, name: str, message: str) -> str:
     env = dvc_stages.stage_env(project_dir)
     cmd = [*dvc_stages.dvc_command(env), "exp", "save", "--force", "-n", name, "-m", message]
     proc = subprocess.run(cmd, check=False, cwd=project_dir, env=env, capture_output=True, text=True)
-    logger = get_run_logger()
-    for line in (proc.stdout + proc.stderr).splitlines():
-        logger.info(line)
+    get_run_logger().info("$ %s\n%s", " ".join(cmd[-6:]), (proc.stdout + proc.stderr).strip())
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp save -n {name} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
     return name
@@ -272,11 +313,42 @@ def _quiet_mlflow_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def promote_all(project_dir: Path | str) -> list[dict]:
+def _earlier_decision(client, name: str, gates: dict) -> dict | None:
+    """The challenger's recorded rejection when it was judged against the champion it faces now, under
+    the same gates (params.yaml `promote`), else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        challenger = client.get_model_version_by_alias(name, "challenger")
+    except MlflowException:
+        return None
+    tags, champion = challenger.tags or {}, _champion_version(client, name)
+    if tags.get("promotion.decision") != "rejected" or tags.get("promotion.previous_champion", "") != (champion or ""):
+        return None
+    try:
+        if json.loads(tags.get("promotion.metrics", "{}")).get("gates") != gates:
+            return None
+    except (ValueError, AttributeError):
+        return None
+    try:
+        reasons = [str(r) for r in json.loads(tags.get("promotion.reasons", "[]"))]
+    except ValueError:
+        reasons = [tags.get("promotion.reasons", "")]
+    when = tags.get("promotion.timestamp", "earlier")
+    return {
+        "outcome": "rejected", "challenger_version": str(challenger.version), "champion_version": champion,
+        "previous_champion": champion, "accuracy": None,
+        "reasons": [f"already judged at {when} against the same champion and gates; not judged again", *reasons],
+    }
+
+
+def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
     """The metric-gated promotion of the teacher, then the student; one outcome dict per model.
 
     A rejected challenger is an outcome (`"rejected"`, with the failed gates), as is a model with no
     challenger to decide on (`"no challenger"`: e.g. the first version was decided when it was registered).
+    rejudge=False (the training flow): a challenger already rejected against the current champion keeps
+    that decision instead of being scored again (the promotion flow and `visionops promote` rejudge).
     """
     import mlflow
 
@@ -291,6 +363,10 @@ def promote_all(project_dir: Path | str) -> list[dict]:
     client = mlflow.MlflowClient()
     outcomes = []
     for role, name in (("teacher", params.mlflow.teacher_model_name), ("student", params.mlflow.student_model_name)):
+        earlier = None if rejudge else _earlier_decision(client, name, json.loads(params.promote.model_dump_json()))
+        if earlier is not None:
+            outcomes.append({"role": role, "model": name, **earlier})
+            continue
         try:
             d = promote(name, root / HOLDOUT, params.promote, params.evaluate, client=client)
         except NoChallengerError as exc:
@@ -312,10 +388,10 @@ def promote_all(project_dir: Path | str) -> list[dict]:
 
 
 @task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, persist_result=False)
-def promote_task(project_dir: str) -> list[dict]:
+def promote_task(project_dir: str, rejudge: bool = True) -> list[dict]:
     """Promote teacher and student challengers that pass the gates in params.yaml `promote`."""
     logger = get_run_logger()
-    outcomes = promote_all(project_dir)
+    outcomes = promote_all(project_dir, rejudge)
     for o in outcomes:
         text = f"{o['role']} {o['model']}: {o['outcome']}"
         if o["challenger_version"]:
@@ -410,14 +486,18 @@ def training_markdown(summary: dict) -> str:
         f"- project: `{summary['project_dir']}`",
         f"- MLflow pipeline run id (tag `visionops.pipeline_run_id`): `{summary['pipeline_run_id']}`"
         + (f", parent run `{parent['run_id']}`" if parent else ""),
-        f"- overrides (applied through DVC): {', '.join(f'`{o}`' for o in summary['overrides']) or 'none'}",
+        "- overrides (applied through DVC; params.yaml restored afterwards): "
+        + (", ".join(f"`{o}`" for o in summary["overrides"]) or "none"),
     ]
+    if summary.get("pipeline_name"):
+        out.append(f"- pipeline name (`{dvc_stages.PIPELINE_NAME_ENV}`): `{summary['pipeline_name']}`")
     if summary.get("experiment"):
         out.append(f"- saved as DVC experiment `{summary['experiment']}`")
     if summary.get("error"):
         out += ["", "## Error", "", "```", summary["error"][-3000:], "```"]
+    shown = {"up to date": "skipped: up to date (DVC)"}
     rows = [
-        [s["stage"], s["state"], _seconds(s.get("seconds")), runs_by_stage.get(s["stage"], {}).get("run_id")]
+        [s["stage"], shown.get(s["state"], s["state"]), _seconds(s.get("seconds")), runs_by_stage.get(s["stage"], {}).get("run_id")]
         for s in summary["stages"]
     ]
     rows += [[name, "not run", None, None] for name in summary["stage_order"][len(summary["stages"]):]]
@@ -448,41 +528,51 @@ def training(
 ) -> dict:
     """Reproduce the DVC pipeline stage by stage, promote teacher and student, and report.
 
-    overrides: params to set first, as `dvc exp run -S` does (`{"train.epochs": 5}`).
+    overrides: params to run with, as `dvc exp run -S` sets them (`{"train.epochs": 5}`); the run is saved
+        as a DVC experiment and params.yaml keeps its original bytes (see the module docstring).
     promote: run the metric-gated promotion of teacher and student afterwards.
     refresh_data: force the download stage to fetch the source again (a folder or URL source may have
         new data that DVC cannot see); downstream stages rerun only if the dataset changed.
-    experiment_name: also save the finished workspace as this named DVC experiment (`dvc exp save`).
+    experiment_name: save the finished workspace as this named DVC experiment (`dvc exp save`); with
+        overrides and no name, the experiment is named after the flow run.
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     flow_run_id, pipeline_id = _ids()
+    run_name = str(current_flow_run.name or flow_run_id)
     summary: dict = {
         "flow_run_id": flow_run_id, "pipeline_run_id": pipeline_id, "project_dir": str(root),
         "overrides": [], "stage_order": [], "stages": [], "promotion": None, "experiment": None,
     }
+    originals: dict[Path, bytes] = {}
     try:
         summary["stage_order"] = dvc_stages.stage_order(root)
         if overrides:
+            originals = override_files(root, overrides)
             summary["overrides"] = apply_overrides_task(str(root), overrides)
+            experiment_name = experiment_name or re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-")
         params = _params(root)  # validated before any stage runs
+        summary["pipeline_name"] = pipeline_name(run_name, summary["overrides"])
         logger.info("stages in dependency order: %s", " -> ".join(summary["stage_order"]))
-        _run_stages(root, summary["stage_order"], refresh_data, summary["stages"])
+        _run_stages(root, summary["stage_order"], refresh_data, summary["stages"], summary["pipeline_name"])
         if experiment_name:
-            message = f"Prefect flow run {flow_run_id}" + (f"; overrides {' '.join(summary['overrides'])}" if summary["overrides"] else "")
+            message = f"Prefect flow run {run_name} ({flow_run_id})" + (f"; overrides {' '.join(summary['overrides'])}" if summary["overrides"] else "")
             summary["experiment"] = save_experiment(str(root), experiment_name, message)
         if not promote:
             summary["promotion_note"] = "skipped (promote=False)"
         elif not params.mlflow.enabled:
             summary["promotion_note"] = "skipped: mlflow.enabled is false, so nothing is registered"
         else:
-            summary["promotion"] = promote_task(str(root))
+            summary["promotion"] = promote_task(str(root), rejudge=False)
     except BaseException as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         if summary["stages"] and summary["stages"][-1]["state"] == "running":
             summary["stages"][-1]["state"] = "FAILED"
         raise
     finally:
+        restore_files(originals)  # the user's params.yaml, byte for byte
+        if originals:
+            logger.info("params file(s) %s restored to their original bytes", ", ".join(p.name for p in originals))
         _report_training(root, summary)
     return summary
 

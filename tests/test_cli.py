@@ -66,3 +66,55 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
         out = _run_failing_command(tmp_path, bug)
         assert out.returncode != 0
         assert "Traceback (most recent call last)" in out.stderr and "boom.py" in out.stderr, bug
+
+
+def test_no_champion_and_no_challenger_are_one_true_line(tmp_path, monkeypatch, capsys):
+    """A real MLflow store: what `predict` and `promote` say at each step of a new model's life."""
+    from mlflow import MlflowClient
+
+    from visionops import cli
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\n  student_model_name: student\n")
+    (tmp_path / "a.png").write_bytes(b"not read: the model is looked up first")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def error(*argv) -> str:
+        capsys.readouterr()
+        assert cli.main(list(argv)) == 1
+        err = capsys.readouterr().err
+        ours = [line for line in err.splitlines() if "mlflow.store.db.utils" not in line]  # MLflow's "creating tables"
+        assert len(ours) == 1 and ours[0].startswith(f"visionops {argv[0]}: error: ") and "Exception" not in err, err
+        return ours[0]
+
+    assert "no model named 'visionops-classifier' is registered yet: run `dvc repro`" in error("predict", "a.png")
+    assert "no version of 'student' is registered yet" in error("promote", "--student")
+
+    client = MlflowClient(store)
+    client.create_registered_model("student")
+    client.create_model_version("student", source=str(tmp_path), run_id=None)
+    err = error("promote", "--student")
+    assert "versions 1 but no 'challenger' and no champion" in err and "--version N" in err
+    client.set_registered_model_alias("student", "champion", "1")
+    assert "student v1 is already champion and no version holds the alias 'challenger'; nothing to promote" in error(
+        "promote", "--student")
+    client.create_registered_model("visionops-classifier")
+    client.create_model_version("visionops-classifier", source=str(tmp_path), run_id=None)
+    err = error("predict", "a.png")
+    assert "model 'visionops-classifier' has no champion yet (versions 1 are registered)" in err
+
+
+def test_commands_print_a_summary_and_json_on_request(tmp_path, capsys):
+    import json
+
+    from visionops import cli
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
+    assert cli.main(["check", "--params", str(tmp_path / "params.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "params.yaml is valid"
+    assert cli.main(["check", "--params", str(tmp_path / "params.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 3
+    text = cli._summary("evaluate", {"accuracy": 0.9812, "ece": 0.0104, "per_class": {"a": 1.0}})
+    assert text.splitlines()[:3] == ["evaluate: done", "  accuracy                 0.9812", "  ece                      0.0104"]
+    assert "reports in reports/evaluate/" in text and "per_class" not in text

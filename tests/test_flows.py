@@ -161,6 +161,83 @@ def test_stage_policies():
     assert train["timeout_seconds"] == flows.LONG_STAGE_TIMEOUT_S and prepare["timeout_seconds"] is None
 
 
+def _tiny_project(path: Path, stages: dict) -> Project:
+    """A git + DVC project with the real params.yaml (a user's comment and spacing added) and `stages`."""
+    project = Project(path)
+    (project.path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    params = (project.path / "params.yaml").read_bytes()
+    (project.path / "params.yaml").write_bytes(b"# my notes, my layout\n\n" + params.replace(b": ", b":   ", 3))
+    _commit(project, "tiny pipeline")
+    return project
+
+
+ECHO = {"cmd": "python -c \"import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])\" > epochs.txt",
+        "params": ["train.epochs"], "outs": [{"epochs.txt": {"cache": False}}]}
+
+
+def test_a_flow_with_overrides_leaves_params_yaml_byte_for_byte(tmp_path, prefect_harness):
+    """`make flow SET="train.epochs=2"`: the stage runs with 2, DVC records it (dvc.lock and a saved
+    experiment), and the user's params.yaml keeps its bytes, also when a stage fails."""
+    project = _tiny_project(tmp_path / "proj", {"echo": ECHO})
+    before = (project.path / "params.yaml").read_bytes()
+
+    state = flows.training(project_dir=str(project.path), overrides={"train.epochs": 2}, promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert (project.path / "params.yaml").read_bytes() == before
+    assert (project.path / "epochs.txt").read_text().strip() == "2"
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())
+    assert lock["stages"]["echo"]["params"]["params.yaml"]["train.epochs"] == 2
+    summary = state.result()
+    assert summary["experiment"] and summary["pipeline_name"].endswith(" train.epochs=2")
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    saved = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == summary["experiment"]]
+    assert saved and saved[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    assert "echo" in project.run("dvc", "status").stdout  # honest: the workspace outputs ran with epochs=2
+
+    # a failing stage: the overrides are undone all the same
+    dvc_yaml = yaml.safe_load((project.path / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["boom"] = {"cmd": "exit 3", "deps": ["epochs.txt"], "outs": ["never.txt"]}
+    (project.path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    failed = flows.training(project_dir=str(project.path), overrides={"train.epochs": 3}, promote=False, return_state=True)
+    assert failed.is_failed() and "'boom' failed" in failed.message
+    assert (project.path / "params.yaml").read_bytes() == before
+
+
+def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, prefect_harness):
+    project = _tiny_project(tmp_path / "proj", {"echo": ECHO})
+    first = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+    again = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+    assert first.is_completed() and again.is_completed()
+    ((ran,), (skipped,)) = (_task_runs(_flow_run_id(s)) for s in (first, again))
+    assert ran.state.message.startswith("ran in ") and skipped.state.message == "up to date (dvc status)"
+    assert [s["state"] for s in again.result()["stages"]] == ["up to date"]
+    assert "| echo | skipped: up to date (DVC) |" in _artifact(_flow_run_id(again), flows.TRAINING_ARTIFACT).data
+    ours = [log.message for log in _logs(ran.id) if not log.message.startswith("Finished in state")]
+    assert len(ours) == 1 and "Running stage 'echo'" in ours[0]  # dvc's whole output is one record
+
+    # nothing to do and no server configured: `python -m pipelines training` starts no Prefect at all
+    from pipelines.nothing_to_do import nothing_to_do
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    out = subprocess.run([sys.executable, "-m", "pipelines", "training", "--no-promote", "--project-dir", str(project.path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.startswith("nothing to do: `dvc status` says every stage is up to date"), out
+    assert "Starting temporary server" not in out.stderr
+    assert nothing_to_do(project.path, promote=False, env={"PREFECT_API_URL": "http://x/api"}) is None  # a UI: run
+    assert "visionops-classifier: no challenger" in nothing_to_do(project.path, promote=True, env={})
+    (project.path / "params.yaml").write_bytes((project.path / "params.yaml").read_bytes().replace(b"  epochs: 10", b"  epochs: 9", 1))
+    assert nothing_to_do(project.path, promote=False, env={}) is None  # the echo stage would run
+
+
+def _logs(task_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+
+
 # ------------------------------------------------------------------------------------------
 # flows on the real pipeline
 
@@ -240,6 +317,7 @@ def test_a_stage_that_keeps_failing_fails_the_flow_naming_it(tmp_path, prefect_h
 @pytest.mark.slow
 def test_overrides_reach_dvc_and_are_recorded(trained):
     project = trained
+    before = (project.path / "params.yaml").read_bytes()
     state = flows.training(
         project_dir=str(project.path), overrides={"distill.temperature": 2.0}, promote=False,
         experiment_name="cooler", return_state=True,
@@ -252,9 +330,8 @@ def test_overrides_reach_dvc_and_are_recorded(trained):
     assert json.loads((project.path / "reports/distill/details.json").read_text())["temperature"] == 2.0
     lock = yaml.safe_load((project.path / "dvc.lock").read_text())
     assert lock["stages"]["distill"]["params"]["params.yaml"]["distill"]["temperature"] == 2.0
-    diff = json.loads(project.run("dvc", "params", "diff", "--json").stdout)["params.yaml"]
-    assert (diff["distill.temperature"]["old"], diff["distill.temperature"]["new"]) == (4.0, 2.0)
-    assert "up to date" in project.run("dvc", "status").stdout  # dvc.lock matches the overridden params
+    assert (project.path / "params.yaml").read_bytes() == before  # the user's params, byte for byte
+    assert "distill" in project.run("dvc", "status").stdout  # the outputs ran with the override, and DVC says so
     shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
     saved = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == "cooler"]
     assert saved, json.dumps(shown)[:2000]
@@ -407,6 +484,8 @@ def prefect_server(tmp_path):
         ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    (tmp_path / "prefect-home").mkdir(exist_ok=True)
+    (tmp_path / "prefect-home" / "server.pid").write_text(str(proc.pid))  # as `make prefect-ui` writes it
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -421,7 +500,8 @@ def prefect_server(tmp_path):
             time.sleep(0.5)
         yield api, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -452,3 +532,73 @@ def test_nightly_deployment_is_registered_with_the_params_cron(prefect_server):
     assert nightly.parameters["project_dir"] == str(ROOT) and nightly.parameters["refresh_data"] is True
     assert nightly.entrypoint == "pipelines.flows.training"
     assert promotion.schedules == [] and monitoring.schedules[0].schedule.cron == "0 6 * * *"
+
+
+@pytest.mark.slow
+def test_prefect_stop_stops_serve_first_then_the_server_cleanly(prefect_server, tmp_path):
+    """What `make schedule` starts (a server, then `serve` with its PID file) `make prefect-stop` stops in order."""
+    api, env = prefect_server
+    home = Path(env["PREFECT_HOME"])
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen([sys.executable, "-m", "pipelines", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    (home / "serve.pid").write_text(str(serve.pid))
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + 120
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:  # serving: its deployments are registered
+            try:
+                client.read_deployment_by_name("training/nightly")
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                time.sleep(1)
+
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "pipelines", "stop", "--prefect-home", str(home)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    elapsed = time.monotonic() - start
+    log.close()
+    assert out.returncode == 0, out.stderr
+    assert serve.poll() is not None, "serve still running"
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("stopped the Prefect serve process") and lines[1].startswith("stopped the Prefect server")
+    assert "SIGKILL" not in out.stdout and elapsed < 40, (out.stdout, elapsed)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    assert not (home / "serve.pid").exists() and not (home / "server.pid").exists()
+
+
+def test_the_training_flow_does_not_rejudge_a_challenger_rejected_against_the_same_champion_and_gates(tmp_path, monkeypatch):
+    """A real MLflow registry: v2 was rejected against champion v1 under today's gates, so the training flow's
+    promotion keeps that decision (no holdout exists here: judging again would fail); new gates mean judge again."""
+    from mlflow import MlflowClient
+
+    from pipelines.nothing_to_do import _judged
+    from visionops.config import load_params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\n")
+    gates = json.loads(load_params(tmp_path / "params.yaml").promote.model_dump_json())
+    client = MlflowClient(store)
+    for name in ("visionops-classifier", "visionops-student"):
+        client.create_registered_model(name)
+        for _ in range(2):
+            client.create_model_version(name, source=str(tmp_path), run_id=None)
+        client.set_registered_model_alias(name, "champion", "1")
+        client.set_registered_model_alias(name, "challenger", "2")
+        for key, value in {"promotion.decision": "rejected", "promotion.previous_champion": "1",
+                           "promotion.reasons": json.dumps(["accuracy 0.5 < 0.9"]), "promotion.timestamp": "T",
+                           "promotion.metrics": json.dumps({"gates": gates})}.items():
+            client.set_model_version_tag(name, "2", key, value)
+
+    outcomes = flows.promote_all(tmp_path, rejudge=False)
+    assert [(o["outcome"], o["challenger_version"], o["champion_version"]) for o in outcomes] == [("rejected", "2", "1")] * 2
+    assert outcomes[0]["reasons"] == ["already judged at T against the same champion and gates; not judged again",
+                                      "accuracy 0.5 < 0.9"]
+    assert "challenger v2 already rejected (T) against champion v1" in "\n".join(_judged(tmp_path))  # make flow: no run
+
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\npromote:\n  min_accuracy: 0.5\n")
+    assert _judged(tmp_path) is None  # make flow runs the flow
+    with pytest.raises(Exception, match="holdout"):  # other gates: judged again (and this project has no holdout)
+        flows.promote_all(tmp_path, rejudge=False)

@@ -277,7 +277,7 @@ def test_clearly_better_challenger_is_promoted(store, models, holdouts, tmp_path
     monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.1, significance=0.01, min_accuracy=0.9))
     capsys.readouterr()
 
-    assert cli.main(["promote", "--version", "2"]) == 0
+    assert cli.main(["promote", "--version", "2", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
 
     assert d["promoted"], d["reasons"]

@@ -343,15 +343,30 @@ def _registered_name(params, args) -> str:
 )
 def _promote(params, args, run) -> dict:
     from visionops.errors import VisionopsError
-    from visionops.registry.promotion import promote
+    from visionops.registry.promotion import NoChallengerError, promote
 
     name = _registered_name(params, args)
-    decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=args.version, alias=args.alias)
+    try:
+        decision = promote(name, layout.HOLDOUT, params.promote, params.evaluate, version=args.version, alias=args.alias)
+    except NoChallengerError:
+        raise VisionopsError(_nothing_to_promote(name, args.alias)) from None
     result = decision.to_dict()
     if not decision.promoted:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str) if args.json else _summary("promote", result))
         raise VisionopsError(f"{name} version {decision.challenger_version} rejected: " + "; ".join(decision.reasons))
     return result
+
+
+def _nothing_to_promote(name: str, alias: str) -> str:
+    """What is true when no version holds `alias`: nothing registered, a champion already, or neither."""
+    versions = _versions(name)
+    if not versions:
+        return f"no version of {name!r} is registered yet: {NEXT_STEPS}"
+    champion = _alias_version(name, "champion")
+    if champion is not None:
+        return (f"{name} v{champion} is already champion and no version holds the alias {alias!r}; nothing to promote "
+                "(the register stage makes a changed model the next challenger; `--version N` judges another version)")
+    return f"{name} has versions {', '.join(versions)} but no {alias!r} and no champion: judge one with `visionops promote --version N`"
 
 
 @command(
@@ -389,8 +404,42 @@ def _predict(params, args, run) -> dict:
 
     configure(params.mlflow)
     uri = args.model or f"models:/{params.mlflow.teacher_model_name}@champion"
+    _require_alias(uri)
     rows = predict_paths(uri, args.paths, args.out, batch_size=args.batch_size)
     return {"model": uri, "images": rows, "csv": str(args.out)}
+
+
+NEXT_STEPS = "run `dvc repro` (its register stage registers the models and makes a first version that passes the gates champion), or `visionops promote --version N`"
+
+
+def _require_alias(uri: str) -> None:
+    """For `models:/NAME@ALIAS`: a one-line RegistryError when the model or the alias does not exist."""
+    from visionops.registry.pyfunc import RegistryError
+
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    if not uri.startswith("models:/") or not at:
+        return
+    versions = _versions(name)
+    if not versions:
+        raise RegistryError(f"no model named {name!r} is registered yet: {NEXT_STEPS}")
+    if _alias_version(name, alias) is None:
+        raise RegistryError(f"model {name!r} has no {alias} yet (versions {', '.join(versions)} are registered): {NEXT_STEPS}")
+
+
+def _versions(name: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return sorted((str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")), key=int)
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.description)
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file (default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="print the full result as JSON (for scripts) instead of a summary")
         if cmd.arguments is not None:
             cmd.arguments(p)
     return parser
@@ -424,9 +474,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = COMMANDS[args.command]
     try:
-        from visionops.config import load_params
+        from visionops.config import apply_threads, load_params
 
         params = load_params(args.params)
+        if args.command in TORCH_COMMANDS:
+            apply_threads(params.train.threads)
         if cmd.sections:
             from visionops.tracking.stage_run import track_stage
 
@@ -437,8 +489,54 @@ def main(argv: list[str] | None = None) -> int:
     except VisionopsError as exc:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"visionops {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str) if args.json else _summary(args.command, result))
     return 0
+
+
+TORCH_COMMANDS = ("train", "evaluate", "distill")  # the commands that apply train.threads
+
+# The headline values of each command's result, in the order the summary shows them.
+HEADLINES = {
+    "download": ("source", "classes", "image_shape", "splits", "rejected"),
+    "validate": ("success", "images", "warnings"),
+    "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
+    "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated", "latency_batch_ms"),
+    "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "cpu_speedup"),
+}
+REPORTS = {"validate": layout.VALIDATE_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,
+           "evaluate": layout.EVALUATE_REPORTS, "distill": layout.DISTILL_REPORTS}
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _summary(command: str, result: dict) -> str:
+    """A few human lines for the end of a command (`--json` prints the whole result)."""
+    if command == "check":
+        return "params.yaml is valid"
+    if command == "predict":
+        return f"classified {result['images']} images with {result['model']}; wrote {result['csv']}"
+    if command in ("promote", "rollback") and "promoted" in result:
+        verdict = "PROMOTED" if result["promoted"] else "REJECTED"
+        head = (f"{verdict}: version {result['challenger_version']} (champion before: {result['champion_version'] or 'none'}, "
+                f"{result.get('holdout_n')} holdout images)")
+        return "\n".join([head] + [f"  {c}" for c in result.get("checks") or result.get("reasons") or []])
+    if command == "register" and "registered" in result:
+        lines = [f"{r['name']} v{r['version']}: " + ("registered" if r["created"] else "already registered (same file)")
+                 + (f"; {'champion' if r['promotion']['promoted'] else 'not champion'} after the gates" if r.get("promotion") else "")
+                 for r in result["registered"]]
+        return "\n".join(lines or [result.get("note", "nothing registered")])
+    keys = [k for k in HEADLINES.get(command, ()) if result.get(k) is not None]
+    keys = keys or [k for k, v in result.items() if isinstance(v, int | float | str)][:8]
+    lines = [f"{command}: done"] + [f"  {k:<24} {_value(result[k])}" for k in keys]
+    if command in REPORTS:
+        lines.append(f"  reports in {REPORTS[command]}/ (--json prints the whole result)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

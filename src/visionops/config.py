@@ -109,6 +109,18 @@ class TrainConfig(Section):
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile on CUDA
     eval_batch_size: int = Field(1024, ge=1)
+    # torch's intra-op CPU threads in train, evaluate and distill: "auto" keeps torch's default (the cores
+    # it sees, or OMP_NUM_THREADS). Lower it to 1 on a machine shared with other busy processes.
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+
+
+def apply_threads(threads: str | int) -> int:
+    """Set torch's intra-op thread count (`train.threads`); returns the count in effect."""
+    import torch
+
+    if threads != "auto":
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 class EvaluateConfig(Section):

@@ -26,6 +26,13 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
 
+def _bar(desc: str, total: int | None = None, unit: str = "it"):
+    """A progress bar on stderr, off when stderr is not a terminal (tqdm's disable=None)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None, file=sys.stderr)
+
+
 class OnnxParityError(VisionopsError):
     """The exported ONNX model disagrees with the PyTorch model beyond the tolerance."""
 
@@ -56,8 +63,9 @@ def export_onnx(model: nn.Module, image_shape: tuple[int, int, int], path: Path 
     errors = []
     exporters = ("dynamo", "torchscript") if importlib.util.find_spec("onnxscript") else ("torchscript",)
     for exporter in exporters:
+        bar = _bar(f"ONNX export ({exporter})")
         try:
-            with atomic_path(path) as tmp:
+            with bar, atomic_path(path) as tmp:
                 if exporter == "dynamo":
                     batch = torch.export.Dim("batch", min=1)
                     torch.onnx.export(
@@ -147,9 +155,15 @@ def _calibration_reader(images_uint8_nhwc, batch_size: int = 32):
             self.rewind()
 
         def get_next(self):
-            return next(self._batches, None)
+            batch = next(self._batches, None)
+            if batch is None:
+                self._bar.close()
+            else:
+                self._bar.update(len(batch[INPUT_NAME]))
+            return batch
 
         def rewind(self):
+            self._bar = _bar("int8 calibration", len(images_uint8_nhwc), "img")
             self._batches = iter(
                 {INPUT_NAME: _to_nchw_float(images_uint8_nhwc[s : s + batch_size])}
                 for s in range(0, len(images_uint8_nhwc), batch_size)
@@ -209,16 +223,31 @@ def quantize_onnx(onnx_path: Path | str, out_path: Path | str, calibration_image
     }
 
 
-def ort_throughput(onnx_path: Path | str, image_shape: tuple[int, int, int], batch_size: int = 64, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> dict:
-    """Median onnxruntime CPU time per batch of random [0, 1] images, and images per second."""
-    session = ort_session(onnx_path, threads)
+def ort_throughput(
+    onnx_paths: Path | str | list[Path | str], image_shape: tuple[int, int, int], batch_size: int = 64, repeats: int = 20,
+    warmup: int = 3, threads: int | None = None,
+) -> dict | list[dict]:
+    """Median onnxruntime CPU time per batch of random [0, 1] images, and images per second.
+
+    Given several models (fp32 and int8), all sessions live in this process and their batches alternate
+    (a, b, a, b, ...), so a change in the machine's load hits every model alike and their ratio is fair.
+    Returns one dict per model (a single dict for a single path)."""
+    paths = onnx_paths if isinstance(onnx_paths, list) else [onnx_paths]
+    sessions = [ort_session(p, threads) for p in paths]
     h, w, c = image_shape
     x = np.random.default_rng(0).random((batch_size, c, h, w), dtype=np.float32)
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    batch_s = sorted(times)[len(times) // 2]
-    return {"batch_size": batch_size, "batch_ms": batch_s * 1e3, "images_per_second": batch_size / batch_s}
+    times: list[list[float]] = [[] for _ in sessions]
+    with _bar("ONNX Runtime timing", warmup + repeats, "round") as bar:
+        for i in range(warmup + repeats):
+            for session, kept in zip(sessions, times):
+                t0 = time.perf_counter()
+                session.run([OUTPUT_NAME], {INPUT_NAME: x})
+                if i >= warmup:
+                    kept.append(time.perf_counter() - t0)
+            bar.update(1)
+    out = []
+    for kept in times:
+        batch_s = sorted(kept)[len(kept) // 2]
+        out.append({"batch_size": batch_size, "batch_ms": batch_s * 1e3, "images_per_second": batch_size / batch_s,
+                    "alternated_with": len(paths) - 1})
+    return out if isinstance(onnx_paths, list) else out[0]

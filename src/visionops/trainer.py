@@ -212,13 +212,16 @@ def fit(
     ddp = nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
     step_model = torch.compile(ddp) if cfg.compile and device.type == "cuda" else ddp
 
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=None if dist_info.is_main else True, file=sys.stderr)
+    quiet = None if dist_info.is_main else True  # tqdm: None = off when stderr is not a terminal
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
     while state.epoch < cfg.epochs and not _should_stop(state, cfg):
         t0 = time.perf_counter()
         step_model.train()
         perm = torch.randperm(len(train_y), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
         seen, loss_sum = 0, torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        batches = tqdm(total=steps, desc=f"{desc} epoch {state.epoch + 1}", unit="batch", leave=False, disable=quiet,
+                       file=sys.stderr)  # within the epoch (no loss shown: that would wait for the device each step)
         for step, start in enumerate(range(0, shard, cfg.batch_size), start=state.epoch * steps + 1):
             idx = perm[start : start + cfg.batch_size]
             xb = train_x[idx].float().div_(255)
@@ -238,6 +241,8 @@ def fit(
             loss_sum += loss.detach() * len(idx)
             hard = targets if targets.ndim == 1 else targets.argmax(1)
             correct += (logits.argmax(1) == hard).sum()
+            batches.update(1)
+        batches.close()
         if lookahead is not None:
             lookahead.sync()
         train_loss, train_correct = loss_sum.item(), correct.item()  # the epoch's one wait for the device

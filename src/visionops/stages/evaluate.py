@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ FIGURES = {
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated")
 OUTPUTS = ("metrics.json", "details.json", "per_class.json", "predictions.csv", *FIGURES, "report.md", "report.html")
 TOP_CONFUSIONS = 10
+BOOTSTRAP_RESAMPLES = 200  # paired bootstrap of the ECE change (seeded: the report is the same every run)
+NOISE_SE = 2.0  # a change within this many standard errors is reported as within noise
 
 
 class EvaluationError(VisionopsError):
@@ -90,6 +93,62 @@ def top_confusions(cm: np.ndarray, class_names: list[str], limit: int = TOP_CONF
     return [{"actual": class_names[i], "predicted": class_names[j], "count": c} for c, i, j in pairs[:limit]]
 
 
+PHASES = ("predicting", "latency", "plots", "Grad-CAM", "report")
+
+
+class _Phases:
+    """A bar over the stage's phases on stderr (off when stderr is not a terminal, as tqdm decides)."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(PHASES), desc="evaluate", unit="phase", leave=False, disable=None, file=sys.stderr)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        self.bar.set_postfix_str(name, refresh=not self.started)
+        if self.started:
+            self.bar.update(1)  # the phase before it is done
+        self.started = True
+
+    def close(self) -> None:
+        self.bar.update(1)
+        self.bar.close()
+
+
+def ece_change(probs_raw: np.ndarray, probs: np.ndarray, y: np.ndarray, bins: int,
+               resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """ECE after minus before temperature scaling, with the standard error of that change under a paired
+    bootstrap over the test images (the same resampled images for both), and a plain-words verdict."""
+    before = calibration.expected_calibration_error(probs_raw, y, bins)
+    after = calibration.expected_calibration_error(probs, y, bins)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples if len(y) > 1 else 0):
+        i = rng.integers(0, len(y), len(y))
+        diffs.append(calibration.expected_calibration_error(probs[i], y[i], bins)
+                     - calibration.expected_calibration_error(probs_raw[i], y[i], bins))
+    change = after - before
+    se = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
+    if not np.isfinite(se) or abs(change) <= NOISE_SE * se:
+        verdict = "within noise"
+    else:
+        verdict = "lower (better calibrated)" if change < 0 else "higher (worse calibrated)"
+    return {"before": before, "after": after, "change": change, "se": se, "resamples": len(diffs), "verdict": verdict}
+
+
+def calibration_sentence(e: dict, n: int) -> str:
+    """The ECE change in words: never called an improvement unless it is lower beyond the noise."""
+    direction = "unchanged" if e["change"] == 0 else ("lower" if e["change"] < 0 else "higher")
+    text = (f"Temperature scaling left the ECE {direction}: {e['before']:.4f} → {e['after']:.4f} "
+            f"(change {e['change']:+.4f}; paired bootstrap standard error {_fmt(e['se'])} over {e['resamples']} "
+            f"resamples of the {n} test images). ")
+    if e["verdict"] == "within noise":
+        return text + (f"That is within binning noise (|change| ≤ {NOISE_SE:g} standard errors): "
+                       "neither better nor worse calibrated on this test set.")
+    return text + f"Beyond {NOISE_SE:g} standard errors, so the served probabilities are {e['verdict']} on this test set."
+
+
 def _fmt(x, digits: int = 4) -> str:
     if x is None:
         return "n/a"
@@ -98,7 +157,7 @@ def _fmt(x, digits: int = 4) -> str:
     return str(x)
 
 
-def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str) -> str:
+def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str, ece_noise: dict | None = None) -> str:
     m = metrics
     lines = [
         f"# Evaluation report: `{arch}` on the test split",
@@ -114,7 +173,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         f"| macro F1 | {_fmt(m['macro_f1'])} |",
         f"| top-{m['top_k']} accuracy | {_fmt(m['top_k_accuracy'])} |",
         f"| ECE ({m['calibration_bins']} bins) | {_fmt(m['ece'])} |",
-        f"| ECE after temperature scaling | {_fmt(m['ece_calibrated'])} |",
+        f"| ECE with the served temperature | {_fmt(m['ece_calibrated'])} |",
         f"| NLL | {_fmt(m['nll'])} |",
         "",
         "## Per-class results",
@@ -148,6 +207,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         f"| ECE | {_fmt(m['ece'])} | {_fmt(m['ece_calibrated'])} |",
         f"| NLL | {_fmt(m['nll'])} | {_fmt(m['nll_calibrated'])} |",
         "",
+        *([calibration_sentence(ece_noise, m["test_images"]), ""] if ece_noise else []),
         "![Reliability diagram](reliability.png)",
         "",
         "## Size",
@@ -201,6 +261,8 @@ def run_evaluate(
     names = list(ds.class_names)
     test = ds.splits["test"]
     y = np.asarray(test.labels, dtype=np.int64)
+    phase = _Phases()
+    phase("predicting")
 
     raw32 = classifier.predict_logits(model, test.images, dev, eval_batch_size, calibrated=False)
     temperature = float(info["temperature"])
@@ -213,6 +275,7 @@ def run_evaluate(
     per_class = cls.pop("per_class")
     bins = cfg.calibration_bins
     ece, ece_cal = (calibration.expected_calibration_error(p, y, bins) for p in (probs_raw, probs))
+    phase("latency")
     latency = measure_latency(classifier.Served(model), ds.image_shape, dev, batch_size=cfg.latency_batch_size)
     metrics = {
         "model": info["arch"],
@@ -239,6 +302,7 @@ def run_evaluate(
         "model_size_bytes": model_size_bytes(model),
     }
 
+    phase("plots")
     cm = confusion(y, pred, len(names))
     atomic.write_text(reports_dir / "predictions.csv", predictions_csv(test.paths, y, pred, conf, names))
     atomic.write_json(reports_dir / "per_class.json", per_class)
@@ -252,12 +316,16 @@ def run_evaluate(
         names, [r["accuracy"] for r in per_class.values()], [r["support"] for r in per_class.values()],
         reports_dir / "per_class_accuracy.png", overall=metrics["accuracy"],
     )  # fmt: skip
+    phase("Grad-CAM")
     explain.explain_predictions(
         model, test.images, y, probs, names, reports_dir, cfg.gradcam_samples, cfg.gallery_size, dev
     )
+    phase("report")
     atomic.write_text(
-        reports_dir / "report.md", render_report(metrics, per_class, top_confusions(cm, names), info["arch"])
+        reports_dir / "report.md",
+        render_report(metrics, per_class, top_confusions(cm, names), info["arch"], ece_change(probs_raw, probs, y, bins)),
     )
     report_html.write(reports_dir / "report.md", f"Evaluation: {info['arch']}")
     measured.write_reports(reports_dir, metrics, HEADLINE)
+    phase.close()
     return metrics
