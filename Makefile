@@ -80,7 +80,7 @@ flow: setup  ## training flow on the current params (make flow SET="train.epochs
 prefect-ui: setup  ## start (or reuse) the local Prefect server in the background; UI on $(PREFECT_URL)
 	@mkdir -p "$(PREFECT_HOME)"
 	@if $(PREFECT_UP); then echo "Prefect server already running"; else \
-	  $(BIN)/python -c "import subprocess; print(subprocess.Popen(['prefect', 'server', 'start', '--host', '127.0.0.1', \
+	  PREFECT_UI_API_URL=$(PREFECT_URL)/api $(BIN)/python -c "import subprocess; print(subprocess.Popen(['prefect', 'server', 'start', '--host', '127.0.0.1', \
 	    '--port', '$(PREFECT_PORT)'], stdin=subprocess.DEVNULL, stdout=open('$(PREFECT_HOME)/server.log', 'ab'), \
 	    stderr=subprocess.STDOUT, start_new_session=True).pid)" > "$(PREFECT_HOME)/server.pid"; \
 	  echo "starting the Prefect server (pid $$(cat "$(PREFECT_HOME)/server.pid"), log $(PREFECT_HOME)/server.log)"; \
