@@ -78,3 +78,37 @@ def _restore_mlflow_env():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = _SESSION_TRACKING_URI
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its schema migrated once; tests copy it (migrations are slow)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_db, monkeypatch) -> str:
+    """A fresh SQLite tracking + registry store under tmp_path; the global tracking URI is restored afterwards."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    old = tracking_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    yield uri
+    mlflow.end_run()
+    mlflow.set_tracking_uri(old)  # None unsets MLFLOW_TRACKING_URI; monkeypatch then restores the original env

@@ -20,8 +20,6 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._model_registry import utils as registry_utils
-from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from visionops import classifier, cli, dataset
 from visionops.config import EvaluateConfig, PromoteConfig
@@ -139,30 +137,6 @@ def _correct(path: Path, holdout: Path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------
 # a real MLflow store per test
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, empty_db, monkeypatch) -> str:
-    db = tmp_path / "mlflow.db"
-    shutil.copy(empty_db, db)
-    uri = f"sqlite:///{db}"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setattr(registry_utils, "_registry_uri", None)
-    old = tracking_utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("promotion-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=exp)
-    yield uri
-    mlflow.end_run()
-    mlflow.set_tracking_uri(old)
 
 
 def _project(tmp_path: Path, store: str, holdout: Path, **promote_gates) -> Path:

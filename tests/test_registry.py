@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -30,8 +29,6 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._model_registry import utils as registry_utils
-from mlflow.tracking._tracking_service import utils as tracking_utils
 from PIL import Image, ImageFile
 
 from visionops import classifier, dataset
@@ -140,32 +137,6 @@ def test_fixture_models_behave_as_intended(models, data_dir):
 
 # ------------------------------------------------------------------------------------------
 # a real MLflow store per test
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite database with its schema migrated once; tests copy it (migrations are slow)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, empty_db, monkeypatch) -> str:
-    """A fresh SQLite tracking + registry store under tmp_path; the global tracking URI is restored afterwards."""
-    db = tmp_path / "mlflow.db"
-    shutil.copy(empty_db, db)
-    uri = f"sqlite:///{db}"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setattr(registry_utils, "_registry_uri", None)
-    old = tracking_utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("registry-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=exp)
-    yield uri
-    mlflow.end_run()
-    mlflow.set_tracking_uri(old)  # None unsets MLFLOW_TRACKING_URI; monkeypatch then restores the original env
 
 
 def _log(path: Path, **tags) -> str:
