@@ -87,7 +87,7 @@ def project(tmp_path, assets, monkeypatch) -> Path:
 
 
 def _register(capsys) -> dict:
-    assert main(["register"]) == 0, capsys.readouterr().err
+    assert main(["register", "--json"]) == 0, capsys.readouterr().err
     return json.loads(capsys.readouterr().out)
 
 
@@ -155,7 +155,7 @@ def test_predict_writes_every_row_then_fails_when_a_file_failed(project, capsys)
     assert rows["broken.png"]["label"] == "" and rows["broken.png"]["error"].startswith("cannot decode image bytes")
     assert all(rows[f"{i}.png"]["label"] == NAMES[ds.splits["holdout"].labels[i]] for i in range(3))
     (folder / "broken.png").unlink()
-    assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 0
+    assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 3
 
 
