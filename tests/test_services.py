@@ -67,8 +67,9 @@ def stack(tmp_path_factory):
     _need("psycopg2", "boto3", "s3fs", "dvc_s3")
     base = tmp_path_factory.mktemp("services")
     projects = [Project(base / name) for name in ("a", "b")]
-    for project in projects:
-        project.set_params(**FAST)
+    for seed, project in enumerate(projects):
+        # training is deterministic and registration idempotent by file content: another seed, another model
+        project.set_params(**{**FAST, "train": {**FAST["train"], "seed": seed}})
         _commit(project, "fast params")
     # PostgreSQL runs as `postgres`: its directory must be reachable, and pytest's tmp dirs are root-only
     svc_dir = Path(tempfile.mkdtemp(prefix="visionops-services-"))

@@ -73,4 +73,4 @@ def test_two_node_torchrun_ranks_hold_identical_weights(tmp_path):
     # rank 0 (whichever launcher the rendezvous made node 0) alone writes the model and the metrics
     writers = [d for d in (first.path, second) if (d / "models" / "teacher.pt").exists()]
     assert len(writers) == 1, writers
-    assert json.loads((writers[0] / "reports" / "train" / "metrics.json").read_text())["world_size"] == 2
+    assert json.loads((writers[0] / "reports" / "train" / "details.json").read_text())["world_size"] == 2
