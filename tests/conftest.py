@@ -112,3 +112,26 @@ def store(tmp_path, empty_db, monkeypatch) -> str:
     yield uri
     mlflow.end_run()
     mlflow.set_tracking_uri(old)  # None unsets MLFLOW_TRACKING_URI; monkeypatch then restores the original env
+
+
+def train_quickly(arch: str, class_names: list[str], split, seed: int, steps: int):
+    """A classifier trained for `steps` seeded Adam steps of 64 images on `split` (a dataset.Split)."""
+    import torch
+
+    from visionops import classifier
+
+    torch.manual_seed(seed)
+    mean, std = classifier.channel_stats(split.images)
+    model = classifier.build(arch, class_names, tuple(split.images.shape[1:]), mean, std)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(np.asarray(split.images)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(split.labels)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -21,6 +21,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import train_quickly
 from visionops import classifier, cli, dataset
 from visionops.config import EvaluateConfig, PromoteConfig
 from visionops.errors import VisionopsError
@@ -87,21 +88,7 @@ def holdouts(tmp_path_factory) -> dict[str, Path]:
 
 
 def _train(arch: str, train: dataset.Split, seed: int, steps: int) -> classifier.Classifier:
-    torch.manual_seed(seed)
-    mean, std = classifier.channel_stats(train.images)
-    model = classifier.build(arch, CLASSES, SHAPE, mean, std)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = torch.from_numpy(np.asarray(train.images)).permute(0, 3, 1, 2)
-    y = torch.from_numpy(train.labels)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_quickly(arch, CLASSES, train, seed, steps)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFile
 
+from conftest import train_quickly
 from visionops import classifier, dataset
 from visionops.fetch import file_md5
 from visionops.registry.promotion import PredictionFailed, find_version_by_file, predict_paths
@@ -77,22 +78,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _train(ds: dataset.Dataset, seed: int, steps: int) -> classifier.Classifier:
-    torch.manual_seed(seed)
-    train = ds.splits["train"]
-    mean, std = classifier.channel_stats(train.images)
-    model = classifier.build("lenet", CLASSES, SHAPE, mean, std)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = torch.from_numpy(np.asarray(train.images)).permute(0, 3, 1, 2)
-    y = torch.from_numpy(train.labels)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_quickly("lenet", CLASSES, ds.splits["train"], seed, steps)
 
 
 @pytest.fixture(scope="session")
