@@ -21,7 +21,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import train_quickly
+from conftest import corner_images, train_quickly
 from visionops import classifier, cli, dataset
 from visionops.config import EvaluateConfig, PromoteConfig
 from visionops.errors import VisionopsError
@@ -53,19 +53,9 @@ def gates(**tight) -> PromoteConfig:
 # data and models
 
 
-def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Class 0: bright square top left; 1: top right; 2: bottom middle; on a noisy dark background."""
-    out = rng.normal(40, 15, size=(len(labels), 16, 16)).clip(0, 255)
-    corners = {0: (1, 1), 1: (1, 10), 2: (10, 5)}
-    for i, k in enumerate(labels):
-        r, c = corners[int(k)]
-        out[i, r : r + 5, c : c + 5] = rng.normal(220, 15, size=(5, 5)).clip(0, 255)
-    return out.astype(np.uint8)[..., None]
-
-
 def _split(labels, rng, prefix: str) -> dataset.Split:
     labels = np.asarray(labels, dtype=np.int64)
-    return dataset.Split(_images(labels, rng), labels, [f"{prefix}/{i}.png" for i in range(len(labels))])
+    return dataset.Split(corner_images(labels, rng), labels, [f"{prefix}/{i}.png" for i in range(len(labels))])
 
 
 def _holdout(root: Path, bottoms: int, n: int = 300, seed: int = 1) -> Path:

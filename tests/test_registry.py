@@ -31,7 +31,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFile
 
-from conftest import train_quickly
+from conftest import corner_images, train_quickly
 from visionops import classifier, dataset
 from visionops.fetch import file_md5
 from visionops.registry.promotion import PredictionFailed, find_version_by_file, predict_paths
@@ -55,23 +55,13 @@ NAME = "test-classifier"
 # data and models
 
 
-def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Class 0: bright square top left; 1: top right; 2: bottom middle; on a noisy dark background."""
-    out = rng.normal(40, 15, size=(len(labels), 16, 16)).clip(0, 255)
-    corners = {0: (1, 1), 1: (1, 10), 2: (10, 5)}
-    for i, k in enumerate(labels):
-        r, c = corners[int(k)]
-        out[i, r : r + 5, c : c + 5] = rng.normal(220, 15, size=(5, 5)).clip(0, 255)
-    return out.astype(np.uint8)[..., None]
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     splits = {}
     for name, n in {"train": 240, "val": 30, "test": 60}.items():
         labels = np.arange(n) % 3
-        splits[name] = dataset.Split(_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
+        splits[name] = dataset.Split(corner_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
     out = tmp_path_factory.mktemp("data") / "prepared"
     dataset.save(dataset.Dataset(CLASSES, splits, "synthetic"), out)
     return out
