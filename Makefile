@@ -46,7 +46,7 @@ bench: setup  ## benchmarks (see bench/README.md)
 
 MLFLOW_PORT ?= 5000
 ui: setup  ## MLflow UI (one worker) on http://127.0.0.1:$(MLFLOW_PORT); prints the link to the experiment's runs
-	python -m visionops.mlflow_ui --host 127.0.0.1 --port $(MLFLOW_PORT)
+	python -m visionops.tracking.mlflow_ui --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # ---- the services at scale (infra/services.py): all on 127.0.0.1, all data under $(SERVICES_DIR) ------
 SERVICES_DIR ?= $(CURDIR)/.services

@@ -16,10 +16,17 @@ import time
 from pathlib import Path
 
 from common import extract_cifar
-from visionops.config import AugmentConfig, BalanceConfig, DataConfig, DistillConfig, TrainConfig
-from visionops.stages.distill import run_distill
-from visionops.stages.prepare import run_prepare
-from visionops.stages.train import run_train
+
+from visionops.config import (
+    AugmentConfig,
+    BalanceConfig,
+    DataConfig,
+    DistillConfig,
+    TrainConfig,
+)
+from visionops.tasks.classification.distill import run_distill
+from visionops.tasks.classification.prepare import run_prepare
+from visionops.tasks.classification.train import run_train
 
 AUGMENT = AugmentConfig(hflip=True, crop_padding=4)
 
@@ -27,7 +34,7 @@ AUGMENT = AugmentConfig(hflip=True, crop_padding=4)
 def prepare(tmp: Path, images: int) -> tuple[Path, Path]:
     root = extract_cifar(tmp / "jpeg", per_class=images // 10)
     ds, prepared = tmp / "ds", tmp / "prepared"
-    from visionops.stages.download import run_download
+    from visionops.data.download import run_download
 
     run_download(DataConfig(source="folder", root=str(root), channels=3, image_size=32, val_fraction=0.1, test_fraction=0.1, holdout_fraction=0.0), ds)
     run_prepare(ds, BalanceConfig(), AUGMENT, prepared, tmp / "prepare_reports")
@@ -46,7 +53,8 @@ def train(tmp: Path, ds: Path, prepared: Path, model: str, epochs: int, **kw) ->
 def test_accuracy(model_path: Path, ds: Path) -> float:
     import torch
 
-    from visionops import classifier, dataset
+    from visionops.data import dataset
+    from visionops.tasks.classification import classifier
 
     model, _ = classifier.load(model_path)
     test = dataset.load(ds).splits["test"]

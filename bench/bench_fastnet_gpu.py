@@ -1,7 +1,7 @@
 """GPU: time for the fastnet preset to reach 94% validation accuracy on CIFAR-10, then distillation.
 
 CIFAR-10's 50,000 shared training JPEGs are split 45,000 train / 5,000 validation (stratified,
-seed 0) through the `folder` source. Every run goes through `visionops.trainer.fit` with the
+seed 0) through the `folder` source. Every run goes through `visionops.training.trainer.fit` with the
 settings of presets/cifar10-fastnet.yaml (only epochs and seed change). Time to 94% is measured
 the way airbench does: the whitening init, plus the training epochs up to the first one whose
 validation accuracy (with the preset's test-time augmentation) reaches 94%, plus one TTA pass
@@ -25,18 +25,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from visionops import classifier
-from visionops.augment import BatchAugment
 from visionops.config import DataConfig, TrainConfig, load_params
-from visionops.device import select_device
-from visionops.latency import measure_latency
-from visionops.losses import ClassificationLoss
+from visionops.data.download import carve_splits
+from visionops.data.sources import load_source
+from visionops.evaluation.latency import measure_latency
 from visionops.models import count_parameters
-from visionops.sources import load_source
-from visionops.stages.distill import DistillationLoss
-from visionops.stages.download import carve_splits
-from visionops.stages.train import to_device
-from visionops.trainer import evaluate_split, fit, init_from_data
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.augment import BatchAugment
+from visionops.tasks.classification.distill import DistillationLoss
+from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.tasks.classification.train import to_device
+from visionops.training.device import select_device
+from visionops.training.trainer import evaluate_split, fit, init_from_data
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "cifar10-fastnet.yaml"
 TARGET = 0.94

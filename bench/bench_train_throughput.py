@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import extract_cifar
-from visionops import classifier
-from visionops.augment import BatchAugment
+
 from visionops.config import AugmentConfig, DataConfig
+from visionops.data import dataset
+from visionops.data.download import run_download
 from visionops.models import create_model
-from visionops.stages.download import run_download
-from visionops import dataset
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.augment import BatchAugment
 
 
 def baseline(root: Path, batch_size: int, epochs: int, workers: int) -> float:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from visionops.config import ValidateConfig
-from visionops.dataset import Dataset, Split, save
-from visionops.stages.validate import ValidationFailed, run_validate
+from visionops.data.dataset import Dataset, Split, save
+from visionops.tasks.classification.validate import ValidationFailed, run_validate
 
 
 def synthetic(out: Path, n_train: int, n_test: int, size: int, n_classes: int = 10, seed: int = 0) -> None:

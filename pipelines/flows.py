@@ -352,7 +352,7 @@ def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
     """
     import mlflow
 
-    from visionops.registry.promotion import NoChallengerError, promote
+    from visionops.serving.promotion import NoChallengerError, promote
 
     _quiet_mlflow_downloads()
     from visionops.tracking.store import configure
@@ -614,7 +614,7 @@ def _project_paths(cfg, root: Path):
 @task(name="fetch-newest-data", task_run_name="fetch-newest-data", cache_policy=NO_CACHE, persist_result=False)
 def fetch_newest_data(project_dir: str) -> dict:
     """The download core on the configured source, written to data/monitoring/{dataset,holdout}."""
-    from visionops.stages.download import run_download
+    from visionops.data.download import run_download
 
     root = Path(project_dir).resolve()
     cfg = _project_paths(_params(root).data, root)
@@ -627,7 +627,7 @@ def fetch_newest_data(project_dir: str) -> dict:
 @task(name="validate-newest-data", task_run_name="validate-newest-data", cache_policy=NO_CACHE, persist_result=False)
 def validate_newest_data(project_dir: str) -> dict:
     """The data checks of the validate stage on the newest data (reports in data/monitoring/validate)."""
-    from visionops.stages.validate import run_validate
+    from visionops.tasks.classification.validate import run_validate
 
     root = Path(project_dir).resolve()
     out = root / MONITORING
@@ -639,7 +639,7 @@ def evaluate_champion(project_dir: str, holdout_dir: str) -> dict:
     """Accuracy (and more) of models:/<teacher_model_name>@champion on the holdout dataset in `holdout_dir`."""
     import mlflow
 
-    from visionops.registry.promotion import evaluate_version
+    from visionops.serving.promotion import evaluate_version
     from visionops.tracking.store import configure
 
     _quiet_mlflow_downloads()

@@ -118,7 +118,7 @@ def train_quickly(arch: str, class_names: list[str], split, seed: int, steps: in
     """A classifier trained for `steps` seeded Adam steps of 64 images on `split` (a dataset.Split)."""
     import torch
 
-    from visionops import classifier
+    from visionops.tasks.classification import classifier
 
     torch.manual_seed(seed)
     mean, std = classifier.channel_stats(split.images)

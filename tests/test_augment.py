@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from visionops.augment import BatchAugment, cutout, hflip, rotate, translate
 from visionops.config import AugmentConfig
+from visionops.tasks.classification.augment import (
+    BatchAugment,
+    cutout,
+    hflip,
+    rotate,
+    translate,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

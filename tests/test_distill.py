@@ -10,8 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visionops import classifier, dataset
-from visionops.calibration import fit_temperature
 from visionops.config import (
     AugmentConfig,
     BalanceConfig,
@@ -19,21 +17,24 @@ from visionops.config import (
     DistillConfig,
     TrainConfig,
 )
+from visionops.data import dataset
+from visionops.data.download import run_download
 from visionops.errors import VisionopsError
-from visionops.export import (
+from visionops.evaluation.calibration import fit_temperature
+from visionops.models import count_parameters
+from visionops.serving.export import (
     OnnxParityError,
     export_onnx,
     onnx_parity,
     ort_logits,
     ort_session,
 )
-from visionops.losses import ClassificationLoss, kd_loss
-from visionops.models import count_parameters
-from visionops.stages.baseline import BaselineMismatchError, run_baseline
-from visionops.stages.distill import DistillationLoss, run_distill
-from visionops.stages.download import run_download
-from visionops.stages.prepare import run_prepare
-from visionops.stages.train import run_train
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.baseline import BaselineMismatchError, run_baseline
+from visionops.tasks.classification.distill import DistillationLoss, run_distill
+from visionops.tasks.classification.losses import ClassificationLoss, kd_loss
+from visionops.tasks.classification.prepare import run_prepare
+from visionops.tasks.classification.train import run_train
 
 # --- kd_loss ---------------------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ def test_run_distill_resumes_from_its_checkpoints(digits, tmp_path, monkeypatch,
     def crash(*_a, **_k):
         raise RuntimeError("killed after training")
 
-    monkeypatch.setattr("visionops.export.export_onnx", crash)
+    monkeypatch.setattr("visionops.serving.export.export_onnx", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_distill(*args)
     assert {p.name for p in (tmp_path / "ck").glob("*.pt")} == {"distill.pt"}

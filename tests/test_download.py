@@ -3,11 +3,11 @@ import shutil
 import numpy as np
 import pytest
 
-from visionops import dataset
 from visionops.config import DataConfig
-from visionops.images import content_hash
-from visionops.sources import digits
-from visionops.stages.download import run_download
+from visionops.data import dataset
+from visionops.data.download import run_download
+from visionops.data.images import content_hash
+from visionops.data.sources import digits
 
 
 def _hashes(split):

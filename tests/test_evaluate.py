@@ -11,11 +11,21 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from visionops import calibration, classifier, dataset, explain
 from visionops.config import EvaluateConfig
-from visionops.metrics import classification_metrics, confusion, top_k_accuracy
+from visionops.data import dataset
+from visionops.evaluation import calibration
 from visionops.models import list_models
-from visionops.stages.evaluate import OUTPUTS, EvaluationError, run_evaluate
+from visionops.tasks.classification import classifier, explain
+from visionops.tasks.classification.evaluate import (
+    OUTPUTS,
+    EvaluationError,
+    run_evaluate,
+)
+from visionops.tasks.classification.metrics import (
+    classification_metrics,
+    confusion,
+    top_k_accuracy,
+)
 
 NAMES = ["bar_top", "bar_middle", "bar_bottom"]
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from visionops import classifier
-from visionops.augment import BatchAugment
 from visionops.config import AugmentConfig, TrainConfig, load_params
-from visionops.lookahead import Lookahead
-from visionops.losses import ClassificationLoss
 from visionops.models import create_model
 from visionops.models.fastnet import Whitening
-from visionops.trainer import _optimizer, fit, init_from_data, triangle
-from visionops.tta import tta_logits
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.augment import BatchAugment
+from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.tasks.classification.tta import tta_logits
+from visionops.training.lookahead import Lookahead
+from visionops.training.trainer import _optimizer, fit, init_from_data, triangle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""`visionops.fetch` and the cifar10 source against a real loopback HTTP server."""
+"""`visionops.data.fetch` and the cifar10 source against a real loopback HTTP server."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from cifar_archive import write_cifar10_archive
 from PIL import Image
 
 from visionops.config import DataConfig
-from visionops.fetch import DownloadError, _BrokenArchive, check_archive, fetch
-from visionops.images import array_to_canonical
-from visionops.sources import load_source
-from visionops.sources.cifar10 import read_archive
+from visionops.data.fetch import DownloadError, _BrokenArchive, check_archive, fetch
+from visionops.data.images import array_to_canonical
+from visionops.data.sources import load_source
+from visionops.data.sources.cifar10 import read_archive
 
 pytestmark = pytest.mark.network
 
@@ -325,8 +325,8 @@ def test_check_archive_catches_every_cut(tiny, tmp_path, name):
 
 
 def test_official_test_split_is_kept_and_holdout_val_come_from_train(server, tiny, tmp_path):
-    from visionops import dataset
-    from visionops.stages.download import run_download
+    from visionops.data import dataset
+    from visionops.data.download import run_download
 
     url = server.serve(NAME, tiny["bytes"])
     cfg = cifar_cfg(url, md5_of(tiny["bytes"]), tmp_path / "cache", channels=3, holdout_fraction=0.2, val_fraction=0.2)

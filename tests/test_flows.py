@@ -346,7 +346,7 @@ def _drifted_folder(project: Project, root: Path, per_class: int = 60) -> Path:
     """
     from PIL import Image
 
-    from visionops import dataset
+    from visionops.data import dataset
 
     holdout, ds = dataset.load(project.path / "data/holdout"), dataset.load(project.path / "data/dataset")
     names = ds.class_names
@@ -372,11 +372,12 @@ def watched(tmp_path_factory, prefect_harness):
     import numpy as np
     import torch
 
-    from visionops import classifier, dataset
     from visionops.config import load_params
-    from visionops.registry.promotion import promote
-    from visionops.registry.pyfunc import log_classifier
-    from visionops.stages.download import run_download
+    from visionops.data import dataset
+    from visionops.data.download import run_download
+    from visionops.serving.promotion import promote
+    from visionops.serving.pyfunc import log_classifier
+    from visionops.tasks.classification import classifier
     from visionops.tracking.store import configure
 
     project = Project(tmp_path_factory.mktemp("monitor") / "proj")
@@ -416,7 +417,7 @@ def _tree(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_monitoring_passes_then_fails_on_drifted_data_and_never_touches_the_workspace(watched, tmp_path):
-    from visionops import dataset
+    from visionops.data import dataset
 
     project = watched
     workspace = ("data/dataset", "data/holdout")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from visionops.images import array_to_canonical, decode_file, to_canonical
+from visionops.data.images import array_to_canonical, decode_file, to_canonical
 
 
 def _scene() -> np.ndarray:

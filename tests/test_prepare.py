@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from visionops import dataset
-from visionops.balance import class_weights, simulate_long_tail
 from visionops.config import AugmentConfig, BalanceConfig, DataConfig
-from visionops.stages.download import run_download
-from visionops.stages.prepare import run_prepare
+from visionops.data import dataset
+from visionops.data.download import run_download
+from visionops.tasks.classification.balance import class_weights, simulate_long_tail
+from visionops.tasks.classification.prepare import run_prepare
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import corner_images, train_quickly
 from mlflow.tracking import MlflowClient
 
-from conftest import corner_images, train_quickly
-from visionops import classifier, cli, dataset
+from visionops import cli
 from visionops.config import EvaluateConfig, PromoteConfig
+from visionops.data import dataset
 from visionops.errors import VisionopsError
-from visionops.latency import paired_latency
-from visionops.registry.promotion import (
+from visionops.evaluation.latency import paired_latency
+from visionops.serving.promotion import (
     NoChallengerError,
     RollbackError,
     evaluate_version,
@@ -34,7 +35,8 @@ from visionops.registry.promotion import (
     promote,
     rollback,
 )
-from visionops.registry.pyfunc import RegistryError, log_classifier
+from visionops.serving.pyfunc import RegistryError, log_classifier
+from visionops.tasks.classification import classifier
 
 CLASSES = ["top_left", "top_right", "bottom"]
 SHAPE = (16, 16, 1)

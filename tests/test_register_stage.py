@@ -19,9 +19,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from visionops import classifier, dataset, layout
+from visionops import layout
 from visionops.cli import main
-from visionops.registry.pyfunc import encode_png
+from visionops.data import dataset
+from visionops.serving.pyfunc import encode_png
+from visionops.tasks.classification import classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["a", "b", "c"]

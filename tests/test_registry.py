@@ -28,14 +28,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import corner_images, train_quickly
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFile
 
-from conftest import corner_images, train_quickly
-from visionops import classifier, dataset
-from visionops.fetch import file_md5
-from visionops.registry.promotion import PredictionFailed, find_version_by_file, predict_paths
-from visionops.registry.pyfunc import (
+from visionops.data import dataset
+from visionops.data.fetch import file_md5
+from visionops.serving.promotion import (
+    PredictionFailed,
+    find_version_by_file,
+    predict_paths,
+)
+from visionops.serving.pyfunc import (
     MAX_BATCH_ROWS,
     MAX_IMAGE_PIXELS,
     ImageClassifierModel,
@@ -45,6 +49,7 @@ from visionops.registry.pyfunc import (
     encode_png,
     log_classifier,
 )
+from visionops.tasks.classification import classifier
 
 CLASSES = ["top_left", "top_right", "bottom"]
 SHAPE = (16, 16, 1)
@@ -142,7 +147,7 @@ def test_log_classifier_registers_challenger_with_tags(store, models, tmp_path):
     assert mv.run_id == run.info.run_id
     # the logged model is self-contained: the .pt, the visionops source, pinned requirements
     local = Path(mlflow.artifacts.download_artifacts("models:/test-classifier/1", dst_path=str(tmp_path / "dl")))
-    assert (local / "code" / "visionops" / "registry" / "pyfunc.py").exists()
+    assert (local / "code" / "visionops" / "serving" / "pyfunc.py").exists()
     assert not list((local / "code").rglob("__pycache__"))
     reqs = (local / "requirements.txt").read_text().split()
     names = {r.split("==")[0] for r in reqs}

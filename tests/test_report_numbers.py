@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from visionops.stages.evaluate import calibration_sentence, ece_change
+from visionops.tasks.classification.evaluate import calibration_sentence, ece_change
 
 
 def _probs(conf: np.ndarray, pred: np.ndarray, k: int = 10) -> np.ndarray:
@@ -36,8 +36,8 @@ def test_ece_change_is_called_better_only_beyond_its_bootstrap_noise():
 
 
 def test_ort_throughput_alternates_models_in_one_process(tmp_path):
-    from visionops import export
     from visionops.models import create_model
+    from visionops.serving import export
 
     model = create_model("lenet", in_channels=1, num_classes=10, image_size=32).eval()
     export.export_onnx(model, (32, 32, 1), tmp_path / "a.onnx")

@@ -13,12 +13,14 @@ import torch
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from visionops import calibration, classifier, dataset
 from visionops.config import EvaluateConfig
-from visionops.registry.promotion import evaluate_version
-from visionops.registry.pyfunc import encode_png, log_classifier
-from visionops.stages.evaluate import run_evaluate
-from visionops.stages.train import set_served_rule
+from visionops.data import dataset
+from visionops.evaluation import calibration
+from visionops.serving.promotion import evaluate_version
+from visionops.serving.pyfunc import encode_png, log_classifier
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.evaluate import run_evaluate
+from visionops.tasks.classification.train import set_served_rule
 
 NAMES = ["a", "b", "c"]
 SHAPE = (16, 16, 1)

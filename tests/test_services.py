@@ -189,8 +189,8 @@ def test_dvc_push_then_pull_into_a_fresh_clone(stack, tmp_path):
 def test_promote_and_serve_the_champion_from_the_registry(stack):
     from test_tracking import _serve_and_classify
 
-    from visionops import dataset
-    from visionops.registry.pyfunc import encode_png
+    from visionops.data import dataset
+    from visionops.serving.pyfunc import encode_png
 
     services, projects = stack
     a = projects[0].path

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from scipy.stats import binomtest
 
-from visionops import dataset
 from visionops.config import DataConfig, ParamsError
-from visionops.splits import hash_split, position
-from visionops.stages.download import run_download
+from visionops.data import dataset
+from visionops.data.download import run_download
+from visionops.data.splits import hash_split, position
 
 CLASSES = ("circle", "square", "stripes")
 PARTS = ("train", "val", "test", "holdout")

@@ -14,7 +14,7 @@ def _names(stage: str) -> set[str]:
 
 def test_closure_follows_imports_inside_functions_and_by_computed_name():
     train, distill, download, evaluate = (_names(s) for s in ("train", "distill", "download", "evaluate"))
-    assert {"lookahead.py", "tta.py", "device.py", "dataset.py", "stages/train.py", "cli.py"} <= train
-    assert {"augment.py", "stages/train.py", "trainer.py"} <= distill
-    assert {"sources/digits.py", "sources/cifar10.py", "sources/folder.py"} <= download  # importlib.import_module
-    assert "trainer.py" not in evaluate and "stages/train.py" not in download
+    assert {"training/lookahead.py", "training/device.py", "tasks/classification/tta.py", "data/dataset.py", "tasks/classification/train.py", "cli.py"} <= train
+    assert {"tasks/classification/augment.py", "tasks/classification/train.py", "training/trainer.py"} <= distill
+    assert {"data/sources/digits.py", "data/sources/cifar10.py", "data/sources/folder.py"} <= download  # importlib.import_module
+    assert "training/trainer.py" not in evaluate and "training" not in evaluate and "tasks/classification/train.py" not in download

@@ -18,7 +18,7 @@ from pipeline_project import Project
 # Runs `visionops train` and saves this rank's final weights (only rank 0 writes models/teacher.pt).
 PROBE = """
 import os, sys, torch
-import visionops.stages.train as stage
+import visionops.tasks.classification.train as stage
 
 fit = stage.fit
 def probed(*args, **kwargs):

@@ -15,8 +15,9 @@ import pytest
 import torch
 from pipeline_project import Project
 
-from visionops import classifier, dataset
-from visionops.registry.pyfunc import encode_png
+from visionops.data import dataset
+from visionops.serving.pyfunc import encode_png
+from visionops.tasks.classification import classifier
 from visionops.tracking.lineage import data_version
 from visionops.tracking.store import project_root
 

@@ -11,15 +11,14 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-
-from visionops import classifier
-from visionops.config import AugmentConfig, BalanceConfig, DataConfig, TrainConfig
-from visionops.losses import ClassificationLoss
-from visionops.stages.download import run_download
-from visionops.stages.prepare import run_prepare
-from visionops.stages.train import run_train
-
 from pipeline_project import Project
+
+from visionops.config import AugmentConfig, BalanceConfig, DataConfig, TrainConfig
+from visionops.data.download import run_download
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.tasks.classification.prepare import run_prepare
+from visionops.tasks.classification.train import run_train
 
 FAST = dict(model="slim_resnet", epochs=2, batch_size=64, lr=0.05)
 
@@ -117,8 +116,8 @@ def _plain(value) -> bool:
 
 @pytest.mark.parametrize("schedule,optimizer", [("triangle", "sgd"), ("onecycle", "adamw")])
 def test_checkpoint_holds_plain_values_and_resumes_with_weights_only(tmp_path, schedule, optimizer):
-    from visionops.augment import BatchAugment
-    from visionops.trainer import fit
+    from visionops.tasks.classification.augment import BatchAugment
+    from visionops.training.trainer import fit
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(64) % 4

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from visionops.config import ValidateConfig
-from visionops.dataset import Dataset, Rejected, Split, save
-from visionops.stages.validate import ValidationFailed, run_validate
+from visionops.data.dataset import Dataset, Rejected, Split, save
+from visionops.errors import ValidationFailed
+from visionops.tasks.classification.validate import run_validate
 
 CLASSES = ["cat", "dog", "frog"]
 SHAPE = (8, 8, 3)

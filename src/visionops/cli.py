@@ -40,6 +40,13 @@ def command(
     return wrap
 
 
+def _task(params):
+    """The configured task (params.yaml `task`): it supplies every stage's work."""
+    from visionops.tasks import get_task
+
+    return get_task(params.task)
+
+
 def _finish(run, result: dict, reports_dir: Path) -> dict:
     if run is not None:
         run.log_result(result, reports_dir)
@@ -67,9 +74,7 @@ def _check(params, args, run) -> dict:
     sections=("data",),
 )
 def _download(params, args, run) -> dict:
-    from visionops.stages.download import run_download
-
-    result = run_download(params.data, layout.DATASET, layout.HOLDOUT)
+    result = _task(params).download(params, layout.DATASET, layout.HOLDOUT)
     return _finish(run, result, None)
 
 
@@ -83,10 +88,10 @@ def _download(params, args, run) -> dict:
     sections=("validate",),
 )
 def _validate(params, args, run) -> dict:
-    from visionops.stages.validate import ValidationFailed, run_validate
+    from visionops.errors import ValidationFailed
 
     try:
-        result = run_validate(layout.DATASET, params.validate_, layout.VALIDATE_REPORTS)
+        result = _task(params).validate(params, layout.DATASET, layout.VALIDATE_REPORTS)
     except ValidationFailed as exc:
         _finish(run, {"success": 0}, layout.VALIDATE_REPORTS)  # the failing run keeps its reports
         raise exc
@@ -102,9 +107,7 @@ def _validate(params, args, run) -> dict:
     sections=("balance", "augment"),
 )
 def _prepare(params, args, run) -> dict:
-    from visionops.stages.prepare import run_prepare
-
-    result = run_prepare(layout.DATASET, params.balance, params.augment, layout.PREPARED, layout.PREPARE_REPORTS)
+    result = _task(params).prepare(params, layout.DATASET, layout.PREPARED, layout.PREPARE_REPORTS)
     return _finish(run, result, layout.PREPARE_REPORTS)
 
 
@@ -123,13 +126,10 @@ def _prepare(params, args, run) -> dict:
     tracked_in_process=True,
 )
 def _train(params, args, run) -> dict:
-    from visionops.stages.train import recorded_augment, run_train
-
-    result = run_train(
+    result = _task(params).train(
+        params,
         layout.DATASET,
         layout.PREPARED,
-        params.train,
-        recorded_augment(layout.PREPARED),
         layout.TEACHER,
         layout.TRAIN_REPORTS,
         layout.CHECKPOINTS / "train.pt",
@@ -151,18 +151,9 @@ def _train(params, args, run) -> dict:
     sections=("evaluate",),
 )
 def _evaluate(params, args, run) -> dict:
-    from visionops.stages.evaluate import run_evaluate
-
     if run is not None:
         run.wait_open()  # the latency measurement must not share the CPU with the tracking helper
-    result = run_evaluate(
-        layout.DATASET,
-        layout.TEACHER,
-        params.evaluate,
-        layout.EVALUATE_REPORTS,
-        params.train.eval_batch_size,
-        params.train.device,
-    )
+    result = _task(params).evaluate(params, layout.DATASET, layout.TEACHER, layout.EVALUATE_REPORTS)
     return _finish(run, result, layout.EVALUATE_REPORTS)
 
 
@@ -178,15 +169,10 @@ def _evaluate(params, args, run) -> dict:
     tracked_in_process=True,
 )
 def _baseline(params, args, run) -> dict:
-    from visionops.stages.baseline import run_baseline
-    from visionops.stages.train import recorded_augment
-
-    result = run_baseline(
+    result = _task(params).baseline(
+        params,
         layout.DATASET,
         layout.PREPARED,
-        params.distill,
-        params.train,
-        recorded_augment(layout.PREPARED),
         layout.BASELINE_REPORTS,
         layout.CHECKPOINTS,
         on_epoch=run.log_epoch if run else None,
@@ -210,21 +196,16 @@ def _baseline(params, args, run) -> dict:
     tracked_in_process=True,
 )
 def _distill(params, args, run) -> dict:
-    from visionops.stages.distill import run_distill
-    from visionops.stages.train import recorded_augment
-
-    result = run_distill(
+    result = _task(params).distill(
+        params,
         layout.DATASET,
         layout.PREPARED,
         layout.TEACHER,
-        params.distill,
-        params.train,
-        recorded_augment(layout.PREPARED),
         layout.STUDENT,
         layout.DISTILL_REPORTS,
         layout.CHECKPOINTS,
+        layout.BASELINE_REPORTS / "baseline.json",
         on_epoch=run.log_epoch if run else None,
-        baseline_path=layout.BASELINE_REPORTS / "baseline.json",
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.DISTILL_REPORTS)
@@ -269,13 +250,13 @@ def _register(
     champion), and a model without a champion has it judged by the gates once (on the holdout) and made
     champion if it passes. A DVC experiment's version is tagged with its name and moves no alias.
     """
-    from visionops.registry.promotion import (
+    from visionops.serving.promotion import (
         CHAMPION,
         find_version_by_file,
         has_champion,
         promote,
     )
-    from visionops.registry.pyfunc import (
+    from visionops.serving.pyfunc import (
         CHALLENGER,
         EXPERIMENT_TAG,
         RegistryError,
@@ -343,7 +324,7 @@ def _registered_name(params, args) -> str:
 )
 def _promote(params, args, run) -> dict:
     from visionops.errors import VisionopsError
-    from visionops.registry.promotion import NoChallengerError, promote
+    from visionops.serving.promotion import NoChallengerError, promote
 
     name = _registered_name(params, args)
     try:
@@ -377,7 +358,7 @@ def _nothing_to_promote(name: str, alias: str) -> str:
     arguments=_registry_arguments,
 )
 def _rollback(params, args, run) -> dict:
-    from visionops.registry.promotion import rollback
+    from visionops.serving.promotion import rollback
 
     return rollback(_registered_name(params, args))
 
@@ -399,7 +380,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_predict_arguments,
 )
 def _predict(params, args, run) -> dict:
-    from visionops.registry.promotion import predict_paths
+    from visionops.serving.promotion import predict_paths
     from visionops.tracking.store import configure
 
     configure(params.mlflow)
@@ -414,7 +395,7 @@ NEXT_STEPS = "run `dvc repro` (its register stage registers the models and makes
 
 def _require_alias(uri: str) -> None:
     """For `models:/NAME@ALIAS`: a one-line RegistryError when the model or the alias does not exist."""
-    from visionops.registry.pyfunc import RegistryError
+    from visionops.serving.pyfunc import RegistryError
 
     name, at, alias = uri.removeprefix("models:/").partition("@")
     if not uri.startswith("models:/") or not at:

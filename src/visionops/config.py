@@ -10,7 +10,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
-from visionops.model_names import MIN_IMAGE_SIZE, check_model_name
+from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, check_model_name, models_for
 
 DEFAULT_PARAMS = Path("params.yaml")
 ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
@@ -182,9 +182,13 @@ class ScheduleConfig(Section):
     timezone: str = "UTC"
 
 
-class Params(Section):
-    """Every setting of the pipeline, one section per stage."""
+TaskName = Literal["classification", "detection", "segmentation"]  # keep equal to visionops.tasks.TASKS
 
+
+class Params(Section):
+    """Every setting of the pipeline, one section per stage, and the task they serve."""
+
+    task: TaskName = "classification"
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     balance: BalanceConfig = BalanceConfig()
@@ -200,8 +204,11 @@ class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _models_fit_the_images(self) -> Params:
+    def _models_fit_the_task_and_images(self) -> Params:
         for key, name in (("train.model", self.train.model), ("distill.student", self.distill.student)):
+            if MODEL_TASKS[name] != self.task:
+                raise ValueError(f"{key}: {name} is a {MODEL_TASKS[name]} model but task is {self.task!r}; "
+                                 f"{self.task} models: {', '.join(models_for(self.task))}")
             need = MIN_IMAGE_SIZE.get(name, 0)
             if self.data.image_size < need:
                 raise ValueError(f"{key}: {name} needs data.image_size >= {need}, got {self.data.image_size}")

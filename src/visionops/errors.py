@@ -15,3 +15,12 @@ class InvalidInputError(VisionopsError, ValueError):
 
 class MissingInputError(VisionopsError, FileNotFoundError):
     """A file or folder the command needs is absent (often: an earlier stage has not run)."""
+
+
+class ValidationFailed(VisionopsError):
+    """A critical data check failed; `summary` is what was written to `summary.json`."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.message = message
+        self.summary = summary

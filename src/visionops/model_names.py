@@ -3,17 +3,18 @@
 tests/test_config.py keeps these equal to `visionops.models.list_models()` and to what the models build.
 """
 
-MODEL_NAMES = (
-    "fastnet",
-    "fastnet_tiny",
-    "lenet",
-    "mobilenet_tiny",
-    "resnet",
-    "resnet18",
-    "resnet20",
-    "resnet8",
-    "slim_resnet",
-)
+MODEL_TASKS = {  # model name -> the task it solves
+    "fastnet": "classification",
+    "fastnet_tiny": "classification",
+    "lenet": "classification",
+    "mobilenet_tiny": "classification",
+    "resnet": "classification",
+    "resnet18": "classification",
+    "resnet20": "classification",
+    "resnet8": "classification",
+    "slim_resnet": "classification",
+}
+MODEL_NAMES = tuple(MODEL_TASKS)
 MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16}  # others work from the schema's floor, 8
 
 
@@ -26,3 +27,8 @@ def check_model_name(name: str) -> str:
     close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ValueError(f"unknown model {name!r}{hint}; valid models: {', '.join(MODEL_NAMES)}")
+
+
+def models_for(task: str) -> list[str]:
+    """The model names of `task`."""
+    return [name for name, t in MODEL_TASKS.items() if t == task]

@@ -3,7 +3,9 @@
 A stage's command is `visionops <stage>`: its code is `cli.py` (the module, `main`, the stage's
 `@command` function and the cli functions that function calls) plus every visionops module those
 import, followed transitively through all imports, including the ones inside functions. A module
-that imports by computed name (`importlib.import_module`) brings its whole package.
+that imports by computed name (`importlib.import_module`) brings its whole package, except the task
+dispatch: `_task(params).<stage>(...)` in cli.py brings, for every task, its `task.py` module level and
+the method of that name (with the methods it calls on `self`), since `params.yaml`'s `task` picks one.
 
     python -m visionops.stage_deps           rewrite the src/ deps of every stage in dvc.yaml
     python -m visionops.stage_deps --check   exit 1, listing the differences, when dvc.yaml disagrees
@@ -21,6 +23,7 @@ from pathlib import Path
 PACKAGE = "visionops"
 PACKAGE_DIR = Path(__file__).resolve().parent
 CLI = PACKAGE_DIR / "cli.py"
+TASKS_PACKAGE = f"{PACKAGE}.tasks"  # get_task imports tasks/<name>/task.py by name: see _task_methods
 
 
 def _module_file(name: str) -> Path | None:
@@ -56,7 +59,7 @@ def _imports(nodes: Iterable[ast.AST], module: str, is_package: bool) -> set[Pat
                 else:
                     base = sub.module or ""
                 names = [base] + [f"{base}.{alias.name}" for alias in sub.names]
-            elif isinstance(sub, ast.Attribute) and sub.attr == "import_module":
+            elif isinstance(sub, ast.Attribute) and sub.attr == "import_module" and module != TASKS_PACKAGE:
                 names = [module if is_package else module.rpartition(".")[0]]
                 found |= set(PACKAGE_DIR.joinpath(*names[0].split(".")[1:]).rglob("*.py"))
             for name in names:
@@ -78,8 +81,9 @@ def _with_parents(path: Path) -> set[Path]:
     return out
 
 
-def closure(start: set[Path]) -> set[Path]:
-    """Every visionops module file reachable from `start` through imports."""
+def closure(start: set[Path], followed: frozenset[Path] = frozenset()) -> set[Path]:
+    """Every visionops module file reachable from `start` through imports (the imports of the files
+    in `followed` are already in `start`)."""
     seen: set[Path] = set()
     todo = [p for s in start for p in _with_parents(s)]
     while todo:
@@ -87,6 +91,8 @@ def closure(start: set[Path]) -> set[Path]:
         if path in seen:
             continue
         seen.add(path)
+        if path in followed:
+            continue
         tree = ast.parse(path.read_text(), filename=str(path))
         found = _imports([tree], _module_name(path), path.name == "__init__.py")
         todo.extend(p for f in found for p in _with_parents(f) if p not in seen)
@@ -120,7 +126,45 @@ def stage_code(stage: str) -> set[Path]:
         todo.extend(functions[c.func.id] for c in ast.walk(fn) if isinstance(c, ast.Call) and getattr(c.func, "id", None) in functions)
     top = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]
     # cli.py itself counts, but only the parts of it that this stage runs are followed
-    return {CLI} | closure(_imports(top + [functions[name] for name in reached], f"{PACKAGE}.cli", False) - {CLI})
+    nodes = top + [functions[name] for name in reached]
+    start = _imports(nodes, f"{PACKAGE}.cli", False) - {CLI}
+    methods = {c.func.attr for n in nodes for c in ast.walk(n) if isinstance(c, ast.Call)
+               and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Call)
+               and getattr(c.func.value.func, "id", None) == "_task"}
+    task_files, task_imports = _task_methods(methods)
+    return {CLI} | closure(start | task_files | task_imports, frozenset(task_files))
+
+
+def _task_methods(methods: set[str]) -> tuple[set[Path], set[Path]]:
+    """Every task's task.py, and the modules the task classes' `methods` (and the methods they call on
+    self) import."""
+    files: set[Path] = set()
+    found: set[Path] = set()
+    if not methods:
+        return files, found
+    from visionops.tasks import TASKS
+
+    for name in TASKS:
+        path = PACKAGE_DIR / "tasks" / name / "task.py"
+        if not path.is_file():  # a task still being written
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        defs = {f.name: f for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body
+                if isinstance(f, ast.FunctionDef)}
+        reached, todo = set(), [m for m in methods if m in defs]
+        while todo:
+            fn = todo.pop()
+            if fn in reached:
+                continue
+            reached.add(fn)
+            todo.extend(c.func.attr for c in ast.walk(defs[fn]) if isinstance(c, ast.Call)
+                        and isinstance(c.func, ast.Attribute) and getattr(c.func.value, "id", None) == "self"
+                        and c.func.attr in defs)
+        top = [n for n in tree.body if not isinstance(n, ast.ClassDef)]
+        module = f"{TASKS_PACKAGE}.{name}.task"
+        files.add(path)
+        found |= _imports(top + [defs[m] for m in reached], module, False) - {path}
+    return files, found
 
 
 def as_deps(files: set[Path], root: Path) -> list[str]:

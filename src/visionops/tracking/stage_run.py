@@ -140,7 +140,7 @@ def _mlflow_run(
         run_name = f"{stage} · {experiment or parent_name}"  # two runs of one stage compared side by side differ
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
             resume = faults.ResumeLink(client, stage, run.info.run_id) if resumable else None
-            mlflow.log_params(flatten({s: dump[s] for s in sections}))
+            mlflow.log_params({"task": params.task, **flatten({s: dump[s] for s in sections})})
             if "data/dataset" in hashes:
                 mlflow.log_input(_dataset_input(root, hashes, git["commit"]), context=stage)
             try:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from visionops.config import DataConfig
-from visionops.dataset import Rejected, Split
+from visionops.data.dataset import Rejected, Split
 
 
 @dataclass
@@ -28,6 +28,6 @@ _MODULES = {"digits": "digits", "cifar10": "cifar10", "folder": "folder"}
 
 def load_source(cfg: DataConfig) -> SourceData:
     """Load the source named by `cfg.source` (its module is imported only when used)."""
-    module = importlib.import_module(f"visionops.sources.{_MODULES[cfg.source]}")
+    module = importlib.import_module(f"visionops.data.sources.{_MODULES[cfg.source]}")
     load: Callable[[DataConfig], SourceData] = module.load
     return load(cfg)

@@ -27,16 +27,16 @@ import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 from PIL import Image, UnidentifiedImageError
 
 import visionops
-from visionops import classifier
+from visionops.data.images import array_to_canonical, to_canonical
 from visionops.errors import VisionopsError
-from visionops.images import array_to_canonical, to_canonical
+from visionops.tasks.classification import classifier
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -375,7 +375,7 @@ def log_classifier(
     client = client or MlflowClient()
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
-    from visionops.fetch import file_md5
+    from visionops.data.fetch import file_md5
 
     for key, value in {**tags, "run_id": run.info.run_id, MODEL_MD5_TAG: file_md5(model_path)}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))

@@ -24,16 +24,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from visionops import dataset
 from visionops.atomic import atomic_path
-from visionops.calibration import expected_calibration_error
 from visionops.config import EvaluateConfig, PromoteConfig
+from visionops.data import dataset
+from visionops.data.fetch import file_md5
+from visionops.data.images import IMAGE_SUFFIXES
 from visionops.errors import InvalidInputError, MissingInputError
-from visionops.fetch import file_md5
-from visionops.images import IMAGE_SUFFIXES
-from visionops.latency import call_latency_ms, paired_latency
-from visionops.metrics import classification_metrics
-from visionops.registry.pyfunc import (
+from visionops.evaluation.calibration import expected_calibration_error
+from visionops.evaluation.latency import call_latency_ms, paired_latency
+from visionops.serving.pyfunc import (
     CHALLENGER,
     CHAMPION,
     MODEL_MD5_TAG,
@@ -42,6 +41,7 @@ from visionops.registry.pyfunc import (
     ImageClassifierModel,
     RegistryError,
 )
+from visionops.tasks.classification.metrics import classification_metrics
 
 HOLDOUT_SPLIT = "holdout"  # the one split of the frozen holdout dataset (layout.HOLDOUT)
 MAX_TAG_CHARS = 4900  # stay under the registry's tag value limit (5000 on some stores)

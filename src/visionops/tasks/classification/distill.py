@@ -23,26 +23,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops import atomic, classifier, export, measured, report_html
+from visionops import atomic, measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
-from visionops.device import memory_format, select_device
 from visionops.errors import VisionopsError
-from visionops.latency import measure_latency, model_size_bytes
-from visionops.losses import kd_loss
+from visionops.evaluation import report_html
+from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
-from visionops.stages.baseline import (
+from visionops.serving import export
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.baseline import (
     accuracy,
     read_baseline,
     student_setup,
     train_student,
 )
-from visionops.stages.train import (
+from visionops.tasks.classification.losses import kd_loss
+from visionops.tasks.classification.train import (
     fingerprint,
     run_seconds,
     set_served_rule,
     write_history,
 )
-from visionops.trainer import EpochCallback
+from visionops.training.device import memory_format, select_device
+from visionops.training.trainer import EpochCallback
 
 # what `dvc metrics show` shows (it must fit a terminal); the baseline's accuracy is student_acc - kd_gain
 HEADLINE = ("student_acc", "kd_gain", "student_gap", "int8_acc")

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from visionops import dataset as dsmod
 from visionops.atomic import atomic_dir, atomic_path, write_json
 from visionops.config import ValidateConfig
-from visionops.errors import VisionopsError
-from visionops.images import content_hash
+from visionops.data import dataset as dsmod
+from visionops.data.images import content_hash
+from visionops.errors import ValidationFailed
 
 
 def headline(summary: dict) -> dict:
@@ -51,15 +51,6 @@ MANIFEST_COLUMNS = [
     "pixel_mean", "pixel_std", "content_hash", "leaks_across_splits",
 ]  # fmt: skip
 INT_COLUMNS = ["index", "height", "width", "channels", "orig_height", "orig_width", "orig_channels"]
-
-
-class ValidationFailed(VisionopsError):
-    """A critical data check failed; `summary` is what was written to `summary.json`."""
-
-    def __init__(self, message: str, summary: dict) -> None:
-        super().__init__(message)
-        self.message = message
-        self.summary = summary
 
 
 # --------------------------------------------------------------------------------------------

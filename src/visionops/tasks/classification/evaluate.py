@@ -32,13 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops import atomic, calibration, classifier, dataset, eval_plots, explain, measured, report_html
+from visionops import atomic, measured
 from visionops.config import EvaluateConfig
-from visionops.device import select_device
+from visionops.data import dataset
 from visionops.errors import VisionopsError
-from visionops.latency import measure_latency, model_size_bytes
-from visionops.metrics import classification_metrics, confusion
+from visionops.evaluation import calibration, report_html
+from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
+from visionops.tasks.classification import classifier, eval_plots, explain
+from visionops.tasks.classification.metrics import classification_metrics, confusion
+from visionops.training.device import select_device
 
 FIGURES = {
     "confusion_matrix.png": "Confusion matrix",

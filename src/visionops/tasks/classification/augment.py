@@ -112,7 +112,9 @@ class BatchAugment(nn.Module):
         self.auto, self.num_ops = auto, (randaugment_num_ops if auto == "randaugment" else 1)
         self.policy = None
         if auto != "none":
-            from torchvision.transforms import v2  # here: torchvision takes ~1.5 s to import
+            from torchvision.transforms import (
+                v2,  # here: torchvision takes ~1.5 s to import
+            )
 
             self.policy = {
                 "randaugment": v2.RandAugment(randaugment_num_ops, randaugment_magnitude),

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops import dataset
 from visionops.atomic import atomic_dir
 from visionops.config import DataConfig, ParamsError
-from visionops.dataset import Dataset, Split
-from visionops.images import content_hash
-from visionops.sources import load_source
-from visionops.splits import hash_split
+from visionops.data import dataset
+from visionops.data.dataset import Dataset, Split
+from visionops.data.images import content_hash
+from visionops.data.sources import load_source
+from visionops.data.splits import hash_split
 
 HOLDOUT = "holdout"
 
@@ -24,6 +24,7 @@ def _take(split: Split, idx: np.ndarray) -> Split:
         labels=split.labels[idx],
         paths=[split.paths[i] for i in idx],
         orig_shapes=[split.orig_shapes[i] for i in idx] if split.orig_shapes else [],
+        targets={key: array[idx] for key, array in split.targets.items()},
     )
 
 
@@ -31,7 +32,7 @@ def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
     """train, val, test and holdout: the holdout, then val and test unless the source has them, hashed out of train.
 
     The holdout comes first so that its membership depends on the seed and `holdout_fraction` only
-    (see `visionops.splits`).
+    (see `visionops.data.splits`).
     """
     fractions = {HOLDOUT: cfg.holdout_fraction}
     fractions |= {name: getattr(cfg, f"{name}_fraction") for name in ("val", "test") if name not in splits}

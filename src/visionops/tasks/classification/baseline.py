@@ -22,20 +22,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionops import atomic, classifier, dataset, measured, plots
-from visionops.augment import BatchAugment
+from visionops import atomic, measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
-from visionops.device import select_device
+from visionops.data import dataset
 from visionops.errors import VisionopsError
-from visionops.losses import ClassificationLoss
-from visionops.stages.train import (
+from visionops.evaluation import plots
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.augment import BatchAugment
+from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.tasks.classification.train import (
     fingerprint,
     load_train_data,
     run_seconds,
     set_served_rule,
     to_device,
 )
-from visionops.trainer import DistInfo, EpochCallback, fit, init_distributed
+from visionops.training.device import select_device
+from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
 
 RESULT = "baseline.json"
 CHECKPOINT = "student_alone.pt"

@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visionops import atomic, calibration, classifier, dataset, measured, plots
-from visionops.augment import BatchAugment
+from visionops import atomic, measured
 from visionops.config import AugmentConfig, TrainConfig
-from visionops.device import select_device
-from visionops.losses import ClassificationLoss
+from visionops.data import dataset
+from visionops.evaluation import calibration, plots
 from visionops.models import count_parameters
-from visionops.trainer import EpochCallback, fit, init_distributed
+from visionops.tasks.classification import classifier
+from visionops.tasks.classification.augment import BatchAugment
+from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.training.device import select_device
+from visionops.training.trainer import EpochCallback, fit, init_distributed
 
 HEADLINE = ("best_val_acc",)  # what `dvc metrics show` shows of this stage
 

@@ -30,7 +30,7 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m visionops.mlflow_ui", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m visionops.tracking.mlflow_ui", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from visionops.config import DataConfig
-from visionops.dataset import Split
-from visionops.images import array_to_canonical
-from visionops.sources import SourceData
+from visionops.data.dataset import Split
+from visionops.data.images import array_to_canonical
+from visionops.data.sources import SourceData
 
 
 def digits_file() -> Path:

@@ -4,6 +4,6 @@ The weights are the model's artifact, read with `torch.load(weights_only=True)` 
 
 import mlflow
 
-from visionops.registry.pyfunc import ImageClassifierModel
+from visionops.serving.pyfunc import ImageClassifierModel
 
 mlflow.models.set_model(ImageClassifierModel())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from visionops.atomic import write_bytes
 from visionops.errors import MissingInputError
 from visionops.models import create_model
-from visionops.tta import TTA_LEVELS, tta_logits
+from visionops.tasks.classification.tta import TTA_LEVELS, tta_logits
 
 
 class Classifier(nn.Module):

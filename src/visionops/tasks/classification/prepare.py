@@ -15,10 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops import atomic, dataset, plots
+from visionops import atomic
 from visionops.atomic import atomic_dir
-from visionops.balance import class_counts, class_priors, class_weights, resample, simulate_long_tail
 from visionops.config import AugmentConfig, BalanceConfig
+from visionops.data import dataset
+from visionops.evaluation import plots
+from visionops.tasks.classification.balance import (
+    class_counts,
+    class_priors,
+    class_weights,
+    resample,
+    simulate_long_tail,
+)
 
 
 def _imbalance(counts: np.ndarray) -> float:
@@ -40,7 +48,7 @@ def augmented_copies(images: np.ndarray, labels: np.ndarray, augment: AugmentCon
     """Augment uint8 NHWC images once with the policy, without MixUp/CutMix (for offline oversampling)."""
     import torch
 
-    from visionops.augment import BatchAugment
+    from visionops.tasks.classification.augment import BatchAugment
 
     aug = BatchAugment.from_config(augment.model_copy(update={"mixup_alpha": 0.0, "cutmix_alpha": 0.0}))
     gen = torch.Generator().manual_seed(seed)

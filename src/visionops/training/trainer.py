@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from visionops.atomic import atomic_path
-from visionops.augment import BatchAugment
 from visionops.config import TrainConfig
-from visionops.device import autocast, memory_format
-from visionops.lookahead import Lookahead
-from visionops.tta import tta_logits
+from visionops.tasks.classification.augment import BatchAugment
+from visionops.tasks.classification.tta import tta_logits
+from visionops.training.device import autocast, memory_format
+from visionops.training.lookahead import Lookahead
 
 Criterion = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, targets, inputs) -> loss
 EpochCallback = Callable[[str, dict], None]  # (desc, history row), on the main rank after every epoch

@@ -7,6 +7,7 @@ dataset directory of the same format whose only split is "holdout". Layout of a 
     <split>/images.npy      uint8 array, N x H x W x C (memory-mapped on read)
     <split>/labels.npy      int64 array, N
     <split>/manifest.csv    index, path, orig_height, orig_width, orig_channels
+    <split>/<target>.npy    detection and segmentation only: per-image targets, first axis N (see `Split`)
     rejected.csv            files the source could not decode: split, label, path, error
 """
 
@@ -27,12 +28,19 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Split:
-    """One split: images (N,H,W,C uint8), labels (N,) and where each image came from."""
+    """One split: images (N,H,W,C uint8), labels (N,) and where each image came from.
+
+    Classification's labels are the classes. Other tasks keep their targets in `targets`, every array
+    indexed by image on its first axis (detection: boxes N x M x 4 xyxy pixels and box_labels N x M,
+    -1 padding; segmentation: masks N x H x W), and `labels` holds each image's dominant class, which
+    the hash split stratifies by.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     paths: list[str]
     orig_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,6 +62,7 @@ class Dataset:
     splits: dict[str, Split]
     source: str
     rejected: list[Rejected] = field(default_factory=list)
+    task: str = "classification"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -82,6 +91,8 @@ def save(ds: Dataset, out: Path) -> None:
         shapes = split.orig_shapes or [split.images.shape[1:]] * len(split)
         rows = [[i, p, *s] for i, (p, s) in enumerate(zip(split.paths, shapes))]
         _write_csv(d / "manifest.csv", MANIFEST_FIELDS, rows)
+        for key, array in split.targets.items():
+            np.save(d / f"{key}.npy", np.ascontiguousarray(array))
     _write_csv(
         out / "rejected.csv",
         REJECTED_FIELDS,
@@ -95,6 +106,9 @@ def save(ds: Dataset, out: Path) -> None:
         "splits": {name: len(s) for name, s in ds.splits.items()},
         "rejected": len(ds.rejected),
     }
+    if ds.task != "classification":  # (classification's meta.json predates tasks and keeps its bytes)
+        meta["task"] = ds.task
+        meta["targets"] = sorted(next(iter(ds.splits.values())).targets)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -121,8 +135,9 @@ def load(root: Path | str, mmap: bool = True) -> Dataset:
             labels=np.load(d / "labels.npy"),
             paths=[r["path"] for r in rows],
             orig_shapes=[(int(r["orig_height"]), int(r["orig_width"]), int(r["orig_channels"])) for r in rows],
+            targets={key: np.load(d / f"{key}.npy") for key in meta.get("targets", ())},
         )
     rejected = [
         Rejected(r["split"], int(r["label"]), r["path"], r["error"]) for r in _read_csv(root / "rejected.csv")
     ]
-    return Dataset(meta["class_names"], splits, meta["source"], rejected)
+    return Dataset(meta["class_names"], splits, meta["source"], rejected, meta.get("task", "classification"))

@@ -4,7 +4,7 @@ rollback and batch prediction.
 Aliases, never stages: `challenger` (the newest logged candidate), `champion` (what serves),
 `previous` (the champion before the current one, the rollback target).
 
-Imports are lazy so that the served model (which unpickles `visionops.registry.pyfunc`) does not
+Imports are lazy so that the served model (which unpickles `visionops.serving.pyfunc`) does not
 pull in the evaluation stack (scikit-learn, scipy, pydantic, tqdm).
 """
 

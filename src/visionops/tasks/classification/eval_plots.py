@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops.plots import _pyplot, save_figure
+from visionops.evaluation.plots import _pyplot, save_figure
 
 ANNOTATE_MAX_CLASSES = 30  # above this the confusion matrix cells carry no count text
 

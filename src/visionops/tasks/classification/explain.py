@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionops.plots import _pyplot, save_figure
+from visionops.evaluation.plots import _pyplot, save_figure
 
 GRID_COLUMNS = 4  # samples per row of a Grad-CAM grid (two panels each)
 GALLERY_COLUMNS = 6

@@ -12,10 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from visionops.config import DataConfig
-from visionops.dataset import Rejected, Split
+from visionops.data.dataset import Rejected, Split
+from visionops.data.images import IMAGE_SUFFIXES, decode_file
+from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
-from visionops.images import IMAGE_SUFFIXES, decode_file
-from visionops.sources import SourceData
 
 SPLIT_DIRS = ("train", "val", "test")
 PARALLEL_THRESHOLD = 2000

@@ -16,11 +16,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from visionops.config import DataConfig
-from visionops.dataset import Split
+from visionops.data.dataset import Split
+from visionops.data.fetch import fetch
+from visionops.data.images import array_to_canonical
+from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError
-from visionops.fetch import fetch
-from visionops.images import array_to_canonical
-from visionops.sources import SourceData
 
 PREFIX = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -1,0 +1,1 @@
+"""What every task's evaluation shares: calibration, latency, plots and the HTML report."""

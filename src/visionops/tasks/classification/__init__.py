@@ -1,0 +1,1 @@
+"""Image classification: its stages, model wrapper, augmentation, losses, metrics and plots."""

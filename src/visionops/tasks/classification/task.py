@@ -1,0 +1,62 @@
+"""Image classification's stage functions (the `Task` protocol): thin calls into this folder's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionops.config import Params
+from visionops.tasks.base import EpochCallback
+
+
+class Classification:
+    name = "classification"
+    sources = ("digits", "cifar10", "folder")
+    headline = "accuracy"
+
+    def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
+        from visionops.data.download import run_download
+
+        return run_download(params.data, out_dir, holdout_dir)
+
+    def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.classification.validate import run_validate
+
+        return run_validate(dataset_dir, params.validate_, reports_dir)
+
+    def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.classification.prepare import run_prepare
+
+        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir)
+
+    def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
+              checkpoint: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.classification.train import recorded_augment, run_train
+
+        return run_train(dataset_dir, prepared_dir, params.train, recorded_augment(prepared_dir), model_path,
+                         reports_dir, checkpoint, on_epoch=on_epoch)
+
+    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.classification.evaluate import run_evaluate
+
+        return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size,
+                            params.train.device)
+
+    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path,
+                 checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.classification.baseline import run_baseline
+        from visionops.tasks.classification.train import recorded_augment
+
+        return run_baseline(dataset_dir, prepared_dir, params.distill, params.train, recorded_augment(prepared_dir),
+                            reports_dir, checkpoints_dir, on_epoch=on_epoch)
+
+    def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
+                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.classification.distill import run_distill
+        from visionops.tasks.classification.train import recorded_augment
+
+        return run_distill(dataset_dir, prepared_dir, teacher_path, params.distill, params.train,
+                           recorded_augment(prepared_dir), student_path, reports_dir, checkpoints_dir,
+                           on_epoch=on_epoch, baseline_path=baseline_path)
+
+
+TASK = Classification()
