@@ -14,6 +14,7 @@ from visionops.models.fastnet import Whitening
 from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.tasks.classification.objective import val_scorer
 from visionops.tasks.classification.tta import tta_logits
 from visionops.training.lookahead import Lookahead
 from visionops.training.trainer import _optimizer, fit, init_from_data, triangle
@@ -121,14 +122,15 @@ def test_fastnet_recipe_trains_and_resumes_exactly(tmp_path):
         return classifier.build("fastnet", list("abcd"), (16, 16, 3), [0.3] * 3, [0.2] * 3)
 
     cpu = torch.device("cpu")
-    full, state = fit(build(), train, val, _recipe_cfg(), augment, criterion, cpu)
+    scorer = val_scorer(val, _recipe_cfg(), cpu)
+    full, state = fit(build(), train, scorer, _recipe_cfg(), augment, criterion, cpu)
     assert state.best_acc > 0.8 and all("epoch_train_seconds" in row for row in state.history)
     # Two epochs, then a "restart" from the checkpoint for the third: the same weights as one run.
     ckpt = tmp_path / "ck.pt"
     with pytest.raises(_Stop):
-        fit(build(), train, val, _recipe_cfg(), augment, criterion, cpu, checkpoint=ckpt, fingerprint="x",
+        fit(build(), train, scorer, _recipe_cfg(), augment, criterion, cpu, checkpoint=ckpt, fingerprint="x",
             on_epoch=lambda _d, row: _stop_after(row, 2))
-    resumed, resumed_state = fit(build(), train, val, _recipe_cfg(), augment, criterion, cpu, checkpoint=ckpt, fingerprint="x")
+    resumed, resumed_state = fit(build(), train, scorer, _recipe_cfg(), augment, criterion, cpu, checkpoint=ckpt, fingerprint="x")
     assert [r["train_loss"] for r in resumed_state.history] == [r["train_loss"] for r in state.history]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)

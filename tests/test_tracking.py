@@ -117,8 +117,9 @@ def test_curves_metrics_artifacts_and_dataset(tracked):
     assert train.data.metrics["best_val_acc"] == max(m.value for m in history)
     assert "accuracy" in by_stage["evaluate"].data.metrics and "student_acc" in by_stage["distill"].data.metrics
     evaluate_files = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
-    for name in ("report.md", "report.html", "confusion_matrix.png", "gradcam_correct.png", "reliability.png"):
-        assert f"evaluate/{name}" in evaluate_files
+    assert {"evaluate/report.md", "evaluate/report.html", "evaluate/figures"} <= evaluate_files
+    figures = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate/figures")}
+    assert {f"evaluate/figures/{n}.png" for n in ("confusion_matrix", "gradcam_correct", "reliability")} <= figures
     validate_files = {f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validate")}
     assert {"validate/summary.json", "validate/data_docs"} <= validate_files
     inputs = train.inputs.dataset_inputs

@@ -1,6 +1,7 @@
 """The training loop: data held on the device, batched augmentation, resumable checkpoints, DDP.
 
-Shared by `train` (the teacher) and `distill` (the student, with a KD criterion).
+Shared by every task's `train`, `baseline` and `distill`: the task supplies the targets, the
+augmentation, the loss and the validation score the loop selects by.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from tqdm import tqdm
 
 from visionops.atomic import atomic_path
 from visionops.config import TrainConfig
-from visionops.tasks.classification.augment import BatchAugment
-from visionops.tasks.classification.tta import tta_logits
 from visionops.training.device import autocast, memory_format
 from visionops.training.lookahead import Lookahead
 
-Criterion = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, targets, inputs) -> loss
+Targets = Tensor | tuple[Tensor, ...]  # per-image targets, indexed by image on the first axis
+Criterion = Callable[[object, Targets, Tensor], Tensor]  # (model output, targets, inputs) -> loss
+Augment = Callable[[Tensor, Targets, torch.Generator], tuple[Tensor, Targets]]  # (float images, targets, rng)
+Evaluate = Callable[[nn.Module], dict]  # model -> {"loss": ..., <metric>: ...} on the validation split
+TrainCorrect = Callable[[object, Targets], Tensor]  # (model output, targets) -> right predictions in the batch
 EpochCallback = Callable[[str, dict], None]  # (desc, history row), on the main rank after every epoch
 
 
@@ -104,23 +107,6 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: in
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, device: torch.device) -> dict:
-    """Loss and accuracy of `model` (with `cfg.tta`) on uint8 NCHW images already on the device."""
-    model.eval()
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, len(y), cfg.eval_batch_size):
-        xb = x[start : start + cfg.eval_batch_size].float().div_(255)
-        yb = y[start : start + cfg.eval_batch_size]
-        with autocast(device, cfg.amp):
-            logits = tta_logits(model, xb.contiguous(memory_format=memory_format(device, cfg.channels_last)), cfg.tta).float()
-        loss += nn.functional.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    n = max(len(y), 1)
-    return {"loss": loss.item() / n, "acc": correct.item() / n}
-
-
-@torch.no_grad()
 def init_from_data(model: nn.Module, images: Tensor, sample: int = 5000, seed: int = 0) -> None:
     """Give each submodule with an `init_from_data(inputs)` method (fastnet's whitening stem) the
     inputs it sees for a random sample of the uint8 NCHW training `images`."""
@@ -170,12 +156,16 @@ def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, sched, gen
     return state
 
 
+def _take(targets: Targets, idx: Tensor) -> Targets:
+    return tuple(t[idx] for t in targets) if isinstance(targets, tuple) else targets[idx]
+
+
 def fit(
     model: nn.Module,
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
+    train: tuple[Tensor, Targets],
+    evaluate: Evaluate,
     cfg: TrainConfig,
-    augment: BatchAugment,
+    augment: Augment,
     criterion: Criterion,
     device: torch.device,
     checkpoint: Path | None = None,
@@ -183,20 +173,25 @@ def fit(
     dist_info: DistInfo | None = None,
     desc: str = "train",
     on_epoch: EpochCallback | None = None,
+    metric: str = "acc",
+    train_correct: TrainCorrect | None = None,
 ) -> tuple[nn.Module, TrainState]:
-    """Train `model` on uint8 NCHW tensors already on `device`; return the best model (by val accuracy).
+    """Train `model` on uint8 NCHW images (and their targets) already on `device`; return the best
+    model by `evaluate(model)[metric]`, the validation score (higher is better).
 
-    Every epoch ends with an atomic checkpoint; a rerun with the same `fingerprint` resumes from it.
+    History rows hold train_loss, val_loss and val_<metric> (and train_<metric>, the fraction
+    `train_correct` counts, when given). Every epoch ends with an atomic checkpoint; a rerun with the
+    same `fingerprint` resumes from it.
     Under torchrun each rank trains on its shard of every epoch's permutation. `on_epoch` lets a
     caller (experiment tracking) see each epoch's metrics as they happen. On CUDA the random
     numbers come from a CUDA generator and nothing waits for the GPU until the epoch ends.
     """
     dist_info = dist_info or DistInfo()
     torch.manual_seed(cfg.seed)
-    (train_x, train_y), (val_x, val_y) = train, val
+    train_x, train_y = train
     fmt = memory_format(device, cfg.channels_last)
     model = model.to(device, memory_format=fmt)
-    shard = len(train_y) // dist_info.world_size
+    shard = len(train_x) // dist_info.world_size
     steps = max(math.ceil(shard / cfg.batch_size), 1)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, steps)
@@ -217,7 +212,7 @@ def fit(
     while state.epoch < cfg.epochs and not _should_stop(state, cfg):
         t0 = time.perf_counter()
         step_model.train()
-        perm = torch.randperm(len(train_y), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
+        perm = torch.randperm(len(train_x), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
         seen, loss_sum = 0, torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         batches = tqdm(total=steps, desc=f"{desc} epoch {state.epoch + 1}", unit="batch", leave=False, disable=quiet,
@@ -225,7 +220,7 @@ def fit(
         for step, start in enumerate(range(0, shard, cfg.batch_size), start=state.epoch * steps + 1):
             idx = perm[start : start + cfg.batch_size]
             xb = train_x[idx].float().div_(255)
-            yb = train_y[idx]
+            yb = _take(train_y, idx)
             xb, targets = augment(xb, yb, gen)
             xb = xb.contiguous(memory_format=fmt)
             with autocast(device, cfg.amp):
@@ -239,29 +234,29 @@ def fit(
                 lookahead.step(step)
             seen += len(idx)
             loss_sum += loss.detach() * len(idx)
-            hard = targets if targets.ndim == 1 else targets.argmax(1)
-            correct += (logits.argmax(1) == hard).sum()
+            if train_correct is not None:
+                correct += train_correct(logits, targets)
             batches.update(1)
         batches.close()
         if lookahead is not None:
             lookahead.sync()
-        train_loss, train_correct = loss_sum.item(), correct.item()  # the epoch's one wait for the device
+        train_loss, n_correct = loss_sum.item(), correct.item()  # the epoch's one wait for the device
         train_seconds = time.perf_counter() - t0
-        val_metrics = evaluate_split(model, val_x, val_y, cfg, device)
+        val_metrics = evaluate(model)
         state.epoch += 1
         row = {
             "epoch": state.epoch,
             "train_loss": train_loss / max(seen, 1),
-            "train_acc": train_correct / max(seen, 1),
+            **({f"train_{metric}": n_correct / max(seen, 1)} if train_correct is not None else {}),
             "val_loss": val_metrics["loss"],
-            "val_acc": val_metrics["acc"],
+            f"val_{metric}": val_metrics[metric],
             "lr": opt.param_groups[0]["lr"],
             "epoch_train_seconds": train_seconds,  # the optimisation steps alone
             "epoch_seconds": time.perf_counter() - t0,  # with the val pass
         }
         state.history.append(row)
-        if row["val_acc"] > state.best_acc:
-            state.best_acc, state.best_epoch, state.stale_epochs = row["val_acc"], state.epoch, 0
+        if row[f"val_{metric}"] > state.best_acc:
+            state.best_acc, state.best_epoch, state.stale_epochs = row[f"val_{metric}"], state.epoch, 0
             state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             state.stale_epochs += 1
@@ -271,13 +266,9 @@ def fit(
             if on_epoch is not None:
                 on_epoch(desc, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.4f}")
-            tqdm.write(
-                f"{desc} epoch {state.epoch}/{cfg.epochs}: train_loss {row['train_loss']:.4f} "
-                f"train_acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
-                f"({row['epoch_seconds']:.1f}s)",
-                file=sys.stderr,
-            )
+            bar.set_postfix({"loss": f"{row['train_loss']:.3f}", f"val_{metric}": f"{row[f'val_{metric}']:.4f}"})
+            shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and "seconds" not in k)
+            tqdm.write(f"{desc} epoch {state.epoch}/{cfg.epochs}: {shown} ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
     bar.close()
     if state.best_state is not None:
         model.load_state_dict(state.best_state)

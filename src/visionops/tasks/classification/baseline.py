@@ -29,6 +29,7 @@ from visionops.errors import VisionopsError
 from visionops.evaluation import plots
 from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
+from visionops.tasks.classification.objective import train_correct, val_scorer
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.train import (
     fingerprint,
@@ -104,8 +105,9 @@ def train_student(s: StudentSetup, desc: str, criterion, checkpoint: Path, diges
     torch.manual_seed(s.student_cfg.seed)
     model = classifier.build(s.student_cfg.model, s.ds.class_names, s.ds.image_shape, s.mean, s.std)
     return fit(
-        model, s.train_data, s.val_data, s.student_cfg, s.augment, criterion, s.device,
-        checkpoint=checkpoint, fingerprint=digest, dist_info=s.dist_info, desc=desc, on_epoch=on_epoch,
+        model, s.train_data, val_scorer(s.val_data, s.student_cfg, s.device), s.student_cfg, s.augment, criterion,
+        s.device, checkpoint=checkpoint, fingerprint=digest, dist_info=s.dist_info, desc=desc, on_epoch=on_epoch,
+        train_correct=train_correct,
     )  # fmt: skip
 
 

@@ -13,12 +13,13 @@ Writes to `reports_dir` (each file atomically; metrics.json last, so its presenc
 Everything is judged on the served predictor (`classifier.predict_logits`: the model file's
 test-time augmentation and temperature, fitted on val where the model was made); "before" ECE and
 NLL are the same predictions without the temperature.
-    confusion_matrix.png    counts, coloured by row-normalised rate
-    reliability.png         reliability diagrams before / after temperature scaling
-    per_class_accuracy.png  bar chart
-    gradcam_correct.png     Grad-CAM overlays of correctly classified test images
-    gradcam_wrong.png       Grad-CAM overlays of the most confident mistakes
-    misclassified.png       gallery of misclassified test images
+    figures/                (a DVC plots directory)
+      confusion_matrix.png    counts, coloured by row-normalised rate
+      reliability.png         reliability diagrams before / after temperature scaling
+      per_class_accuracy.png  bar chart
+      gradcam_correct.png     Grad-CAM overlays of correctly classified test images
+      gradcam_wrong.png       Grad-CAM overlays of the most confident mistakes
+      misclassified.png       gallery of misclassified test images
     report.md               Markdown report tying the above together
     report.html             the same with the figures embedded (MLflow's artifact viewer renders it)
 """
@@ -53,7 +54,8 @@ FIGURES = {
 }
 # what `dvc metrics show` shows (it must fit a terminal): ece_calibrated is the served model's ECE
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated")
-OUTPUTS = ("metrics.json", "details.json", "per_class.json", "predictions.csv", *FIGURES, "report.md", "report.html")
+OUTPUTS = ("metrics.json", "details.json", "per_class.json", "predictions.csv", *(f"figures/{f}" for f in FIGURES),
+           "report.md", "report.html")
 TOP_CONFUSIONS = 10
 BOOTSTRAP_RESAMPLES = 200  # paired bootstrap of the ECE change (seeded: the report is the same every run)
 NOISE_SE = 2.0  # a change within this many standard errors is reported as within noise
@@ -188,9 +190,9 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         f"| {name} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} |"
         for name, r in per_class.items()
     ]
-    lines += ["", "![Per-class accuracy](per_class_accuracy.png)", "", "## Confusion matrix", "",
+    lines += ["", "![Per-class accuracy](figures/per_class_accuracy.png)", "", "## Confusion matrix", "",
               "Rows are the actual class, columns the prediction; colour is the fraction of the row.", "",
-              "![Confusion matrix](confusion_matrix.png)", ""]  # fmt: skip
+              "![Confusion matrix](figures/confusion_matrix.png)", ""]  # fmt: skip
     if confusions:
         lines += ["Most frequent mistakes:", "", "| actual | predicted | count |", "|---|---|---|"]
         lines += [f"| {c['actual']} | {c['predicted']} | {c['count']} |" for c in confusions]
@@ -211,7 +213,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         f"| NLL | {_fmt(m['nll'])} | {_fmt(m['nll_calibrated'])} |",
         "",
         *([calibration_sentence(ece_noise, m["test_images"]), ""] if ece_noise else []),
-        "![Reliability diagram](reliability.png)",
+        "![Reliability diagram](figures/reliability.png)",
         "",
         "## Size",
         "",
@@ -233,15 +235,15 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         "",
         "### Correctly classified",
         "",
-        "![Grad-CAM: correctly classified](gradcam_correct.png)",
+        "![Grad-CAM: correctly classified](figures/gradcam_correct.png)",
         "",
         "### Misclassified (most confident mistakes)",
         "",
-        "![Grad-CAM: misclassified](gradcam_wrong.png)",
+        "![Grad-CAM: misclassified](figures/gradcam_wrong.png)",
         "",
         "## Misclassified gallery",
         "",
-        "![Misclassified gallery](misclassified.png)",
+        "![Misclassified gallery](figures/misclassified.png)",
         "",
     ]
     return "\n".join(lines)
@@ -306,22 +308,24 @@ def run_evaluate(
     }
 
     phase("plots")
+    figures = reports_dir / "figures"  # every task's evaluate puts its images here (a DVC plots directory)
+    figures.mkdir(parents=True, exist_ok=True)
     cm = confusion(y, pred, len(names))
     atomic.write_text(reports_dir / "predictions.csv", predictions_csv(test.paths, y, pred, conf, names))
     atomic.write_json(reports_dir / "per_class.json", per_class)
-    eval_plots.confusion_matrix(cm, names, reports_dir / "confusion_matrix.png", f"Confusion matrix: {info['arch']}")
+    eval_plots.confusion_matrix(cm, names, figures / "confusion_matrix.png", f"Confusion matrix: {info['arch']}")
     eval_plots.reliability_diagram(
         calibration.reliability_bins(probs_raw, y, bins),
         calibration.reliability_bins(probs, y, bins),
-        ece, ece_cal, temperature, reports_dir / "reliability.png",
+        ece, ece_cal, temperature, figures / "reliability.png",
     )  # fmt: skip
     eval_plots.per_class_accuracy(
         names, [r["accuracy"] for r in per_class.values()], [r["support"] for r in per_class.values()],
-        reports_dir / "per_class_accuracy.png", overall=metrics["accuracy"],
+        figures / "per_class_accuracy.png", overall=metrics["accuracy"],
     )  # fmt: skip
     phase("Grad-CAM")
     explain.explain_predictions(
-        model, test.images, y, probs, names, reports_dir, cfg.gradcam_samples, cfg.gallery_size, dev
+        model, test.images, y, probs, names, figures, cfg.gradcam_samples, cfg.gallery_size, dev
     )
     phase("report")
     atomic.write_text(

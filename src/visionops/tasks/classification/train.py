@@ -26,6 +26,7 @@ from visionops.models import count_parameters
 from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
+from visionops.tasks.classification.objective import train_correct, val_scorer
 from visionops.training.device import select_device
 from visionops.training.trainer import EpochCallback, fit, init_distributed
 
@@ -116,7 +117,7 @@ def run_train(
     model, state = fit(
         model,
         to_device(images, labels, device),
-        to_device(val.images, val.labels, device),
+        val_scorer(to_device(val.images, val.labels, device), cfg, device),
         cfg,
         augment,
         lambda logits, targets, _x: criterion_fn(logits, targets),
@@ -125,6 +126,7 @@ def run_train(
         fingerprint=digest,
         dist_info=dist_info,
         on_epoch=on_epoch,
+        train_correct=train_correct,
     )
     set_served_rule(model, cfg.tta, val, device, cfg.eval_batch_size)
     metrics = {
