@@ -34,8 +34,7 @@ from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.distill import DistillationLoss
 from visionops.tasks.classification.losses import ClassificationLoss
-from visionops.tasks.classification.train import to_device
-from visionops.training.device import select_device
+from visionops.training.device import select_device, to_device
 from visionops.training.trainer import evaluate_split, fit, init_from_data
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "cifar10-fastnet.yaml"

@@ -1,9 +1,10 @@
-"""Device choice and the per-device speed settings (autocast, memory format)."""
+"""Device choice, the per-device speed settings (autocast, memory format), and moving data onto the device."""
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from visionops.errors import InvalidInputError
@@ -34,3 +35,9 @@ def autocast(device: torch.device, enabled: bool):
 def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
     """channels_last on CUDA only: on the CPU it is faster for some nets but crashed oneDNN's backward for others."""
     return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def to_device(images_nhwc: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 N x H x W x C numpy → uint8 N x C x H x W tensor on the device (kept there for all epochs)."""
+    x = torch.from_numpy(np.array(images_nhwc)).permute(0, 3, 1, 2).contiguous()
+    return x.to(device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)

@@ -29,16 +29,11 @@ from visionops.errors import VisionopsError
 from visionops.evaluation import plots
 from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
-from visionops.tasks.classification.objective import train_correct, val_scorer
 from visionops.tasks.classification.losses import ClassificationLoss
-from visionops.tasks.classification.train import (
-    fingerprint,
-    load_train_data,
-    run_seconds,
-    set_served_rule,
-    to_device,
-)
-from visionops.training.device import select_device
+from visionops.tasks.classification.objective import train_correct, val_scorer
+from visionops.tasks.classification.train import load_train_data, set_served_rule
+from visionops.training.device import select_device, to_device
+from visionops.training.outputs import fingerprint, run_seconds
 from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
 
 RESULT = "baseline.json"

@@ -38,13 +38,9 @@ from visionops.tasks.classification.baseline import (
     train_student,
 )
 from visionops.tasks.classification.losses import kd_loss
-from visionops.tasks.classification.train import (
-    fingerprint,
-    run_seconds,
-    set_served_rule,
-    write_history,
-)
+from visionops.tasks.classification.train import set_served_rule
 from visionops.training.device import memory_format, select_device
+from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import EpochCallback
 
 # what `dvc metrics show` shows (it must fit a terminal); the baseline's accuracy is student_acc - kd_gain

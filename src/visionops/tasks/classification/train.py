@@ -9,25 +9,23 @@ metrics.json (the DVC metrics: `HEADLINE`), details.json (every figure but the t
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from visionops import atomic, measured
+from visionops import measured
 from visionops.config import AugmentConfig, TrainConfig
 from visionops.data import dataset
-from visionops.evaluation import calibration, plots
+from visionops.evaluation import calibration
 from visionops.models import count_parameters
 from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.objective import train_correct, val_scorer
-from visionops.training.device import select_device
+from visionops.training.device import select_device, to_device
+from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import EpochCallback, fit, init_distributed
 
 HEADLINE = ("best_val_acc",)  # what `dvc metrics show` shows of this stage
@@ -53,41 +51,12 @@ def recorded_augment(prepared_dir: Path) -> AugmentConfig:
     return AugmentConfig.model_validate(policy["augment"])
 
 
-def to_device(images_nhwc: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 N x H x W x C numpy → uint8 N x C x H x W tensor on the device (kept there for all epochs)."""
-    x = torch.from_numpy(np.array(images_nhwc)).permute(0, 3, 1, 2).contiguous()
-    return x.to(device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-
-
-def fingerprint(*parts: object, arrays: tuple[np.ndarray, ...] = ()) -> str:
-    """A digest of settings and data: a checkpoint is resumed only when it matches."""
-    h = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16)
-    for arr in arrays:
-        h.update(np.ascontiguousarray(arr).data)
-    return h.hexdigest()
-
-
 def set_served_rule(model: classifier.Classifier, tta: str, val: dataset.Split, device: torch.device, batch_size: int) -> None:
     """Store the served rule on `model`: the test-time augmentation `tta` (what selection scored val
     with) and the temperature that minimises the NLL of its val logits (1 when there is no val)."""
     model.tta, model.temperature = tta, 1.0
     logits = classifier.predict_logits(model, val.images, device, batch_size, calibrated=False)
     model.temperature = calibration.fit_temperature(logits, val.labels)
-
-
-def run_seconds(history: list[dict], train_images: int) -> dict:
-    """Training time of the whole run (the epochs before a resume included) and its throughput."""
-    seconds = sum(row["epoch_seconds"] for row in history)
-    return {"train_seconds": seconds, "train_images_per_second": train_images * len(history) / max(seconds, 1e-9)}
-
-
-def write_history(history: list[dict], reports_dir: Path, title: str, stem: str = "history") -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic.write_text(reports_dir / f"{stem}.csv", buf.getvalue())
-    plots.training_curves(history, reports_dir / f"{stem}.png", title)
 
 
 def run_train(
