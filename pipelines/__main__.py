@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp-name", default=None, help="also save the result as this named DVC experiment (dvc exp save)")
     p.add_argument("--always-run", action="store_true", help="run the flow even when there is nothing to do")
     add("promotion", "run the metric-gated promotion of teacher and student")
-    p = add("monitoring", "evaluate the champion on the newest data; fail below monitor.min_accuracy")
+    p = add("monitoring", "evaluate the champion on the newest data; fail below monitor.min_score")
     p.add_argument("--no-refresh-data", dest="refresh_data", action="store_false",
                    help="do not fetch the source again: evaluate on the newest data the last run fetched")
     add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily)")

@@ -63,7 +63,7 @@ def _specs(project_dir: Path) -> list[tuple]:
         (monitoring, MONITORING, {
             "schedules": [Cron(schedule.monitor_cron, timezone=schedule.timezone)],
             "parameters": {**project, "refresh_data": True},
-            "description": "The champion's accuracy on the newest data; fails below monitor.min_accuracy.",
+            "description": "The champion's accuracy on the newest data; fails below monitor.min_score.",
         }),
     ]
 

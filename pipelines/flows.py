@@ -9,7 +9,7 @@
 `monitoring` fetches the newest data with the download core into data/monitoring/ (never touching the
              training workspace data/dataset or the frozen data/holdout), validates it, and evaluates the
              registered champion on its holdout split (images no model trains on); fails, with the
-             numbers, when accuracy < monitor.min_accuracy.
+             numbers, when the headline metric < monitor.min_score.
 
 Lineage: every stage subprocess gets VISIONOPS_PIPELINE_RUN_ID=prefect-<flow run id> and
 VISIONOPS_PREFECT_FLOW_RUN_ID=<flow run id>, so all MLflow stage runs of one flow run hang under one
@@ -105,7 +105,7 @@ class OverrideError(ValueError):
 
 
 class MonitoringAlert(RuntimeError):
-    """The champion's accuracy on the newest data is below monitor.min_accuracy."""
+    """The champion's headline metric on the newest data is below monitor.min_score."""
 
 
 class NoChampionError(RuntimeError):
@@ -337,7 +337,7 @@ def _earlier_decision(client, name: str, gates: dict) -> dict | None:
     when = tags.get("promotion.timestamp", "earlier")
     return {
         "outcome": "rejected", "challenger_version": str(challenger.version), "champion_version": champion,
-        "previous_champion": champion, "accuracy": None,
+        "previous_champion": champion, "score": None,
         "reasons": [f"already judged at {when} against the same champion and gates; not judged again", *reasons],
     }
 
@@ -373,7 +373,7 @@ def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
             outcomes.append({
                 "role": role, "model": name, "outcome": "no challenger", "challenger_version": None,
                 "champion_version": _champion_version(client, name), "previous_champion": None,
-                "accuracy": None, "reasons": [str(exc)],
+                "score": None, "reasons": [str(exc)],
             })
             continue
         outcomes.append({
@@ -381,7 +381,7 @@ def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
             "challenger_version": d.challenger_version,
             "champion_version": d.challenger_version if d.promoted else d.champion_version,
             "previous_champion": d.champion_version,
-            "accuracy": d.challenger_metrics.get("accuracy"),
+            "score": d.challenger_metrics.get(d.challenger_metrics.get("headline")),  # accuracy, mAP@.5 or mIoU
             "reasons": list(d.reasons),
         })
     return outcomes
@@ -437,6 +437,14 @@ def collect_metrics(project_dir: Path | str) -> list[tuple[str, str, object]]:
                 continue
         if isinstance(value, int | float) and not isinstance(value, bool):
             rows.append((label, f"{report}/{key}", value))
+    shown = {source for _, source, _ in rows}
+    for path in sorted((root / REPORTS).glob("*/metrics.json")):  # the other tasks' headline metrics
+        try:
+            headline = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows += [(f"{path.parent.name} {key}", f"{path.parent.name}/{key}", value) for key, value in headline.items()
+                 if isinstance(value, int | float) and not isinstance(value, bool) and f"{path.parent.name}/{key}" not in shown]
     return rows
 
 
@@ -469,10 +477,10 @@ def mlflow_stage_runs(project_dir: Path | str, pipeline_id: str) -> list[dict]:
 def _promotion_table(outcomes: list[dict]) -> str:
     rows = [
         [o["role"], o["model"], o["outcome"].upper(), o["challenger_version"], o["previous_champion"],
-         o["champion_version"], o["accuracy"], "; ".join(o["reasons"])]
+         o["champion_version"], o["score"], "; ".join(o["reasons"])]
         for o in outcomes
     ]
-    return _table(["role", "model", "decision", "challenger", "champion before", "champion now", "accuracy", "reasons"], rows)
+    return _table(["role", "model", "decision", "challenger", "champion before", "champion now", "holdout score", "reasons"], rows)
 
 
 def training_markdown(summary: dict) -> str:
@@ -613,13 +621,14 @@ def _project_paths(cfg, root: Path):
 
 @task(name="fetch-newest-data", task_run_name="fetch-newest-data", cache_policy=NO_CACHE, persist_result=False)
 def fetch_newest_data(project_dir: str) -> dict:
-    """The download core on the configured source, written to data/monitoring/{dataset,holdout}."""
-    from visionops.data.download import run_download
+    """The task's download core on the configured source, written to data/monitoring/{dataset,holdout}."""
+    from visionops.tasks import get_task
 
     root = Path(project_dir).resolve()
-    cfg = _project_paths(_params(root).data, root)
+    params = _params(root)
+    params = params.model_copy(update={"data": _project_paths(params.data, root)})
     out = root / MONITORING
-    result = run_download(cfg, out / "dataset", holdout_dir=out / "holdout")
+    result = get_task(params.task).download(params, out / "dataset", out / "holdout")
     get_run_logger().info("newest data in %s: %s", out, json.dumps(result))
     return result
 
@@ -627,16 +636,18 @@ def fetch_newest_data(project_dir: str) -> dict:
 @task(name="validate-newest-data", task_run_name="validate-newest-data", cache_policy=NO_CACHE, persist_result=False)
 def validate_newest_data(project_dir: str) -> dict:
     """The data checks of the validate stage on the newest data (reports in data/monitoring/validate)."""
-    from visionops.tasks.classification.validate import run_validate
+    from visionops.tasks import get_task
 
     root = Path(project_dir).resolve()
     out = root / MONITORING
-    return run_validate(out / "dataset", _params(root).validate_, out / "validate")
+    params = _params(root)
+    return get_task(params.task).validate(params, out / "dataset", out / "validate")
 
 
 @task(name="evaluate-champion", task_run_name="evaluate-champion", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_champion(project_dir: str, holdout_dir: str) -> dict:
-    """Accuracy (and more) of models:/<teacher_model_name>@champion on the holdout dataset in `holdout_dir`."""
+    """The task's scores (accuracy, mAP@.5 or mIoU, and more) of models:/<teacher_model_name>@champion on the
+    holdout dataset in `holdout_dir`."""
     import mlflow
 
     from visionops.serving.promotion import evaluate_version
@@ -653,16 +664,18 @@ def evaluate_champion(project_dir: str, holdout_dir: str) -> dict:
     start = time.monotonic()
     metrics = evaluate_version(f"models:/{name}/{version}", holdout_dir, params.evaluate)
     get_run_logger().info(
-        "champion %s v%s: accuracy %.4f on %d holdout images (%.1f s)", name, version, metrics["accuracy"], metrics["n"],
+        "champion %s v%s: %s %.4f on %d holdout images (%.1f s)", name, version, metrics["headline"],
+        metrics[metrics["headline"]], metrics["n"],
         time.monotonic() - start,
     )
     return {**metrics, "model": name, "version": version}
 
 
-@flow(name="monitoring", description="Evaluate the champion on the newest data's holdout; fail below monitor.min_accuracy.")
+@flow(name="monitoring", description="Evaluate the champion on the newest data's holdout; fail below monitor.min_score.")
 def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
     """Fetch the newest data into data/monitoring/, validate it, evaluate the champion on its holdout split
-    and fail (raise MonitoringAlert, with the numbers) when its accuracy is below params.yaml monitor.min_accuracy.
+    and fail (raise MonitoringAlert, with the numbers) when its headline metric (accuracy, mAP@.5, mIoU) is
+    below params.yaml monitor.min_score.
 
     The training workspace (data/dataset) and the frozen holdout (data/holdout) are never touched, and no
     DVC stage runs: the newest data is the download core's output in a directory of its own.
@@ -683,10 +696,12 @@ def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
     else:
         stages.append({"stage": "fetch-newest-data", "state": "skipped (refresh_data=False): the last fetch is reused"})
     result = evaluate_champion(str(root), str(holdout))
-    floor = params.monitor.min_accuracy
-    ok = result["accuracy"] >= floor
+    floor = params.monitor.min_score
+    key, per_class = result["headline"], result["per_class_metric"]
+    ok = result[key] >= floor
     verdict = "OK" if ok else "ALERT"
-    lowest = sorted(result["per_class_recall"].items(), key=lambda kv: kv[1])[:5]
+    lowest = sorted(result[per_class].items(), key=lambda kv: kv[1])[:5]
+    others = [k for k, v in result.items() if isinstance(v, float) and k not in (key, "latency_ms")]
     markdown = "\n".join([
         f"# Monitoring: {verdict}",
         "",
@@ -696,23 +711,21 @@ def monitoring(project_dir: str = ".", refresh_data: bool = True) -> dict:
         ),
         "",
         _table(["metric", "value", "threshold"], [
-            ["accuracy", result["accuracy"], f">= {floor:.4f} (monitor.min_accuracy)"],
-            ["balanced accuracy", result["balanced_accuracy"], None],
-            ["macro F1", result["macro_f1"], None],
-            ["ECE", result["ece"], None],
+            [key, result[key], f">= {floor:.4f} (monitor.min_score)"],
+            *([k, result[k], None] for k in others),
             ["latency (ms / batch)", result["latency_ms"], None],
         ]),
         "",
-        "Lowest class recalls: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest),
+        f"Lowest {per_class}: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest),
         "",
         _table(["stage", "result", "seconds"], [[s["stage"], s["state"], _seconds(s.get("seconds"))] for s in stages]),
     ]) + "\n"
-    create_markdown_artifact(markdown=markdown, key=MONITORING_ARTIFACT, description=f"Champion accuracy on the newest data: {verdict}")
-    summary = {**result, "min_accuracy": floor, "ok": ok, "stages": stages}
+    create_markdown_artifact(markdown=markdown, key=MONITORING_ARTIFACT, description=f"Champion {key} on the newest data: {verdict}")
+    summary = {**result, "min_score": floor, "ok": ok, "stages": stages}
     if not ok:
+        more = ", ".join(f"{k} {result[k]:.4f}" for k in others)
         raise MonitoringAlert(
-            f"champion {result['model']} v{result['version']} accuracy {result['accuracy']:.4f} on the newest data "
-            f"({result['n']} holdout images) is below monitor.min_accuracy {floor:.4f} "
-            f"(balanced accuracy {result['balanced_accuracy']:.4f}, macro F1 {result['macro_f1']:.4f})"
+            f"champion {result['model']} v{result['version']} {key} {result[key]:.4f} on the newest data "
+            f"({result['n']} holdout images) is below monitor.min_score {floor:.4f} ({more})"
         )
     return summary

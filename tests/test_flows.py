@@ -439,7 +439,7 @@ def test_monitoring_passes_then_fails_on_drifted_data_and_never_touches_the_work
     state = flows.monitoring(project_dir=str(project.path), return_state=True)
 
     assert state.is_failed()
-    assert "below monitor.min_accuracy 0.9000" in state.message and "holdout images" in state.message
+    assert "below monitor.min_score 0.9000" in state.message and "holdout images" in state.message
     accuracy = float(state.message.split(" accuracy ")[1].split()[0])
     assert accuracy < 0.2
     runs = {r.name: r for r in _task_runs(_flow_run_id(state))}
@@ -599,7 +599,7 @@ def test_the_training_flow_does_not_rejudge_a_challenger_rejected_against_the_sa
                                       "accuracy 0.5 < 0.9"]
     assert "challenger v2 already rejected (T) against champion v1" in "\n".join(_judged(tmp_path))  # make flow: no run
 
-    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\npromote:\n  min_accuracy: 0.5\n")
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {store}\npromote:\n  min_score: 0.5\n")
     assert _judged(tmp_path) is None  # make flow runs the flow
     with pytest.raises(Exception, match="holdout"):  # other gates: judged again (and this project has no holdout)
         flows.promote_all(tmp_path, rejudge=False)

@@ -43,7 +43,7 @@ SHAPE = (16, 16, 1)
 NAME = "promo-classifier"
 EVAL = EvaluateConfig(latency_batch_size=8)
 # gates that anything passes; each test tightens what it is about
-LOOSE = {"min_accuracy": 0.0, "min_gain": -1.0, "significance": 1.0, "min_class_recall": 0.0, "max_ece": 1.0,
+LOOSE = {"min_score": 0.0, "min_gain": -1.0, "significance": 1.0, "min_class_score": 0.0, "max_ece": 1.0,
          "max_latency_ratio": 1e6}
 
 
@@ -166,7 +166,7 @@ def test_paired_latency_is_a_ratio_of_turns():
 def test_first_version_faces_only_the_absolute_gates(store, models, holdouts):
     client = MlflowClient()
     _log(models["good"])
-    strict = PromoteConfig(min_accuracy=0.9, min_gain=0.05, significance=0.01, min_class_recall=0.8, max_ece=0.2,
+    strict = PromoteConfig(min_score=0.9, min_gain=0.05, significance=0.01, min_class_score=0.8, max_ece=0.2,
                            max_latency_ratio=0.001)
     d = promote(NAME, holdouts["balanced"], strict, EVAL)
     assert d.promoted, d.reasons
@@ -227,7 +227,7 @@ def test_clearly_better_challenger_is_promoted(store, models, holdouts, tmp_path
     assert promote(NAME, holdout, gates(), EVAL).promoted
     _log(models["good"])
     _log(models["no_bottom"])  # v3 holds the challenger alias: `--version 2` picks v2 all the same
-    monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.1, significance=0.01, min_accuracy=0.9))
+    monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.1, significance=0.01, min_score=0.9))
     capsys.readouterr()
 
     assert cli.main(["promote", "--version", "2", "--json"]) == 0
@@ -265,12 +265,12 @@ def test_latency_is_judged_against_the_champion(store, models, holdouts):
 @pytest.mark.parametrize(
     "model, tight, expect",
     [
-        ("no_bottom", {"min_accuracy": 0.9}, r"accuracy 0\.\d+ vs min_accuracy 0\.9"),
-        ("no_bottom", {"min_class_recall": 0.5}, r"class recall below min_class_recall 0\.500: bottom \(0\.000\)$"),
+        ("no_bottom", {"min_score": 0.9}, r"accuracy 0\.\d+ vs min_score 0\.9"),
+        ("no_bottom", {"min_class_score": 0.5}, r"class recall below min_class_score 0\.500: bottom \(0\.000\)$"),
         ("underconfident", {"max_ece": 0.1}, r"ECE 0\.\d+ vs max_ece 0\.1"),
         ("good", {"min_gain": 0.01}, r"accuracy gain \+0\.0000 over champion .* vs min_gain \+0\.0100 on the same 300"),
     ],
-    ids=["min_accuracy", "min_class_recall", "max_ece", "min_gain"],
+    ids=["min_score", "min_class_score", "max_ece", "min_gain"],
 )
 def test_each_gate_rejects_alone(store, models, holdouts, model, tight, expect):
     if "min_gain" in tight:  # the same model again: no gain over the champion

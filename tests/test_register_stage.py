@@ -71,7 +71,7 @@ def project(tmp_path, assets, monkeypatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", teacher_model_name=TEACHER,
                             student_model_name=STUDENT)  # fmt: skip
-    params["promote"].update(min_accuracy=0.9, min_class_recall=0.5, max_ece=1.0, max_latency_ratio=1000.0)
+    params["promote"].update(min_score=0.9, min_class_score=0.5, max_ece=1.0, max_latency_ratio=1000.0)
     params["evaluate"]["latency_batch_size"] = 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (tmp_path / "models").mkdir()
@@ -110,7 +110,7 @@ def test_register_is_one_idempotent_step_and_first_promotion_judges_the_new_vers
     assert mv.tags["visionops.teacher_version"] == "1" and mv.tags["visionops.stage"] == "register"
     run = client.get_run(mv.run_id)  # registered inside the register stage's own tracked run
     assert run.data.tags["visionops.stage"] == "register" and run.info.status == "FINISHED"
-    assert run.data.params["promote.min_accuracy"] == "0.9" and run.data.metrics["new_versions"] == 2
+    assert run.data.params["promote.min_score"] == "0.9" and run.data.metrics["new_versions"] == 2
     description = client.get_model_version(TEACHER, "1").description
 
     again = _register(capsys)  # a rerun (`dvc repro -f register`) registers and judges nothing new

@@ -256,12 +256,7 @@ def _register(
         has_champion,
         promote,
     )
-    from visionops.serving.pyfunc import (
-        CHALLENGER,
-        EXPERIMENT_TAG,
-        RegistryError,
-        log_classifier,
-    )
+    from visionops.serving.pyfunc import CHALLENGER, EXPERIMENT_TAG, RegistryError
 
     if not Path(model_path).is_file():
         raise RegistryError(f"{model_path}: no model file to register (run `dvc repro` or `visionops train`/`distill`)")
@@ -271,7 +266,7 @@ def _register(
         tags = {**run.lineage_tags, "visionops.stage": run.stage, **(extra_tags or {})}
         if experiment:
             tags[EXPERIMENT_TAG] = experiment
-        version = log_classifier(model_path, name, tags=tags, alias=None if experiment else CHALLENGER)
+        version = _task(params).log_model(model_path, name, tags, None if experiment else CHALLENGER)
     registered = {"name": name, "version": str(version.version), "created": created}
     if experiment:
         return registered
@@ -313,8 +308,8 @@ def _registered_name(params, args) -> str:
     "make a version champion if it beats the champion significantly on the frozen holdout",
     f"Score the challenger (or --version N, or the version with --alias) and the current champion on the same "
     f"images of the frozen holdout {layout.HOLDOUT}/ (never trained on), then apply the gates in params.yaml "
-    "`promote`: min_accuracy; an accuracy gain over the champion of at least min_gain that is significant by a "
-    "one-sided exact McNemar test at `significance`; min_class_recall for every class; max_ece of the served "
+    "`promote`: min_score; an accuracy gain over the champion of at least min_gain that is significant by a "
+    "one-sided exact McNemar test at `significance`; min_class_score for every class; max_ece of the served "
     "probabilities; and max_latency_ratio, the challenger's time per batch over the champion's, timed in turns "
     "in this run. Without a champion only the absolute gates apply (no gain, significance or latency gate). "
     "On a pass, champion moves to the version and the old champion gets the alias previous; on a fail the "

@@ -160,18 +160,18 @@ class MlflowConfig(Section):
 class PromoteConfig(Section):
     """Gates a challenger must pass to become champion, judged on the frozen holdout (data/holdout)."""
 
-    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
-    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # holdout accuracy gain over the champion, same images
+    min_score: float = Field(0.9, ge=0.0, le=1.0)  # the task's headline metric: accuracy, mAP@.5, mIoU
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # gain in the fraction of holdout images right, same images
     significance: float = Field(0.05, gt=0.0, le=1.0)  # one-sided exact McNemar p-value needed; 1.0 = no test
-    min_class_recall: float = Field(0.8, ge=0.0, le=1.0)
-    max_ece: float = Field(0.1, ge=0.0, le=1.0)
+    min_class_score: float = Field(0.8, ge=0.0, le=1.0)  # each class's recall, AP@.5 or IoU
+    max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns
 
 
 class MonitorConfig(Section):
-    """The monitoring flow: the champion's accuracy on the newest data's holdout must stay above a floor."""
+    """The monitoring flow: the champion's headline metric on the newest data's holdout must stay above a floor."""
 
-    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
+    min_score: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class ScheduleConfig(Section):

@@ -4,8 +4,9 @@ A stage's command is `visionops <stage>`: its code is `cli.py` (the module, `mai
 `@command` function and the cli functions that function calls) plus every visionops module those
 import, followed transitively through all imports, including the ones inside functions. A module
 that imports by computed name (`importlib.import_module`) brings its whole package, except the task
-dispatch: `_task(params).<stage>(...)` in cli.py brings, for every task, its `task.py` module level and
-the method of that name (with the methods it calls on `self`), since `params.yaml`'s `task` picks one.
+dispatch: `_task(params).<method>(...)` in cli.py, or `get_task(name).<method>(...)` in a module reached,
+brings, for every task, its `task.py` module level and the method of that name (with the methods it
+calls on `self`), since `params.yaml`'s `task` (or the dataset's) picks the task.
 
     python -m visionops.stage_deps           rewrite the src/ deps of every stage in dvc.yaml
     python -m visionops.stage_deps --check   exit 1, listing the differences, when dvc.yaml disagrees
@@ -81,21 +82,35 @@ def _with_parents(path: Path) -> set[Path]:
     return out
 
 
-def closure(start: set[Path], followed: frozenset[Path] = frozenset()) -> set[Path]:
-    """Every visionops module file reachable from `start` through imports (the imports of the files
-    in `followed` are already in `start`)."""
+def _dispatched(nodes: Iterable[ast.AST]) -> set[str]:
+    """The task methods called in `nodes` as `get_task(...).<method>(...)` or `_task(...).<method>(...)`."""
+    return {c.func.attr for n in nodes for c in ast.walk(n) if isinstance(c, ast.Call)
+            and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Call)
+            and getattr(c.func.value.func, "id", None) in ("get_task", "_task")}
+
+
+def closure(start: set[Path], methods: set[str] = frozenset()) -> set[Path]:
+    """Every visionops module file reachable from `start` through imports, and through the task methods
+    (`methods`, and those dispatched in the modules reached) of every task."""
     seen: set[Path] = set()
+    task_files: set[Path] = set()  # task.py files: only the dispatched methods' imports count
+    methods = set(methods)
     todo = [p for s in start for p in _with_parents(s)]
     while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        if path in followed:
-            continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        found = _imports([tree], _module_name(path), path.name == "__init__.py")
-        todo.extend(p for f in found for p in _with_parents(f) if p not in seen)
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            if path in task_files:
+                continue
+            tree = ast.parse(path.read_text(), filename=str(path))
+            methods |= _dispatched([tree])
+            found = _imports([tree], _module_name(path), path.name == "__init__.py")
+            todo.extend(p for f in found for p in _with_parents(f) if p not in seen)
+        files, imports = _task_methods(methods)
+        task_files |= files
+        todo.extend(p for f in files | imports for p in _with_parents(f) if p not in seen)
     return seen
 
 
@@ -127,12 +142,7 @@ def stage_code(stage: str) -> set[Path]:
     top = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]
     # cli.py itself counts, but only the parts of it that this stage runs are followed
     nodes = top + [functions[name] for name in reached]
-    start = _imports(nodes, f"{PACKAGE}.cli", False) - {CLI}
-    methods = {c.func.attr for n in nodes for c in ast.walk(n) if isinstance(c, ast.Call)
-               and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Call)
-               and getattr(c.func.value.func, "id", None) == "_task"}
-    task_files, task_imports = _task_methods(methods)
-    return {CLI} | closure(start | task_files | task_imports, frozenset(task_files))
+    return {CLI} | closure(_imports(nodes, f"{PACKAGE}.cli", False) - {CLI}, _dispatched(nodes))
 
 
 def _task_methods(methods: set[str]) -> tuple[set[Path], set[Path]]:

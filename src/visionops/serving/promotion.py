@@ -30,18 +30,16 @@ from visionops.data import dataset
 from visionops.data.fetch import file_md5
 from visionops.data.images import IMAGE_SUFFIXES
 from visionops.errors import InvalidInputError, MissingInputError
-from visionops.evaluation.calibration import expected_calibration_error
 from visionops.evaluation.latency import call_latency_ms, paired_latency
 from visionops.serving.pyfunc import (
     CHALLENGER,
     CHAMPION,
     MODEL_MD5_TAG,
     PREVIOUS,
-    PROB_PREFIX,
     ImageClassifierModel,
     RegistryError,
 )
-from visionops.tasks.classification.metrics import classification_metrics
+from visionops.tasks import get_task
 
 HOLDOUT_SPLIT = "holdout"  # the one split of the frozen holdout dataset (layout.HOLDOUT)
 MAX_TAG_CHARS = 4900  # stay under the registry's tag value limit (5000 on some stores)
@@ -138,11 +136,15 @@ def load_holdout(holdout_dir: Path | str) -> tuple[dataset.Dataset, dataset.Spli
     return ds, split
 
 
-def load_served(model_uri: str, ds: dataset.Dataset, data_dir: Path | str) -> ImageClassifierModel:
-    """The predictor that serving runs (the pyfunc's Python model), checked against the dataset's classes and shape."""
+def load_served(model_uri: str, ds: dataset.Dataset, data_dir: Path | str):
+    """The predictor that serving runs (the pyfunc's Python model), checked against the dataset's task, classes
+    and shape."""
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     if not hasattr(model, "predict_canonical"):
-        raise RegistryError(f"{model_uri}: not a visionops image classifier ({type(model).__name__})")
+        raise RegistryError(f"{model_uri}: not a visionops model ({type(model).__name__})")
+    task = getattr(model, "task", "classification")
+    if task != ds.task:
+        raise RegistryError(f"{model_uri} is a {task} model but {data_dir} holds {ds.task} data")
     if list(model.class_names) != list(ds.class_names):
         raise RegistryError(f"{model_uri} predicts classes {model.class_names} but {data_dir} has {ds.class_names}")
     if tuple(model.image_shape) != tuple(ds.image_shape):
@@ -150,34 +152,23 @@ def load_served(model_uri: str, ds: dataset.Dataset, data_dir: Path | str) -> Im
     return model
 
 
-def _score(model: ImageClassifierModel, split: dataset.Split, ds: dataset.Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
-    """(metrics, per-image correctness) of the served predictions: its labels and its probabilities."""
-    frame = model.predict_canonical(np.asarray(split.images))
-    probs = frame[[PROB_PREFIX + c for c in model.class_names]].to_numpy(dtype=np.float64)
-    labels = np.asarray(split.labels)
-    m = classification_metrics(labels, probs, ds.class_names, top_k=cfg.top_k)
-    metrics = {
-        "n": m["n"],
-        "accuracy": m["accuracy"],
-        "balanced_accuracy": m["balanced_accuracy"],
-        "macro_f1": m["macro_f1"],
-        # a class absent from the holdout has no recall to gate on
-        "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items() if v["support"]},
-        "ece": expected_calibration_error(probs, labels, cfg.calibration_bins),
-        "latency_batch_size": cfg.latency_batch_size,
-    }
-    return metrics, frame["label_index"].to_numpy() == labels
+def _score(model, split: dataset.Split, ds: dataset.Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
+    """(metrics, per-image correctness) of the served predictions, as the holdout's task scores them."""
+    metrics, correct = get_task(ds.task).score_served(model, split, ds, cfg)
+    task = get_task(ds.task)
+    return {**metrics, "headline": task.headline, "per_class_metric": task.per_class, "paired": task.paired}, correct
 
 
-def _batch_call(model: ImageClassifierModel, batch_size: int):
+def _batch_call(model, batch_size: int):
     """One served prediction of a random uint8 batch, as a zero-argument call to time."""
     x = np.random.default_rng(0).integers(0, 256, (batch_size, *model.image_shape), dtype=np.uint8)
     return lambda: model.predict_canonical(x)
 
 
 def evaluate_version(model_uri: str, holdout_dir: Path | str, cfg: EvaluateConfig) -> dict:
-    """Accuracy, per-class recall and ECE of a registered model's served predictions on the frozen
-    holdout in `holdout_dir`, and its latency (ms per batch of cfg.latency_batch_size, on this machine)."""
+    """The task's scores (its headline metric, per-class metric, ...) of a registered model's served
+    predictions on the frozen holdout in `holdout_dir`, and its latency (ms per batch of
+    cfg.latency_batch_size, on this machine)."""
     ds, split = load_holdout(holdout_dir)
     model = load_served(model_uri, ds, holdout_dir)
     metrics, _ = _score(model, split, ds, cfg)
@@ -207,9 +198,9 @@ def _metrics_record(ch: dict, champ: dict | None, gates: PromoteConfig) -> dict:
             return None
         out = {k: val for k, val in m.items() if k != "model_uri"}
         if not per_class:
-            lowest = sorted(m["per_class_recall"].items(), key=lambda kv: kv[1])[:10]
-            out["per_class_recall"] = dict(lowest)
-            out["per_class_recall_truncated"] = True
+            key = m["per_class_metric"]
+            out[key] = dict(sorted(m[key].items(), key=lambda kv: kv[1])[:10])
+            out[f"{key}_truncated"] = True
         return out
 
     record = {"challenger": strip(ch, True), "champion": strip(champ, True), "gates": gates.model_dump()}
@@ -230,7 +221,8 @@ def _gates(
         if not ok:
             failures.append(text)
 
-    check(ch["accuracy"] >= gates.min_accuracy, f"accuracy {ch['accuracy']:.4f} vs min_accuracy {gates.min_accuracy:.4f}")
+    key, per_class, paired_name = ch["headline"], ch["per_class_metric"], ch["paired"]
+    check(ch[key] >= gates.min_score, f"{key} {ch[key]:.4f} vs min_score {gates.min_score:.4f}")
     if champ is None or paired is None:
         checks.append("SKIP min_gain: there is no champion yet")
         checks.append("SKIP significance: there is no champion to compare with")
@@ -238,7 +230,7 @@ def _gates(
         n = paired["n"]
         check(
             paired["gain"] >= gates.min_gain - 1e-12,
-            f"accuracy gain {paired['gain']:+.4f} over champion ({champ['accuracy']:.4f}) vs min_gain "
+            f"{paired_name} gain {paired['gain']:+.4f} over champion ({paired['champion_rate']:.4f}) vs min_gain "
             f"{gates.min_gain:+.4f} on the same {n} holdout images",
         )
         check(
@@ -246,14 +238,18 @@ def _gates(
             f"McNemar exact p={paired['p_value']:.4g} vs significance {gates.significance:g} (n={n} holdout images: "
             f"{paired['challenger_only']} right only by the challenger, {paired['champion_only']} only by the champion)",
         )
-    low = {c: r for c, r in ch["per_class_recall"].items() if r < gates.min_class_recall}
+    what = {"per_class_recall": "recall", "per_class_ap50": "AP@.5", "per_class_iou": "IoU"}.get(per_class, per_class)
+    low = {c: r for c, r in ch[per_class].items() if r < gates.min_class_score}
     if low:
         listed = ", ".join(f"{c} ({r:.3f})" for c, r in sorted(low.items(), key=lambda kv: kv[1]))
-        check(False, f"class recall below min_class_recall {gates.min_class_recall:.3f}: {listed}")
+        check(False, f"class {what} below min_class_score {gates.min_class_score:.3f}: {listed}")
     else:
-        worst = min(ch["per_class_recall"].values(), default=float("nan"))
-        check(True, f"every class recall >= min_class_recall {gates.min_class_recall:.3f} (lowest {worst:.3f})")
-    check(ch["ece"] <= gates.max_ece, f"ECE {ch['ece']:.4f} vs max_ece {gates.max_ece:.4f}")
+        worst = min(ch[per_class].values(), default=float("nan"))
+        check(True, f"every class {what} >= min_class_score {gates.min_class_score:.3f} (lowest {worst:.3f})")
+    if "ece" in ch:
+        check(ch["ece"] <= gates.max_ece, f"ECE {ch['ece']:.4f} vs max_ece {gates.max_ece:.4f}")
+    else:
+        checks.append(f"SKIP max_ece: a {key} model serves no class probabilities to calibrate")
     if latency is None:
         checks.append(
             "SKIP max_latency_ratio: there is no champion to time against (latency depends on the machine and "
@@ -318,7 +314,7 @@ def promote(
         champ_uri = f"models:/{registered_name}/{champion.version}"
         champ_model = load_served(champ_uri, ds, holdout_dir)
         champ_metrics, champ_correct = _score(champ_model, split, ds, eval_cfg)
-        paired = mcnemar(ch_correct, champ_correct)
+        paired = {**mcnemar(ch_correct, champ_correct), "champion_rate": float(np.mean(champ_correct))}
         latency = paired_latency(
             _batch_call(ch_model, eval_cfg.latency_batch_size), _batch_call(champ_model, eval_cfg.latency_batch_size)
         )

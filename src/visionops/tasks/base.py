@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from visionops.config import Params
+import numpy as np
+
+from visionops.config import EvaluateConfig, Params
+from visionops.data.dataset import Dataset, Split
 
 EpochCallback = Callable[[dict], None] | None
 
@@ -21,6 +24,8 @@ class Task(Protocol):
     name: str
     sources: tuple[str, ...]  # the data.source values the task reads
     headline: str  # the metric promotion and monitoring judge by (accuracy, map_50, miou)
+    per_class: str  # the per-class metrics promotion floors (per_class_recall, per_class_ap50, per_class_iou)
+    paired: str  # what an image being "right" means, for the paired (McNemar) test of a gain
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict: ...
 
@@ -38,3 +43,13 @@ class Task(Protocol):
 
     def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
                 reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict: ...
+
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+        """Register the model file as a new version of `name` (an MLflow pyfunc serving raw images) with
+        `tags` and `alias`, inside the active run; return the ModelVersion."""
+        ...
+
+    def score_served(self, model, split: Split, ds: Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
+        """(metrics with `headline` and `per_class` keys, whether each image is right) of a served model
+        (the registered pyfunc's Python model) on a split: what promotion and monitoring judge."""
+        ...

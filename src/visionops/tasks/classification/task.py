@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from visionops.config import Params
 from visionops.tasks.base import EpochCallback
 
@@ -12,6 +14,8 @@ class Classification:
     name = "classification"
     sources = ("digits", "cifar10", "folder")
     headline = "accuracy"
+    per_class = "per_class_recall"
+    paired = "accuracy"
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download
@@ -57,6 +61,16 @@ class Classification:
         return run_distill(dataset_dir, prepared_dir, teacher_path, params.distill, params.train,
                            recorded_augment(prepared_dir), student_path, reports_dir, checkpoints_dir,
                            on_epoch=on_epoch, baseline_path=baseline_path)
+
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+        from visionops.serving.pyfunc import log_classifier
+
+        return log_classifier(model_path, name, tags=tags, alias=alias)
+
+    def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
+        from visionops.tasks.classification.served_scores import score_served
+
+        return score_served(model, split, ds, cfg)
 
 
 TASK = Classification()
