@@ -151,7 +151,7 @@ def test_predict_writes_every_row_then_fails_when_a_file_failed(project, capsys)
     out = project / "predictions.csv"
     assert main(["predict", str(folder), "--model", f"models:/{TEACHER}@champion", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"visionops predict: error: 1 of 4 files could not be classified; see the error column of {out}" in err
+    assert f"visionops predict: error: 1 of 4 files could not be predicted; see the error column of {out}" in err
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"0.png", "1.png", "2.png", "broken.png"}
     assert rows["broken.png"]["label"] == "" and rows["broken.png"]["error"].startswith("cannot decode image bytes")

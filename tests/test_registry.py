@@ -345,7 +345,7 @@ def test_predict_paths_writes_labelled_csv(store, models, data_dir, tmp_path, ca
     explicit.write_bytes(b"junk")
     out_csv = tmp_path / "out" / "predictions.csv"
 
-    with pytest.raises(PredictionFailed, match=f"2 of 17 files could not be classified; see the error column of {out_csv}"):
+    with pytest.raises(PredictionFailed, match=f"2 of 17 files could not be predicted; see the error column of {out_csv}"):
         predict_paths(f"models:/{NAME}@challenger", [folder, explicit], out_csv, batch_size=4)
     rows = list(csv.DictReader(out_csv.open()))  # every row was written first
     assert len(rows) == 17

@@ -367,10 +367,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 @command(
     "predict",
-    "classify image files or folders with a registered model",
-    "Classify PNG/JPEG files (folders are searched recursively) with a registered model, preprocessing them "
+    "classify, detect or segment image files or folders with a registered model",
+    "Run a registered model on PNG/JPEG files (folders are searched recursively), preprocessing them "
     "exactly as in training and serving (the same per-row path and image size limit as the served model), and "
-    "write a CSV of path, label, probability and error (empty unless the file could not be read or decoded). "
+    "write a CSV of path, the model's answer and error (empty unless the file could not be read or decoded). "
+    "The answer is a classifier's label and probability, a detector's detections (JSON: boxes in the image's "
+    "pixels, labels, scores, after NMS), or a segmenter's mask (base64 PNG at the image's size) and classes. "
     "Every row is written first; then the exit code is 1 if any file failed.",
     arguments=_predict_arguments,
 )
@@ -421,7 +423,8 @@ def _alias_version(name: str, alias: str) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visionops",
-        description="Train, check and ship image classifiers reproducibly. Each subcommand is one stage "
+        description="Train, check and ship image classifiers, detectors and segmenters reproducibly (params.yaml "
+        "`task`). Each subcommand is one stage "
         "of the DVC pipeline (dvc.yaml); `dvc repro` runs them in order.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -496,7 +499,7 @@ def _summary(command: str, result: dict) -> str:
     if command == "check":
         return "params.yaml is valid"
     if command == "predict":
-        return f"classified {result['images']} images with {result['model']}; wrote {result['csv']}"
+        return f"predicted {result['images']} images with {result['model']}; wrote {result['csv']}"
     if command in ("promote", "rollback") and "promoted" in result:
         verdict = "PROMOTED" if result["promoted"] else "REJECTED"
         head = (f"{verdict}: version {result['challenger_version']} (champion before: {result['champion_version'] or 'none'}, "

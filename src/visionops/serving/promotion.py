@@ -36,7 +36,6 @@ from visionops.serving.pyfunc import (
     CHAMPION,
     MODEL_MD5_TAG,
     PREVIOUS,
-    ImageClassifierModel,
     RegistryError,
 )
 from visionops.tasks import get_task
@@ -444,20 +443,21 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 
 
 class PredictionFailed(RegistryError):
-    """`predict_paths` wrote its CSV, but some files could not be classified."""
+    """`predict_paths` wrote its CSV, but some files could not be predicted."""
 
     def __init__(self, failed: int, total: int, out_csv: Path):
-        super().__init__(f"{failed} of {total} files could not be classified; see the error column of {out_csv}")
+        super().__init__(f"{failed} of {total} files could not be predicted; see the error column of {out_csv}")
         self.failed, self.total, self.out_csv = failed, total, out_csv
 
 
 def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: int = 256) -> int:
-    """Classify image files (folders searched recursively for PNG/JPEG) with the pyfunc model at
-    `model_uri` and write `out_csv` (path,label,probability,error) atomically.
+    """Predict image files (folders searched recursively for PNG/JPEG) with the pyfunc model at
+    `model_uri` and write `out_csv` atomically: path, the model's `predict_columns` (a classifier's
+    label and probability, a detector's detections, a segmenter's mask and classes) and error.
 
     Each file goes through the served model's own per-row path (`predict_values`: size limit,
-    decoding, preprocessing, prediction), so labels, probabilities and errors equal what `mlflow
-    models serve` returns. A file that cannot be read or decoded gets an empty label and its error
+    decoding, preprocessing, prediction), so the answers and errors equal what `mlflow models
+    serve` returns. A file that cannot be read or decoded gets empty answers and its error
     (also on stderr); after writing every row, PredictionFailed is raised if any file failed.
     Returns the number of rows (files) written.
     """
@@ -468,8 +468,9 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
         raise RegistryError(f"no PNG/JPEG files found in {', '.join(map(str, paths))}")
     pyfunc_model = mlflow.pyfunc.load_model(model_uri)
     model = pyfunc_model.unwrap_python_model()
-    if not isinstance(model, ImageClassifierModel):
-        raise RegistryError(f"{model_uri}: not a visionops image classifier ({type(model).__name__})")
+    if not hasattr(model, "predict_columns"):
+        raise RegistryError(f"{model_uri}: not a visionops model ({type(model).__name__})")
+    columns = list(model.predict_columns)
     rows: list[list] = []
     failed = 0
     with tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr) as bar:
@@ -483,18 +484,18 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
                     values.append(None)
                     read_errors[i] = f"cannot read file: {exc.strerror or type(exc).__name__}"
             preds = model.predict_values(values)
-            for i, (f, pred) in enumerate(zip(chunk, preds[["label", "probability", "error"]].itertuples(index=False))):
-                error = read_errors.get(i) or pred.error
+            for i, (f, pred) in enumerate(zip(chunk, preds[[*columns, "error"]].itertuples(index=False))):
+                error = read_errors.get(i) or pred[-1]
                 if error:
                     failed += 1
                     tqdm.write(f"warning: {f}: {error}", file=sys.stderr)
-                    rows.append([str(f), "", "", error])
+                    rows.append([str(f), *[""] * len(columns), error])
                 else:
-                    rows.append([str(f), pred.label, f"{pred.probability:.6f}", ""])
+                    rows.append([str(f), *(f"{v:.6f}" if isinstance(v, float) else v for v in pred[:-1]), ""])
             bar.update(len(chunk))
     with atomic_path(out_csv) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "probability", "error"])
+        writer.writerow(["path", *columns, "error"])
         writer.writerows(rows)
     if failed:
         raise PredictionFailed(failed, len(files), out_csv)

@@ -197,6 +197,8 @@ def _rows(model_input) -> tuple[list, list]:
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """Serves a visionops classifier: see `predict` for the accepted inputs and the output columns."""
 
+    predict_columns = ("label", "probability")  # what `visionops predict` writes per file
+
     def load_context(self, context) -> None:
         self.load(context.artifacts[MODEL_ARTIFACT])
 

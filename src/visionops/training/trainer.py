@@ -207,6 +207,9 @@ def fit(
     ddp = nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
     step_model = torch.compile(ddp) if cfg.compile and device.type == "cuda" else ddp
 
+    # the row keys are made once: every row shares them, so the pickled history (in the model file) is as
+    # compact, and as byte-for-byte reproducible, as with literal keys
+    train_key, val_key = f"train_{metric}", f"val_{metric}"
     quiet = None if dist_info.is_main else True  # tqdm: None = off when stderr is not a terminal
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
     while state.epoch < cfg.epochs and not _should_stop(state, cfg):
@@ -247,16 +250,16 @@ def fit(
         row = {
             "epoch": state.epoch,
             "train_loss": train_loss / max(seen, 1),
-            **({f"train_{metric}": n_correct / max(seen, 1)} if train_correct is not None else {}),
+            **({train_key: n_correct / max(seen, 1)} if train_correct is not None else {}),
             "val_loss": val_metrics["loss"],
-            f"val_{metric}": val_metrics[metric],
+            val_key: val_metrics[metric],
             "lr": opt.param_groups[0]["lr"],
             "epoch_train_seconds": train_seconds,  # the optimisation steps alone
             "epoch_seconds": time.perf_counter() - t0,  # with the val pass
         }
         state.history.append(row)
-        if row[f"val_{metric}"] > state.best_acc:
-            state.best_acc, state.best_epoch, state.stale_epochs = row[f"val_{metric}"], state.epoch, 0
+        if row[val_key] > state.best_acc:
+            state.best_acc, state.best_epoch, state.stale_epochs = row[val_key], state.epoch, 0
             state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             state.stale_epochs += 1
@@ -266,7 +269,7 @@ def fit(
             if on_epoch is not None:
                 on_epoch(desc, row)
             bar.update(1)
-            bar.set_postfix({"loss": f"{row['train_loss']:.3f}", f"val_{metric}": f"{row[f'val_{metric}']:.4f}"})
+            bar.set_postfix({"loss": f"{row['train_loss']:.3f}", val_key: f"{row[val_key]:.4f}"})
             shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and "seconds" not in k)
             tqdm.write(f"{desc} epoch {state.epoch}/{cfg.epochs}: {shown} ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
     bar.close()
