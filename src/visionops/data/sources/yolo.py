@@ -65,7 +65,8 @@ def _objects(label_file: Path, names: dict[int, str], h: int, w: int) -> list[De
             raise InvalidInputError(f"{label_file}:{n}: expected `class cx cy w h`, got {line!r}") from None
         if len(fields) != 5:  # polygon (segment) lines have more
             raise InvalidInputError(f"{label_file}:{n}: expected 5 values `class cx cy w h`, got {len(fields)}")
-        box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
+        # in pixels, to a thousandth (text fractions carry float noise: 48.000023 is the right edge 48)
+        box = tuple(round(v, 3) for v in ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
         objects.append(DenseObject(str(cls), names.get(cls, ""), cls if cls in names else -1, box))
     return objects
 
