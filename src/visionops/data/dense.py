@@ -156,7 +156,7 @@ def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str],
         splits[name], split_facts = to_split(recs, len(class_names), task, cfg.image_size, cfg.channels)
         clash = facts.keys() & split_facts.keys()
         if clash:
-            raise InvalidInputError(f"data.root: file {sorted(clash)[0]} is listed twice (each image once, please)")
+            raise InvalidInputError(f"data.root: file {min(clash)} is listed twice (each image once, please)")
         facts |= split_facts
         rejects += rejected(name, recs)
     return SourceData(class_names, splits, rejects, facts=facts)
