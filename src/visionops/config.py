@@ -24,13 +24,55 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The data.source values each task reads (the tasks' `sources`; kept here so that params are checked torch-free).
+SOURCE_TASKS = {
+    "digits": ("classification",),
+    "cifar10": ("classification",),
+    "folder": ("classification",),
+    "canvases": ("detection", "segmentation"),
+    "coco": ("detection", "segmentation"),
+    "voc": ("detection",),
+    "yolo": ("detection",),
+    "masks": ("segmentation",),
+}
+ROOTED_SOURCES = ("folder", "coco", "voc", "yolo", "masks")  # the sources that read a folder at data.root
+# The annotation file each source reads under data.root (or under root/<split>/) when data.annotations is unset.
+DEFAULT_ANNOTATIONS = {"coco": "annotations.json", "voc": "labels.txt", "yolo": "data.yaml", "masks": "classes.txt"}
+
+
+class CanvasConfig(Section):
+    """The embedded detection/segmentation data: scikit-learn's digits composed onto canvases."""
+
+    count: int = Field(1500, ge=10, le=1_000_000)  # canvases generated (holdout, val and test are hashed out of them)
+    size: int = Field(64, ge=32, le=1024)  # generated side in pixels (then resized to data.image_size)
+    digits: tuple[int, int] = (1, 4)  # fewest and most digits per canvas
+    digit_size: tuple[int, int] = (16, 28)  # smallest and largest digit side in pixels
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CanvasConfig:
+        for key, (lo, hi) in (("digits", self.digits), ("digit_size", self.digit_size)):
+            if not 1 <= lo <= hi:
+                raise ValueError(f"data.canvases.{key} must be [min, max] with 1 <= min <= max, got [{lo}, {hi}]")
+        if self.digit_size[1] > self.size:
+            raise ValueError(f"data.canvases.digit_size max {self.digit_size[1]} exceeds data.canvases.size {self.size}")
+        return self
+
+
 class DataConfig(Section):
     """Where images come from and the canonical shape they are stored in."""
 
-    source: Literal["digits", "cifar10", "folder"] = "digits"
+    # classification: digits (embedded) | cifar10 (official archive) | folder (ImageFolder tree);
+    # detection: canvases (embedded) | coco (COCO json) | voc (Pascal VOC xml) | yolo (YOLO txt + data.yaml);
+    # segmentation: canvases (embedded) | coco (polygons or RLE) | masks (PNG index masks beside the images)
+    source: Literal["digits", "cifar10", "folder", "canvases", "coco", "voc", "yolo", "masks"] = "digits"
     url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     md5: str = "c58f30108f718f92721af3b95e74349a"
-    root: str | None = None
+    root: str | None = None  # folder, coco, voc, yolo, masks: the data folder (layouts in data/sources/<source>.py)
+    # coco: the COCO json (default annotations.json); yolo: its data.yaml (default data.yaml); voc: an optional
+    # class list, one name a line (default labels.txt); masks: the class list, background first (default
+    # classes.txt). Relative to data.root, or to data.root/<split>/ for coco with split folders.
+    annotations: str | None = None
+    canvases: CanvasConfig = CanvasConfig()  # canvases only
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
@@ -38,13 +80,18 @@ class DataConfig(Section):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # frozen; used only by promote and monitoring
     seed: int = 0
     download_retries: int = Field(5, ge=0, le=20)
-    cache_dir: str = "data/cache"
+    cache_dir: str = "data/cache"  # downloaded archives, and the canvases written in their standard format
 
     @model_validator(mode="after")
     def _folder_needs_root(self) -> DataConfig:
-        if self.source == "folder" and not self.root:
-            raise ValueError("data.root must name the image folder when data.source is 'folder'")
+        if self.source in ROOTED_SOURCES and not self.root:
+            raise ValueError(f"data.root must name the image folder when data.source is {self.source!r}")
         return self
+
+    @property
+    def annotation_file(self) -> str | None:
+        """data.annotations, or the source's default file name."""
+        return self.annotations or DEFAULT_ANNOTATIONS.get(self.source)
 
 
 class ValidateConfig(Section):
@@ -202,6 +249,14 @@ class Params(Section):
     schedule: ScheduleConfig = ScheduleConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _source_fits_the_task(self) -> Params:
+        if self.task not in SOURCE_TASKS[self.data.source]:
+            readable = [s for s, tasks in SOURCE_TASKS.items() if self.task in tasks]
+            raise ValueError(f"data.source: {self.data.source!r} cannot be read for task {self.task!r}; "
+                             f"{self.task} reads: {', '.join(readable)}")
+        return self
 
     @model_validator(mode="after")
     def _models_fit_the_task_and_images(self) -> Params:

@@ -45,20 +45,29 @@ def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
     return {name: carved[name] for name in (*dataset.SPLITS, HOLDOUT)}
 
 
-def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None) -> dict:
-    """Load `cfg.source`, carve the splits, and write the dataset (train/val/test) to `out_dir` and
-    the holdout (one split, "holdout") to `holdout_dir`, both atomically and together.
+def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None,
+                 task: str = "classification") -> dict:
+    """Load `cfg.source` for `task`, carve the splits, and write the dataset (train/val/test) to `out_dir`
+    and the holdout (one split, "holdout") to `holdout_dir`, both atomically and together.
 
-    With no `holdout_dir` the holdout is still kept out of train/val/test, just not written.
+    With no `holdout_dir` the holdout is still kept out of train/val/test, just not written. A dense
+    source's per-object facts go beside each split's arrays (`visionops.data.dense.write_tables`).
     """
-    src = load_source(cfg)
+    src = load_source(cfg, task)
     parts = carve_splits(src.splits, cfg)
-    outputs = [(out_dir, Dataset(src.class_names, {n: parts[n] for n in dataset.SPLITS}, cfg.source, src.rejected))]
+    splits = {n: parts[n] for n in dataset.SPLITS}
+    outputs = [(out_dir, Dataset(src.class_names, splits, cfg.source, src.rejected, task))]
     if holdout_dir is not None:
-        outputs.append((holdout_dir, Dataset(src.class_names, {HOLDOUT: parts[HOLDOUT]}, cfg.source)))
+        outputs.append((holdout_dir, Dataset(src.class_names, {HOLDOUT: parts[HOLDOUT]}, cfg.source, task=task)))
     with contextlib.ExitStack() as stack:  # neither directory is replaced unless both were written
         for path, ds in outputs:
-            dataset.save(ds, stack.enter_context(atomic_dir(path)))
+            tmp = stack.enter_context(atomic_dir(path))
+            dataset.save(ds, tmp)
+            if src.facts:
+                from visionops.data.dense import write_tables
+
+                for name, split in ds.splits.items():
+                    write_tables(tmp / name, split, src.facts)
     return {
         "source": cfg.source,
         "classes": len(src.class_names),

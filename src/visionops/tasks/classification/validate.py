@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +30,7 @@ import pandas as pd
 from visionops.atomic import atomic_dir, atomic_path, write_json
 from visionops.config import ValidateConfig
 from visionops.data import dataset as dsmod
-from visionops.data.images import content_hash
+from visionops.data.expectations import describe, failures, image_stats, import_gx, run_gx
 from visionops.errors import ValidationFailed
 
 
@@ -39,11 +38,6 @@ def headline(summary: dict) -> dict:
     """The DVC metrics of a validation: its outcome and imbalance (the details stay in summary.json)."""
     return {"success": summary["success"], "imbalance_ratio": summary["imbalance_ratio"]}
 
-
-CHUNK_IMAGES = 4096  # images per vectorised statistics chunk (fewer for large images)
-CHUNK_BYTES = 64 << 20  # cap on the uint8 bytes of one chunk
-SUMMARY_PATHS = 20  # offending paths kept per check in summary.json
-MESSAGE_PATHS = 10  # offending paths named per check in the exception message
 
 MANIFEST_COLUMNS = [
     "split", "index", "label", "class_name", "path", "readable", "error",
@@ -55,23 +49,6 @@ INT_COLUMNS = ["index", "height", "width", "channels", "orig_height", "orig_widt
 
 # --------------------------------------------------------------------------------------------
 # Manifest
-
-
-def _image_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-image mean, std (float32 over H, W, C) and content hash, a chunk at a time."""
-    n = len(images)
-    means = np.empty(n, np.float64)
-    stds = np.empty(n, np.float64)
-    hashes: list[str] = []
-    per_image = max(1, int(np.prod(images.shape[1:])))
-    step = max(1, min(CHUNK_IMAGES, CHUNK_BYTES // per_image))
-    for start in range(0, n, step):
-        chunk = np.ascontiguousarray(images[start : start + step])
-        flat = chunk.reshape(len(chunk), -1).astype(np.float32)
-        means[start : start + len(chunk)] = flat.mean(axis=1)
-        stds[start : start + len(chunk)] = flat.std(axis=1)
-        hashes.extend(content_hash(img) for img in chunk)
-    return means, stds, hashes
 
 
 def _class_name_column(labels: np.ndarray, class_names: list[str]) -> list[Any]:
@@ -93,7 +70,7 @@ def build_manifest(ds: dsmod.Dataset) -> pd.DataFrame:
         orig = np.asarray(split.orig_shapes, dtype=np.int64).reshape(-1, 3) if split.orig_shapes else None
         if orig is None or len(orig) != n:
             orig = np.full((n, 3), np.nan)
-        means, stds, hashes = _image_stats(images)
+        means, stds, hashes = image_stats(images)
         frames.append(
             pd.DataFrame(
                 {
@@ -183,14 +160,6 @@ def _imbalance_ratio(train_counts: pd.Series) -> float | None:
 # Great Expectations
 
 
-def _import_gx():
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    return gx, ProgressBarsConfig
-
-
 def _expected_shape(dataset_dir: Path, ds: dsmod.Dataset) -> tuple[int, int, int]:
     meta = json.loads((dataset_dir / "meta.json").read_text())
     shape = meta.get("image_shape") or list(ds.image_shape)
@@ -255,98 +224,6 @@ def _suites(gx, cfg: ValidateConfig, n_classes: int, shape: tuple[int, int, int]
     }
 
 
-def _run_gx(
-    gx, ProgressBarsConfig, suites: dict[str, list], frames: dict[str, pd.DataFrame], docs_dir: Path
-) -> list:
-    """Validate `frames["images"]` and `frames["class_counts"]`; return the validation results."""
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    site = "visionops"
-    context.add_data_docs_site(
-        site,
-        site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
-    )
-    source = context.data_sources.add_pandas("visionops")
-    results = []
-    for frame_name, df in frames.items():
-        batch = source.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe("all")
-        definitions = []
-        for suite_name in (f"critical_{frame_name}", f"warning_{frame_name}"):
-            suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
-            for expectation in suites[suite_name]:
-                suite.add_expectation(expectation)
-            definitions.append(
-                context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
-            )
-        checkpoint = context.checkpoints.add(
-            gx.Checkpoint(
-                name=f"validate_{frame_name}",
-                validation_definitions=definitions,
-                # no UpdateDataDocsAction per checkpoint: one build_data_docs below renders every
-                # result at once (each action rebuilds the whole site, ~0.5 s of Jinja apiece)
-                actions=[],
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
-            )
-        )
-        run = checkpoint.run(batch_parameters={"dataframe": df})
-        results.extend(run.run_results.values())
-    context.build_data_docs(site_names=[site])
-    return results
-
-
-def _leak_paths_paired(manifest: pd.DataFrame) -> list[str]:
-    """The leaking rows' paths with the copies of one image adjacent (train copy, then test copy)."""
-    leaks = manifest[manifest["leaks_across_splits"]]
-    group = pd.factorize(leaks["content_hash"])[0]
-    return leaks["path"].to_numpy()[np.argsort(group, kind="stable")].astype(str).tolist()
-
-
-def _failures(results: list, manifest: pd.DataFrame) -> tuple[list[dict], list[dict]]:
-    """Split the failed expectations into (critical, warnings), each with its offending paths."""
-    critical, warnings = [], []
-    for vr in results:
-        suite = vr.suite_name
-        for er in vr.results:
-            if er.success:
-                continue
-            cfg = er.expectation_config
-            res = er.result or {}
-            paths = [str(row.get("path")) for row in res.get("unexpected_index_list") or []]
-            if cfg.kwargs.get("column") == "leaks_across_splits" and suite == "critical_images":
-                paths = _leak_paths_paired(manifest)  # same rows, each duplicate's copies side by side
-            entry = {
-                "expectation": cfg.type,
-                "column": cfg.kwargs.get("column"),
-                "check": (cfg.meta or {}).get("check", cfg.type),
-                "suite": suite,
-                "offending": paths[:SUMMARY_PATHS],
-                "n_offending": int(res.get("unexpected_count", len(paths)) or 0),
-                "_all_paths": paths,
-            }
-            exc = er.exception_info or {}
-            if exc.get("raised_exception"):
-                entry["error"] = str(exc.get("exception_message"))
-            (critical if suite.startswith("critical_") else warnings).append(entry)
-    return critical, warnings
-
-
-def _describe(entries: list[dict]) -> str:
-    lines = []
-    for e in entries:
-        paths = e["_all_paths"]
-        shown = ", ".join(paths[:MESSAGE_PATHS])
-        more = len(paths) - MESSAGE_PATHS
-        if more > 0:
-            shown += f" and {more} more"
-        detail = f"{e['n_offending']} offending: {shown}" if paths else e.get("error", "failed")
-        lines.append(f"  - {e['check']} [{e['expectation']}({e['column']})]: {detail}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------
 # Stage
 
@@ -381,13 +258,13 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
         }
     )
 
-    gx, ProgressBarsConfig = _import_gx()
+    gx, ProgressBarsConfig = import_gx()
     suites = _suites(gx, cfg, len(names), shape)
     with atomic_dir(out_dir / "data_docs") as docs_tmp:
-        results = _run_gx(
+        results = run_gx(
             gx, ProgressBarsConfig, suites, {"images": manifest, "class_counts": train_frame}, docs_tmp
         )
-    critical, warnings = _failures(results, manifest)
+    critical, warnings = failures(results, manifest)
 
     ratio = _imbalance_ratio(train)
     summary = {
@@ -421,7 +298,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
         message = (
             f"validate: {len(critical)} critical check(s) failed for {dataset_dir} "
             f"(details in {out_dir / 'summary.json'}, {out_dir / 'data_docs' / 'index.html'}):\n"
-            + _describe(critical)
+            + describe(critical)
         )
         raise ValidationFailed(message, summary)
     return {**summary, "manifest_seconds": round(manifest_seconds, 3), "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,110 @@
+"""COCO json, read by torchvision's `CocoDetection` through `wrap_dataset_for_transforms_v2` (pycocotools
+underneath): boxes for detection; polygons or RLE, composed into a class mask, for segmentation.
+
+Layout: data.root/<data.annotations> (default annotations.json), each image's `file_name` relative to
+data.root; or split folders data.root/{train,val,test}/<data.annotations>, `file_name` relative to its split
+folder (the splits are kept; only train is required). Classes: the train json's categories sorted by id
+(segmentation: "background" first, then those, so a pixel's value is 1 + the category's position). An
+annotation whose category is not among them keeps class -1 (validation fails on it). Segmentation: the
+objects are painted in the json's order, later over earlier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visionops.config import DataConfig
+from visionops.data.dataset import SPLITS
+from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
+from visionops.data.images import to_8bit, to_canonical
+from visionops.data.sources import SourceData
+from visionops.errors import InvalidInputError, MissingInputError
+
+
+def split_files(root: Path, annotations: str) -> dict[str, tuple[Path, Path]]:
+    """{split: (image folder, json)}: split folders when root/train/<annotations> exists, else root itself."""
+    named = {s: (root / s, root / s / annotations) for s in SPLITS if (root / s / annotations).is_file()}
+    if named:
+        if "train" not in named:
+            raise InvalidInputError(f"data.root: {root} has {', '.join(named)}/{annotations} but no train/{annotations}")
+        return named
+    if not (root / annotations).is_file():
+        raise MissingInputError(f"data.annotations: no {root / annotations} (nor {root}/train/{annotations})")
+    return {"train": (root, root / annotations)}
+
+
+def _dataset(folder: Path, ann_file: Path, channels: int):
+    from torchvision.datasets import CocoDetection
+
+    class Coco(CocoDetection):
+        def _load_image(self, id: int) -> Image.Image:  # visionops' decoding: 16-bit rescaled, source bands kept
+            with Image.open(os.path.join(self.root, self.coco.loadImgs(id)[0]["file_name"])) as img:
+                img.load()
+                out = to_8bit(img).convert("L" if channels == 1 else "RGB")
+                out.info["bands"] = len(img.getbands())
+                return out
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            return Coco(str(folder), str(ann_file))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"data.annotations: {ann_file} is not a COCO json: {decode_error(exc)}") from exc
+
+
+def _categories(ds, task: str) -> tuple[list[str], dict[int, int]]:
+    cats = sorted(ds.coco.cats.values(), key=lambda c: c["id"])
+    offset = 1 if task == "segmentation" else 0
+    names = ["background"] * offset + [str(c["name"]) for c in cats]
+    return names, {c["id"]: offset + i for i, c in enumerate(cats)}
+
+
+def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, task: str) -> list[DenseImage]:
+    from torchvision.datasets import wrap_dataset_for_transforms_v2
+
+    keys = {"boxes", "labels", "masks"} if task == "segmentation" else {"boxes", "labels"}
+    wrapped = wrap_dataset_for_transforms_v2(ds, target_keys=keys)
+    records = []
+    for i, image_id in enumerate(ds.ids):
+        path = prefix + ds.coco.loadImgs(image_id)[0]["file_name"]
+        try:
+            image, target = wrapped[i]
+        except Exception as exc:  # noqa: BLE001 - an unreadable image or annotation is reported per file
+            records.append(DenseImage(path, error=decode_error(exc)))
+            continue
+        h, w = image.height, image.width
+        boxes = target["boxes"].tolist() if "boxes" in target else []
+        cats = target["labels"].tolist() if "labels" in target else []
+        objects = [
+            DenseObject(str(c), str(ds.coco.cats.get(c, {}).get("name", "")), index.get(c, -1), tuple(b))
+            for b, c in zip(boxes, cats)
+        ]
+        rec = DenseImage(path, to_canonical(image, cfg.image_size, cfg.channels), (h, w, image.info["bands"]), objects)
+        if task == "segmentation":
+            shape = tuple(target["masks"].shape[1:]) if "masks" in target else (h, w)
+            mask = np.zeros(shape, np.uint8)
+            for obj, m in zip(objects, target.get("masks", [])):
+                if obj.class_index >= 0:
+                    mask[m.numpy().astype(bool)] = obj.class_index
+            rec.mask = mask
+        records.append(rec)
+    return records
+
+
+def load(cfg: DataConfig, task: str) -> SourceData:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise MissingInputError(f"data.root: {root} is not a directory")
+    files = split_files(root, cfg.annotation_file)
+    datasets = {s: _dataset(folder, ann, cfg.channels) for s, (folder, ann) in files.items()}
+    class_names, index = _categories(datasets["train"], task)
+    records = {}
+    for s, ds in datasets.items():
+        prefix = "" if files[s][0] == root else f"{s}/"
+        records[s] = _read(ds, prefix, index, cfg, task)
+    return to_source_data(records, class_names, task, cfg)

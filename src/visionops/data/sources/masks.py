@@ -1,0 +1,77 @@
+"""PNG index masks beside the images (segmentation; VOC's SegmentationClass masks are such PNGs).
+
+Layout: data.root/images/<stem>.{png,jpg,jpeg} with data.root/masks/<stem>.png, or the same under
+data.root/{train,val,test}/ (the splits are kept; only train is required); and data.root/<data.annotations>
+(default classes.txt), one class name a line, background first. A mask is a single-channel PNG (mode P or
+L) whose value is the class index of each pixel, 255 = ignore (unlabelled or border). Each class present
+in a mask counts as one object (semantic masks have no instances), its box the class's pixels' extent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visionops.config import DataConfig
+from visionops.data.dataset import SPLITS
+from visionops.data.dense import IGNORE, DenseImage, DenseObject, decode_error, to_source_data
+from visionops.data.images import IMAGE_SUFFIXES, decode_file
+from visionops.data.sources import SourceData
+from visionops.errors import InvalidInputError, MissingInputError
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise ValueError(f"mask {path.name} is mode {img.mode}; a single-channel index PNG (P or L) is expected")
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _objects(mask: np.ndarray, class_names: list[str]) -> list[DenseObject]:
+    objects = []
+    for v in np.unique(mask):
+        if v in (0, IGNORE):
+            continue
+        ys, xs = np.nonzero(mask == v)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        known = v < len(class_names)
+        objects.append(DenseObject(str(v), class_names[v] if known else "", int(v) if known else -1, box))
+    return objects
+
+
+def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConfig) -> list[DenseImage]:
+    records = []
+    for f in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        rec = DenseImage(f"{prefix}images/{f.name}")
+        mask_path = folder / "masks" / f"{f.stem}.png"
+        try:
+            rec.image, rec.orig = decode_file(f, cfg.image_size, cfg.channels)
+            rec.mask = _read_mask(mask_path)
+            rec.objects = _objects(rec.mask, class_names)
+        except FileNotFoundError:
+            rec.error = f"no mask {prefix}masks/{mask_path.name}"
+        except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
+            rec.error = decode_error(exc)
+        records.append(rec)
+    return records
+
+
+def load(cfg: DataConfig, task: str) -> SourceData:
+    root = Path(cfg.root).expanduser()
+    classes = root / cfg.annotation_file
+    if not classes.is_file():
+        raise MissingInputError(f"data.annotations: no class list {classes} (one name a line, background first)")
+    class_names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
+    if len(class_names) < 2:
+        raise InvalidInputError(f"{classes}: needs background and at least one class, got {class_names}")
+    named = {s: f"{s}/" for s in SPLITS if (root / s / "images").is_dir()}
+    if named and "train" not in named:
+        raise InvalidInputError(f"data.root: {root} has {', '.join(named)}/images but no train/images")
+    if not named and not (root / "images").is_dir():
+        raise MissingInputError(f"data.root: {root} has no images/ folder (nor train/images/)")
+    if not named:
+        return to_source_data({"train": _read_split(root, "", class_names, cfg)}, class_names, task, cfg)
+    records = {s: _read_split(root / s, prefix, class_names, cfg) for s, prefix in named.items()}
+    return to_source_data(records, class_names, task, cfg)

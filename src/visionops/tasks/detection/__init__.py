@@ -1,0 +1,1 @@
+"""Object detection: its stages, models, augmentation, losses, metrics and plots."""

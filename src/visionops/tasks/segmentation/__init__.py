@@ -1,0 +1,1 @@
+"""Semantic segmentation: its stages, models, augmentation, losses, metrics and plots."""
