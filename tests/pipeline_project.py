@@ -15,11 +15,13 @@ BIN = Path(sys.executable).parent
 
 
 class Project:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, params: Path = ROOT / "params.yaml"):
+        """A copy of the project at `path`, with `params` (e.g. a preset) as its params.yaml."""
         self.path = path
         path.mkdir(parents=True)
-        for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
             shutil.copy(ROOT / name, path / name)
+        shutil.copy(params, path / "params.yaml")
         shutil.copytree(ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         (path / ".dvc").mkdir()
         shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")

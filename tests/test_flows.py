@@ -603,3 +603,54 @@ def test_the_training_flow_does_not_rejudge_a_challenger_rejected_against_the_sa
     assert _judged(tmp_path) is None  # make flow runs the flow
     with pytest.raises(Exception, match="holdout"):  # other gates: judged again (and this project has no holdout)
         flows.promote_all(tmp_path, rejudge=False)
+
+
+# ------------------------------------------------------------------------------------------
+# every task through the same flow, stages, tracking and registry
+
+# each preset with fewer canvases and epochs (and gates the short run can pass), for the suite's time budget
+TASK_FAST = {
+    "detection": {"data": {"canvases": {"count": 600}}, "train": {"epochs": 6}, "distill": {"epochs": 2},
+                  "promote": {"min_score": 0.3, "min_class_score": 0.0}},
+    "segmentation": {"data": {"canvases": {"count": 600}}, "train": {"epochs": 6}, "distill": {"epochs": 2},
+                     "promote": {"min_score": 0.3, "min_class_score": 0.0}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(TASK_FAST))
+def test_training_flow_runs_detection_and_segmentation_end_to_end(task, tmp_path, prefect_harness):
+    """The preset of each task through the Prefect training flow: the same eight DVC stages as tasks, each an
+    MLflow run with its lineage, the task's models registered, and the first teacher promoted on its headline
+    metric (mAP@.5 or mIoU) on the frozen holdout."""
+    import mlflow
+
+    project = Project(tmp_path / "proj", params=ROOT / "presets" / f"{task}.yaml")
+    params = yaml.safe_load((project.path / "params.yaml").read_text())
+    for section, values in TASK_FAST[task].items():
+        for key, value in values.items():
+            params[section][key] = {**params[section][key], **value} if isinstance(value, dict) else value
+    (project.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _commit(project, f"{task} preset, fast")
+
+    state = flows.training(project_dir=str(project.path), return_state=True)
+
+    assert state.is_completed(), state.message
+    flow_run_id = _flow_run_id(state)
+    summary = state.result()
+    assert [s["state"] for s in summary["stages"]] == ["ran"] * len(STAGES)
+    runs = _mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "stage"})
+    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(STAGES)
+    assert {r.data.params["task"] for r in runs} == {task}
+    assert {r.data.tags["visionops.pipeline_run_id"] for r in runs} == {f"prefect-{flow_run_id}"}
+    headline = {"detection": "map_50", "segmentation": "miou"}[task]
+    evaluate = next(r for r in runs if r.data.tags["visionops.stage"] == "evaluate")
+    assert 0.0 <= evaluate.data.metrics[headline] <= 1.0
+
+    client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    teacher_name, student_name = params["mlflow"]["teacher_model_name"], params["mlflow"]["student_model_name"]
+    champion = client.get_model_version_by_alias(teacher_name, "champion")
+    assert champion.tags["promotion.decision"] == "promoted" and champion.run_id in {r.info.run_id for r in runs}
+    record = json.loads(champion.tags["promotion.metrics"])["challenger"]
+    assert record["headline"] == headline and record[headline] >= 0.3
+    assert client.search_model_versions(f"name = '{student_name}'")

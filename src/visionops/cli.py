@@ -66,11 +66,14 @@ def _check(params, args, run) -> dict:
 @command(
     "download",
     "fetch the data source and write the canonical dataset",
-    "Read data.source (digits: embedded, no network; cifar10: the official archive from data.url, "
-    "MD5-verified, retried; folder: an ImageFolder tree at data.root), resize to data.image_size and "
-    "data.channels, and assign each image to holdout, val, test or train by a seeded hash of its pixels "
-    "(adding images never moves one; duplicates stay together). Writes train/val/test (uint8 NHWC arrays, "
-    f"labels, manifests) to {layout.DATASET}/ and the frozen holdout to {layout.HOLDOUT}/, atomically.",
+    "Read data.source, resize to data.image_size and data.channels, and assign each image to holdout, val, "
+    "test or train by a seeded hash of its pixels (adding images never moves one; duplicates stay together). "
+    "Classification: digits (embedded, no network), cifar10 (the official archive from data.url, MD5-verified, "
+    "retried) or folder (an ImageFolder tree at data.root). Detection: canvases (embedded digits composed on "
+    "larger images, written as COCO and read back), coco, voc or yolo at data.root. Segmentation: canvases "
+    "(written as PNG masks), coco (polygons or RLE) or masks (PNG index masks beside the images). Writes "
+    f"train/val/test (uint8 NHWC arrays, labels or boxes or masks, manifests) to {layout.DATASET}/ and the frozen "
+    f"holdout to {layout.HOLDOUT}/, atomically.",
     sections=("data",),
 )
 def _download(params, args, run) -> dict:
@@ -81,10 +84,12 @@ def _download(params, args, run) -> dict:
 @command(
     "validate",
     "check the dataset with Great Expectations",
-    "Build a per-image manifest and run an expectation suite on it: labels in the class set, consistent "
-    "shapes, no unreadable files, no empty class, no exact duplicates across splits, pixel statistics in "
-    f"range. Critical failures exit non-zero naming the files; imbalance above validate.max_imbalance_ratio "
-    f"is a warning. Writes summary.json, manifest.csv, class_counts.csv and data_docs/ to {layout.VALIDATE_REPORTS}/.",
+    "Build a per-image manifest (and, for detection and segmentation, a per-object one) and run an expectation "
+    "suite on it: labels in the class set, consistent shapes, no unreadable files, no exact duplicates across "
+    "splits, pixel statistics in range; boxes inside their image with positive area; masks of their image's "
+    "size with values in the class set; images without objects counted. Critical failures exit non-zero "
+    "naming the files (and objects); imbalance above validate.max_imbalance_ratio is a warning. Writes "
+    f"summary.json, manifest.csv, class_counts.csv and data_docs/ to {layout.VALIDATE_REPORTS}/.",
     sections=("validate",),
 )
 def _validate(params, args, run) -> dict:
@@ -101,9 +106,11 @@ def _validate(params, args, run) -> dict:
 @command(
     "prepare",
     "apply the class-balance strategy and record the augmentation policy",
-    "Apply balance.simulate_imbalance_factor and balance.strategy (none, oversample, undersample, "
-    "class_weights, logit_adjust) to the train split, record the augmentation policy for training, and "
-    f"plot the class distribution before and after. Writes {layout.PREPARED}/ and {layout.PREPARE_REPORTS}/.",
+    "Apply balance.strategy to the train split (classification: none, oversample, undersample, class_weights, "
+    "logit_adjust, after balance.simulate_imbalance_factor; detection: repeat_factor sampling as in LVIS; "
+    "segmentation: class_weights, per-pixel weights from class frequencies), record the augmentation policy "
+    f"for training, and plot the class distribution before and after. Writes {layout.PREPARED}/ and "
+    f"{layout.PREPARE_REPORTS}/.",
     sections=("balance", "augment"),
 )
 def _prepare(params, args, run) -> dict:
@@ -118,8 +125,8 @@ def _prepare(params, args, run) -> dict:
     "early-stopped on val. Uses cuda, then mps, then cpu (train.device); bf16 autocast, channels_last and "
     "optional torch.compile on CUDA. A checkpoint is written every epoch: rerunning after a crash resumes. "
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
-    "At the end it stores the served rule in the model file: the test-time augmentation train.tta that "
-    "selected it, and the temperature fitted on val. "
+    "At the end it stores the served rule in the model file (classification: the test-time augmentation "
+    "train.tta that selected it and the temperature fitted on val; detection: the NMS thresholds). "
     f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png); "
     "`visionops register` registers it.",
     sections=("train", "augment"),
@@ -142,12 +149,13 @@ def _train(params, args, run) -> dict:
 
 @command(
     "evaluate",
-    "measure the teacher on the test split, with calibration and Grad-CAM explanations",
-    "Accuracy, balanced accuracy, macro-F1, top-k and per-class precision/recall/F1; a confusion matrix; "
-    "ECE and a reliability diagram before and after the model's temperature (fitted on val when it was trained); "
-    "all of the served predictor (its test-time augmentation and temperature); latency, throughput, "
-    "parameters and size on the current device; Grad-CAM overlays of right and wrong predictions and a "
-    f"gallery of mistakes; all tied together in report.md. Writes {layout.EVALUATE_REPORTS}/.",
+    "measure the teacher on the test split, with figures and explanations",
+    "Classification: accuracy, balanced accuracy, macro-F1, top-k and per-class precision/recall/F1, a confusion "
+    "matrix, ECE and reliability before and after the model's temperature, Grad-CAM overlays and a gallery of "
+    "mistakes. Detection: COCO mAP@[.5:.95], mAP@.5 and per-class AP, precision-recall curves, images with "
+    "predicted and true boxes. Segmentation: mIoU, per-class IoU, pixel accuracy and Dice, mask overlays. "
+    "All of the served predictor, with latency, throughput, parameters and size on the current device, tied "
+    f"together in report.md (figures in figures/). Writes {layout.EVALUATE_REPORTS}/.",
     sections=("evaluate",),
 )
 def _evaluate(params, args, run) -> dict:
@@ -160,7 +168,7 @@ def _evaluate(params, args, run) -> dict:
 @command(
     "baseline",
     "train the distillation student alone, for distill's comparison",
-    "Train distill.student without a teacher (plain cross-entropy; the same initial weights, seed, schedule "
+    "Train distill.student without a teacher (the task's plain loss; the same initial weights, seed, schedule "
     "and augmentation as the distilled student), measure it on the test split, and write baseline.json (with "
     f"its per-epoch history) and history.png to {layout.BASELINE_REPORTS}/. Its own stage because it does "
     "not depend on the teacher: DVC skips it when only the teacher changed. With distill.baseline false it trains nothing and "
@@ -185,12 +193,12 @@ def _baseline(params, args, run) -> dict:
 @command(
     "distill",
     "distill a small student from the trained teacher, export it to ONNX and int8",
-    "Train distill.student with Hinton knowledge distillation from the teacher (temperature, alpha; KL "
-    "term scaled by T^2) under the same augmentation; with distill.baseline, the result of "
-    "`visionops baseline` (the same student alone) shows what distillation gained. Compares teacher and "
-    "student on the test split (accuracy, parameters, size, "
-    "CPU latency), exports the student to ONNX with an ONNX Runtime parity check, and (distill.quantize) "
-    f"int8-quantizes it. The student's file stores its served rule (train.tta, temperature fitted on val). "
+    "Train distill.student from the teacher under the same augmentation (classification: Hinton knowledge "
+    "distillation, temperature and alpha, KL scaled by T^2; segmentation: the same per pixel; detection: the "
+    "method the README names); with distill.baseline, the result of `visionops baseline` (the same student "
+    "alone) shows what distillation gained. Compares teacher and student on the test split (the task's "
+    "headline metric, parameters, size, CPU latency), exports the student to ONNX with an ONNX Runtime parity "
+    "check, and (classification, distill.quantize) int8-quantizes it. "
     f"Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/; `visionops register` registers it.",
     sections=("distill", "train"),
     tracked_in_process=True,
