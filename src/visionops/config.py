@@ -83,6 +83,8 @@ class AugmentConfig(Section):
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
+    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0)  # detection/segmentation: zoom by 1 +/- this
+    brightness: float = Field(0.0, ge=0.0, le=1.0)  # detection/segmentation: contrast/brightness jitter
 
 
 class TrainConfig(Section):
