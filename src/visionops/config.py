@@ -149,6 +149,13 @@ class DistillConfig(Section):
     quantize: bool = True  # static int8 quantization (ONNX Runtime, QDQ) of the student, with accuracy and speed
 
 
+class SegmentationConfig(Section):
+    """Segmentation's own settings (used when task is segmentation)."""
+
+    correct_miou: float = Field(0.5, ge=0.0, le=1.0)  # an image counts as right when its own mIoU reaches this
+    overlay_images: int = Field(6, ge=0, le=64)  # test images evaluate draws with true and predicted masks
+
+
 class MlflowConfig(Section):
     """Experiment tracking and the model registry."""
 
@@ -198,6 +205,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     mlflow: MlflowConfig = MlflowConfig()
     promote: PromoteConfig = PromoteConfig()
     monitor: MonitorConfig = MonitorConfig()
