@@ -170,7 +170,7 @@ def test_log_model_and_score_the_served_model(pipeline, store):
     task, root = get_task("segmentation"), pipeline["root"]
     with mlflow.start_run():
         version = task.log_model(root / "teacher.pt", "visionops-segmenter", {"stage": "test"}, "challenger")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     scores = task.score(pipeline["params"], "models:/visionops-segmenter@challenger", pipeline["ds"], "test")
     evaluated = json.loads((root / "reports/evaluate/metrics.json").read_text())
     assert scores["n"] == 12 and len(scores["correct"]) == 12
