@@ -130,6 +130,8 @@ class AugmentConfig(Section):
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
+    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0)  # detection/segmentation: zoom by 1 +/- this
+    brightness: float = Field(0.0, ge=0.0, le=1.0)  # detection/segmentation: contrast/brightness jitter
 
 
 class TrainConfig(Section):
@@ -194,6 +196,13 @@ class DistillConfig(Section):
     quantize: bool = True  # static int8 quantization (ONNX Runtime, QDQ) of the student, with accuracy and speed
 
 
+class SegmentationConfig(Section):
+    """Segmentation's own settings (used when task is segmentation)."""
+
+    correct_miou: float = Field(0.5, ge=0.0, le=1.0)  # an image counts as right when its own mIoU reaches this
+    overlay_images: int = Field(6, ge=0, le=64)  # test images evaluate draws with true and predicted masks
+
+
 class MlflowConfig(Section):
     """Experiment tracking and the model registry."""
 
@@ -243,6 +252,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     mlflow: MlflowConfig = MlflowConfig()
     promote: PromoteConfig = PromoteConfig()
     monitor: MonitorConfig = MonitorConfig()

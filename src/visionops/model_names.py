@@ -4,15 +4,19 @@ tests/test_config.py keeps these equal to `visionops.models.list_models()` and t
 """
 
 MODEL_TASKS = {  # model name -> the task it solves
+    "deeplabv3_mobilenet_v3_large": "segmentation",
     "fastnet": "classification",
     "fastnet_tiny": "classification",
     "lenet": "classification",
+    "lraspp_mobilenet_v3_large": "segmentation",
     "mobilenet_tiny": "classification",
     "resnet": "classification",
     "resnet18": "classification",
     "resnet20": "classification",
     "resnet8": "classification",
     "slim_resnet": "classification",
+    "unet": "segmentation",
+    "unet_small": "segmentation",
 }
 MODEL_NAMES = tuple(MODEL_TASKS)
 MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16}  # others work from the schema's floor, 8

@@ -1,1 +1,1 @@
-"""Semantic segmentation: its stages, models, augmentation, losses, metrics and plots."""
+"""Semantic segmentation: a class per pixel (class 0 is background; 255 in a mask is ignored)."""

@@ -1,0 +1,106 @@
+"""Stage `distill` for segmentation: pixel-wise Hinton knowledge distillation into a smaller network.
+
+The student is trained with `alpha * T^2 * KL(teacher_T || student_T)` per pixel plus `(1 - alpha)` x the
+weighted pixel CE (`losses.PixelDistillationLoss`), on the teacher's augmentation and normalisation. Then
+on the test split: teacher vs student mIoU and pixel accuracy, parameters, CPU latency, and the student's
+ONNX export with an onnxruntime parity check of its raw per-pixel logits.
+
+Writes the student to `student_path`, and to `reports_dir`: metrics.json (`HEADLINE`), details.json,
+history.csv/png, student.onnx, report.md/.html (timings in measured.json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionops import atomic, measured
+from visionops.config import AugmentConfig, DistillConfig, TrainConfig
+from visionops.errors import InvalidInputError
+from visionops.evaluation import report_html
+from visionops.evaluation.latency import measure_latency
+from visionops.models import count_parameters
+from visionops.serving import export
+from visionops.tasks.segmentation import segmenter
+from visionops.tasks.segmentation.baseline import read_baseline, split_scores, student_config
+from visionops.tasks.segmentation.losses import PixelDistillationLoss
+from visionops.tasks.segmentation.train import setup
+from visionops.training.outputs import fingerprint, run_seconds, write_history
+
+HEADLINE = ("student_miou", "teacher_miou", "kd_gain")
+PARITY_IMAGES = 64
+
+
+def _cpu_latency(model, image_shape) -> dict:
+    return measure_latency(model.cpu(), image_shape, torch.device("cpu"), batch_size=64)
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _report(m: dict) -> str:
+    rows = [
+        ("mIoU (test)", _f(m["teacher_miou"]), _f(m["student_miou"])),
+        ("pixel accuracy (test)", _f(m["teacher_pixel_accuracy"]), _f(m["student_pixel_accuracy"])),
+        ("parameters", str(m["teacher_parameters"]), str(m["student_parameters"])),
+    ]
+    return "\n".join([
+        f"# Distillation: `{m['teacher']}` → `{m['student']}` (segmentation)", "",
+        f"Pixel-wise Hinton KD, T = {m['temperature']}, alpha = {m['alpha']}.", "",
+        "| | teacher | student |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
+        f"- student trained alone (baseline): mIoU {_f(m['baseline_miou'])}; KD gain {_f(m['kd_gain'])}",
+        f"- ONNX ({m['onnx_exporter']}): max |onnx - torch| logit {m['onnx_max_abs_diff']:.3g} on {m['onnx_images']} "
+        f"images, argmax agreement {m['onnx_argmax_agreement']:.4f}", "",
+        "![student training](history.png)", "",
+    ])  # fmt: skip
+
+
+def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: DistillConfig, train_cfg: TrainConfig,
+                augment_cfg: AugmentConfig, student_path: Path, reports_dir: Path, checkpoint_dir: Path,
+                on_epoch=None, baseline_path: Path | None = None) -> dict:
+    reports_dir = Path(reports_dir)
+    baseline = read_baseline(baseline_path, cfg)
+    student_cfg = student_config(cfg, train_cfg)
+    s = setup(dataset_dir, prepared_dir, student_cfg, augment_cfg)
+    teacher, info = segmenter.load(teacher_path, s.device)
+    if info["class_names"] != s.ds.class_names or tuple(info["image_shape"]) != s.ds.image_shape:
+        raise InvalidInputError(f"{teacher_path}: the teacher was trained on other classes or image shape than {dataset_dir}")
+    criterion = PixelDistillationLoss(s.hard, teacher, cfg.alpha, cfg.temperature)
+    digest = fingerprint("student_kd", student_cfg.model_dump(), cfg.model_dump(), info["arch"], *s.digest_parts,
+                         arrays=(*s.arrays, np.frombuffer(Path(teacher_path).read_bytes(), np.uint8)))
+    student, state = s.fit(cfg.student, student_cfg, criterion, Path(checkpoint_dir) / "student_kd.pt", digest, "distill", on_epoch)
+    if not s.dist_info.is_main:
+        return {"rank": s.dist_info.rank}
+    t_scores = split_scores(s, teacher, train_cfg.eval_batch_size)
+    st_scores = split_scores(s, student, train_cfg.eval_batch_size)
+    test_images = np.asarray(s.ds.splits["test"].images)[:PARITY_IMAGES]
+    student = student.cpu().eval()
+    segmenter.save(student_path, student, cfg.student, s.ds.class_names, s.ds.image_shape,
+                   history=[measured.pure(r) for r in state.history])
+    onnx_info = export.export_onnx(student, s.ds.image_shape, reports_dir / "student.onnx")
+    parity = export.onnx_parity(student, reports_dir / "student.onnx", test_images, cfg.onnx_atol, cfg.onnx_rtol)
+    t_lat, s_lat = _cpu_latency(teacher, s.ds.image_shape), _cpu_latency(student, s.ds.image_shape)
+    baseline_miou = baseline["test_miou"] if baseline else None
+    m = {
+        "teacher": info["arch"], "student": cfg.student, "temperature": cfg.temperature, "alpha": cfg.alpha,
+        "teacher_miou": t_scores["miou"], "student_miou": st_scores["miou"],
+        "teacher_pixel_accuracy": t_scores["pixel_accuracy"], "student_pixel_accuracy": st_scores["pixel_accuracy"],
+        "baseline_miou": baseline_miou,
+        "kd_gain": st_scores["miou"] - baseline_miou if baseline_miou is not None else None,
+        "teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student),
+        "onnx_exporter": onnx_info["exporter"], "onnx_max_abs_diff": parity["max_abs_diff"],
+        "onnx_argmax_agreement": parity["argmax_agreement"], "onnx_images": parity["images"], "onnx_parity": parity["passed"],
+        "epochs_run": state.epoch, "best_val_miou": state.best_acc,
+        "teacher_cpu_batch_ms": t_lat["batch_ms"], "student_cpu_batch_ms": s_lat["batch_ms"],
+        "cpu_speedup": t_lat["batch_ms"] / s_lat["batch_ms"],
+        **run_seconds(state.history, len(s.arrays[0])),
+    }  # fmt: skip
+    write_history([measured.pure(r) for r in state.history], reports_dir, f"distilled student: {cfg.student}")
+    measured.write_reports(reports_dir, m, HEADLINE)
+    atomic.write_text(reports_dir / "report.md", _report(m))
+    report_html.write(reports_dir / "report.md", "visionops distillation")
+    (Path(checkpoint_dir) / "student_kd.pt").unlink(missing_ok=True)
+    return m

@@ -1,0 +1,110 @@
+"""Stage `evaluate` for segmentation: the teacher on the test split.
+
+Writes to `reports_dir`: metrics.json (`HEADLINE`), details.json, per_class.json (IoU, Dice, pixels per
+class), predictions.csv (`actual,predicted` class names of a seeded sample of test pixels, for DVC's
+confusion plot), figures/overlays.png and figures/per_class_iou.png, report.md/.html; timings
+(latency) go to measured.json. Grad-CAM is not drawn: see `report.md`'s note.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionops import atomic, measured
+from visionops.config import EvaluateConfig, SegmentationConfig
+from visionops.data import dataset
+from visionops.errors import InvalidInputError
+from visionops.evaluation import report_html
+from visionops.evaluation.latency import measure_latency, model_size_bytes
+from visionops.models import count_parameters
+from visionops.tasks.segmentation import plots, segmenter
+from visionops.tasks.segmentation.metrics import image_miou, segmentation_metrics
+from visionops.training.device import select_device
+
+HEADLINE = ("miou", "pixel_accuracy", "dice")
+SAMPLE_PIXELS = 4000
+SEED = 0
+
+
+def sample_pixels(truth: np.ndarray, pred: np.ndarray, class_names: list[str], n: int = SAMPLE_PIXELS, seed: int = SEED) -> str:
+    """predictions.csv: `actual,predicted` class names of `n` seeded random non-ignored pixels."""
+    flat_t, flat_p = truth.reshape(-1), pred.reshape(-1)
+    keep = np.flatnonzero(flat_t != segmenter.IGNORE)
+    pick = np.sort(np.random.default_rng(seed).choice(keep, size=min(n, len(keep)), replace=False))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["actual", "predicted"])
+    writer.writerows([class_names[flat_t[i]], class_names[flat_p[i]]] for i in pick)
+    return buf.getvalue()
+
+
+def score_masks(pred: np.ndarray, truth: np.ndarray, class_names: list[str], correct_miou: float) -> dict:
+    """The segmentation metrics, plus each image's own mIoU and whether it reaches `correct_miou`."""
+    p, t = torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(truth))
+    m = segmentation_metrics(p, t, class_names)
+    per_image = image_miou(p, t, len(class_names))
+    m["image_miou"] = per_image
+    m["correct"] = [bool(v >= correct_miou) for v in per_image]
+    return m
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def render_report(m: dict, arch: str, correct_miou: float) -> str:
+    lines = [
+        f"# Evaluation of `{arch}` (segmentation, test split)", "",
+        f"- mIoU (mean over classes, background included): **{m['miou']:.4f}**",
+        f"- pixel accuracy: {m['pixel_accuracy']:.4f}; Dice (mean over classes): {m['dice']:.4f}",
+        f"- images whose own mIoU >= {correct_miou}: {m['images_correct']}/{m['images']}",
+        f"- parameters: {m['parameters']}; size: {m['size_bytes']} bytes", "",
+        "| class | IoU | Dice | pixels |", "|---|---|---|---|",
+        *(f"| {c} | {_fmt(v['iou'])} | {_fmt(v['dice'])} | {v['pixels']} |" for c, v in m["per_class"].items()),
+        "", "![per-class IoU](figures/per_class_iou.png)", "",
+        "![true and predicted masks](figures/overlays.png)", "",
+        "Grad-CAM explanations are not drawn for segmentation: a per-class CAM over every overlay costs a",
+        "backward pass per class and image, more than this stage's time budget on a CPU.", "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, reports_dir: Path, batch_size: int,
+                 device_name: str, seg: SegmentationConfig) -> dict:
+    correct_miou = seg.correct_miou
+    reports_dir = Path(reports_dir)
+    device = select_device(device_name)
+    ds = dataset.load(dataset_dir)
+    model, info = segmenter.load(model_path, device)
+    if info["class_names"] != ds.class_names or tuple(info["image_shape"]) != ds.image_shape:
+        raise InvalidInputError(f"{model_path}: trained on classes {info['class_names']} / shape {info['image_shape']}, "
+                                f"but {dataset_dir} has {ds.class_names} / {list(ds.image_shape)}; retrain")
+    test = ds.splits["test"]
+    truth = np.asarray(test.targets["masks"])
+    pred = segmenter.predict_masks(model, test.images, device, batch_size)
+    m = score_masks(pred, truth, ds.class_names, correct_miou)
+    per_class = m.pop("per_class")
+    m.pop("image_miou")
+    correct = m.pop("correct")
+    latency = measure_latency(model, ds.image_shape, device, cfg.latency_batch_size)
+    result = {
+        "model": info["arch"], **m, "images": len(correct), "images_correct": int(sum(correct)),
+        "parameters": count_parameters(model), "size_bytes": model_size_bytes(model),
+        "latency_batch_ms": latency["batch_ms"], "latency_single_image_ms": latency["single_image_ms"],
+    }  # fmt: skip
+    figures = reports_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    shown = np.random.default_rng(SEED).choice(len(truth), size=min(seg.overlay_images, len(truth)), replace=False)
+    plots.overlays(np.asarray(test.images)[np.sort(shown)], truth[np.sort(shown)], pred[np.sort(shown)], ds.class_names, figures / "overlays.png")
+    plots.per_class_iou(per_class, figures / "per_class_iou.png", f"{info['arch']}: test IoU per class")
+    atomic.write_text(reports_dir / "predictions.csv", sample_pixels(truth, pred, ds.class_names))
+    atomic.write_json(reports_dir / "per_class.json", per_class)
+    measured.write_reports(reports_dir, {**result, "per_class": per_class}, HEADLINE)
+    atomic.write_text(reports_dir / "report.md", render_report({**result, "per_class": per_class}, info["arch"], correct_miou))
+    report_html.write(reports_dir / "report.md", "visionops evaluation")
+    return result

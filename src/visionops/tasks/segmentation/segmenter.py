@@ -1,0 +1,90 @@
+"""A trained segmentation network bundled with its preprocessing, saved and loaded as one artifact.
+
+`Segmenter` takes uint8 (or 0..1 float) N x C x H x W images and returns per-pixel logits
+N x K x H x W; normalisation is inside, so training, evaluation, ONNX export and serving call the same
+forward. The model file holds only tensors and plain values (loadable with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from visionops.atomic import write_bytes
+from visionops.errors import MissingInputError
+from visionops.models import create_model
+
+IGNORE = 255  # mask value of pixels no loss or metric counts
+
+
+class Segmenter(nn.Module):
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        return self.net((x - self.mean) / self.std)
+
+
+def build(arch: str, class_names: list[str], image_shape, mean, std) -> Segmenter:
+    h, _, c = image_shape
+    net = create_model(arch, in_channels=c, num_classes=len(class_names), image_size=h)
+    return Segmenter(net, list(mean), list(std))
+
+
+def save(path: Path, model: Segmenter, arch: str, class_names: list[str], image_shape, **extra) -> None:
+    payload = {
+        "task": "segmentation",
+        "arch": arch,
+        "class_names": list(class_names),
+        "image_shape": [int(s) for s in image_shape],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    buf = io.BytesIO()  # torch.save names the zip's top folder after the file: a temp file's name would leak in
+    torch.save(payload, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Segmenter, dict]:
+    """Rebuild a saved segmenter in eval mode; also returns the saved metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path}: no trained model (run `visionops train`)")
+    info = torch.load(path, map_location="cpu", weights_only=True)
+    if info.get("task") != "segmentation":
+        raise MissingInputError(f"{path}: not a segmentation model (task {info.get('task', 'classification')!r})")
+    state = info.pop("state_dict")
+    model = build(info["arch"], info["class_names"], tuple(info["image_shape"]), state["mean"].flatten(), state["std"].flatten())
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_nhwc, device: torch.device | str = "cpu", batch_size: int = 256) -> Tensor:
+    """Float logits N x K x H x W (on the CPU) for a uint8 N x H x W x C array, in batches."""
+    model = model.eval()
+    out = []
+    for start in range(0, len(images_nhwc), batch_size):
+        chunk = torch.as_tensor(np.array(images_nhwc[start : start + batch_size])).to(device).permute(0, 3, 1, 2)
+        out.append(model(chunk).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_masks(model: nn.Module, images_nhwc, device: torch.device | str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """Predicted class index per pixel, uint8 N x H x W."""
+    masks = [
+        predict_logits(model, images_nhwc[start : start + batch_size], device, batch_size).argmax(1).to(torch.uint8)
+        for start in range(0, len(images_nhwc), batch_size)
+    ]
+    h, w = np.asarray(images_nhwc[:0]).shape[1:3]
+    return torch.cat(masks).numpy() if masks else np.zeros((0, h, w), np.uint8)

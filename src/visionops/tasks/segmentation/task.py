@@ -1,0 +1,90 @@
+"""Semantic segmentation's stage functions (the `Task` protocol): thin calls into this folder's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionops.config import Params
+from visionops.tasks.base import EpochCallback
+
+
+class Segmentation:
+    name = "segmentation"
+    sources = ("canvases", "coco", "masks")
+    headline = "miou"
+
+    def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
+        from visionops.data.download import run_download
+
+        return run_download(params.data, out_dir, holdout_dir, task=self.name)
+
+    def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.segmentation.validate import run_validate  # written by the data work
+
+        return run_validate(dataset_dir, params.validate_, reports_dir)
+
+    def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.segmentation.prepare import run_prepare
+
+        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir)
+
+    def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
+              checkpoint: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.segmentation.train import recorded_augment, run_train
+
+        return run_train(dataset_dir, prepared_dir, params.train, recorded_augment(prepared_dir), model_path,
+                         reports_dir, checkpoint, on_epoch=on_epoch)
+
+    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.segmentation.evaluate import run_evaluate
+
+        return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size,
+                            params.train.device, params.segmentation)
+
+    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path,
+                 checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.segmentation.baseline import run_baseline
+        from visionops.tasks.segmentation.train import recorded_augment
+
+        return run_baseline(dataset_dir, prepared_dir, params.distill, params.train, recorded_augment(prepared_dir),
+                            reports_dir, checkpoints_dir, on_epoch=on_epoch)
+
+    def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
+                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.segmentation.distill import run_distill
+        from visionops.tasks.segmentation.train import recorded_augment
+
+        return run_distill(dataset_dir, prepared_dir, teacher_path, params.distill, params.train,
+                           recorded_augment(prepared_dir), student_path, reports_dir, checkpoints_dir,
+                           on_epoch=on_epoch, baseline_path=baseline_path)
+
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+        from visionops.tasks.segmentation.serving import log_segmenter
+
+        return log_segmenter(model_path, name, tags=tags, alias=alias)
+
+    def score(self, params: Params, model_uri: str, dataset_dir: Path, split: str) -> dict:
+        """The served model (pyfunc from `model_uri`) on `split`: mIoU as headline, per-class IoU, and per
+        image `correct` = the image's own mIoU (over the classes in its truth or prediction) >= segmentation.correct_miou."""
+        import mlflow
+        import numpy as np
+        import pandas as pd
+
+        from visionops.data import dataset
+        from visionops.tasks.segmentation.evaluate import score_masks
+        from visionops.tasks.segmentation.serving import decode_mask
+
+        ds = dataset.load(dataset_dir)
+        part = ds.splits[split]
+        model = mlflow.pyfunc.load_model(model_uri)
+        images = [np.array(img) for img in part.images]
+        out = model.predict(pd.DataFrame({"image": images}))
+        pred = np.stack([decode_mask(m) for m in out["mask"]]) if len(out) else np.zeros((0, *ds.image_shape[:2]), np.uint8)
+        m = score_masks(pred, np.asarray(part.targets["masks"]), ds.class_names, params.segmentation.correct_miou)
+        return {
+            "headline": m["miou"], "per_class": {c: v["iou"] for c, v in m["per_class"].items()},
+            "correct": m["correct"], "n": len(pred), "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "dice": m["dice"],
+        }  # fmt: skip
+
+
+TASK = Segmentation()

@@ -1,0 +1,115 @@
+"""Stage `train` for segmentation: fit the teacher on the prepared train split, selected by val mIoU.
+
+Writes the model (network + normalisation + class names) to `model_path`, and to `reports_dir`:
+metrics.json (`HEADLINE`), details.json, history.csv/png (and measured.json with the timings).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionops import measured
+from visionops.config import AugmentConfig, TrainConfig
+from visionops.data import dataset
+from visionops.models import count_parameters
+from visionops.tasks.classification.classifier import channel_stats
+from visionops.tasks.segmentation import segmenter
+from visionops.tasks.segmentation.augment import MaskAugment
+from visionops.tasks.segmentation.losses import PixelLoss
+from visionops.tasks.segmentation.objective import METRIC, val_scorer
+from visionops.training.device import select_device
+from visionops.training.outputs import fingerprint, run_seconds, write_history
+from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
+
+HEADLINE = ("best_val_miou",)
+
+
+def recorded_augment(prepared_dir: Path) -> AugmentConfig:
+    """The augmentation policy `prepare` recorded (training applies exactly this)."""
+    return AugmentConfig.model_validate(json.loads((Path(prepared_dir) / "policy.json").read_text())["augment"])
+
+
+def _masks_to(masks: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(masks, dtype=np.uint8)).to(device)
+
+
+def _images_to(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+@dataclass
+class Setup:
+    """What fitting a segmenter needs (shared by the teacher, the baseline student and the distilled one)."""
+
+    device: torch.device
+    dist_info: DistInfo
+    ds: dataset.Dataset
+    train_data: tuple[torch.Tensor, torch.Tensor]
+    val_data: tuple[torch.Tensor, torch.Tensor]
+    hard: PixelLoss
+    augment: MaskAugment
+    mean: list[float]
+    std: list[float]
+    digest_parts: tuple
+    arrays: tuple
+
+    def fit(self, arch: str, cfg: TrainConfig, criterion, checkpoint: Path | None, digest: str, desc: str,
+            on_epoch: EpochCallback | None):
+        torch.manual_seed(cfg.seed)  # the same initial weights for the same arch and seed
+        model = segmenter.build(arch, self.ds.class_names, self.ds.image_shape, self.mean, self.std)
+        augment = self.augment.to(self.device)
+        return fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
+                   lambda x, masks, gen: augment(x, masks, gen), criterion, self.device, checkpoint=checkpoint,
+                   fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC)
+
+
+def setup(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: AugmentConfig) -> Setup:
+    device = select_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
+    ds = dataset.load(dataset_dir)
+    idx = np.load(Path(prepared_dir) / "train_indices.npy")
+    train, val = ds.splits["train"], ds.splits["val"]
+    images, masks = train.images[idx], train.targets["masks"][idx]
+    weights = json.loads((Path(prepared_dir) / "loss.json").read_text())["pixel_weights"]
+    mean, std = channel_stats(images)
+    parts = (augment_cfg.model_dump(), ds.class_names, weights, mean, std, dist_info.world_size)
+    return Setup(
+        device, dist_info, ds, (_images_to(images, device), _masks_to(masks, device)),
+        (_images_to(val.images, device), _masks_to(val.targets["masks"], device)),
+        PixelLoss(weights).to(device), MaskAugment.from_config(augment_cfg), mean, std, parts,
+        (images, masks, val.targets["masks"]),
+    )  # fmt: skip
+
+
+def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: AugmentConfig, model_path: Path,
+              reports_dir: Path, checkpoint: Path, on_epoch: EpochCallback | None = None) -> dict:
+    s = setup(dataset_dir, prepared_dir, cfg, augment_cfg)
+    digest = fingerprint("teacher", cfg.model_dump(), *s.digest_parts, arrays=s.arrays)
+    hard = s.hard
+    model, state = s.fit(cfg.model, cfg, lambda logits, masks, _x: hard(logits, masks), checkpoint, digest, "train", on_epoch)
+    n = len(s.arrays[0])
+    metrics = {
+        "model": cfg.model,
+        "device": str(s.device),
+        "world_size": s.dist_info.world_size,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_miou": state.best_acc,
+        "train_images": int(n),
+        "parameters": count_parameters(model),
+        **run_seconds(state.history, n),
+    }
+    if s.dist_info.is_main:
+        history = [measured.pure(row) for row in state.history]
+        segmenter.save(model_path, model.cpu(), cfg.model, s.ds.class_names, s.ds.image_shape, history=history)
+        write_history(history, reports_dir, f"teacher: {cfg.model}")
+        measured.write_reports(reports_dir, metrics, HEADLINE)
+        checkpoint.unlink(missing_ok=True)
+    return metrics

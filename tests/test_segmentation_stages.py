@@ -1,0 +1,178 @@
+"""Segmentation's stages on a small in-process canvases dataset: prepare, train, evaluate, baseline, distill,
+the pyfunc model and the registry hooks (real torch training, a real sqlite MLflow store)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from visionops.config import parse_params
+from visionops.data import dataset
+from visionops.data.canvases import make_canvases
+from visionops.errors import InvalidInputError
+from visionops.tasks import get_task
+
+CLASS_NAMES = ["background", *(str(d) for d in range(10))]
+
+
+def canvases_dataset(root: Path, n: int = 60, seed: int = 0) -> Path:
+    c = make_canvases(n, 64, seed=seed)
+    dominant = np.array([np.bincount(r[r >= 0], minlength=10).argmax() for r in c.labels])
+    cuts = {"train": slice(0, n * 7 // 10), "val": slice(n * 7 // 10, n * 8 // 10), "test": slice(n * 8 // 10, n)}
+    splits = {
+        k: dataset.Split(c.images[s], dominant[s], [f"{k}/{i}.png" for i in range(len(dominant[s]))], targets={"masks": c.masks[s]})
+        for k, s in cuts.items()
+    }
+    dataset.save(dataset.Dataset(CLASS_NAMES, splits, "canvases", task="segmentation"), root)
+    return root
+
+
+def params(**over):
+    raw = {
+        "task": "segmentation",
+        "data": {"image_size": 64},
+        "balance": {"strategy": "class_weights"},
+        "augment": {"scale_jitter": 0.1, "crop_padding": 4, "brightness": 0.2},
+        "train": {"model": "unet", "epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.005, "device": "cpu", "threads": 1},
+        "distill": {"student": "unet_small", "epochs": 1, "lr": 0.005},
+    }
+    for key, value in over.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """prepare → train → evaluate → baseline → distill on 60 canvases."""
+    root = tmp_path_factory.mktemp("seg")
+    ds_dir = canvases_dataset(root / "dataset")
+    p, task = params(), get_task("segmentation")
+    out = {"root": root, "ds": ds_dir, "params": p}
+    for name in ("prepare", "train", "evaluate", "baseline", "distill"):
+        (root / "reports" / name).mkdir(parents=True)
+    out["prepare"] = task.prepare(p, ds_dir, root / "prepared", root / "reports/prepare")
+    out["train"] = task.train(p, ds_dir, root / "prepared", root / "teacher.pt", root / "reports/train", root / "ckpt.pt")
+    out["evaluate"] = task.evaluate(p, ds_dir, root / "teacher.pt", root / "reports/evaluate")
+    out["baseline"] = task.baseline(p, ds_dir, root / "prepared", root / "reports/baseline", root)
+    out["distill"] = task.distill(p, ds_dir, root / "prepared", root / "teacher.pt", root / "student.pt",
+                                  root / "reports/distill", root, root / "reports/baseline/baseline.json")
+    return out
+
+
+def test_prepare_records_median_frequency_pixel_weights(pipeline):
+    root = pipeline["root"]
+    weights = json.loads((root / "prepared/loss.json").read_text())["pixel_weights"]
+    assert len(weights) == 11 and weights[0] < 0.5 < min(w for w in weights[1:] if w > 0)  # background is the common class
+    rows = list(csv.DictReader((root / "reports/prepare/class_distribution.csv").open()))
+    assert [r["class_name"] for r in rows] == CLASS_NAMES and int(rows[0]["before"]) > int(rows[1]["before"])
+    assert (root / "reports/prepare/class_distribution.png").stat().st_size > 0
+    assert json.loads((root / "reports/prepare/summary.json").read_text())["strategy"] == "class_weights"
+
+
+def test_prepare_refuses_a_resampling_strategy(tmp_path):
+    ds_dir = canvases_dataset(tmp_path / "ds", n=20)
+    with pytest.raises(InvalidInputError, match="balance.strategy"):
+        get_task("segmentation").prepare(params(balance={"strategy": "oversample"}), ds_dir, tmp_path / "p", tmp_path)
+
+
+def test_train_writes_a_weights_only_model_and_reports(pipeline):
+    root = pipeline["root"]
+    info = torch.load(root / "teacher.pt", weights_only=True)
+    assert info["arch"] == "unet" and info["class_names"] == CLASS_NAMES
+    metrics = json.loads((root / "reports/train/metrics.json").read_text())
+    assert set(metrics) == {"best_val_miou"} and 0 <= metrics["best_val_miou"] <= 1
+    assert "val_miou" in (root / "reports/train/history.csv").read_text().splitlines()[0]
+
+
+def test_evaluate_reports_miou_per_class_and_sampled_pixels(pipeline):
+    rep = pipeline["root"] / "reports/evaluate"
+    metrics = json.loads((rep / "metrics.json").read_text())
+    assert set(metrics) == {"miou", "pixel_accuracy", "dice"}
+    per_class = json.loads((rep / "per_class.json").read_text())
+    assert list(per_class) == CLASS_NAMES
+    rows = list(csv.DictReader((rep / "predictions.csv").open()))
+    assert 1000 < len(rows) <= 4000 and set(rows[0]) == {"actual", "predicted"}
+    assert {r["actual"] for r in rows} <= set(CLASS_NAMES)
+    for fig in ("overlays.png", "per_class_iou.png"):
+        assert (rep / "figures" / fig).stat().st_size > 0
+    assert "figures/overlays.png" in (rep / "report.md").read_text() and (rep / "report.html").exists()
+    assert "latency_batch_ms" not in json.loads((rep / "details.json").read_text())
+
+
+def test_metrics_match_a_hand_count():
+    from visionops.tasks.segmentation.metrics import segmentation_metrics
+
+    truth = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 255]]], dtype=torch.uint8)
+    pred = torch.tensor([[[0, 1, 1, 1], [0, 2, 0, 2]]], dtype=torch.uint8)
+    m = segmentation_metrics(pred, truth, ["background", "a", "b"])
+    # background: tp 2, fp 1, fn 1 → 2/4; a: tp 2, fp 1 → 2/3; b: tp 1, fn 1 → 1/2 (the 255 pixel is ignored)
+    assert m["per_class"]["background"]["iou"] == pytest.approx(0.5)
+    assert m["per_class"]["a"]["iou"] == pytest.approx(2 / 3)
+    assert m["per_class"]["b"]["iou"] == pytest.approx(0.5)
+    assert m["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert m["pixel_accuracy"] == pytest.approx(5 / 7)
+
+
+def test_pixel_kd_is_zero_for_identical_logits_and_scaled_by_t_squared():
+    from visionops.tasks.segmentation.losses import pixel_kd_loss
+
+    s, t = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 4, 4)
+    assert pixel_kd_loss(s, s, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert pixel_kd_loss(s, t, 1.0).item() > 0
+
+
+def test_augment_moves_masks_with_images():
+    from visionops.tasks.segmentation.augment import MaskAugment
+
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 8:16, 8:16] = 1.0
+    masks = (x[:, 0] > 0.5).to(torch.uint8)
+    out, out_masks = MaskAugment(hflip=True, scale_jitter=0.2, shift=4)(x, masks, torch.Generator().manual_seed(0))
+    inside = out_masks == 1
+    assert inside.any() and (out[:, 0][inside] > 0.5).float().mean() > 0.9  # labelled pixels stay on the square
+    assert not torch.equal(out_masks, masks)
+
+
+def test_baseline_and_distill_report_teacher_vs_student(pipeline):
+    root = pipeline["root"]
+    base = json.loads((root / "reports/baseline/baseline.json").read_text())
+    assert base["student"] == "unet_small" and not base["skipped"]
+    d = json.loads((root / "reports/distill/details.json").read_text())
+    assert d["student_parameters"] < d["teacher_parameters"] and d["onnx_parity"]
+    assert d["kd_gain"] == pytest.approx(d["student_miou"] - base["test_miou"])
+    assert (root / "reports/distill/student.onnx").exists() and (root / "student.pt").exists()
+
+
+def test_pyfunc_returns_a_mask_at_the_input_size(pipeline):
+    from visionops.serving.pyfunc import encode_png
+    from visionops.tasks.segmentation.serving import SegmenterModel, decode_mask
+
+    import pandas as pd
+
+    model = SegmenterModel().load(pipeline["root"] / "teacher.pt")
+    img = np.asarray(dataset.load(pipeline["ds"]).splits["test"].images[0])
+    big = np.repeat(np.repeat(img, 2, 0), 2, 1)  # 128 x 128
+    out = model.predict(None, pd.DataFrame({"image": [encode_png(big), "not an image"]}))
+    mask = decode_mask(out["mask"][0])
+    assert mask.shape == (128, 128) and mask.max() < 11 and out["error"][0] == ""
+    assert set(out["classes"][0].split()) == {CLASS_NAMES[c] for c in np.unique(mask)}
+    assert out["mask"][1] is None and "cannot decode" in out["error"][1]
+
+
+def test_log_model_and_score_the_served_model(pipeline, store):
+    import mlflow
+
+    task, root = get_task("segmentation"), pipeline["root"]
+    with mlflow.start_run():
+        version = task.log_model(root / "teacher.pt", "visionops-segmenter", {"stage": "test"}, "challenger")
+    assert str(version.version) == "1"
+    scores = task.score(pipeline["params"], "models:/visionops-segmenter@challenger", pipeline["ds"], "test")
+    evaluated = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert scores["n"] == 12 and len(scores["correct"]) == 12
+    assert scores["headline"] == pytest.approx(evaluated["miou"])  # the served path predicts what evaluate scored
+    assert set(scores["per_class"]) == set(CLASS_NAMES)
