@@ -4,6 +4,10 @@ tests/test_config.py keeps these equal to `visionops.models.list_models()` and t
 """
 
 MODEL_TASKS = {  # model name -> the task it solves
+    "centernet": "detection",
+    "centernet_tiny": "detection",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "detection",
+    "ssdlite320_mobilenet_v3_large": "detection",
     "fastnet": "classification",
     "fastnet_tiny": "classification",
     "lenet": "classification",
