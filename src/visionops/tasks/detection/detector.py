@@ -100,3 +100,14 @@ def predict(model: Detector, images_nhwc, device: torch.device | str = "cpu", ba
             out.append({"boxes": boxes.float().cpu().numpy(), "scores": scores.float().cpu().numpy(),
                         "labels": labels.cpu().numpy().astype(np.int64)})
     return out
+
+
+class Detect(nn.Module):
+    """The served predictor as a module (for latency timing): images in, decoded detections out."""
+
+    def __init__(self, model: Detector):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor):
+        return self.model.detect(x)

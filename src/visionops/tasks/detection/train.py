@@ -9,6 +9,7 @@ history.csv and history.png.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,11 @@ def fit_detector(
     checkpoint: Path | None,
     desc: str,
     on_epoch: EpochCallback | None = None,
-    criterion: Criterion | None = None,
+    criterion_for: Callable[[detector.Detector], Criterion] | None = None,
     extra_fingerprint: object = None,
 ) -> tuple[detector.Detector, object, dict]:
     """Build `arch` (seeded by cfg.seed) and train it with the trainer's loop; returns (model, state,
-    run facts). `criterion` replaces the model's own loss (distillation)."""
+    run facts). `criterion_for(model)` replaces the model's own loss (distillation)."""
     device = select_device(cfg.device)
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.world_size > 1:
@@ -80,7 +81,7 @@ def fit_detector(
         val_scorer(to_device(val.images, val.targets["boxes"], val.targets["box_labels"], device), ds.class_names, cfg, device),
         cfg,
         BoxAugment(augment_cfg),
-        criterion or model.loss,
+        criterion_for(model) if criterion_for else model.loss,
         device,
         checkpoint=checkpoint,
         fingerprint=digest,
