@@ -3,11 +3,10 @@
 tests/test_config.py keeps these equal to `visionops.models.list_models()` and to what the models build.
 """
 
-MODEL_TASKS = {  # model name -> the task it solves
+MODEL_TASKS = {  # model name -> the task it solves (sorted, as list_models)
     "centernet": "detection",
     "centernet_tiny": "detection",
     "fasterrcnn_mobilenet_v3_large_320_fpn": "detection",
-    "ssdlite320_mobilenet_v3_large": "detection",
     "fastnet": "classification",
     "fastnet_tiny": "classification",
     "lenet": "classification",
@@ -17,6 +16,7 @@ MODEL_TASKS = {  # model name -> the task it solves
     "resnet20": "classification",
     "resnet8": "classification",
     "slim_resnet": "classification",
+    "ssdlite320_mobilenet_v3_large": "detection",
 }
 MODEL_NAMES = tuple(MODEL_TASKS)
 MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16}  # others work from the schema's floor, 8
