@@ -36,7 +36,7 @@ def test_centernet_targets_decode_back_to_the_boxes():
         flat[0, LABELS[0, m], index[0, m]] = 10.0
         flat[0, 10:, index[0, m]] = reg[0, m]
     dets = decode_centernet(perfect, 10, 4, 0.3, 0.5, 20)
-    boxes, scores, labels = dets[0]
+    boxes, _, labels = dets[0]
     order = labels.argsort()
     assert labels[order].tolist() == [3, 7]
     assert torch.allclose(boxes[order], BOXES[0, :2], atol=1e-4)
@@ -80,7 +80,7 @@ def test_label_shift_round_trip():
     """torchvision's label 1 is our class 0: a box the net calls label 1 comes back as class 0."""
     model = detector.build("fasterrcnn_mobilenet_v3_large_320_fpn", ["a", "b"], (64, 64, 1), [0.5], [0.2], DetectionConfig())
     out = [{"boxes": BOXES[0, :2], "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}]
-    (b, s, lab), = model.net.detect(None, out, 0.5, 0.5, 20)
+    ((_, _, lab),) = model.net.detect(None, out, 0.5, 0.5, 20)
     assert sorted(lab.tolist()) == [0, 1]
 
 

@@ -124,5 +124,5 @@ def test_baseline_and_distill(pipeline):
     assert m["kd_gain"] == pytest.approx(m["student_map_50"] - base["test_map_50"])
     for f in ("metrics.json", "details.json", "student.onnx", "report.md", "report.html", "history.csv", "history.png"):
         assert (root / "reports" / "distill" / f).stat().st_size > 0, f
-    student, info = detector.load(root / "models" / "student.pt")
+    _, info = detector.load(root / "models" / "student.pt")
     assert info["arch"] == "centernet_tiny"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 from detection_data import write_detection_dataset
+from test_detection_preset import CANVASES, PRESET
 
 from visionops.config import parse_params
 from visionops.tasks.detection.task import TASK
-from test_detection_preset import CANVASES, PRESET
 
 
 @pytest.mark.slow

@@ -28,7 +28,9 @@ Detections = list[tuple[Tensor, Tensor, Tensor]]  # per image: boxes K x 4 xyxy,
 
 def _nms(boxes: Tensor, scores: Tensor, labels: Tensor, score_threshold: float, iou_threshold: float,
          max_detections: int) -> tuple[Tensor, Tensor, Tensor]:
-    from torchvision.ops import batched_nms  # (torchvision is imported only when a detector predicts)
+    from torchvision.ops import (
+        batched_nms,  # (torchvision is imported only when a detector predicts)
+    )
 
     keep = scores >= score_threshold
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
@@ -67,7 +69,7 @@ class CenterNet(nn.Module):
 
     def targets(self, out: Tensor, boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gaussian heatmap N x K x h x w, and per object its cell index, size/offset target and validity."""
-        n, _, h, w = out.shape
+        h, w = out.shape[-2:]
         valid = labels >= 0
         b = boxes / self.stride
         centre = (b[..., :2] + b[..., 2:]) / 2
@@ -165,7 +167,9 @@ def _torchvision_size(image_size: int) -> dict:
 
 @register_model(task="detection")
 def fasterrcnn_mobilenet_v3_large_320_fpn(in_channels: int, num_classes: int, image_size: int, **_) -> nn.Module:
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn as build
+    from torchvision.models.detection import (
+        fasterrcnn_mobilenet_v3_large_320_fpn as build,
+    )
 
     # inputs arrive normalised; the transform's own normalisation is made the identity
     net = build(weights=None, weights_backbone=None, num_classes=num_classes + 1, image_mean=[0.0] * 3,

@@ -26,7 +26,7 @@ class BoxAugment:
     def __call__(self, x: Tensor, targets: tuple[Tensor, Tensor], gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         boxes, labels = targets
         c = self.cfg
-        n, _, h, w = x.shape
+        n = len(x)
         u = (torch.rand(n, 6, generator=gen, device=gen.device).to(x.device) * 2) - 1  # uniform in [-1, 1)
         if c.hflip or c.scale_jitter > 0 or c.translate > 0:
             flip = torch.where((u[:, 0] < 0) & c.hflip, -1.0, 1.0)

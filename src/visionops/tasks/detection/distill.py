@@ -48,16 +48,16 @@ def _report(m: dict) -> str:
     rows = [("mAP@.5 (test)", "teacher_map_50", "student_map_50", ".4f"), ("mAP@[.5:.95] (test)", "teacher_map", "student_map", ".4f"),
             ("parameters", "teacher_parameters", "student_parameters", "d")]
     lines = [f"# Distillation: {m['teacher']} → {m['student']}", "",
-             "Method: dense knowledge distillation for a CenterNet-style detector — Hinton et al. (2015) temperature "
-             "soft targets per heatmap location and class, plus the teacher's box sizes and offsets as soft "
-             f"regression targets weighted by its confidence (T = {m['temperature']}, alpha = {m['alpha']}).", "",
+             ("Method: dense knowledge distillation for a CenterNet-style detector — Hinton et al. (2015) temperature "
+              "soft targets per heatmap location and class, plus the teacher's box sizes and offsets as soft "
+              f"regression targets weighted by its confidence (T = {m['temperature']}, alpha = {m['alpha']})."), "",
              "| | teacher | student |", "|---|---|---|"]
     lines += [f"| {name} | {m[t]:{f}} | {m[s]:{f}} |" for name, t, s, f in rows]
     if m["baseline_map_50"] is not None:
-        lines += ["", f"Student trained alone (same init, seed, schedule, augmentation): mAP@.5 {m['baseline_map_50']:.4f}; "
-                  f"distillation gain {m['kd_gain']:+.4f}."]
-    lines += ["", f"ONNX (`student.onnx`, {m['onnx_exporter']} exporter, opset {m['onnx_opset']}): onnxruntime vs PyTorch raw "
-              f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}.",
+        lines += ["", (f"Student trained alone (same init, seed, schedule, augmentation): mAP@.5 {m['baseline_map_50']:.4f}; "
+                       f"distillation gain {m['kd_gain']:+.4f}.")]
+    lines += ["", (f"ONNX (`student.onnx`, {m['onnx_exporter']} exporter, opset {m['onnx_opset']}): onnxruntime vs PyTorch raw "
+                   f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
               "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).", "",
               "![Student training](history.png)", ""]
     return "\n".join(lines)

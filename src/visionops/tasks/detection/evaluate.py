@@ -22,7 +22,12 @@ from visionops.evaluation import report_html
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.detection import detector, figures
-from visionops.tasks.detection.metrics import confusion_rows, image_correct, mean_average_precision, truths
+from visionops.tasks.detection.metrics import (
+    confusion_rows,
+    image_correct,
+    mean_average_precision,
+    truths,
+)
 
 HEADLINE = ("map_50", "map")
 
@@ -56,15 +61,15 @@ def _report(m: dict, class_names: list[str], has_cam: bool) -> str:
         f"| mAP@.75 | {m['map_75']:.4f} |", f"| mAR@100 | {m['mar_100']:.4f} |",
         f"| images fully right at score >= {m['score_threshold']} | {m['image_accuracy']:.4f} |",
         f"| parameters | {m['parameters']} |", f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
-        "", "mAP from torchmetrics' `MeanAveragePrecision` (faster_coco_eval backend) on the detections scoring "
-        f"at least {m['map_score_threshold']}, after batched NMS at IoU {m['iou_threshold']}. Latency: see "
-        "measured.json (machine-dependent).", "",
+        "", ("mAP from torchmetrics' `MeanAveragePrecision` (faster_coco_eval backend) on the detections scoring "
+             f"at least {m['map_score_threshold']}, after batched NMS at IoU {m['iou_threshold']}. Latency: see "
+             "measured.json (machine-dependent)."), "",
         "## Per-class AP@[.5:.95]", "", "| class | AP |", "|---|---|",
         *[f"| {c} | {m['per_class_ap'].get(c, float('nan')):.4f} |" for c in class_names],
         "", "![Precision-recall curves](figures/pr_curves.png)", "",
         "## Test images", "", "![Predicted and true boxes](figures/detections.png)", "",
-        "The confusion table (predictions.csv) pairs each true box with the prediction matched to it at IoU >= 0.5 "
-        "(or `background` when none is), and each unmatched prediction with `background`.", "",
+        ("The confusion table (predictions.csv) pairs each true box with the prediction matched to it at IoU >= 0.5 "
+         "(or `background` when none is), and each unmatched prediction with `background`."), "",
     ]
     if has_cam:
         lines += ["## Explanations (EigenCAM)", "", "![EigenCAM on the stride-4 features](figures/eigencam.png)", ""]

@@ -76,8 +76,8 @@ def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfi
     summary = {
         "strategy": balance.strategy,
         "repeat_threshold": balance.repeat_threshold,
-        "train_images_source": int(len(box_labels)),
-        "train_images_after": int(len(chosen)),
+        "train_images_source": len(box_labels),
+        "train_images_after": len(chosen),
         "instances_before": int(before.sum()),
         "instances_after": int(after.sum()),
         "imbalance_ratio_before": float(before[present].max() / before[present].min()) if present.any() else 0.0,

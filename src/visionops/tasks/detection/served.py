@@ -16,7 +16,13 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from visionops.serving.pyfunc import ERROR_COLUMN, IMAGE_COLUMN, PREDICT_BATCH, ImageClassifierModel, _b64decode, to_image
+from visionops.serving.pyfunc import (
+    ERROR_COLUMN,
+    IMAGE_COLUMN,
+    PREDICT_BATCH,
+    ImageClassifierModel,
+    _b64decode,
+)
 from visionops.tasks.detection import detector
 
 DETECTIONS_COLUMN = "detections"

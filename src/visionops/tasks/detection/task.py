@@ -78,7 +78,11 @@ class Detection:
         import numpy as np
 
         from visionops.data import dataset
-        from visionops.tasks.detection.metrics import image_correct, mean_average_precision, truths
+        from visionops.tasks.detection.metrics import (
+            image_correct,
+            mean_average_precision,
+            truths,
+        )
 
         ds = dataset.load(dataset_dir)
         s = ds.splits[split]

@@ -106,7 +106,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_map_50": state.best_acc,
-        "train_images": int(len(images)),
+        "train_images": len(images),
         "parameters": count_parameters(model),
         **run_seconds(state.history, len(images)),
     }
