@@ -130,3 +130,14 @@ def test_model_file_round_trip_keeps_the_rule(tmp_path):
 def test_create_model_builds_detectors_by_name():
     net = create_model("centernet", in_channels=1, num_classes=10, image_size=64)
     assert net(torch.rand(2, 1, 64, 64)).shape == (2, 14, 16, 16)
+
+
+def test_class_agnostic_nms_keeps_one_box_per_place():
+    from visionops.models.detection import _nms
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10, 10], [30, 30, 40, 40]])
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 7, 1])
+    assert _nms(boxes, scores, labels, 0.3, 0.5, 20)[2].tolist() == [1, 7, 1]  # per class: both 1 and 7 stay
+    b, s, lab = _nms(boxes, scores, labels, 0.3, 0.5, 20, class_agnostic=True)
+    assert lab.tolist() == [1, 1] and s.tolist() == pytest.approx([0.9, 0.7])
+    assert len(_nms(boxes, scores, labels, 0.75, 0.5, 20)[0]) == 2  # the score threshold first

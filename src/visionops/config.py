@@ -159,6 +159,7 @@ class DetectionConfig(Section):
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)  # served detections score at least this
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0)  # batched NMS: same-class boxes overlapping more are dropped
     max_detections: int = Field(20, ge=1, le=1000)  # per image, after NMS
+    class_agnostic_nms: bool = False  # NMS across classes (one box per place): for objects that rarely overlap
     map_score_threshold: float = Field(0.01, ge=0.0, le=1.0)  # evaluate's mAP ranks every detection above this
 
 

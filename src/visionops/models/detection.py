@@ -2,8 +2,9 @@
 
 Every detector takes normalised float images N x C x H x W and offers the same three calls:
 `forward(x)` (raw outputs), `loss(x, out, boxes, labels)` (boxes N x M x 4 xyxy pixels, labels N x M
-class 0..K-1 with -1 padding) and `detect(x, out, score_threshold, iou_threshold, max_detections)` → per
-image (boxes, scores, labels), ending in `torchvision.ops.batched_nms`.
+class 0..K-1 with -1 padding) and `detect(x, out, score_threshold, iou_threshold, max_detections,
+class_agnostic)` → per image (boxes, scores, labels), ending in `torchvision.ops.batched_nms` (per class,
+or over all classes at once when `class_agnostic`).
 
 - `centernet` / `centernet_tiny`: a compact anchor-free single-scale detector in the style of CenterNet
   (Zhou et al. 2019, "Objects as Points"): a small CNN to stride 4 with one upsampling skip, a class
@@ -27,14 +28,15 @@ Detections = list[tuple[Tensor, Tensor, Tensor]]  # per image: boxes K x 4 xyxy,
 
 
 def _nms(boxes: Tensor, scores: Tensor, labels: Tensor, score_threshold: float, iou_threshold: float,
-         max_detections: int) -> tuple[Tensor, Tensor, Tensor]:
+         max_detections: int, class_agnostic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     from torchvision.ops import (
         batched_nms,  # (torchvision is imported only when a detector predicts)
     )
 
     keep = scores >= score_threshold
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+    groups = torch.zeros_like(labels) if class_agnostic else labels  # agnostic: one box per place, whatever its class
+    keep = batched_nms(boxes, scores, groups, iou_threshold)[:max_detections]
     return boxes[keep], scores[keep], labels[keep]
 
 
@@ -105,12 +107,13 @@ class CenterNet(nn.Module):
 
     @torch.no_grad()
     def detect(self, x: Tensor, out: Tensor, score_threshold: float, iou_threshold: float, max_detections: int,
-               ) -> Detections:
-        return decode_centernet(out, self.num_classes, self.stride, score_threshold, iou_threshold, max_detections)
+               class_agnostic: bool = False) -> Detections:
+        return decode_centernet(out, self.num_classes, self.stride, score_threshold, iou_threshold, max_detections,
+                                class_agnostic=class_agnostic)
 
 
 def decode_centernet(out: Tensor, num_classes: int, stride: int, score_threshold: float, iou_threshold: float,
-                     max_detections: int, candidates: int = 100) -> Detections:
+                     max_detections: int, candidates: int = 100, class_agnostic: bool = False) -> Detections:
     """Peaks of the heatmap (3x3 max-pool) → boxes in input pixels → batched NMS per image."""
     out = out.float()
     n, _, h, w = out.shape
@@ -124,7 +127,8 @@ def decode_centernet(out: Tensor, num_classes: int, stride: int, score_threshold
     bw, bh = reg[:, 0].exp(), reg[:, 1].exp()
     boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1) * stride
     boxes = boxes.clamp(0, max(h, w) * stride)
-    return [_nms(boxes[i], scores[i], labels[i], score_threshold, iou_threshold, max_detections) for i in range(n)]
+    return [_nms(boxes[i], scores[i], labels[i], score_threshold, iou_threshold, max_detections, class_agnostic)
+            for i in range(n)]
 
 
 class TorchvisionDetector(nn.Module):
@@ -144,9 +148,10 @@ class TorchvisionDetector(nn.Module):
         return sum(self.net(list(x), targets).values())
 
     @torch.no_grad()
-    def detect(self, x: Tensor, out, score_threshold: float, iou_threshold: float, max_detections: int) -> Detections:
-        return [_nms(o["boxes"], o["scores"], o["labels"] - 1, score_threshold, iou_threshold, max_detections)
-                for o in out]
+    def detect(self, x: Tensor, out, score_threshold: float, iou_threshold: float, max_detections: int,
+               class_agnostic: bool = False) -> Detections:
+        return [_nms(o["boxes"], o["scores"], o["labels"] - 1, score_threshold, iou_threshold, max_detections,
+                     class_agnostic) for o in out]
 
 
 @register_model(task="detection")

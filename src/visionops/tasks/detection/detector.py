@@ -49,7 +49,7 @@ class Detector(nn.Module):
         r = self.rule
         threshold = r.score_threshold if score_threshold is None else score_threshold
         z = self.normalise(x)
-        return self.net.detect(z, self.net(z), threshold, r.iou_threshold, r.max_detections)
+        return self.net.detect(z, self.net(z), threshold, r.iou_threshold, r.max_detections, r.class_agnostic_nms)
 
 
 def build(arch: str, class_names: list[str], image_shape, mean, std, rule: DetectionConfig) -> Detector:
