@@ -83,8 +83,8 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     test = ds.splits["test"]
     t_score, s_score = score_split(teacher, test, ds.class_names), score_split(student, test, ds.class_names)
     cpu = torch.device("cpu")
-    t_lat = measure_latency(detector.Detect(teacher), ds.image_shape, cpu, batch_size=64)
-    s_lat = measure_latency(detector.Detect(student), ds.image_shape, cpu, batch_size=64)
+    t_lat = measure_latency(detector.Detect(teacher), ds.image_shape, cpu, batch_size=64, repeats=10)
+    s_lat = measure_latency(detector.Detect(student), ds.image_shape, cpu, batch_size=64, repeats=10)
     onnx_path = reports_dir / "student.onnx"
     onnx_info = export.export_onnx(student, ds.image_shape, onnx_path)
     parity = export.onnx_parity(student, onnx_path, test.images, cfg.onnx_atol, cfg.onnx_rtol)
