@@ -8,7 +8,7 @@ from visionops.models import count_parameters, create_model, list_models, regist
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))  # (N, classes) logits
 def test_forward_and_backward(name, in_channels):
     torch.manual_seed(0)
     model = create_model(name, in_channels=in_channels, num_classes=10, image_size=32)
@@ -21,7 +21,7 @@ def test_forward_and_backward(name, in_channels):
 
 
 @pytest.mark.parametrize("image_size", [16, 28])
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))  # (N, classes) logits
 def test_other_image_sizes(name, image_size):
     model = create_model(name, in_channels=1, num_classes=7, image_size=image_size).eval()
     with torch.no_grad():

@@ -106,7 +106,8 @@ class ValidateConfig(Section):
 class BalanceConfig(Section):
     """How `prepare` treats class imbalance."""
 
-    strategy: Literal["none", "oversample", "undersample", "class_weights", "logit_adjust"] = "none"
+    strategy: Literal["none", "oversample", "undersample", "class_weights", "logit_adjust", "repeat_factor"] = "none"
+    repeat_threshold: float = Field(0.1, gt=0.0, le=1.0)  # repeat_factor (LVIS): t in r(c) = max(1, sqrt(t / f(c)))
     simulate_imbalance_factor: float = Field(1.0, ge=1.0)
     offline: bool = False
     seed: int = 0
@@ -130,8 +131,11 @@ class AugmentConfig(Section):
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
-    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0)  # detection/segmentation: zoom by 1 +/- this
-    brightness: float = Field(0.0, ge=0.0, le=1.0)  # detection/segmentation: contrast/brightness jitter
+    # detection and segmentation (box- and mask-aware); the defaults are off
+    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0)  # zoom by a factor in [1 - s, 1 + s]
+    translate: float = Field(0.0, ge=0.0, le=0.5)  # shift by up to this fraction of the side
+    brightness: float = Field(0.0, ge=0.0, le=1.0)  # photometric: brightness and contrast factors in [1 - b, 1 + b]
+    contrast: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TrainConfig(Section):
@@ -203,6 +207,16 @@ class SegmentationConfig(Section):
     overlay_images: int = Field(6, ge=0, le=64)  # test images evaluate draws with true and predicted masks
 
 
+class DetectionConfig(Section):
+    """Detection's prediction rule (stored in the model file, so serving applies the same one)."""
+
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)  # served detections score at least this
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0)  # batched NMS: same-class boxes overlapping more are dropped
+    max_detections: int = Field(20, ge=1, le=1000)  # per image, after NMS
+    class_agnostic_nms: bool = False  # NMS across classes (one box per place): for objects that rarely overlap
+    map_score_threshold: float = Field(0.01, ge=0.0, le=1.0)  # evaluate's mAP ranks every detection above this
+
+
 class MlflowConfig(Section):
     """Experiment tracking and the model registry."""
 
@@ -252,6 +266,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()
+    detection: DetectionConfig = DetectionConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
     mlflow: MlflowConfig = MlflowConfig()
     promote: PromoteConfig = PromoteConfig()

@@ -3,8 +3,11 @@
 tests/test_config.py keeps these equal to `visionops.models.list_models()` and to what the models build.
 """
 
-MODEL_TASKS = {  # model name -> the task it solves
+MODEL_TASKS = {  # model name -> the task it solves (sorted, as list_models)
+    "centernet": "detection",
+    "centernet_tiny": "detection",
     "deeplabv3_mobilenet_v3_large": "segmentation",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "detection",
     "fastnet": "classification",
     "fastnet_tiny": "classification",
     "lenet": "classification",
@@ -15,6 +18,7 @@ MODEL_TASKS = {  # model name -> the task it solves
     "resnet20": "classification",
     "resnet8": "classification",
     "slim_resnet": "classification",
+    "ssdlite320_mobilenet_v3_large": "detection",
     "unet": "segmentation",
     "unet_small": "segmentation",
 }

@@ -40,18 +40,18 @@ def class_distribution(class_names: list[str], series: dict[str, np.ndarray], pa
 
 
 def training_curves(history: list[dict], path: Path, title: str) -> None:
-    """Loss and the selection metric (val_<metric>: acc, miou, ...) per epoch, train against val."""
+    """Loss and the selection metric (accuracy, or the task's val_<metric>) per epoch, train against val."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
-    metric = next((k[4:] for k in history[0] if k.startswith("val_") and k != "val_loss"), "acc")
+    metric = next(k[4:] for k in history[0] if k.startswith("val_") and k != "val_loss")
+    name = "accuracy" if metric == "acc" else metric
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     for split in ("train", "val"):
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
         if f"{split}_{metric}" in history[0]:
             ax_acc.plot(epochs, [r[f"{split}_{metric}"] for r in history], marker="o", label=split)
-    label = "accuracy" if metric == "acc" else metric
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel=label, title=label)
+    ax_acc.set(xlabel="epoch", ylabel=name, title=name)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

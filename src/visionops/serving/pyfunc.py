@@ -345,33 +345,53 @@ def log_classifier(
     a new version of `registered_name`, point `alias` at it (none when None: a DVC experiment's
     version moves no alias) and tag it (plus run_id).
     """
-    run = mlflow.active_run()
-    if run is None:
-        raise RegistryError("log_classifier needs an active MLflow run (wrap it in mlflow.start_run())")
-    model_path = Path(model_path)
     _, info = classifier.load(model_path)  # fails early and clearly on a missing/corrupt file
     class_names = list(info["class_names"])
     h, w, c = (int(s) for s in info["image_shape"])
+    metadata = {
+        "class_names": class_names,
+        "image_shape": [h, w, c],
+        "arch": info["arch"],
+        "temperature": float(info["temperature"]),
+        "tta": info["tta"],
+    }
+    return log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature_for(class_names),
+                      metadata=metadata, tags=tags, example_image=example_image, client=client, alias=alias)
+
+
+def log_pyfunc(
+    model_path: Path,
+    registered_name: str,
+    *,
+    code: Path,
+    signature: ModelSignature,
+    metadata: dict,
+    tags: dict[str, str],
+    example_image: np.ndarray | None = None,
+    client: MlflowClient | None = None,
+    alias: str | None = CHALLENGER,
+) -> ModelVersion:
+    """Log `model_path` as pyfunc model "model" of the models-from-code file `code` (any task's) in the
+    active run, register it as a new version of `registered_name`, point `alias` at it and tag it."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RegistryError("logging a model needs an active MLflow run (wrap it in mlflow.start_run())")
+    model_path = Path(model_path)
+    h, w, c = metadata["image_shape"]
     if example_image is None:
         example_image = np.zeros((h, w, c), dtype=np.uint8)
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]})
     with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
         model_info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=str(SERVED_MODEL_CODE),  # models-from-code: loading never unpickles
+            python_model=str(code),  # models-from-code: loading never unpickles
             artifacts={MODEL_ARTIFACT: str(model_path)},
             code_paths=[str(_package_copy(Path(tmp)))],
-            signature=signature_for(class_names),
+            signature=signature,
             input_example=example,
             pip_requirements=pip_requirements(),
             registered_model_name=registered_name,
-            metadata={
-                "class_names": class_names,
-                "image_shape": [h, w, c],
-                "arch": info["arch"],
-                "temperature": float(info["temperature"]),
-                "tta": info["tta"],
-            },
+            metadata=metadata,
         )
     version = str(model_info.registered_model_version)
     client = client or MlflowClient()

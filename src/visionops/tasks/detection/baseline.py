@@ -1,0 +1,53 @@
+"""Stage `baseline` for detection: the distillation student trained alone (its own loss on the true
+boxes), with the same init, seed, schedule and augmentation as the distilled student.
+
+Writes reports_dir/baseline.json (test mAP@.5 and mAP, best val mAP@.5, history; DVC's output) and
+measured.json and history.png beside it. With `distill.baseline: false` it trains nothing and writes
+`"skipped": true`. Resumable from checkpoints_dir/student_alone.pt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionops import atomic, measured
+from visionops.config import AugmentConfig, DetectionConfig, DistillConfig, TrainConfig
+from visionops.evaluation import plots
+from visionops.tasks.detection.evaluate import score_split
+from visionops.tasks.detection.student import train_student
+from visionops.training.outputs import run_seconds
+from visionops.training.trainer import EpochCallback
+
+RESULT = "baseline.json"
+CHECKPOINT = "student_alone.pt"
+
+
+def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, train_cfg: TrainConfig,
+                 augment_cfg: AugmentConfig, rule: DetectionConfig, reports_dir: Path, checkpoints_dir: Path,
+                 on_epoch: EpochCallback | None = None) -> dict:
+    if not cfg.baseline:
+        result = {"skipped": True, "student": cfg.student}
+        atomic.write_json(reports_dir / RESULT, result)
+        return result
+    checkpoint = checkpoints_dir / CHECKPOINT
+    ds, model, state, facts, n = train_student(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, rule,
+                                               checkpoint, "baseline", on_epoch)
+    test = score_split(model, ds.splits["test"], ds.class_names)
+    history = [measured.pure(row) for row in state.history]
+    result = {
+        "skipped": False,
+        "student": cfg.student,
+        "test_map_50": test["map_50"],
+        "test_map": test["map"],
+        "best_val_map_50": state.best_acc,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "history": history,
+        **run_seconds(state.history, n),
+    }
+    if facts["is_main"]:
+        atomic.write_json(reports_dir / RESULT, measured.pure(result))
+        plots.training_curves(history, reports_dir / "history.png", f"student alone: {cfg.student}")
+        measured.write(reports_dir, result)
+        checkpoint.unlink(missing_ok=True)
+    return {k: v for k, v in result.items() if k != "history"}

@@ -1,0 +1,125 @@
+"""Stage `distill` for detection: dense KD (`kd.py`) of the small student from the trained teacher, then
+teacher vs student on the test split (mAP@.5, mAP, parameters, CPU latency) and ONNX Runtime parity of
+the student's raw maps.
+
+Writes the student to `student_path` and, to `reports_dir`: metrics.json (`HEADLINE`), details.json,
+measured.json (timings), history.csv/png, student.onnx, report.md and report.html.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from visionops import atomic, measured
+from visionops.config import AugmentConfig, DetectionConfig, DistillConfig, TrainConfig
+from visionops.data.fetch import file_md5
+from visionops.errors import MissingInputError
+from visionops.evaluation import report_html
+from visionops.evaluation.latency import measure_latency
+from visionops.models import count_parameters
+from visionops.serving import export
+from visionops.tasks.detection import detector
+from visionops.tasks.detection.evaluate import score_split
+from visionops.tasks.detection.kd import check_pair, kd_criterion
+from visionops.tasks.detection.student import train_student
+from visionops.training.outputs import run_seconds, write_history
+from visionops.training.trainer import EpochCallback
+
+HEADLINE = ("student_map_50", "teacher_map_50", "kd_gain")
+CHECKPOINT = "student_kd.pt"
+
+
+def read_baseline(path: Path | None, cfg: DistillConfig) -> dict | None:
+    if not cfg.baseline:
+        return None
+    if path is None or not Path(path).is_file():
+        raise MissingInputError(f"{path}: no baseline result; run `visionops baseline` (or `dvc repro`) first")
+    result = json.loads(Path(path).read_text())
+    if result.get("skipped") or result.get("student") != cfg.student:
+        raise MissingInputError(f"{path}: the baseline is for student {result.get('student')!r}, distill has "
+                                f"{cfg.student!r}; run `visionops baseline` again")
+    return result
+
+
+def _report(m: dict) -> str:
+    rows = [("mAP@.5 (test)", "teacher_map_50", "student_map_50", ".4f"), ("mAP@[.5:.95] (test)", "teacher_map", "student_map", ".4f"),
+            ("parameters", "teacher_parameters", "student_parameters", "d")]
+    lines = [f"# Distillation: {m['teacher']} → {m['student']}", "",
+             ("Method: dense knowledge distillation for a CenterNet-style detector — Hinton et al. (2015) temperature "
+              "soft targets per heatmap location and class, plus the teacher's box sizes and offsets as soft "
+              f"regression targets weighted by its confidence (T = {m['temperature']}, alpha = {m['alpha']})."), "",
+             "| | teacher | student |", "|---|---|---|"]
+    lines += [f"| {name} | {m[t]:{f}} | {m[s]:{f}} |" for name, t, s, f in rows]
+    if m["baseline_map_50"] is not None:
+        lines += ["", (f"Student trained alone (same init, seed, schedule, augmentation): mAP@.5 {m['baseline_map_50']:.4f}; "
+                       f"distillation gain {m['kd_gain']:+.4f}.")]
+    lines += ["", (f"ONNX (`student.onnx`, {m['onnx_exporter']} exporter, opset {m['onnx_opset']}): onnxruntime vs PyTorch raw "
+                   f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
+              "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).", "",
+              "![Student training](history.png)", ""]
+    return "\n".join(lines)
+
+
+def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: DistillConfig, train_cfg: TrainConfig,
+                augment_cfg: AugmentConfig, rule: DetectionConfig, student_path: Path, reports_dir: Path,
+                checkpoints_dir: Path, on_epoch: EpochCallback | None = None, baseline_path: Path | None = None) -> dict:
+    base = read_baseline(baseline_path, cfg)
+    teacher, tinfo = detector.load(teacher_path)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def criterion_for(student):
+        check_pair(teacher, student)
+        return kd_criterion(teacher, student, cfg.alpha, cfg.temperature)
+
+    checkpoint = checkpoints_dir / CHECKPOINT
+    ds, student, state, facts, n = train_student(
+        dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, rule, checkpoint, "distill", on_epoch,
+        criterion_for=criterion_for, extra_fingerprint=(file_md5(teacher_path), cfg.alpha, cfg.temperature))
+    teacher = teacher.cpu()
+    test = ds.splits["test"]
+    t_score, s_score = score_split(teacher, test, ds.class_names), score_split(student, test, ds.class_names)
+    cpu = torch.device("cpu")
+    t_lat = measure_latency(detector.Detect(teacher), ds.image_shape, cpu, batch_size=64, repeats=10)
+    s_lat = measure_latency(detector.Detect(student), ds.image_shape, cpu, batch_size=64, repeats=10)
+    onnx_path = reports_dir / "student.onnx"
+    onnx_info = export.export_onnx(student, ds.image_shape, onnx_path)
+    parity = export.onnx_parity(student, onnx_path, test.images, cfg.onnx_atol, cfg.onnx_rtol)
+    metrics = {
+        "teacher": tinfo["arch"],
+        "student": cfg.student,
+        "temperature": cfg.temperature,
+        "alpha": cfg.alpha,
+        "teacher_map_50": t_score["map_50"],
+        "student_map_50": s_score["map_50"],
+        "teacher_map": t_score["map"],
+        "student_map": s_score["map"],
+        "baseline_map_50": base["test_map_50"] if base else None,
+        "kd_gain": s_score["map_50"] - base["test_map_50"] if base else None,
+        "student_gap": t_score["map_50"] - s_score["map_50"],
+        "teacher_parameters": count_parameters(teacher),
+        "student_parameters": count_parameters(student),
+        "best_val_map_50": state.best_acc,
+        "epochs_run": state.epoch,
+        "onnx_exporter": onnx_info["exporter"],
+        "onnx_opset": onnx_info["opset"],
+        "onnx_max_abs_diff": parity["max_abs_diff"],
+        "onnx_parity": parity["passed"],
+        "teacher_latency_batch_ms": t_lat["batch_ms"],
+        "student_latency_batch_ms": s_lat["batch_ms"],
+        "teacher_latency_single_image_ms": t_lat["single_image_ms"],
+        "student_latency_single_image_ms": s_lat["single_image_ms"],
+        **run_seconds(state.history, n),
+    }
+    if facts["is_main"]:
+        history = [measured.pure(row) for row in state.history]
+        detector.save(student_path, student, cfg.student, ds.class_names, ds.image_shape, history=history)
+        write_history(history, reports_dir, f"student (KD): {cfg.student}")
+        atomic.write_text(reports_dir / "report.md", _report(metrics))
+        report_html.write(reports_dir / "report.md", f"Distillation: {cfg.student}")
+        measured.write_reports(reports_dir, metrics, HEADLINE)
+        checkpoint.unlink(missing_ok=True)
+    return metrics

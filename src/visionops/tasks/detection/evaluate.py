@@ -1,0 +1,112 @@
+"""Stage `evaluate` for detection: the teacher on the test split.
+
+Writes to `reports_dir`: metrics.json (`HEADLINE`: mAP@.5, mAP@[.5:.95]), details.json, measured.json
+(latency), per_class.json (AP per class), predictions.csv (actual,predicted per box, `metrics.confusion_rows`,
+for DVC's confusion plot), figures/ (precision-recall curves, test images with boxes, EigenCAM),
+report.md and report.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionops import atomic, measured
+from visionops.config import EvaluateConfig
+from visionops.data import dataset
+from visionops.evaluation import report_html
+from visionops.evaluation.latency import measure_latency, model_size_bytes
+from visionops.models import count_parameters
+from visionops.tasks.detection import detector, figures
+from visionops.tasks.detection.metrics import (
+    confusion_rows,
+    image_correct,
+    mean_average_precision,
+    truths,
+)
+
+HEADLINE = ("map_50", "map")
+
+
+def score_split(model: detector.Detector, split: dataset.Split, class_names: list[str], batch_size: int = 256) -> dict:
+    """mAP (detections above the rule's mAP score threshold) and the served-threshold verdicts of `model`
+    on `split`; also returns both prediction lists."""
+    true = truths(split.targets["boxes"], split.targets["box_labels"])
+    ranked = detector.predict(model, split.images, batch_size=batch_size, score_threshold=model.rule.map_score_threshold)
+    cut = model.rule.score_threshold
+    served = [{k: v[p["scores"] >= cut] for k, v in p.items()} for p in ranked]
+    result = mean_average_precision(ranked, true, class_names)
+    correct = [image_correct(p, t) for p, t in zip(served, true)]
+    result["image_accuracy"] = float(np.mean(correct)) if correct else 0.0
+    return {**result, "ranked": ranked, "served": served, "true": true, "correct": correct}
+
+
+def _predictions_csv(rows: list[tuple[str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _report(m: dict, class_names: list[str], has_cam: bool) -> str:
+    lines = [
+        f"# Evaluation: {m['model']} on the test split ({m['test_images']} images, {m['test_objects']} objects)", "",
+        "| metric | value |", "|---|---|",
+        f"| mAP@.5 | {m['map_50']:.4f} |", f"| mAP@[.5:.95] (COCO) | {m['map']:.4f} |",
+        f"| mAP@.75 | {m['map_75']:.4f} |", f"| mAR@100 | {m['mar_100']:.4f} |",
+        f"| images fully right at score >= {m['score_threshold']} | {m['image_accuracy']:.4f} |",
+        f"| parameters | {m['parameters']} |", f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
+        "", ("mAP from torchmetrics' `MeanAveragePrecision` (faster_coco_eval backend) on the detections scoring "
+             f"at least {m['map_score_threshold']}, after batched NMS at IoU {m['iou_threshold']}. Latency: see "
+             "measured.json (machine-dependent)."), "",
+        "## Per-class AP@[.5:.95]", "", "| class | AP |", "|---|---|",
+        *[f"| {c} | {m['per_class_ap'].get(c, float('nan')):.4f} |" for c in class_names],
+        "", "![Precision-recall curves](figures/pr_curves.png)", "",
+        "## Test images", "", "![Predicted and true boxes](figures/detections.png)", "",
+        ("The confusion table (predictions.csv) pairs each true box with the prediction matched to it at IoU >= 0.5 "
+         "(or `background` when none is), and each unmatched prediction with `background`."), "",
+    ]
+    if has_cam:
+        lines += ["## Explanations (EigenCAM)", "", "![EigenCAM on the stride-4 features](figures/eigencam.png)", ""]
+    return "\n".join(lines)
+
+
+def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, reports_dir: Path, batch_size: int = 256) -> dict:
+    ds = dataset.load(dataset_dir)
+    test = ds.splits["test"]
+    model, info = detector.load(model_path)
+    names = info["class_names"]
+    scored = score_split(model, test, names, batch_size)
+    latency = measure_latency(detector.Detect(model), ds.image_shape, torch.device("cpu"), batch_size=cfg.latency_batch_size)
+    rule = model.rule
+    metrics = {
+        "model": info["arch"],
+        "test_images": len(test),
+        "test_objects": int((test.targets["box_labels"] >= 0).sum()),
+        **{k: scored[k] for k in ("map_50", "map", "map_75", "mar_100", "image_accuracy", "per_class_ap")},
+        **rule.model_dump(),
+        "parameters": count_parameters(model),
+        "model_size_bytes": model_size_bytes(model),
+        "latency_batch_size": latency["batch_size"],
+        "latency_batch_ms": latency["batch_ms"],
+        "latency_single_image_ms": latency["single_image_ms"],
+        "images_per_second": latency["images_per_second"],
+    }
+    fig_dir = reports_dir / "figures"
+    figures.pr_curves(scored["pr_curves"], scored["per_class_ap"], fig_dir / "pr_curves.png", f"PR at IoU .5: {info['arch']}")
+    shown = np.arange(min(cfg.gallery_size, len(test), 24))
+    figures.boxes_drawn(test.images[shown], [scored["served"][i] for i in shown], [scored["true"][i] for i in shown],
+                        names, fig_dir / "detections.png", f"{info['arch']}, score >= {rule.score_threshold}")
+    has_cam = cfg.gradcam_samples > 0 and figures.eigencam(model, np.asarray(test.images[: cfg.gradcam_samples]),
+                                                             fig_dir / "eigencam.png", "EigenCAM")
+    atomic.write_json(reports_dir / "per_class.json", scored["per_class_ap"])
+    atomic.write_text(reports_dir / "predictions.csv", _predictions_csv(confusion_rows(scored["served"], scored["true"], names)))
+    atomic.write_text(reports_dir / "report.md", _report(metrics, names, has_cam))
+    report_html.write(reports_dir / "report.md", f"Evaluation: {info['arch']}")
+    measured.write_reports(reports_dir, metrics, HEADLINE)
+    return metrics

@@ -1,0 +1,98 @@
+"""A visionops detector as an MLflow pyfunc model: the classifier's raw-image input (base64 PNG/JPEG,
+bytes or uint8 arrays; per-row `error`; size and row limits, `serving.pyfunc`), and per row a JSON
+`detections` string {"boxes": [[x0, y0, x1, y1], ...] in the input image's pixels, "labels": [class
+names], "scores": [...]} decoded with the rule stored in the model file (score and IoU thresholds,
+max detections, batched NMS)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from visionops.serving.pyfunc import (
+    ERROR_COLUMN,
+    IMAGE_COLUMN,
+    PREDICT_BATCH,
+    ImageClassifierModel,
+    _b64decode,
+)
+from visionops.tasks.detection import detector
+
+DETECTIONS_COLUMN = "detections"
+COUNT_COLUMN = "count"
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+
+
+def original_size(value) -> tuple[int, int] | None:
+    """(width, height) of an input value before canonicalisation; None when it cannot be read (the
+    canonicalisation then names the problem)."""
+    try:
+        if isinstance(value, str):
+            value = _b64decode(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(value))) as img:
+                return img.size
+        if isinstance(value, Image.Image):
+            return value.size
+        arr = np.asarray(value)
+        return (arr.shape[1], arr.shape[0]) if arr.ndim >= 2 else None
+    except Exception:  # noqa: BLE001  (any undecodable value: to_image reports it)
+        return None
+
+
+class ImageDetectorModel(ImageClassifierModel):
+    """Serves a visionops detector; the input handling is the classifier's."""
+
+    def load(self, path: str | Path) -> ImageDetectorModel:
+        self.model, info = detector.load(path, device="cpu")
+        self.class_names: list[str] = list(info["class_names"])
+        self.image_shape: tuple[int, int, int] = tuple(int(s) for s in info["image_shape"])
+        self.arch: str = info["arch"]
+        return self
+
+    @property
+    def output_columns(self) -> list[str]:
+        return [DETECTIONS_COLUMN, COUNT_COLUMN, ERROR_COLUMN]
+
+    def predict_values(self, values: list, index=None) -> pd.DataFrame:
+        """Each row answered on its own, as the classifier's; boxes in each input's own pixels."""
+        sizes = [original_size(v) for v in values]
+        images, errors = self.canonical_rows(values)
+        good = [i for i, e in enumerate(errors) if not e]
+        if len(good) == len(errors):
+            return self.predict_canonical(images, index=index, sizes=sizes)
+        out = pd.DataFrame({c: [None] * len(errors) for c in self.output_columns}, dtype=object)  # JSON null
+        if good:
+            out.iloc[good] = self.predict_canonical(images[good], sizes=[sizes[i] for i in good]).to_numpy(dtype=object)
+        out[ERROR_COLUMN] = errors
+        if index is not None:
+            out.index = index
+        return out
+
+    def predict_canonical(self, images: np.ndarray, index=None, sizes: list | None = None) -> pd.DataFrame:
+        """Detections for canonical uint8 N x H x W x C images; boxes scaled to `sizes` (width, height)
+        per image, or to the canonical size."""
+        h, w, _ = self.image_shape
+        dets = detector.predict(self.model, images, batch_size=PREDICT_BATCH)
+        sizes = sizes or [(w, h)] * len(dets)
+        rows = []
+        for d, size in zip(dets, sizes):
+            sx, sy = (size[0] / w, size[1] / h) if size else (1.0, 1.0)
+            boxes = (d["boxes"] * np.array([sx, sy, sx, sy], np.float32)).round(2)
+            rows.append(json.dumps({"boxes": boxes.tolist(), "labels": [self.class_names[c] for c in d["labels"]],
+                                    "scores": [round(float(s), 4) for s in d["scores"]]}))
+        return pd.DataFrame({DETECTIONS_COLUMN: rows, COUNT_COLUMN: np.array([len(d["labels"]) for d in dets], np.int64),
+                             ERROR_COLUMN: [""] * len(dets)}, index=index)
+
+
+def signature() -> ModelSignature:
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+                          outputs=Schema([ColSpec("string", DETECTIONS_COLUMN), ColSpec("long", COUNT_COLUMN),
+                                          ColSpec("string", ERROR_COLUMN)]))

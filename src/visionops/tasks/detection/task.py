@@ -1,0 +1,106 @@
+"""Object detection's stage functions (the `Task` protocol): thin calls into this folder's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionops.config import Params
+from visionops.tasks.base import EpochCallback
+
+
+class Detection:
+    name = "detection"
+    sources = ("canvases", "coco", "voc", "yolo")
+    headline = "map_50"
+
+    def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
+        from visionops.data.download import run_download
+
+        return run_download(params.data, out_dir, holdout_dir, task=self.name)
+
+    def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.detection.validate import run_validate
+
+        return run_validate(dataset_dir, params.validate_, reports_dir)
+
+    def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.detection.prepare import run_prepare
+
+        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir)
+
+    def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
+              checkpoint: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.detection.train import recorded_augment, run_train
+
+        return run_train(dataset_dir, prepared_dir, params.train, recorded_augment(prepared_dir), params.detection,
+                         model_path, reports_dir, checkpoint, on_epoch=on_epoch)
+
+    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.detection.evaluate import run_evaluate
+
+        return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size)
+
+    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path,
+                 checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.detection.baseline import run_baseline
+        from visionops.tasks.detection.train import recorded_augment
+
+        return run_baseline(dataset_dir, prepared_dir, params.distill, params.train, recorded_augment(prepared_dir),
+                            params.detection, reports_dir, checkpoints_dir, on_epoch=on_epoch)
+
+    def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
+                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:
+        from visionops.tasks.detection.distill import run_distill
+        from visionops.tasks.detection.train import recorded_augment
+
+        return run_distill(dataset_dir, prepared_dir, teacher_path, params.distill, params.train,
+                           recorded_augment(prepared_dir), params.detection, student_path, reports_dir,
+                           checkpoints_dir, on_epoch=on_epoch, baseline_path=baseline_path)
+
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+        """Register `model_path` as a new version of `name` (models-from-code: served.py)."""
+        from visionops.serving.pyfunc import log_pyfunc
+        from visionops.tasks.detection import detector
+        from visionops.tasks.detection.served import SERVED_MODEL_CODE, signature
+
+        _, info = detector.load(model_path)  # fails early and clearly on a missing/corrupt file
+        metadata = {"task": self.name, "class_names": list(info["class_names"]), "arch": info["arch"],
+                    "image_shape": [int(s) for s in info["image_shape"]], "rule": info["rule"]}
+        return log_pyfunc(model_path, name, code=SERVED_MODEL_CODE, signature=signature(), metadata=metadata,
+                          tags=tags, alias=alias)
+
+    def score(self, params: Params, model_uri: str, dataset_dir: Path, split: str) -> dict:
+        """The SERVED model (the pyfunc at `model_uri`) on `split`: mAP@.5 of its detections (at its served
+        score threshold), per-class AP, and per image whether it is fully right."""
+        import json
+
+        import mlflow
+        import numpy as np
+
+        from visionops.data import dataset
+        from visionops.tasks.detection.metrics import (
+            image_correct,
+            mean_average_precision,
+            truths,
+        )
+
+        ds = dataset.load(dataset_dir)
+        s = ds.splits[split]
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()  # the served ImageDetectorModel
+        out = model.predict_canonical(np.asarray(s.images)) if len(s) else None
+        names = ds.class_names
+        index = {c: i for i, c in enumerate(names)}
+        preds = []
+        for row in (out["detections"] if out is not None else []):
+            d = json.loads(row)
+            preds.append({"boxes": np.asarray(d["boxes"], np.float32).reshape(-1, 4),
+                          "scores": np.asarray(d["scores"], np.float32),
+                          "labels": np.asarray([index[c] for c in d["labels"]], np.int64)})
+        true = truths(s.targets["boxes"], s.targets["box_labels"])
+        result = mean_average_precision(preds, true, names)
+        return {"headline": result["map_50"], "per_class": result["per_class_ap"],
+                "correct": [image_correct(p, t) for p, t in zip(preds, true)], "n": len(s),
+                "map_50": result["map_50"], "map": result["map"]}
+
+
+TASK = Detection()

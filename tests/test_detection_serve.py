@@ -1,0 +1,143 @@
+"""A registered detector served by a real `mlflow models serve` process answers raw PNGs with boxes in
+the input image's pixels, class names and scores: the same detections as the model file in process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from detection_data import write_detection_dataset
+from PIL import Image
+
+from visionops.config import DetectionConfig, parse_params
+from visionops.tasks.detection import detector
+from visionops.tasks.detection.task import TASK
+
+NAME = "visionops-detector"
+CLASSES = [str(d) for d in range(10)]
+
+
+@pytest.fixture()
+def model_file(tmp_path) -> Path:
+    """An untrained (seeded) detector whose rule keeps its 5 best peaks: a deterministic answer to compare."""
+    torch.manual_seed(0)
+    rule = DetectionConfig(score_threshold=0.0, max_detections=5)
+    model = detector.build("centernet_tiny", CLASSES, (64, 64, 1), [0.3], [0.2], rule)
+    path = tmp_path / "teacher.pt"
+    detector.save(path, model.eval(), "centernet_tiny", CLASSES, (64, 64, 1))
+    return path
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("det")
+    return uri
+
+
+def _png_b64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_log_model_and_score_use_the_served_rule(store, model_file, tmp_path):
+    with mlflow.start_run():
+        mv = TASK.log_model(model_file, NAME, tags={"stage": "test"}, alias="challenger")
+    assert str(mv.version) == "1" and mv.tags["stage"] == "test"
+    ds = write_detection_dataset(tmp_path / "ds", (("train", 4), ("val", 4), ("test", 6)))
+    result = TASK.score(parse_params({"task": "detection", "data": {"image_size": 64}, "train": {"model": "centernet"},
+                                      "distill": {"student": "centernet_tiny"}}), f"models:/{NAME}@challenger", ds, "test")
+    assert result["n"] == 6 and len(result["correct"]) == 6 and 0.0 <= result["headline"] <= 1.0
+    assert not any(result["correct"])  # 5 detections per image from an untrained net: none is fully right
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_detects_in_input_pixels(store, model_file, tmp_path):
+    with mlflow.start_run():
+        TASK.log_model(model_file, NAME, tags={}, alias="champion")
+    port = _free_port()
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+
+        from visionops.data.canvases import make_canvases
+
+        canvas = make_canvases(1, 64, seed=5).images[0]
+        big = np.asarray(Image.fromarray(canvas.squeeze(-1)).resize((128, 96), Image.BILINEAR))[..., None]
+        rows = [[_png_b64(canvas)], ["bm90IGFuIGltYWdl"], [_png_b64(big)]]
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
+        assert status == 200, body
+        first, bad, scaled = body["predictions"]
+        assert bad["error"].startswith("cannot decode image bytes") and bad["detections"] is None
+        model, _ = detector.load(model_file)
+        expect = detector.predict(model, canvas[None])[0]
+        got = json.loads(first["detections"])
+        assert first["error"] == "" and first["count"] == 5
+        assert got["labels"] == [CLASSES[c] for c in expect["labels"]]
+        np.testing.assert_allclose(got["boxes"], expect["boxes"], atol=0.01)
+        np.testing.assert_allclose(got["scores"], expect["scores"], atol=1e-4)
+        # a 128 x 96 input: boxes come back in its pixels (x doubled, y * 1.5)
+        big_boxes = np.asarray(json.loads(scaled["detections"])["boxes"])
+        resized = detector.predict(model, np.asarray(Image.fromarray(big.squeeze(-1)).resize((64, 64), Image.BILINEAR))[None, ..., None])[0]
+        np.testing.assert_allclose(big_boxes, resized["boxes"] * np.array([2, 1.5, 2, 1.5]), atol=0.02)
+        assert big_boxes[:, [0, 2]].max() <= 128 and big_boxes[:, [1, 3]].max() <= 96
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -1,0 +1,128 @@
+"""Detection's stages on a small in-process canvases dataset: prepare → train → evaluate → baseline →
+distill, the written outputs, and the served rule stored in the model file."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from detection_data import write_detection_dataset
+
+from visionops.config import parse_params
+from visionops.tasks.detection import detector
+from visionops.tasks.detection.prepare import repeat_factors, resample
+
+PARAMS = {
+    "task": "detection",
+    "data": {"image_size": 64},
+    "balance": {"strategy": "repeat_factor", "repeat_threshold": 0.5},
+    "augment": {"rotate_degrees": 0.0, "crop_padding": 0, "scale_jitter": 0.1, "translate": 0.05,
+                "brightness": 0.2, "contrast": 0.2},
+    "train": {"model": "centernet", "epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 0.01,
+              "eval_batch_size": 256, "device": "cpu"},
+    "distill": {"student": "centernet_tiny", "epochs": 2, "lr": 0.01, "temperature": 2.0, "alpha": 0.5},
+    "evaluate": {"gradcam_samples": 4, "gallery_size": 6, "latency_batch_size": 8},
+}
+
+
+def test_repeat_factors_follow_lvis():
+    # class 0 in every image, class 1 in one image of four, class 2 nowhere
+    labels = np.array([[0, 1], [0, -1], [0, -1], [0, -1]])
+    per_class, per_image = repeat_factors(labels, 3, threshold=0.5)
+    assert per_class[0] == 1.0 and per_class[1] == pytest.approx(np.sqrt(0.5 / 0.25)) and per_class[2] == 1.0
+    assert per_image.tolist() == pytest.approx([np.sqrt(2), 1, 1, 1])
+    counts = np.bincount(np.concatenate([resample(per_image, seed) for seed in range(400)]), minlength=4) / 400
+    assert counts[0] == pytest.approx(np.sqrt(2), abs=0.06) and counts[1:].tolist() == [1, 1, 1]
+    assert (resample(per_image, 3) == resample(per_image, 3)).all()  # seeded
+
+
+def test_prepare_rejects_a_classification_strategy(tmp_path):
+    from visionops.errors import InvalidInputError
+    from visionops.tasks.detection.prepare import run_prepare
+
+    ds = write_detection_dataset(tmp_path / "ds", (("train", 8), ("val", 4), ("test", 4)))
+    p = parse_params({**PARAMS, "balance": {"strategy": "oversample"}})
+    with pytest.raises(InvalidInputError, match="balance.strategy"):
+        run_prepare(ds, p.balance, p.augment, tmp_path / "prep", tmp_path / "rep")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """prepare + train (4 epochs on 240 canvases) once for the tests below."""
+    from visionops.tasks.detection.task import TASK
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("det")
+    ds = write_detection_dataset(root / "ds", (("train", 240), ("val", 40), ("test", 40)))
+    p = parse_params(PARAMS)
+    paths = {"root": root, "ds": ds, "prep": root / "prep", "model": root / "models" / "teacher.pt", "params": p}
+    paths["prepare"] = TASK.prepare(p, ds, paths["prep"], root / "reports" / "prepare")
+    paths["train"] = TASK.train(p, ds, paths["prep"], paths["model"], root / "reports" / "train", root / "ck" / "train.pt")
+    return paths
+
+
+def test_prepare_writes_its_outputs(pipeline):
+    rep = pipeline["root"] / "reports" / "prepare"
+    with (rep / "class_distribution.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["class_name"] for r in rows] == [str(d) for d in range(10)]
+    idx = np.load(pipeline["prep"] / "train_indices.npy")
+    assert len(idx) == pipeline["prepare"]["train_images_after"] >= 240  # t = 0.5 repeats the rarer classes' images
+    assert sum(int(r["after"]) for r in rows) == pipeline["prepare"]["instances_after"]
+    assert (rep / "class_distribution.png").stat().st_size > 0 and (rep / "summary.json").exists()
+    assert json.loads((pipeline["prep"] / "policy.json").read_text())["augment"]["scale_jitter"] == 0.1
+
+
+def test_train_writes_a_model_that_detects(pipeline):
+    m = pipeline["train"]
+    rep = pipeline["root"] / "reports" / "train"
+    assert m["epochs_run"] == 4 and json.loads((rep / "metrics.json").read_text()) == {"best_val_map_50": m["best_val_map_50"]}
+    assert m["best_val_map_50"] > 0.2  # 4 epochs on 240 canvases: well above chance, far from the target
+    assert "train_seconds" in json.loads((rep / "measured.json").read_text())
+    with (rep / "history.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    model, info = detector.load(pipeline["model"])
+    assert info["rule"] == pipeline["params"].detection.model_dump()
+    raw = pipeline["model"].read_bytes()
+    torch.load(pipeline["model"], weights_only=True)  # tensors and plain values only
+    dets = detector.predict(model, np.zeros((2, 64, 64, 1), np.uint8))
+    assert len(dets) == 2 and all(d["boxes"].shape[1] == 4 for d in dets)
+    assert raw == pipeline["model"].read_bytes()
+
+
+def test_evaluate_writes_the_fixed_outputs(pipeline):
+    from visionops.tasks.detection.task import TASK
+
+    rep = pipeline["root"] / "reports" / "evaluate"
+    m = TASK.evaluate(pipeline["params"], pipeline["ds"], pipeline["model"], rep)
+    assert 0.0 <= m["map"] <= m["map_50"] <= 1.0 and m["map_50"] > 0.2
+    assert set(json.loads((rep / "metrics.json").read_text())) == {"map_50", "map"}
+    for f in ("details.json", "per_class.json", "predictions.csv", "report.md", "report.html",
+              "figures/pr_curves.png", "figures/detections.png", "figures/eigencam.png"):
+        assert (rep / f).stat().st_size > 0, f
+    assert "latency_batch_ms" not in json.loads((rep / "details.json").read_text())
+    with (rep / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    names = {str(d) for d in range(10)} | {"background"}
+    assert rows and all(r["actual"] in names and r["predicted"] in names for r in rows)
+    true_boxes = int((np.load(pipeline["ds"] / "test" / "box_labels.npy") >= 0).sum())
+    assert sum(r["actual"] != "background" for r in rows) == true_boxes  # every true box appears once
+
+
+def test_baseline_and_distill(pipeline):
+    from visionops.tasks.detection.task import TASK
+
+    root, p = pipeline["root"], pipeline["params"]
+    base = TASK.baseline(p, pipeline["ds"], pipeline["prep"], root / "reports" / "baseline", root / "ck")
+    assert base["student"] == "centernet_tiny" and 0.0 <= base["test_map_50"] <= 1.0
+    m = TASK.distill(p, pipeline["ds"], pipeline["prep"], pipeline["model"], root / "models" / "student.pt",
+                     root / "reports" / "distill", root / "ck", root / "reports" / "baseline" / "baseline.json")
+    assert m["onnx_parity"] is True and m["student_parameters"] < m["teacher_parameters"]
+    assert m["kd_gain"] == pytest.approx(m["student_map_50"] - base["test_map_50"])
+    for f in ("metrics.json", "details.json", "student.onnx", "report.md", "report.html", "history.csv", "history.png"):
+        assert (root / "reports" / "distill" / f).stat().st_size > 0, f
+    _, info = detector.load(root / "models" / "student.pt")
+    assert info["arch"] == "centernet_tiny"
