@@ -112,7 +112,7 @@ def test_commands_print_a_summary_and_json_on_request(tmp_path, capsys):
 
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
     assert cli.main(["check", "--params", str(tmp_path / "params.yaml")]) == 0
-    assert capsys.readouterr().out.strip() == "params.yaml is valid"
+    assert capsys.readouterr().out.strip() == f"{tmp_path / 'params.yaml'} is valid"
     assert cli.main(["check", "--params", str(tmp_path / "params.yaml"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 3
     text = cli._summary("evaluate", {"accuracy": 0.9812, "ece": 0.0104, "per_class": {"a": 1.0}})

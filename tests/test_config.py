@@ -119,6 +119,18 @@ def test_params_yaml_and_the_schema_name_the_same_keys():
     assert not schema - shipped, f"schema keys params.yaml does not mention: {sorted(schema - shipped)}"
 
 
+@pytest.mark.parametrize("preset", ["detection.yaml", "segmentation.yaml"])
+def test_each_task_preset_is_valid_and_sets_every_setting_of_its_task(preset):
+    """A task's preset is a complete params.yaml: every key but the sections of the other tasks."""
+    raw = yaml.safe_load((ROOT / "presets" / preset).read_text())
+    params = parse_params(raw, origin=preset)
+    shipped = _yaml_keys(raw, Params)
+    others = {t for t in ("detection", "segmentation") if t != params.task}
+    wanted = {k for k in _schema_keys(Params) if k.split(".")[0] not in others}
+    assert not shipped - wanted, f"{preset} keys it should not have: {sorted(shipped - wanted)}"
+    assert not wanted - shipped, f"{preset} does not mention: {sorted(wanted - shipped)}"
+
+
 def test_a_model_too_big_for_the_images_is_rejected_naming_both_keys():
     with pytest.raises(ParamsError) as err:
         parse_params({"data": {"image_size": 8}, "train": {"model": "lenet"}, "distill": {"student": "fastnet"}})

@@ -36,4 +36,4 @@ def test_a_classification_model_is_rejected_for_detection():
     from visionops.config import ParamsError
 
     with pytest.raises(ParamsError, match="train.model: resnet20 is a classification model but task is 'detection'"):
-        parse_params({"task": "detection", "train": {"model": "resnet20"}, "distill": {"student": "centernet_tiny"}})
+        parse_params({"task": "detection", "data": {"source": "canvases"}, "train": {"model": "resnet20"}, "distill": {"student": "centernet_tiny"}})

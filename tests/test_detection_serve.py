@@ -23,7 +23,7 @@ import torch
 from detection_data import write_detection_dataset
 from PIL import Image
 
-from visionops.config import DetectionConfig, parse_params
+from visionops.config import DetectionConfig
 from visionops.tasks.detection import detector
 from visionops.tasks.detection.task import TASK
 
@@ -76,11 +76,14 @@ def test_log_model_and_score_use_the_served_rule(store, model_file, tmp_path):
     with mlflow.start_run():
         mv = TASK.log_model(model_file, NAME, tags={"stage": "test"}, alias="challenger")
     assert str(mv.version) == "1" and mv.tags["stage"] == "test"
-    ds = write_detection_dataset(tmp_path / "ds", (("train", 4), ("val", 4), ("test", 6)))
-    result = TASK.score(parse_params({"task": "detection", "data": {"image_size": 64}, "train": {"model": "centernet"},
-                                      "distill": {"student": "centernet_tiny"}}), f"models:/{NAME}@challenger", ds, "test")
-    assert result["n"] == 6 and len(result["correct"]) == 6 and 0.0 <= result["headline"] <= 1.0
-    assert not any(result["correct"])  # 5 detections per image from an untrained net: none is fully right
+    from visionops.config import EvaluateConfig
+    from visionops.data import dataset
+
+    ds = dataset.load(write_detection_dataset(tmp_path / "ds", (("train", 4), ("val", 4), ("test", 6))))
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger").unwrap_python_model()
+    metrics, correct = TASK.score_served(served, ds.splits["test"], ds, EvaluateConfig())
+    assert metrics["n"] == 6 and len(correct) == 6 and 0.0 <= metrics["map_50"] <= 1.0
+    assert not correct.any()  # 5 detections per image from an untrained net: none is fully right
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from visionops.tasks.detection.prepare import repeat_factors, resample
 
 PARAMS = {
     "task": "detection",
-    "data": {"image_size": 64},
+    "data": {"source": "canvases", "image_size": 64},
     "balance": {"strategy": "repeat_factor", "repeat_threshold": 0.5},
     "augment": {"rotate_degrees": 0.0, "crop_padding": 0, "scale_jitter": 0.1, "translate": 0.05,
                 "brightness": 0.2, "contrast": 0.2},

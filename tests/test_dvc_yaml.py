@@ -50,7 +50,7 @@ def test_baseline_depends_on_the_student_settings_only():
     baseline = DVC["stages"]["baseline"]
     want = {f"train.{k}" for k in TrainConfig.model_fields} - {"train.model", "train.epochs", "train.lr"}
     want |= {f"distill.{k}" for k in ("student", "epochs", "lr", "baseline")}
-    assert set(baseline["params"]) == want | {"task"}
+    assert set(baseline["params"]) == want | {"task", "detection"}  # detection: the student's prediction rule
     assert {p.split(".")[1] for p in want if p.startswith("distill.")} <= set(DistillConfig.model_fields)
     assert "models/teacher.pt" not in baseline["deps"]
     assert "reports/baseline/baseline.json" in DVC["stages"]["distill"]["deps"]

@@ -129,7 +129,7 @@ def _prepare(params, args, run) -> dict:
     "train.tta that selected it and the temperature fitted on val; detection: the NMS thresholds). "
     f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png); "
     "`visionops register` registers it.",
-    sections=("train", "augment"),
+    sections=("train", "augment", "detection"),
     tracked_in_process=True,
 )
 def _train(params, args, run) -> dict:
@@ -156,7 +156,7 @@ def _train(params, args, run) -> dict:
     "predicted and true boxes. Segmentation: mIoU, per-class IoU, pixel accuracy and Dice, mask overlays. "
     "All of the served predictor, with latency, throughput, parameters and size on the current device, tied "
     f"together in report.md (figures in figures/). Writes {layout.EVALUATE_REPORTS}/.",
-    sections=("evaluate",),
+    sections=("evaluate", "segmentation"),
 )
 def _evaluate(params, args, run) -> dict:
     if run is not None:
@@ -173,7 +173,7 @@ def _evaluate(params, args, run) -> dict:
     f"its per-epoch history) and history.png to {layout.BASELINE_REPORTS}/. Its own stage because it does "
     "not depend on the teacher: DVC skips it when only the teacher changed. With distill.baseline false it trains nothing and "
     "baseline.json says so (distill then reports no KD gain).",
-    sections=("distill", "train"),
+    sections=("distill", "train", "detection"),
     tracked_in_process=True,
 )
 def _baseline(params, args, run) -> dict:
@@ -200,7 +200,7 @@ def _baseline(params, args, run) -> dict:
     "headline metric, parameters, size, CPU latency), exports the student to ONNX with an ONNX Runtime parity "
     "check, and (classification, distill.quantize) int8-quantizes it. "
     f"Writes {layout.STUDENT} and {layout.DISTILL_REPORTS}/; `visionops register` registers it.",
-    sections=("distill", "train"),
+    sections=("distill", "train", "detection"),
     tracked_in_process=True,
 )
 def _distill(params, args, run) -> dict:
@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     except VisionopsError as exc:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"visionops {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str) if args.json else _summary(args.command, result))
+    summary = f"{args.params} is valid" if args.command == "check" else _summary(args.command, result)
+    print(json.dumps(result, indent=2, default=str) if args.json else summary)
     return 0
 
 
@@ -504,8 +505,6 @@ def _value(v) -> str:
 
 def _summary(command: str, result: dict) -> str:
     """A few human lines for the end of a command (`--json` prints the whole result)."""
-    if command == "check":
-        return "params.yaml is valid"
     if command == "predict":
         return f"predicted {result['images']} images with {result['model']}; wrote {result['csv']}"
     if command in ("promote", "rollback") and "promoted" in result:

@@ -203,7 +203,6 @@ class DistillConfig(Section):
 class SegmentationConfig(Section):
     """Segmentation's own settings (used when task is segmentation)."""
 
-    correct_miou: float = Field(0.5, ge=0.0, le=1.0)  # an image counts as right when its own mIoU reaches this
     overlay_images: int = Field(6, ge=0, le=64)  # test images evaluate draws with true and predicted masks
 
 

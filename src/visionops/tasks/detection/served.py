@@ -50,6 +50,9 @@ def original_size(value) -> tuple[int, int] | None:
 class ImageDetectorModel(ImageClassifierModel):
     """Serves a visionops detector; the input handling is the classifier's."""
 
+    task = "detection"
+    predict_columns = (DETECTIONS_COLUMN,)  # what `visionops predict` writes per file
+
     def load(self, path: str | Path) -> ImageDetectorModel:
         self.model, info = detector.load(path, device="cpu")
         self.class_names: list[str] = list(info["class_names"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from visionops.config import Params
 from visionops.tasks.base import EpochCallback
 
@@ -12,6 +14,8 @@ class Detection:
     name = "detection"
     sources = ("canvases", "coco", "voc", "yolo")
     headline = "map_50"
+    per_class = "per_class_ap"
+    paired = "images fully detected"
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download
@@ -69,38 +73,26 @@ class Detection:
         return log_pyfunc(model_path, name, code=SERVED_MODEL_CODE, signature=signature(), metadata=metadata,
                           tags=tags, alias=alias)
 
-    def score(self, params: Params, model_uri: str, dataset_dir: Path, split: str) -> dict:
-        """The SERVED model (the pyfunc at `model_uri`) on `split`: mAP@.5 of its detections (at its served
-        score threshold), per-class AP, and per image whether it is fully right."""
+    def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
+        """The served detector (the registered pyfunc's model) on `split`: mAP@.5 of its detections at its
+        served score threshold, mAP@[.5:.95], per-class AP, and per image whether it is fully right (every
+        true box found with its class at IoU >= 0.5, no other detection)."""
         import json
 
-        import mlflow
-        import numpy as np
+        from visionops.tasks.detection.metrics import image_correct, mean_average_precision, truths
 
-        from visionops.data import dataset
-        from visionops.tasks.detection.metrics import (
-            image_correct,
-            mean_average_precision,
-            truths,
-        )
-
-        ds = dataset.load(dataset_dir)
-        s = ds.splits[split]
-        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()  # the served ImageDetectorModel
-        out = model.predict_canonical(np.asarray(s.images)) if len(s) else None
-        names = ds.class_names
-        index = {c: i for i, c in enumerate(names)}
+        out = model.predict_canonical(np.asarray(split.images)) if len(split) else None
+        index = {c: i for i, c in enumerate(ds.class_names)}
         preds = []
         for row in (out["detections"] if out is not None else []):
             d = json.loads(row)
             preds.append({"boxes": np.asarray(d["boxes"], np.float32).reshape(-1, 4),
                           "scores": np.asarray(d["scores"], np.float32),
                           "labels": np.asarray([index[c] for c in d["labels"]], np.int64)})
-        true = truths(s.targets["boxes"], s.targets["box_labels"])
-        result = mean_average_precision(preds, true, names)
-        return {"headline": result["map_50"], "per_class": result["per_class_ap"],
-                "correct": [image_correct(p, t) for p, t in zip(preds, true)], "n": len(s),
-                "map_50": result["map_50"], "map": result["map"]}
-
+        true = truths(split.targets["boxes"], split.targets["box_labels"])
+        result = mean_average_precision(preds, true, ds.class_names)
+        metrics = {"n": len(split), "map_50": result["map_50"], "map": result["map"],
+                   "per_class_ap": result["per_class_ap"], "latency_batch_size": cfg.latency_batch_size}
+        return metrics, np.array([image_correct(p, t) for p, t in zip(preds, true)], dtype=bool)
 
 TASK = Detection()

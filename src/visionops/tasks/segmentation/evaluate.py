@@ -43,6 +43,9 @@ def sample_pixels(truth: np.ndarray, pred: np.ndarray, class_names: list[str], n
     return buf.getvalue()
 
 
+CORRECT_MIOU = 0.5  # an image is right (promotion's paired test) when its own mIoU reaches this, as a box must reach IoU 0.5
+
+
 def score_masks(pred: np.ndarray, truth: np.ndarray, class_names: list[str], correct_miou: float) -> dict:
     """The segmentation metrics, plus each image's own mIoU and whether it reaches `correct_miou`."""
     p, t = torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(truth))
@@ -76,7 +79,7 @@ def render_report(m: dict, arch: str, correct_miou: float) -> str:
 
 def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, reports_dir: Path, batch_size: int,
                  device_name: str, seg: SegmentationConfig) -> dict:
-    correct_miou = seg.correct_miou
+    correct_miou = CORRECT_MIOU
     reports_dir = Path(reports_dir)
     device = select_device(device_name)
     ds = dataset.load(dataset_dir)

@@ -55,6 +55,9 @@ def decode_mask(text: str) -> np.ndarray:
 
 
 class SegmenterModel(mlflow.pyfunc.PythonModel):
+    task = "segmentation"
+    predict_columns = ("mask", "classes")  # what `visionops predict` writes per file
+
     def load_context(self, context) -> None:
         self.load(context.artifacts[pyfunc.MODEL_ARTIFACT])
 
@@ -77,6 +80,17 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         rows, values = pyfunc._rows(model_input)
         if len(values) > pyfunc.MAX_BATCH_ROWS:
             raise pyfunc.RequestError(f"{len(values)} rows in one request; the limit is {pyfunc.MAX_BATCH_ROWS}: split the batch")
+        return self.predict_values(values, index=rows if isinstance(model_input, pd.DataFrame) else None)
+
+    def predict_canonical(self, images: np.ndarray, index=None) -> pd.DataFrame:
+        """Masks of canonical uint8 N x H x W x C images, at the canonical size (promotion's scoring path)."""
+        size = tuple(self.image_shape[:2])
+        masks = [self.predict_one(image, size) for image in images]
+        return pd.DataFrame([[encode_mask(m), " ".join(self.class_names[c] for c in np.unique(m)), size[0], size[1], ""]
+                             for m in masks], columns=OUTPUT_COLUMNS, index=index, dtype=object)
+
+    def predict_values(self, values: list, index=None) -> pd.DataFrame:
+        """`predict`'s output for a list of input values (no row limit): each row answered on its own."""
         out = []
         for value in values:
             try:
@@ -88,7 +102,6 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
             mask = self.predict_one(image, size)
             present = " ".join(self.class_names[c] for c in np.unique(mask))
             out.append([encode_mask(mask), present, size[0], size[1], ""])
-        index = rows if isinstance(model_input, pd.DataFrame) else None
         return pd.DataFrame(out, columns=OUTPUT_COLUMNS, index=index, dtype=object)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from visionops.config import Params
 from visionops.tasks.base import EpochCallback
 
@@ -12,6 +14,8 @@ class Segmentation:
     name = "segmentation"
     sources = ("canvases", "coco", "masks")
     headline = "miou"
+    per_class = "per_class_iou"
+    paired = "images segmented (own mIoU >= 0.5)"
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download
@@ -63,28 +67,19 @@ class Segmentation:
 
         return log_segmenter(model_path, name, tags=tags, alias=alias)
 
-    def score(self, params: Params, model_uri: str, dataset_dir: Path, split: str) -> dict:
-        """The served model (pyfunc from `model_uri`) on `split`: mIoU as headline, per-class IoU, and per
-        image `correct` = the image's own mIoU (over the classes in its truth or prediction) >= segmentation.correct_miou."""
-        import mlflow
-        import numpy as np
-        import pandas as pd
-
-        from visionops.data import dataset
-        from visionops.tasks.segmentation.evaluate import score_masks
+    def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
+        """The served segmenter (the registered pyfunc's model) on `split`: mIoU, per-class IoU, pixel
+        accuracy and Dice of its masks, and per image whether the image's own mIoU (over the classes in its
+        truth or prediction) reaches CORRECT_MIOU (0.5)."""
+        from visionops.tasks.segmentation.evaluate import CORRECT_MIOU, score_masks
         from visionops.tasks.segmentation.serving import decode_mask
 
-        ds = dataset.load(dataset_dir)
-        part = ds.splits[split]
-        model = mlflow.pyfunc.load_model(model_uri)
-        images = [np.array(img) for img in part.images]
-        out = model.predict(pd.DataFrame({"image": images}))
+        out = model.predict_canonical(np.asarray(split.images))
         pred = np.stack([decode_mask(m) for m in out["mask"]]) if len(out) else np.zeros((0, *ds.image_shape[:2]), np.uint8)
-        m = score_masks(pred, np.asarray(part.targets["masks"]), ds.class_names, params.segmentation.correct_miou)
-        return {
-            "headline": m["miou"], "per_class": {c: v["iou"] for c, v in m["per_class"].items()},
-            "correct": m["correct"], "n": len(pred), "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "dice": m["dice"],
-        }  # fmt: skip
-
+        m = score_masks(pred, np.asarray(split.targets["masks"]), ds.class_names, CORRECT_MIOU)
+        metrics = {"n": len(pred), "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "dice": m["dice"],
+                   "per_class_iou": {c: v["iou"] for c, v in m["per_class"].items() if v["iou"] is not None},
+                   "latency_batch_size": cfg.latency_batch_size}
+        return metrics, np.asarray(m["correct"], dtype=bool)
 
 TASK = Segmentation()
