@@ -1,1 +1,1 @@
-"""Object detection: its stages, models, augmentation, losses, metrics and plots."""
+"""Object detection: its stages, detector wrapper and rule, box-aware augmentation, metrics, distillation and serving."""
