@@ -137,6 +137,14 @@ class AugmentConfig(Section):
     brightness: float = Field(0.0, ge=0.0, le=1.0)  # photometric: brightness and contrast factors in [1 - b, 1 + b]
     contrast: float = Field(0.0, ge=0.0, le=1.0)
 
+    def classification_policy(self) -> dict:
+        """The settings classification's batched augmentation takes (the box- and mask-aware ones are
+        for detection and segmentation; `Params` refuses them for classification)."""
+        return self.model_dump(exclude=set(DENSE_AUGMENT))
+
+
+DENSE_AUGMENT = ("scale_jitter", "translate", "brightness", "contrast")  # augment keys of detection and segmentation
+
 
 class TrainConfig(Section):
     """The teacher's training run."""
@@ -280,6 +288,14 @@ class Params(Section):
             readable = [s for s, tasks in SOURCE_TASKS.items() if self.task in tasks]
             raise ValueError(f"data.source: {self.data.source!r} cannot be read for task {self.task!r}; "
                              f"{self.task} reads: {', '.join(readable)}")
+        return self
+
+    @model_validator(mode="after")
+    def _augment_fits_the_task(self) -> Params:
+        if self.task == "classification":
+            used = [k for k in DENSE_AUGMENT if getattr(self.augment, k)]
+            if used:
+                raise ValueError(f"augment.{used[0]} applies to detection and segmentation only (task is classification)")
         return self
 
     @model_validator(mode="after")

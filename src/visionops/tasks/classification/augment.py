@@ -124,7 +124,7 @@ class BatchAugment(nn.Module):
     @classmethod
     def from_config(cls, cfg: AugmentConfig, num_classes: int | None = None, **kwargs) -> BatchAugment:
         """Build from the `augment` section of params; `num_classes` is needed for MixUp/CutMix."""
-        return cls(**cfg.model_dump(), num_classes=num_classes, **kwargs)
+        return cls(**cfg.classification_policy(), num_classes=num_classes, **kwargs)
 
     @property
     def is_identity(self) -> bool:

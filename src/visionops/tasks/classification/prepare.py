@@ -80,7 +80,7 @@ def run_prepare(
             chosen = chosen[originals]
         np.save(tmp / "train_indices.npy", chosen.astype(np.int64))
         atomic.write_json(tmp / "loss.json", loss)
-        atomic.write_json(tmp / "policy.json", {"balance": balance.model_dump(), "augment": augment.model_dump()})
+        atomic.write_json(tmp / "policy.json", {"balance": balance.model_dump(), "augment": augment.classification_policy()})
     summary = {
         "strategy": balance.strategy,
         "train_images_source": int(len(labels)),
