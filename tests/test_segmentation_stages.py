@@ -35,7 +35,7 @@ def canvases_dataset(root: Path, n: int = 60, seed: int = 0) -> Path:
 def params(**over):
     raw = {
         "task": "segmentation",
-        "data": {"image_size": 64},
+        "data": {"source": "canvases", "image_size": 64},
         "balance": {"strategy": "class_weights"},
         "augment": {"scale_jitter": 0.1, "crop_padding": 4, "brightness": 0.2},
         "train": {"model": "unet", "epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.005, "device": "cpu", "threads": 1},
