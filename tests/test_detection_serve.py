@@ -6,14 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from detection_data import write_detection_dataset
+from model_server import model_server, post
 from PIL import Image
 
 from visionops.config import DetectionConfig
@@ -57,19 +50,8 @@ def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _post(url: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def test_log_model_and_score_use_the_served_rule(store, model_file, tmp_path):
@@ -90,37 +72,13 @@ def test_log_model_and_score_use_the_served_rule(store, model_file, tmp_path):
 def test_mlflow_models_serve_detects_in_input_pixels(store, model_file, tmp_path):
     with mlflow.start_run():
         TASK.log_model(model_file, NAME, tags={}, alias="champion")
-    port = _free_port()
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
-            time.sleep(0.5)
-
+    with model_server(f"models:/{NAME}@champion", store, tmp_path) as base:
         from visionops.data.canvases import make_canvases
 
         canvas = make_canvases(1, 64, seed=5).images[0]
         big = np.asarray(Image.fromarray(canvas.squeeze(-1)).resize((128, 96), Image.BILINEAR))[..., None]
         rows = [[_png_b64(canvas)], ["bm90IGFuIGltYWdl"], [_png_b64(big)]]
-        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
+        status, body = post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
         assert status == 200, body
         first, bad, scaled = body["predictions"]
         assert bad["error"].startswith("cannot decode image bytes") and bad["detections"] is None
@@ -136,11 +94,4 @@ def test_mlflow_models_serve_detects_in_input_pixels(store, model_file, tmp_path
         resized = detector.predict(model, np.asarray(Image.fromarray(big.squeeze(-1)).resize((64, 64), Image.BILINEAR))[None, ..., None])[0]
         np.testing.assert_allclose(big_boxes, resized["boxes"] * np.array([2, 1.5, 2, 1.5]), atol=0.02)
         assert big_boxes[:, [0, 2]].max() <= 128 and big_boxes[:, [1, 3]].max() <= 96
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+

@@ -10,16 +10,8 @@ import base64
 import csv
 import io
 import json
-import os
 import re
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -30,6 +22,7 @@ import pytest
 import torch
 from conftest import corner_images, train_quickly
 from mlflow.tracking import MlflowClient
+from model_server import model_server, post
 from PIL import Image, ImageFile
 
 from visionops.data import dataset
@@ -384,54 +377,18 @@ def test_predict_paths_errors(store, models, tmp_path):
 # serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _post(url: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 @pytest.mark.slow
 def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
     _log(models["good"])
     MlflowClient().set_registered_model_alias(NAME, "champion", "1")
-    port = _free_port()
-    # the server execs `uvicorn` from PATH: put this interpreter's bin (the venv) first
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
-            time.sleep(0.5)
-
+    with model_server(f"models:/{NAME}@champion", store, tmp_path) as base:
         ds = dataset.load(data_dir)
         images, labels = ds.splits["test"].images[:6], ds.splits["test"].labels[:6]
-        status, body = _post(
+        status, body = post(
             f"{base}/invocations",
             {"dataframe_split": {"columns": ["image"], "data": [[_png_b64(im)] for im in images]}},
         )
@@ -442,23 +399,16 @@ def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
 
         # a bad row gets its own error; the other rows are answered
         rows = [[_png_b64(images[0])], ["bm90IGFuIGltYWdl"], [_png_b64(images[1])]]
-        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
+        status, body = post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": rows}})
         assert status == 200, body
         preds = body["predictions"]
         assert [p["error"] for p in preds[::2]] == ["", ""] and [p["label"] for p in preds[::2]] == [CLASSES[k] for k in labels[:2]]
         assert preds[1]["error"].startswith("cannot decode image bytes: not a PNG/JPEG image") and preds[1]["label"] is None
         # too many rows: a clear 400, no server traceback
-        status, body = _post(
+        status, body = post(
             f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[_png_b64(images[0])]] * (MAX_BATCH_ROWS + 1)}}
         )
         assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
         assert f"{MAX_BATCH_ROWS + 1} rows in one request; the limit is {MAX_BATCH_ROWS}" in body["message"]
         assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+

@@ -4,19 +4,15 @@ and the segmentation preset passes `visionops check`."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-
+from model_server import model_server
 from test_segmentation_stages import CLASS_NAMES, canvases_dataset, params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +24,6 @@ def test_preset_passes_check():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -49,26 +41,7 @@ def test_mlflow_models_serve_returns_png_masks(store, tmp_path):
     task.train(p, ds_dir, tmp_path / "prepared", tmp_path / "teacher.pt", tmp_path, tmp_path / "ck.pt")
     with mlflow.start_run():
         task.log_model(tmp_path / "teacher.pt", "visionops-segmenter", {}, "champion")
-    port = _free_port()
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/visionops-segmenter@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
-            time.sleep(0.5)
+    with model_server("models:/visionops-segmenter@champion", store, tmp_path) as base:
         image = np.asarray(dataset.load(ds_dir).splits["test"].images[0])
         wide = np.repeat(image, 2, axis=1)  # 64 x 128: the mask comes back at this size
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encode_png(wide)], ["bm90IGFuIGltYWdl"]]}}).encode()
@@ -79,6 +52,4 @@ def test_mlflow_models_serve_returns_png_masks(store, tmp_path):
         assert mask.shape == (64, 128) and preds[0]["error"] == "" and mask.max() < len(CLASS_NAMES)
         assert preds[0]["classes"].split() == [CLASS_NAMES[c] for c in np.unique(mask)]
         assert preds[1]["mask"] is None and preds[1]["error"].startswith("cannot decode image bytes")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+

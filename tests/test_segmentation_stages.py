@@ -188,3 +188,22 @@ def test_soft_dice_is_near_zero_for_confident_right_logits_and_skips_ignored_pix
     wrong = right.roll(1, dims=1)
     assert soft_dice_loss(right, masks) < 0.01
     assert soft_dice_loss(wrong, masks) > 0.6  # no overlap: 1 - 1/3 per class with the +1 smoothing
+
+
+def test_prior_correction_undoes_the_class_weights_as_far_as_val_miou_gains():
+    from visionops.config import TrainConfig
+    from visionops.tasks.segmentation.objective import fit_prior_correction
+    from visionops.tasks.segmentation.segmenter import build
+
+    torch.manual_seed(0)
+    model = build("unet_small", ["background", "a"], (8, 8, 1), [0.5], [0.25])
+    with torch.no_grad():  # a network that paints class "a" a little too often: bias 1.0 towards it
+        model.net.head.bias.copy_(torch.tensor([0.0, 1.0]))
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    masks = torch.zeros(4, 8, 8, dtype=torch.uint8)  # all background
+    cfg, cpu = TrainConfig(eval_batch_size=2, device="cpu"), torch.device("cpu")
+    strength = fit_prior_correction(model, x, masks, [0.1, 1.0], cfg, cpu)  # log(0.1) = -2.3 on background
+    assert strength > 0 and model.logit_bias[0, 0, 0, 0] == pytest.approx(-strength * np.log(0.1))
+    assert (model(x).argmax(1) == 0).all()  # with the correction every pixel is background again
+    assert fit_prior_correction(model, x, masks, [1.0, 1.0], cfg, cpu) == 0.0  # no weights: nothing to undo
+    assert torch.equal(model.logit_bias, torch.zeros_like(model.logit_bias))

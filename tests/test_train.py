@@ -117,6 +117,7 @@ def _plain(value) -> bool:
 @pytest.mark.parametrize("schedule,optimizer", [("triangle", "sgd"), ("onecycle", "adamw")])
 def test_checkpoint_holds_plain_values_and_resumes_with_weights_only(tmp_path, schedule, optimizer):
     from visionops.tasks.classification.augment import BatchAugment
+    from visionops.tasks.classification.objective import train_correct, val_scorer
     from visionops.training.trainer import fit
 
     gen = torch.Generator().manual_seed(0)
@@ -131,11 +132,12 @@ def test_checkpoint_holds_plain_values_and_resumes_with_weights_only(tmp_path, s
     def criterion(logits, targets, _x):
         return F.cross_entropy(logits, targets)
 
-    ckpt = tmp_path / "ck.pt"
-    _, first = fit(model(), (x, y), (x, y), cfg, augment, criterion, torch.device("cpu"), ckpt, "fp")
+    ckpt, cpu = tmp_path / "ck.pt", torch.device("cpu")
+    scorer = val_scorer((x, y), cfg, cpu)
+    _, first = fit(model(), (x, y), scorer, cfg, augment, criterion, cpu, ckpt, "fp", train_correct=train_correct)
     payload = torch.load(ckpt, weights_only=True)
     assert _plain(payload) and payload["state"]["epoch"] == 2
-    _, resumed = fit(model(), (x, y), (x, y), cfg, augment, criterion, torch.device("cpu"), ckpt, "fp")
+    _, resumed = fit(model(), (x, y), scorer, cfg, augment, criterion, cpu, ckpt, "fp", train_correct=train_correct)
     assert resumed.epoch == 2 and resumed.history == first.history
 
 

@@ -8,16 +8,13 @@ network's own `forward` stays the raw logits that training, Grad-CAM and ONNX ex
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops.atomic import write_bytes
-from visionops.errors import MissingInputError
-from visionops.models import create_model
+from visionops.models import create_model, model_file
 from visionops.tasks.classification.tta import TTA_LEVELS, tta_logits
 
 
@@ -82,17 +79,12 @@ def save(path: Path, model: Classifier, arch: str, class_names: list[str], image
         "state_dict": state,
         **extra,
     }
-    buf = io.BytesIO()  # torch.save names the zip's top folder after the file: a temp file's name would leak in
-    torch.save(payload, buf)
-    write_bytes(path, buf.getvalue())
+    model_file.save(path, payload)
 
 
 def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
     """Rebuild a saved classifier in eval mode; also returns the saved metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path}: no trained model (run `visionops train`)")
-    info = torch.load(path, map_location="cpu", weights_only=True)
+    info = model_file.read(path, "classification")
     state = info.pop("state_dict")
     info.setdefault("temperature", 1.0)  # files written before the served rule was stored
     info.setdefault("tta", "none")

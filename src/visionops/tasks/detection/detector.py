@@ -6,17 +6,14 @@ model file, so evaluate, distill, promotion and the served model all decode the 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops.atomic import write_bytes
 from visionops.config import DetectionConfig
-from visionops.errors import MissingInputError
-from visionops.models import create_model
+from visionops.models import create_model, model_file
 
 Detection = dict[str, np.ndarray]  # boxes K x 4 xyxy (canonical pixels), scores K, labels K (class ids)
 
@@ -68,17 +65,12 @@ def save(path: Path, model: Detector, arch: str, class_names: list[str], image_s
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    buf = io.BytesIO()  # torch.save names the zip's top folder after the file: a temp file's name would leak in
-    torch.save(payload, buf)
-    write_bytes(path, buf.getvalue())
+    model_file.save(path, payload)
 
 
 def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Detector, dict]:
     """Rebuild a saved detector in eval mode; also returns the saved metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path}: no trained model (run `visionops train`)")
-    info = torch.load(path, map_location="cpu", weights_only=True)
+    info = model_file.read(path, "detection")
     state = info.pop("state_dict")
     rule = DetectionConfig.model_validate(info["rule"])
     model = build(info["arch"], info["class_names"], tuple(info["image_shape"]), state["mean"].flatten(),

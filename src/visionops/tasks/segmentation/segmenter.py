@@ -7,37 +7,39 @@ forward. The model file holds only tensors and plain values (loadable with `weig
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visionops.atomic import write_bytes
-from visionops.errors import MissingInputError
-from visionops.models import create_model
+from visionops.models import create_model, model_file
 
 IGNORE = 255  # mask value of pixels no loss or metric counts
 
 
 class Segmenter(nn.Module):
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+    """The network with its normalisation and its served prior correction: `logit_bias` (one value per
+    class, added to the logits) undoes part of the class weighting the network was trained with, as
+    fitted on val (`fit_prior_correction`); zeros until then."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], num_classes: int):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("logit_bias", torch.zeros(1, num_classes, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
             x = x.float() / 255
-        return self.net((x - self.mean) / self.std)
+        return self.net((x - self.mean) / self.std) + self.logit_bias
 
 
 def build(arch: str, class_names: list[str], image_shape, mean, std) -> Segmenter:
     h, _, c = image_shape
     net = create_model(arch, in_channels=c, num_classes=len(class_names), image_size=h)
-    return Segmenter(net, list(mean), list(std))
+    return Segmenter(net, list(mean), list(std), len(class_names))
 
 
 def save(path: Path, model: Segmenter, arch: str, class_names: list[str], image_shape, **extra) -> None:
@@ -49,19 +51,12 @@ def save(path: Path, model: Segmenter, arch: str, class_names: list[str], image_
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    buf = io.BytesIO()  # torch.save names the zip's top folder after the file: a temp file's name would leak in
-    torch.save(payload, buf)
-    write_bytes(path, buf.getvalue())
+    model_file.save(path, payload)
 
 
 def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Segmenter, dict]:
     """Rebuild a saved segmenter in eval mode; also returns the saved metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path}: no trained model (run `visionops train`)")
-    info = torch.load(path, map_location="cpu", weights_only=True)
-    if info.get("task") != "segmentation":
-        raise MissingInputError(f"{path}: not a segmentation model (task {info.get('task', 'classification')!r})")
+    info = model_file.read(path, "segmentation")
     state = info.pop("state_dict")
     model = build(info["arch"], info["class_names"], tuple(info["image_shape"]), state["mean"].flatten(), state["std"].flatten())
     model.load_state_dict(state)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -115,29 +114,9 @@ def signature() -> ModelSignature:
 
 def log_segmenter(model_path: Path, registered_name: str, *, tags: dict, alias: str | None = pyfunc.CHALLENGER):
     """Log `model_path` as pyfunc model "model" in the active run, register it as a new version of
-    `registered_name`, point `alias` at it and tag it (as `pyfunc.log_classifier` does for classifiers)."""
-    from mlflow.tracking import MlflowClient
-
-    from visionops.data.fetch import file_md5
-
-    run = mlflow.active_run()
-    if run is None:
-        raise pyfunc.RegistryError("log_segmenter needs an active MLflow run (wrap it in mlflow.start_run())")
-    _, info = segmenter.load(model_path)
-    h, w, c = (int(s) for s in info["image_shape"])
-    example = pd.DataFrame({pyfunc.IMAGE_COLUMN: [pyfunc.encode_png(np.zeros((h, w, c), np.uint8))]})
-    with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
-        model_info = mlflow.pyfunc.log_model(
-            name=pyfunc.MODEL_NAME, python_model=str(SERVED_MODEL_CODE),
-            artifacts={pyfunc.MODEL_ARTIFACT: str(model_path)}, code_paths=[str(pyfunc._package_copy(Path(tmp)))],
-            signature=signature(), input_example=example, pip_requirements=pyfunc.pip_requirements(),
-            registered_model_name=registered_name,
-            metadata={"task": "segmentation", "class_names": list(info["class_names"]), "image_shape": [h, w, c], "arch": info["arch"]},
-        )  # fmt: skip
-    version = str(model_info.registered_model_version)
-    client = MlflowClient()
-    if alias:
-        client.set_registered_model_alias(registered_name, alias, version)
-    for key, value in {**tags, "run_id": run.info.run_id, pyfunc.MODEL_MD5_TAG: file_md5(model_path)}.items():
-        client.set_model_version_tag(registered_name, version, key, str(value))
-    return client.get_model_version(registered_name, version)
+    `registered_name`, point `alias` at it and tag it (`pyfunc.log_pyfunc`, as for every task)."""
+    _, info = segmenter.load(model_path)  # fails early and clearly on a missing or foreign file
+    metadata = {"task": "segmentation", "class_names": list(info["class_names"]), "arch": info["arch"],
+                "image_shape": [int(s) for s in info["image_shape"]]}
+    return pyfunc.log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature(),
+                             metadata=metadata, tags=tags, alias=alias)

@@ -21,7 +21,7 @@ from visionops.tasks.classification.classifier import channel_stats
 from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.augment import MaskAugment
 from visionops.tasks.segmentation.losses import PixelLoss
-from visionops.tasks.segmentation.objective import METRIC, val_scorer
+from visionops.tasks.segmentation.objective import METRIC, fit_prior_correction, val_scorer
 from visionops.training.device import select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
@@ -57,15 +57,19 @@ class Setup:
     std: list[float]
     digest_parts: tuple
     arrays: tuple
+    weights: list[float]
+    prior_strength: float = 0.0  # of the last fit: see objective.fit_prior_correction
 
     def fit(self, arch: str, cfg: TrainConfig, criterion, checkpoint: Path | None, digest: str, desc: str,
             on_epoch: EpochCallback | None):
         torch.manual_seed(cfg.seed)  # the same initial weights for the same arch and seed
         model = segmenter.build(arch, self.ds.class_names, self.ds.image_shape, self.mean, self.std)
         augment = self.augment.to(self.device)
-        return fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
-                   lambda x, masks, gen: augment(x, masks, gen), criterion, self.device, checkpoint=checkpoint,
-                   fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC)
+        model, state = fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
+                           lambda x, masks, gen: augment(x, masks, gen), criterion, self.device, checkpoint=checkpoint,
+                           fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC)
+        self.prior_strength = fit_prior_correction(model, *self.val_data, self.weights, cfg, self.device)
+        return model, state
 
 
 def setup(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: AugmentConfig) -> Setup:
@@ -84,7 +88,7 @@ def setup(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: 
         device, dist_info, ds, (_images_to(images, device), _masks_to(masks, device)),
         (_images_to(val.images, device), _masks_to(val.targets["masks"], device)),
         PixelLoss(weights).to(device), MaskAugment.from_config(augment_cfg), mean, std, parts,
-        (images, masks, val.targets["masks"]),
+        (images, masks, val.targets["masks"]), weights,
     )  # fmt: skip
 
 
@@ -102,6 +106,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_miou": state.best_acc,
+        "prior_correction": s.prior_strength,
         "train_images": int(n),
         "parameters": count_parameters(model),
         **run_seconds(state.history, n),
