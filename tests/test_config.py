@@ -42,6 +42,27 @@ def test_wrong_type_and_bad_choice():
         parse_params({"augment": {"hflip": "sometimes"}})
 
 
+@pytest.mark.parametrize("key", ["amp", "channels_last"])
+def test_speed_switches_take_true_false_and_always(key):
+    import torch
+
+    from visionops.training.device import autocast, memory_format
+
+    cpu = torch.device("cpu")
+    assert getattr(parse_params({"train": {key: True}}).train, key) == "cuda"
+    assert getattr(parse_params({"train": {key: False}}).train, key) == "off"
+    assert getattr(parse_params({"train": {key: "always"}}).train, key) == "always"
+    with pytest.raises(ParamsError, match=f"train.{key}"):
+        parse_params({"train": {key: "sometimes"}})
+    assert memory_format(cpu, "cuda") == memory_format(cpu, "off") == torch.contiguous_format
+    assert memory_format(cpu, "always") == torch.channels_last
+    layer = torch.nn.Linear(2, 2)
+    with autocast(cpu, "cuda"):
+        assert layer(torch.ones(1, 2)).dtype == torch.float32
+    with autocast(cpu, "always"):
+        assert layer(torch.ones(1, 2)).dtype == torch.bfloat16
+
+
 def test_cross_field_rules():
     with pytest.raises(ParamsError, match="data.root"):
         parse_params({"data": {"source": "folder"}})

@@ -122,7 +122,8 @@ def _prepare(params, args, run) -> dict:
     "train",
     "train the teacher model (GPU when there is one)",
     "Train train.model on the prepared train split with the augmentation policy applied on the fly, "
-    "early-stopped on val. Uses cuda, then mps, then cpu (train.device); bf16 autocast, channels_last and "
+    "early-stopped on val. Uses cuda, then mps, then cpu (train.device); bf16 autocast and channels_last "
+    "(train.amp, train.channels_last: on CUDA, or `always` for the CPU too) and "
     "optional torch.compile on CUDA. A checkpoint is written every epoch: rerunning after a crash resumes. "
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
     "At the end it stores the served rule in the model file (classification: the test-time augmentation "

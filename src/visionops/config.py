@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
 from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, check_model_name, models_for
@@ -146,6 +146,16 @@ class AugmentConfig(Section):
 DENSE_AUGMENT = ("scale_jitter", "translate", "brightness", "contrast")  # augment keys of detection and segmentation
 
 
+def _speed_switch(value: object) -> object:
+    return {True: "cuda", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# Where a speed setting applies: "cuda" (true) on CUDA only; "always" on the CPU too (oneDNN's NHWC convolutions
+# and bf16 autocast, which pay on CPUs with AVX-512 BF16 or AMX, but crashed oneDNN's backward pass for one
+# classifier, so opt-in); "off" (false) nowhere.
+SpeedSwitch = Annotated[Literal["cuda", "always", "off"], BeforeValidator(_speed_switch)]
+
+
 class TrainConfig(Section):
     """The teacher's training run."""
 
@@ -166,8 +176,8 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(0, ge=0)  # 0 = off
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    amp: bool = True  # bf16/fp16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    amp: SpeedSwitch = "cuda"  # bf16 autocast (fp16 on CUDA without bf16): on CUDA, on every device, or off
+    channels_last: SpeedSwitch = "cuda"  # NHWC memory format: on CUDA, on every device, or off
     compile: bool = False  # torch.compile on CUDA
     eval_batch_size: int = Field(1024, ge=1)
     # torch's intra-op CPU threads in train, evaluate and distill: "auto" keeps torch's default (the cores

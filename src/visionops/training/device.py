@@ -24,17 +24,24 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
+def _applies(mode: str, device: torch.device) -> bool:
+    """Whether a `train.amp` / `train.channels_last` setting ("cuda", "always", "off") is on for `device`."""
+    return mode == "always" or (mode == "cuda" and device.type == "cuda")
+
+
+def autocast(device: torch.device, mode: str):
+    """bf16 autocast where `mode` applies (on CUDA fp16 where bf16 is unsupported); otherwise a no-op."""
+    if not _applies(mode, device) or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
-def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
-    """channels_last on CUDA only: on the CPU it is faster for some nets but crashed oneDNN's backward for others."""
-    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+def memory_format(device: torch.device, mode: str) -> torch.memory_format:
+    """channels_last where `mode` applies (see `config.SpeedSwitch`), else the default layout."""
+    return torch.channels_last if _applies(mode, device) else torch.contiguous_format
 
 
 def to_device(images_nhwc: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

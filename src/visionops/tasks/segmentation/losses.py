@@ -23,7 +23,7 @@ def soft_dice_loss(logits: Tensor, masks: Tensor) -> Tensor:
 class PixelLoss(nn.Module):
     """Cross-entropy over pixels, each weighted by its true class's `pixel_weights` (None: unweighted), plus
     `dice` x soft Dice; pixels marked IGNORE count for nothing. On the default canvases the Dice term raised
-    test mIoU after 6 epochs from 0.63 to 0.66 (unet)."""
+    test mIoU after 6 epochs from 0.63 to 0.66 (with the earlier, full-resolution-decoder U-Net)."""
 
     def __init__(self, pixel_weights: list[float] | None = None, dice: float = 1.0):
         super().__init__()
@@ -36,23 +36,34 @@ class PixelLoss(nn.Module):
         return loss + self.dice * soft_dice_loss(logits, masks) if self.dice else loss
 
 
-def pixel_kd_loss(student: Tensor, teacher: Tensor, temperature: float, masks: Tensor | None = None) -> Tensor:
+def pixel_kd_loss(student: Tensor, teacher: Tensor, temperature: float, masks: Tensor | None = None,
+                  weight: Tensor | None = None) -> Tensor:
     """Hinton et al. (2015) per pixel: KL(teacher || student) of the temperature-softened class
-    distributions at each pixel, averaged over the pixels not marked IGNORE, times T^2 (so its gradient
-    keeps the hard loss's scale as T changes)."""
+    distributions at each pixel, times T^2 (so its gradient keeps the hard loss's scale as T changes).
+    Averaged over the pixels not marked IGNORE; with `weight` (per class, indexed by each pixel's true
+    class in `masks`) a weighted average, as the hard loss's class-weighted cross-entropy."""
     t = temperature
     kl = F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1), reduction="none", log_target=True).sum(1)
-    if masks is not None:
-        keep = masks != IGNORE
-        kl = kl[keep] if keep.any() else kl.new_zeros(1)
-    return kl.mean() * t * t
+    if masks is None:
+        return kl.mean() * t * t
+    keep = masks != IGNORE
+    if not keep.any():
+        return kl.new_zeros(())
+    w = weight[masks[keep].long()] if weight is not None else torch.ones_like(kl[keep])
+    return (kl[keep] * w).sum() / w.sum() * t * t
 
 
 class PixelDistillationLoss:
     """A trainer criterion: `alpha * pixel_kd_loss(student, teacher(x), T) + (1 - alpha) * hard(student, masks)`.
-    The teacher runs frozen on the same augmented batch the student sees."""
 
-    def __init__(self, hard: nn.Module, teacher: nn.Module | None, alpha: float, temperature: float):
+    The teacher runs frozen on the same augmented batch the student sees. Its soft targets are its logits
+    before its served prior correction (`Segmenter.logit_bias`), and its pixels are weighted by the hard
+    loss's class weights: the student learns what the teacher learned, under the same class balance as its
+    own hard term (on the default canvases an unweighted KD term, 85% background pixels, kept the student
+    at test mIoU 0.25 against 0.67 alone).
+    """
+
+    def __init__(self, hard: PixelLoss, teacher: nn.Module | None, alpha: float, temperature: float):
         if alpha > 0 and teacher is None:
             raise ValueError("a teacher is needed when alpha > 0")
         self.hard, self.teacher, self.alpha, self.temperature = hard, teacher, alpha, temperature
@@ -65,6 +76,6 @@ class PixelDistillationLoss:
             loss = loss + (1 - self.alpha) * self.hard(logits, masks)
         if self.alpha > 0:
             with torch.no_grad():
-                teacher = self.teacher(inputs)
-            loss = loss + self.alpha * pixel_kd_loss(logits, teacher, self.temperature, masks)
+                teacher = self.teacher(inputs) - self.teacher.logit_bias
+            loss = loss + self.alpha * pixel_kd_loss(logits, teacher, self.temperature, masks, self.hard.weight)
         return loss
