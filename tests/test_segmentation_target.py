@@ -15,8 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 10: not met yet; the default unet reaches test mIoU 0.748 (the note on issue 10 "
-                   "says what was tried)", strict=False)
 def test_default_teacher_reaches_the_target_miou_on_the_default_canvases(tmp_path):
     raw = yaml.safe_load((ROOT / "presets/segmentation.yaml").read_text())
     raw["train"]["device"] = "cpu"
