@@ -126,6 +126,34 @@ def test_pixel_kd_is_zero_for_identical_logits_and_scaled_by_t_squared():
     assert pixel_kd_loss(s, t, 1.0).item() > 0
 
 
+def test_pixel_kd_weighs_pixels_by_their_true_class_and_ignores_ignore():
+    from visionops.tasks.segmentation.losses import pixel_kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    masks = torch.tensor([[[0, 0], [1, 255]]], dtype=torch.uint8)
+    t[0, :, 1, 0] = s[0, :, 1, 0]  # the one class-1 pixel: teacher and student agree
+    assert pixel_kd_loss(s, t, 2.0, masks, torch.tensor([0.0, 1.0])).item() == pytest.approx(0.0, abs=1e-6)
+    assert pixel_kd_loss(s, t, 2.0, masks, torch.tensor([1.0, 0.0])).item() > 0
+    t[0, :, 0] = s[0, :, 0]  # now every counted pixel agrees; only the IGNORE pixel differs
+    assert pixel_kd_loss(s, t, 2.0, masks).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_targets_are_the_teachers_logits_before_its_prior_correction():
+    from visionops.tasks.segmentation.losses import PixelDistillationLoss, PixelLoss
+    from visionops.tasks.segmentation.segmenter import build
+
+    torch.manual_seed(0)
+    teacher = build("unet_small", ["background", "a"], (8, 8, 1), [0.5], [0.25]).eval()
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        raw = teacher(x)
+        teacher.logit_bias.copy_(torch.tensor([3.0, -3.0]).view(1, 2, 1, 1))  # a strong served correction
+    masks = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    kd_only = PixelDistillationLoss(PixelLoss([0.5, 1.0]), teacher, alpha=1.0, temperature=2.0)
+    assert kd_only(raw, masks, x).item() == pytest.approx(0.0, abs=1e-5)  # the student matching the raw logits
+
+
 def test_augment_moves_masks_with_images():
     from visionops.tasks.segmentation.augment import MaskAugment
 
