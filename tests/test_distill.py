@@ -30,7 +30,8 @@ from visionops.serving.export import (
     ort_session,
 )
 from visionops.tasks.classification import classifier
-from visionops.tasks.classification.baseline import BaselineMismatchError, run_baseline
+from visionops.tasks.classification.baseline import run_baseline
+from visionops.training.baseline_record import BaselineMismatchError
 from visionops.tasks.classification.distill import DistillationLoss, run_distill
 from visionops.tasks.classification.losses import ClassificationLoss, kd_loss
 from visionops.tasks.classification.prepare import run_prepare

@@ -14,7 +14,6 @@ MLflow run keeps. With `distill.baseline: false` it trains nothing and baseline.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,26 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionops import atomic, measured
+from visionops import measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
 from visionops.data import dataset
-from visionops.errors import VisionopsError
-from visionops.evaluation import plots
 from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.objective import train_correct, val_scorer
 from visionops.tasks.classification.train import load_train_data, set_served_rule
+from visionops.training.baseline_record import CHECKPOINT, write_result, write_skipped
 from visionops.training.device import select_device, to_device
 from visionops.training.outputs import fingerprint, run_seconds
 from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
-
-RESULT = "baseline.json"
-CHECKPOINT = "student_alone.pt"
-
-
-class BaselineMismatchError(VisionopsError):
-    """baseline.json is missing, or was made for another student or settings than distill's."""
 
 
 @dataclass
@@ -125,11 +116,7 @@ def run_baseline(
 ) -> dict:
     reports_dir, checkpoint_dir = Path(reports_dir), Path(checkpoint_dir)
     if not cfg.baseline:
-        result = {"skipped": True, "reason": "distill.baseline is false", "student": cfg.student}
-        for stale in ("history.png", measured.MEASURED_FILE):
-            (reports_dir / stale).unlink(missing_ok=True)
-        atomic.write_json(reports_dir / RESULT, result)
-        return result
+        return write_skipped(reports_dir, cfg.student)
     s = student_setup(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg)
     digest = fingerprint("student_alone", *s.common, arrays=s.arrays)
     hard = s.hard
@@ -149,24 +136,7 @@ def run_baseline(
         "best_epoch": state.best_epoch,
         **run_seconds(state.history, len(s.labels)),
     }
-    history = [measured.pure(r) for r in state.history]
-    plots.training_curves(history, reports_dir / "history.png", f"student alone: {cfg.student}")
-    atomic.write_json(reports_dir / RESULT, {**measured.pure(result), "history": history})
-    measured.write(reports_dir, result)
+    write_result(reports_dir, result, [measured.pure(r) for r in state.history])
     (checkpoint_dir / CHECKPOINT).unlink(missing_ok=True)
     return result
 
-
-def read_baseline(path: Path | None, cfg: DistillConfig) -> dict | None:
-    """The baseline result for `cfg` (None with distill.baseline false); a missing or mismatched file is an error."""
-    if not cfg.baseline:
-        return None
-    if path is None or not Path(path).is_file():
-        raise BaselineMismatchError(f"{path}: no baseline result; run `visionops baseline` (or `dvc repro`) first")
-    result = json.loads(Path(path).read_text())
-    if result.get("skipped") or result.get("student") != cfg.student:
-        raise BaselineMismatchError(
-            f"{path}: the baseline is for student {result.get('student')!r} (skipped: {bool(result.get('skipped'))}), "
-            f"distill has {cfg.student!r} with distill.baseline true; run `visionops baseline` again"
-        )
-    return result

@@ -31,14 +31,10 @@ from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.serving import export
 from visionops.tasks.classification import classifier
-from visionops.tasks.classification.baseline import (
-    accuracy,
-    read_baseline,
-    student_setup,
-    train_student,
-)
+from visionops.tasks.classification.baseline import accuracy, student_setup, train_student
 from visionops.tasks.classification.losses import kd_loss
 from visionops.tasks.classification.train import set_served_rule
+from visionops.training.baseline_record import read_baseline
 from visionops.training.device import memory_format, select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import EpochCallback

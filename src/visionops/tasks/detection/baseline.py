@@ -10,25 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from visionops import atomic, measured
+from visionops import measured
 from visionops.config import AugmentConfig, DetectionConfig, DistillConfig, TrainConfig
-from visionops.evaluation import plots
 from visionops.tasks.detection.evaluate import score_split
 from visionops.tasks.detection.student import train_student
+from visionops.training.baseline_record import CHECKPOINT, write_result, write_skipped
 from visionops.training.outputs import run_seconds
 from visionops.training.trainer import EpochCallback
-
-RESULT = "baseline.json"
-CHECKPOINT = "student_alone.pt"
 
 
 def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, train_cfg: TrainConfig,
                  augment_cfg: AugmentConfig, rule: DetectionConfig, reports_dir: Path, checkpoints_dir: Path,
                  on_epoch: EpochCallback | None = None) -> dict:
     if not cfg.baseline:
-        result = {"skipped": True, "student": cfg.student}
-        atomic.write_json(reports_dir / RESULT, result)
-        return result
+        return write_skipped(reports_dir, cfg.student)
     checkpoint = checkpoints_dir / CHECKPOINT
     ds, model, state, facts, n = train_student(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, rule,
                                                checkpoint, "baseline", on_epoch)
@@ -42,12 +37,9 @@ def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, trai
         "best_val_map_50": state.best_acc,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
-        "history": history,
         **run_seconds(state.history, n),
     }
     if facts["is_main"]:
-        atomic.write_json(reports_dir / RESULT, measured.pure(result))
-        plots.training_curves(history, reports_dir / "history.png", f"student alone: {cfg.student}")
-        measured.write(reports_dir, result)
+        write_result(reports_dir, result, history)
         checkpoint.unlink(missing_ok=True)
-    return {k: v for k, v in result.items() if k != "history"}
+    return result

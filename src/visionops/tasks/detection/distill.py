@@ -8,7 +8,6 @@ measured.json (timings), history.csv/png, student.onnx, report.md and report.htm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,6 @@ import torch
 from visionops import atomic, measured
 from visionops.config import AugmentConfig, DetectionConfig, DistillConfig, TrainConfig
 from visionops.data.fetch import file_md5
-from visionops.errors import MissingInputError
 from visionops.evaluation import report_html
 from visionops.evaluation.latency import measure_latency
 from visionops.models import count_parameters
@@ -25,23 +23,12 @@ from visionops.tasks.detection import detector
 from visionops.tasks.detection.evaluate import score_split
 from visionops.tasks.detection.kd import check_pair, kd_criterion
 from visionops.tasks.detection.student import train_student
+from visionops.training.baseline_record import read_baseline
 from visionops.training.outputs import run_seconds, write_history
 from visionops.training.trainer import EpochCallback
 
 HEADLINE = ("student_map_50", "teacher_map_50", "kd_gain")
 CHECKPOINT = "student_kd.pt"
-
-
-def read_baseline(path: Path | None, cfg: DistillConfig) -> dict | None:
-    if not cfg.baseline:
-        return None
-    if path is None or not Path(path).is_file():
-        raise MissingInputError(f"{path}: no baseline result; run `visionops baseline` (or `dvc repro`) first")
-    result = json.loads(Path(path).read_text())
-    if result.get("skipped") or result.get("student") != cfg.student:
-        raise MissingInputError(f"{path}: the baseline is for student {result.get('student')!r}, distill has "
-                                f"{cfg.student!r}; run `visionops baseline` again")
-    return result
 
 
 def _report(m: dict) -> str:

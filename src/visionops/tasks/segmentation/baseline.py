@@ -5,26 +5,17 @@ same initial weights, seed, schedule and augmentation as the distilled student; 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from visionops import atomic, measured
+from visionops import measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
-from visionops.errors import VisionopsError
-from visionops.evaluation import plots
 from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.evaluate import score_masks
 from visionops.tasks.segmentation.train import Setup, setup
+from visionops.training.baseline_record import CHECKPOINT, write_result, write_skipped
 from visionops.training.outputs import fingerprint, run_seconds
-
-RESULT = "baseline.json"
-CHECKPOINT = "student_alone.pt"
-
-
-class BaselineMismatchError(VisionopsError):
-    """baseline.json is missing, or was made for another student than distill's."""
 
 
 def student_config(cfg: DistillConfig, train_cfg: TrainConfig) -> TrainConfig:
@@ -42,11 +33,7 @@ def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, trai
                  augment_cfg: AugmentConfig, reports_dir: Path, checkpoint_dir: Path, on_epoch=None) -> dict:
     reports_dir, checkpoint_dir = Path(reports_dir), Path(checkpoint_dir)
     if not cfg.baseline:
-        result = {"skipped": True, "reason": "distill.baseline is false", "student": cfg.student}
-        for stale in ("history.png", measured.MEASURED_FILE):
-            (reports_dir / stale).unlink(missing_ok=True)
-        atomic.write_json(reports_dir / RESULT, result)
-        return result
+        return write_skipped(reports_dir, cfg.student)
     student_cfg = student_config(cfg, train_cfg)
     s = setup(dataset_dir, prepared_dir, student_cfg, augment_cfg)
     digest = fingerprint("student_alone", student_cfg.model_dump(), *s.digest_parts, arrays=s.arrays)
@@ -61,21 +48,7 @@ def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, trai
         "test_pixel_accuracy": scores["pixel_accuracy"], "best_val_miou": state.best_acc, "epochs_run": state.epoch,
         "best_epoch": state.best_epoch, **run_seconds(state.history, len(s.arrays[0])),
     }  # fmt: skip
-    history = [measured.pure(r) for r in state.history]
-    plots.training_curves(history, reports_dir / "history.png", f"student alone: {cfg.student}")
-    atomic.write_json(reports_dir / RESULT, {**measured.pure(result), "history": history})
-    measured.write(reports_dir, result)
+    write_result(reports_dir, result, [measured.pure(r) for r in state.history])
     (checkpoint_dir / CHECKPOINT).unlink(missing_ok=True)
     return result
 
-
-def read_baseline(path: Path | None, cfg: DistillConfig) -> dict | None:
-    if not cfg.baseline:
-        return None
-    if path is None or not Path(path).is_file():
-        raise BaselineMismatchError(f"{path}: no baseline result; run `visionops baseline` (or `dvc repro`) first")
-    result = json.loads(Path(path).read_text())
-    if result.get("skipped") or result.get("student") != cfg.student:
-        raise BaselineMismatchError(f"{path}: the baseline is for student {result.get('student')!r}, distill has "
-                                    f"{cfg.student!r}; run `visionops baseline` again")
-    return result

@@ -24,9 +24,10 @@ from visionops.evaluation.latency import measure_latency
 from visionops.models import count_parameters
 from visionops.serving import export
 from visionops.tasks.segmentation import segmenter
-from visionops.tasks.segmentation.baseline import read_baseline, split_scores, student_config
+from visionops.tasks.segmentation.baseline import split_scores, student_config
 from visionops.tasks.segmentation.losses import PixelDistillationLoss
 from visionops.tasks.segmentation.train import setup
+from visionops.training.baseline_record import read_baseline
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 
 HEADLINE = ("student_miou", "teacher_miou", "kd_gain")
