@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionops.models.layers import conv_bn_relu as _conv
 from visionops.models.registry import register_model
 
 Detections = list[tuple[Tensor, Tensor, Tensor]]  # per image: boxes K x 4 xyxy, scores K, labels K
@@ -38,10 +39,6 @@ def _nms(boxes: Tensor, scores: Tensor, labels: Tensor, score_threshold: float, 
     groups = torch.zeros_like(labels) if class_agnostic else labels  # agnostic: one box per place, whatever its class
     keep = batched_nms(boxes, scores, groups, iou_threshold)[:max_detections]
     return boxes[keep], scores[keep], labels[keep]
-
-
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class CenterNet(nn.Module):

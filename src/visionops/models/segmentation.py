@@ -13,11 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from visionops.models.layers import conv_bn_relu as _conv
 from visionops.models.registry import register_model
-
-
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class UNet(nn.Module):
