@@ -118,6 +118,31 @@ def test_metrics_match_a_hand_count():
     assert m["pixel_accuracy"] == pytest.approx(5 / 7)
 
 
+def test_metrics_equal_torchmetrics_and_per_image_miou_equals_scoring_each_image_alone():
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
+
+    from visionops.tasks.segmentation.metrics import image_miou, segmentation_metrics
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 4, (6, 16, 16), generator=g, dtype=torch.uint8)  # class 4 never occurs
+    pred = torch.where(torch.rand(6, 16, 16, generator=g) < 0.7, truth, torch.randint(0, 4, (6, 16, 16), generator=g).to(torch.uint8))
+    truth[:, :2] = 255  # ignored rows
+    names = ["background", "a", "b", "c", "never"]
+    m = segmentation_metrics(pred, truth, names)
+    kw = {"ignore_index": 255}
+    iou = MulticlassJaccardIndex(5, average="none", **kw)(pred.long(), truth.long())
+    dice = MulticlassF1Score(5, average="none", multidim_average="global", **kw)(pred.long(), truth.long())
+    for i, name in enumerate(names[:4]):
+        assert m["per_class"][name]["iou"] == pytest.approx(float(iou[i]), abs=1e-6)
+        assert m["per_class"][name]["dice"] == pytest.approx(float(dice[i]), abs=1e-6)
+    assert m["per_class"]["never"]["iou"] is None  # torchmetrics scores it 0; it is left out of the mean
+    assert m["miou"] == pytest.approx(float(iou[:4].mean()), abs=1e-6)
+    assert m["dice"] == pytest.approx(float(dice[:4].mean()), abs=1e-6)
+    assert m["pixel_accuracy"] == pytest.approx(float(MulticlassAccuracy(5, average="micro", **kw)(pred.long(), truth.long())), abs=1e-6)
+    alone = [segmentation_metrics(p[None], t[None], names)["miou"] for p, t in zip(pred, truth)]
+    assert image_miou(pred, truth, 5) == pytest.approx(alone, abs=1e-12)
+
+
 def test_pixel_kd_is_zero_for_identical_logits_and_scaled_by_t_squared():
     from visionops.tasks.segmentation.losses import pixel_kd_loss
 

@@ -157,6 +157,23 @@ def to_image(value, image_size: int, channels: int) -> np.ndarray:
     return _array_image(value, image_size, channels)
 
 
+def input_size(value) -> tuple[int, int] | None:
+    """(width, height) of an input value as sent, before canonicalisation; None when it cannot be
+    read (canonicalisation then names the problem)."""
+    try:
+        if isinstance(value, str):
+            value = _b64decode(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(value))) as img:
+                return img.size
+        if isinstance(value, Image.Image):
+            return value.size
+        arr = np.asarray(value)
+        return (arr.shape[1], arr.shape[0]) if arr.ndim >= 2 else None
+    except Exception:  # noqa: BLE001  (any unreadable value: to_image reports it)
+        return None
+
+
 def _rows(model_input) -> tuple[list, list]:
     """(row labels, values) of the supported input containers."""
     if isinstance(model_input, pd.DataFrame):
@@ -198,6 +215,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """Serves a visionops classifier: see `predict` for the accepted inputs and the output columns."""
 
     predict_columns = ("label", "probability")  # what `visionops predict` writes per file
+    answers_in_input_pixels = False  # boxes and masks: predict_canonical gets each input's size
 
     def load_context(self, context) -> None:
         self.load(context.artifacts[MODEL_ARTIFACT])
@@ -232,8 +250,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return out, errors
 
     @torch.no_grad()
-    def predict_canonical(self, images: np.ndarray, index=None) -> pd.DataFrame:
-        """Predictions for canonical uint8 N x H x W x C images (the shared core of serving and batch use)."""
+    def predict_canonical(self, images: np.ndarray, index=None, sizes: list | None = None) -> pd.DataFrame:
+        """Predictions for canonical uint8 N x H x W x C images (the shared core of serving and batch use).
+        `sizes` (each input's (width, height) as sent) is for tasks that answer in input pixels; a label has none."""
         logits = classifier.predict_logits(self.model, images, torch.device("cpu"), batch_size=PREDICT_BATCH)
         if len(images) == 0:
             logits = torch.empty(0, len(self.class_names))
@@ -251,14 +270,14 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     # (the pd.DataFrame hint is one MLflow infers no schema from: the logged signature stays the contract)
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Classify images.
+        """Predict for images (every task's served models take this input).
 
         `model_input` is a DataFrame with a column "image" (base64 PNG/JPEG strings, raw encoded
         bytes, or uint8 H x W x C arrays / nested lists of any size), or a uint8 N x H x W x C
         array. Each image is converted to greyscale/RGB and resized like the training data.
-        Returns columns label, label_index, probability (the top one), prob_<class> per class and
-        error: empty for a predicted row; for a row that is not a usable image, a one-line reason,
-        with every other column null.
+        Returns `output_columns` (the classifier's: label, label_index, probability (the top one),
+        prob_<class> per class) and error: empty for a predicted row; for a row that is not a usable
+        image, a one-line reason, with every other column null.
         """
         rows, values = _rows(model_input)
         if len(values) > MAX_BATCH_ROWS:
@@ -266,14 +285,17 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return self.predict_values(values, index=rows if isinstance(model_input, pd.DataFrame) else None)
 
     def predict_values(self, values: list, index=None) -> pd.DataFrame:
-        """`predict`'s output for a list of input values (no row limit): each row answered on its own."""
+        """`predict`'s output for a list of input values (no row limit): each row answered on its own,
+        the usable ones predicted in batches."""
+        sizes = [input_size(v) for v in values] if self.answers_in_input_pixels else None
         images, errors = self.canonical_rows(values)
         good = [i for i, e in enumerate(errors) if not e]
         if len(good) == len(errors):
-            return self.predict_canonical(images, index=index)
+            return self.predict_canonical(images, index=index, sizes=sizes)
         out = pd.DataFrame({c: [None] * len(errors) for c in self.output_columns}, dtype=object)  # JSON null
         if good:
-            out.iloc[good] = self.predict_canonical(images[good]).to_numpy(dtype=object)
+            good_sizes = [sizes[i] for i in good] if sizes else None
+            out.iloc[good] = self.predict_canonical(images[good], sizes=good_sizes).to_numpy(dtype=object)
         out[ERROR_COLUMN] = errors
         if index is not None:
             out.index = index

@@ -6,7 +6,6 @@ max detections, batched NMS)."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -14,15 +13,8 @@ import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from PIL import Image
 
-from visionops.serving.pyfunc import (
-    ERROR_COLUMN,
-    IMAGE_COLUMN,
-    PREDICT_BATCH,
-    ImageClassifierModel,
-    _b64decode,
-)
+from visionops.serving.pyfunc import ERROR_COLUMN, IMAGE_COLUMN, PREDICT_BATCH, ImageClassifierModel
 from visionops.tasks.detection import detector
 
 DETECTIONS_COLUMN = "detections"
@@ -30,28 +22,12 @@ COUNT_COLUMN = "count"
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 
 
-def original_size(value) -> tuple[int, int] | None:
-    """(width, height) of an input value before canonicalisation; None when it cannot be read (the
-    canonicalisation then names the problem)."""
-    try:
-        if isinstance(value, str):
-            value = _b64decode(value)
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(value))) as img:
-                return img.size
-        if isinstance(value, Image.Image):
-            return value.size
-        arr = np.asarray(value)
-        return (arr.shape[1], arr.shape[0]) if arr.ndim >= 2 else None
-    except Exception:  # noqa: BLE001  (any undecodable value: to_image reports it)
-        return None
-
-
 class ImageDetectorModel(ImageClassifierModel):
     """Serves a visionops detector; the input handling is the classifier's."""
 
     task = "detection"
     predict_columns = (DETECTIONS_COLUMN,)  # what `visionops predict` writes per file
+    answers_in_input_pixels = True
 
     def load(self, path: str | Path) -> ImageDetectorModel:
         self.model, info = detector.load(path, device="cpu")
@@ -63,21 +39,6 @@ class ImageDetectorModel(ImageClassifierModel):
     @property
     def output_columns(self) -> list[str]:
         return [DETECTIONS_COLUMN, COUNT_COLUMN, ERROR_COLUMN]
-
-    def predict_values(self, values: list, index=None) -> pd.DataFrame:
-        """Each row answered on its own, as the classifier's; boxes in each input's own pixels."""
-        sizes = [original_size(v) for v in values]
-        images, errors = self.canonical_rows(values)
-        good = [i for i, e in enumerate(errors) if not e]
-        if len(good) == len(errors):
-            return self.predict_canonical(images, index=index, sizes=sizes)
-        out = pd.DataFrame({c: [None] * len(errors) for c in self.output_columns}, dtype=object)  # JSON null
-        if good:
-            out.iloc[good] = self.predict_canonical(images[good], sizes=[sizes[i] for i in good]).to_numpy(dtype=object)
-        out[ERROR_COLUMN] = errors
-        if index is not None:
-            out.index = index
-        return out
 
     def predict_canonical(self, images: np.ndarray, index=None, sizes: list | None = None) -> pd.DataFrame:
         """Detections for canonical uint8 N x H x W x C images; boxes scaled to `sizes` (width, height)

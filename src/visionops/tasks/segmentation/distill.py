@@ -28,6 +28,7 @@ from visionops.tasks.segmentation.baseline import split_scores, student_config
 from visionops.tasks.segmentation.losses import PixelDistillationLoss
 from visionops.tasks.segmentation.train import setup
 from visionops.training.baseline_record import read_baseline
+from visionops.training.device import memory_format
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 
 HEADLINE = ("student_miou", "teacher_miou", "kd_gain")
@@ -67,6 +68,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     student_cfg = student_config(cfg, train_cfg)
     s = setup(dataset_dir, prepared_dir, student_cfg, augment_cfg)
     teacher, info = segmenter.load(teacher_path, s.device)
+    teacher = teacher.to(memory_format=memory_format(s.device, student_cfg.channels_last))  # as the student's batches
     if info["class_names"] != s.ds.class_names or tuple(info["image_shape"]) != s.ds.image_shape:
         raise InvalidInputError(f"{teacher_path}: the teacher was trained on other classes or image shape than {dataset_dir}")
     criterion = PixelDistillationLoss(s.hard, teacher, cfg.alpha, cfg.temperature)

@@ -13,7 +13,6 @@ import base64
 import io
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -29,19 +28,6 @@ SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 OUTPUT_COLUMNS = ["mask", "classes", "height", "width", pyfunc.ERROR_COLUMN]
 
 
-def input_size(value) -> tuple[int, int]:
-    """(height, width) of an input value as sent (before canonicalisation)."""
-    if isinstance(value, str):
-        value = pyfunc._b64decode(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        with Image.open(io.BytesIO(bytes(value))) as img:
-            return img.height, img.width
-    if isinstance(value, Image.Image):
-        return value.height, value.width
-    shape = np.asarray(value).shape
-    return int(shape[0]), int(shape[1])
-
-
 def encode_mask(mask: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(mask, np.uint8), mode="L").save(buf, format="PNG")
@@ -53,55 +39,39 @@ def decode_mask(text: str) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-class SegmenterModel(mlflow.pyfunc.PythonModel):
+class SegmenterModel(pyfunc.ImageClassifierModel):
+    """Serves a visionops segmenter; the input handling is the classifier's."""
+
     task = "segmentation"
     predict_columns = ("mask", "classes")  # what `visionops predict` writes per file
-
-    def load_context(self, context) -> None:
-        self.load(context.artifacts[pyfunc.MODEL_ARTIFACT])
+    answers_in_input_pixels = True
 
     def load(self, path: str | Path) -> SegmenterModel:
         self.model, info = segmenter.load(path, device="cpu")
         self.class_names = list(info["class_names"])
         self.image_shape = tuple(int(s) for s in info["image_shape"])
+        self.arch = info["arch"]
         return self
 
+    @property
+    def output_columns(self) -> list[str]:
+        return OUTPUT_COLUMNS
+
     @torch.no_grad()
-    def predict_one(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """The class index mask of a canonical H x W x C image, at `size` (logits resized bilinearly)."""
-        logits = self.model(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])
-        if tuple(logits.shape[-2:]) != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits[0].argmax(0).to(torch.uint8).numpy()
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Segment images; see the module docstring for the input and output columns."""
-        rows, values = pyfunc._rows(model_input)
-        if len(values) > pyfunc.MAX_BATCH_ROWS:
-            raise pyfunc.RequestError(f"{len(values)} rows in one request; the limit is {pyfunc.MAX_BATCH_ROWS}: split the batch")
-        return self.predict_values(values, index=rows if isinstance(model_input, pd.DataFrame) else None)
-
-    def predict_canonical(self, images: np.ndarray, index=None) -> pd.DataFrame:
-        """Masks of canonical uint8 N x H x W x C images, at the canonical size (promotion's scoring path)."""
-        size = tuple(self.image_shape[:2])
-        masks = [self.predict_one(image, size) for image in images]
-        return pd.DataFrame([[encode_mask(m), " ".join(self.class_names[c] for c in np.unique(m)), size[0], size[1], ""]
-                             for m in masks], columns=OUTPUT_COLUMNS, index=index, dtype=object)
-
-    def predict_values(self, values: list, index=None) -> pd.DataFrame:
-        """`predict`'s output for a list of input values (no row limit): each row answered on its own."""
-        out = []
-        for value in values:
-            try:
-                image = pyfunc.to_image(value, self.image_shape[0], self.image_shape[2])  # the clear errors
-                size = input_size(value)
-            except Exception as exc:  # noqa: BLE001  (one bad row is answered alone; PIL raises many kinds)
-                out.append([None] * 4 + [" ".join(str(exc).split()) or type(exc).__name__])
-                continue
-            mask = self.predict_one(image, size)
-            present = " ".join(self.class_names[c] for c in np.unique(mask))
-            out.append([encode_mask(mask), present, size[0], size[1], ""])
-        return pd.DataFrame(out, columns=OUTPUT_COLUMNS, index=index, dtype=object)
+    def predict_canonical(self, images: np.ndarray, index=None, sizes: list | None = None) -> pd.DataFrame:
+        """Masks of canonical uint8 N x H x W x C images, each at its `sizes` entry (width, height; the
+        logits resized bilinearly) or at the canonical size."""
+        h, w, _ = self.image_shape
+        logits = segmenter.predict_logits(self.model, images, "cpu", pyfunc.PREDICT_BATCH)
+        rows = []
+        for i, size in enumerate(sizes or [None] * len(images)):
+            width, height = size or (w, h)
+            x = logits[i : i + 1]
+            if (height, width) != (h, w):
+                x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+            mask = x[0].argmax(0).to(torch.uint8).numpy()
+            rows.append([encode_mask(mask), " ".join(self.class_names[c] for c in np.unique(mask)), height, width, ""])
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, index=index, dtype=object)
 
 
 def signature() -> ModelSignature:
