@@ -70,6 +70,16 @@ def test_cross_field_rules():
         parse_params({"balance": {"offline": True, "strategy": "none"}})
 
 
+def test_augment_keys_of_another_task_are_refused_naming_the_key():
+    dense = {"task": "segmentation", "data": {"source": "canvases"}, "train": {"model": "unet"},
+             "distill": {"student": "unet_small"}}
+    with pytest.raises(ParamsError, match="augment.crop_padding applies to classification only"):
+        parse_params({**dense, "augment": {"crop_padding": 4}})
+    with pytest.raises(ParamsError, match="augment.translate applies to detection and segmentation only"):
+        parse_params({"augment": {"translate": 0.1}})
+    assert parse_params({**dense, "augment": {"translate": 0.0625}}).augment.translate == 0.0625
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="no such file"):
         load_params(tmp_path / "missing.yaml")

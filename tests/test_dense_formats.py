@@ -11,12 +11,13 @@ import dense_folders as F
 from visionops.config import DataConfig, ValidateConfig
 from visionops.data import dataset
 from visionops.data.download import run_download
+from visionops.tasks import get_task
 from visionops.tasks.detection.validate import run_validate as validate_detection
 from visionops.tasks.segmentation.validate import run_validate as validate_segmentation
 
 
 def _download(tmp_path, cfg, task):
-    run_download(cfg, tmp_path / "ds", tmp_path / "holdout", task=task)
+    run_download(cfg, tmp_path / "ds", tmp_path / "holdout", task=task, targets=get_task(task).targets)
     return dataset.load(tmp_path / "ds")
 
 
@@ -111,13 +112,13 @@ def test_coco_split_folders_are_kept(tmp_path):
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_canvases_are_written_in_a_standard_format_and_read_back(tmp_path, task):
     cfg = DataConfig(source="canvases", image_size=64, cache_dir=str(tmp_path / "cache"), canvases={"count": 60})
-    a = run_download(cfg, tmp_path / "a", None, task=task)
+    a = run_download(cfg, tmp_path / "a", None, task=task, targets=get_task(task).targets)
     (folder,) = (tmp_path / "cache").iterdir()
-    assert folder.name.startswith(f"canvases-{task}-")
+    assert folder.name.startswith(f"canvases-{get_task(task).targets}-")
     written = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert "images/canvas_00000.png" in written
     assert ("annotations.json" if task == "detection" else "masks/canvas_00000.png") in written
-    b = run_download(cfg, tmp_path / "b", None, task=task)  # reuses the cache
+    b = run_download(cfg, tmp_path / "b", None, task=task, targets=get_task(task).targets)  # reuses the cache
     assert a == b and sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]
     da, db = dataset.load(tmp_path / "a"), dataset.load(tmp_path / "b")
     for name in dataset.SPLITS:

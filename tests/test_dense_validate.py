@@ -13,12 +13,13 @@ import dense_folders as F
 from visionops.config import ValidateConfig
 from visionops.data.download import run_download
 from visionops.errors import ValidationFailed
+from visionops.tasks import get_task
 from visionops.tasks.detection.validate import run_validate as validate_detection
 from visionops.tasks.segmentation.validate import run_validate as validate_segmentation
 
 
 def _fails(tmp_path, cfg, task) -> ValidationFailed:
-    run_download(cfg, tmp_path / "ds", None, task=task)
+    run_download(cfg, tmp_path / "ds", None, task=task, targets=get_task(task).targets)
     validate = validate_detection if task == "detection" else validate_segmentation
     with pytest.raises(ValidationFailed) as info:
         validate(tmp_path / "ds", ValidateConfig(), tmp_path / "reports")
@@ -105,7 +106,7 @@ def test_undecodable_image_is_named(tmp_path):
 def test_images_without_objects_are_counted_as_a_warning(tmp_path):
     root = F.coco_folder(tmp_path / "coco")
     F.edit_coco(root, lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 4]))
-    run_download(F.cfg("coco", root), tmp_path / "ds", None, task="detection")
+    run_download(F.cfg("coco", root), tmp_path / "ds", None, task="detection", targets="boxes")
     summary = validate_detection(tmp_path / "ds", ValidateConfig(), tmp_path / "reports")
     assert summary["success"] and summary["empty_images"] == 1
     (empty,) = [w for w in summary["warnings"] if w["check"] == "image has objects"]

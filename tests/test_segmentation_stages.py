@@ -37,7 +37,7 @@ def params(**over):
         "task": "segmentation",
         "data": {"source": "canvases", "image_size": 64},
         "balance": {"strategy": "class_weights"},
-        "augment": {"scale_jitter": 0.1, "crop_padding": 4, "brightness": 0.2},
+        "augment": {"scale_jitter": 0.1, "translate": 0.0625, "brightness": 0.2},
         "train": {"model": "unet", "epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.005, "device": "cpu", "threads": 1},
         "distill": {"student": "unet_small", "epochs": 1, "lr": 0.005},
     }
@@ -185,7 +185,7 @@ def test_augment_moves_masks_with_images():
     x = torch.zeros(4, 1, 32, 32)
     x[:, :, 8:16, 8:16] = 1.0
     masks = (x[:, 0] > 0.5).to(torch.uint8)
-    out, out_masks = MaskAugment(hflip=True, scale_jitter=0.2, shift=4)(x, masks, torch.Generator().manual_seed(0))
+    out, out_masks = MaskAugment(hflip=True, scale_jitter=0.2, translate=0.0625)(x, masks, torch.Generator().manual_seed(0))
     inside = out_masks == 1
     assert inside.any() and (out[:, 0][inside] > 0.5).float().mean() > 0.9  # labelled pixels stay on the square
     assert not torch.equal(out_masks, masks)

@@ -24,7 +24,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# The data.source values each task reads (the tasks' `sources`; kept here so that params are checked torch-free).
+# The data.source values each task reads (kept here, not in the tasks, so that params are checked torch-free).
 SOURCE_TASKS = {
     "digits": ("classification",),
     "cifar10": ("classification",),
@@ -144,6 +144,8 @@ class AugmentConfig(Section):
 
 
 DENSE_AUGMENT = ("scale_jitter", "translate", "brightness", "contrast")  # augment keys of detection and segmentation
+# augment keys of classification only (randaugment_* count only with `auto`)
+CLASSIFICATION_AUGMENT = ("rotate_degrees", "crop_padding", "cutout_size", "auto", "mixup_alpha", "cutmix_alpha")
 
 
 def _speed_switch(value: object) -> object:
@@ -306,6 +308,11 @@ class Params(Section):
             used = [k for k in DENSE_AUGMENT if getattr(self.augment, k)]
             if used:
                 raise ValueError(f"augment.{used[0]} applies to detection and segmentation only (task is classification)")
+        else:
+            used = [k for k in CLASSIFICATION_AUGMENT if getattr(self.augment, k) not in (0, 0.0, "none")]
+            if used:
+                raise ValueError(f"augment.{used[0]} applies to classification only (task is {self.task}); "
+                                 f"detection and segmentation take {', '.join(DENSE_AUGMENT)} and hflip")
         return self
 
     @model_validator(mode="after")

@@ -90,15 +90,14 @@ def _canonical_mask(mask: np.ndarray, n_classes: int, size: int) -> tuple[np.nda
     return out, unknown
 
 
-def to_split(records: list[DenseImage], n_classes: int, task: str, size: int, channels: int) -> tuple[Split, dict]:
+def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int, channels: int) -> tuple[Split, dict]:
     """The canonical split of the decoded `records`, and {path: ImageFacts} for its tables."""
     stored = [r for r in records if r.image is not None and not r.error]
     n = len(stored)
     images = np.stack([r.image for r in stored]) if n else np.zeros((0, size, size, channels), np.uint8)
     labels = np.zeros(n, np.int64)
     facts: dict[str, ImageFacts] = {}
-    targets: dict[str, np.ndarray] = {}
-    if task == "detection":
+    if targets == "boxes":
         kept = [[o for o in r.objects if o.class_index >= 0 and box_is_sane(o.box, *r.orig[:2])] for r in stored]
         m = max([1, *map(len, kept)])
         boxes = np.zeros((n, m, 4), np.float32)
@@ -111,7 +110,7 @@ def to_split(records: list[DenseImage], n_classes: int, task: str, size: int, ch
                 box_labels[i, k] = o.class_index
             labels[i] = _dominant(box_labels[i, : len(objs)])
             facts[r.path] = ImageFacts(r.objects, None, [])
-        targets = {"boxes": boxes, "box_labels": box_labels}
+        arrays = {"boxes": boxes, "box_labels": box_labels}
     else:
         masks = np.zeros((n, size, size), np.uint8)
         for i, r in enumerate(stored):
@@ -119,8 +118,8 @@ def to_split(records: list[DenseImage], n_classes: int, task: str, size: int, ch
             tally = np.bincount(masks[i].ravel(), minlength=IGNORE + 1)[1:n_classes]
             labels[i] = 1 + int(np.argmax(tally)) if tally.sum() else 0
             facts[r.path] = ImageFacts(r.objects, tuple(r.mask.shape[:2]), unknown)
-        targets = {"masks": masks}
-    split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], targets)
+        arrays = {"masks": masks}
+    split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays)
     return split, facts
 
 
@@ -149,11 +148,11 @@ def write_tables(split_dir: Path, split: Split, facts: dict[str, ImageFacts]) ->
             writer.writerow([i, path, len(f.objects), mh, mw, ";".join(map(str, f.unknown_values))])
 
 
-def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str], task: str, cfg) -> SourceData:
-    """SourceData of a dense source's records per split (cfg: the DataConfig)."""
+def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str], targets: str, cfg) -> SourceData:
+    """SourceData of a dense source's records per split, with `targets` (`TARGETS`) in each (cfg: the DataConfig)."""
     splits, facts, rejects = {}, {}, []
     for name, recs in records.items():
-        splits[name], split_facts = to_split(recs, len(class_names), task, cfg.image_size, cfg.channels)
+        splits[name], split_facts = to_split(recs, len(class_names), targets, cfg.image_size, cfg.channels)
         clash = facts.keys() & split_facts.keys()
         if clash:
             raise InvalidInputError(f"data.root: file {min(clash)} is listed twice (each image once, please)")

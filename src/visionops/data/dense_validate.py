@@ -109,13 +109,15 @@ def instance_counts(objects: pd.DataFrame, class_names: list[str], splits: list[
     return pd.DataFrame(rows, columns=["split", "class_name", "instances"])
 
 
+def meta(check: str, problem: str) -> dict:
+    """An expectation's meta: the rule as the reports word it, and the problem a failure names per file and object."""
+    return {"check": check, "problem": problem}
+
+
 def image_checks(gx, cfg: ValidateConfig) -> dict[str, list]:
     """The image expectations every dense task shares."""
     E = gx.expectations
     lo, hi = cfg.pixel_mean_range
-
-    def meta(check: str, problem: str) -> dict:
-        return {"check": check, "problem": problem}
 
     return {
         "critical_images": [

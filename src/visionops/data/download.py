@@ -46,14 +46,15 @@ def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
 
 
 def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None,
-                 task: str = "classification") -> dict:
-    """Load `cfg.source` for `task`, carve the splits, and write the dataset (train/val/test) to `out_dir`
-    and the holdout (one split, "holdout") to `holdout_dir`, both atomically and together.
+                 task: str = "classification", targets: str | None = None) -> dict:
+    """Load `cfg.source` (with `targets`, `data.sources.TARGETS`, for a dense source), carve the splits, and
+    write the dataset of `task` (train/val/test) to `out_dir` and the holdout (one split, "holdout") to
+    `holdout_dir`, both atomically and together.
 
     With no `holdout_dir` the holdout is still kept out of train/val/test, just not written. A dense
     source's per-object facts go beside each split's arrays (`visionops.data.dense.write_tables`).
     """
-    src = load_source(cfg, task)
+    src = load_source(cfg, targets)
     parts = carve_splits(src.splits, cfg)
     splits = {n: parts[n] for n in dataset.SPLITS}
     outputs = [(out_dir, Dataset(src.class_names, splits, cfg.source, src.rejected, task))]

@@ -22,7 +22,7 @@ EpochCallback = Callable[[dict], None] | None
 
 class Task(Protocol):
     name: str
-    sources: tuple[str, ...]  # the data.source values the task reads
+    targets: str | None  # what a dense data source reads per image (data.sources.TARGETS); None: labels only
     headline: str  # the metric promotion and monitoring judge by (accuracy, map_50, miou)
     per_class: str  # the per-class metrics promotion floors (per_class_recall, per_class_ap50, per_class_iou)
     paired: str  # what an image being "right" means, for the paired (McNemar) test of a gain

@@ -25,14 +25,20 @@ class SourceData:
 
 
 _MODULES = {"digits": "digits", "cifar10": "cifar10", "folder": "folder"}
-# Sources with per-object targets, which depend on the task (boxes or masks): their load takes the task too.
+# Sources with per-object targets: their load also takes which targets the task asks for.
 _DENSE_MODULES = {"canvases": "canvases", "coco": "coco", "voc": "voc", "yolo": "yolo", "masks": "masks"}
+# What a dense source reads per image, as the task asks (`Task.targets`): "boxes" (with their classes) or
+# "masks" (a class per pixel, background 0). Readers branch on this, never on the task's name.
+TARGETS = ("boxes", "masks")
 
 
-def load_source(cfg: DataConfig, task: str = "classification") -> SourceData:
-    """Load the source named by `cfg.source` for `task` (its module is imported only when used)."""
+def load_source(cfg: DataConfig, targets: str | None = None) -> SourceData:
+    """Load the source named by `cfg.source`, with per-object `targets` for a dense source (its module is
+    imported only when used)."""
     if cfg.source in _DENSE_MODULES:
-        return importlib.import_module(f"visionops.data.sources.{_DENSE_MODULES[cfg.source]}").load(cfg, task)
+        if targets not in TARGETS:
+            raise ValueError(f"data.source {cfg.source!r} reads {' or '.join(TARGETS)} per image; asked for {targets!r}")
+        return importlib.import_module(f"visionops.data.sources.{_DENSE_MODULES[cfg.source]}").load(cfg, targets)
     module = importlib.import_module(f"visionops.data.sources.{_MODULES[cfg.source]}")
     load: Callable[[DataConfig], SourceData] = module.load
     return load(cfg)

@@ -1,9 +1,9 @@
 """The embedded canvases (`visionops.data.canvases`) for detection and segmentation, written in a standard
 format and read back through that format's reader, so that a user's data path runs on every `make run`.
 
-Detection: COCO json + PNG images (read by `coco`); segmentation: PNG images + PNG index masks (read by
-`masks`). The files go to data.cache_dir/canvases-<task>-<digest of the generation settings>/, written
-atomically and reused while the settings are unchanged.
+Boxes: COCO json + PNG images (read by `coco`); masks: PNG images + PNG index masks (read by `masks`). The
+files go to data.cache_dir/canvases-<targets>-<digest of the generation settings>/, written atomically and
+reused while the settings are unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from visionops.atomic import atomic_dir
 from visionops.config import DataConfig
-from visionops.data.canvases import make_canvases
+from visionops.data.canvases import Canvases, make_canvases
 from visionops.data.formats import write_coco, write_index_masks
 from visionops.data.sources import SourceData, coco, masks
 
@@ -22,30 +22,34 @@ FORMAT = 1  # bump when the written files change for the same settings
 DIGITS = [str(d) for d in range(10)]
 
 
-def folder(cfg: DataConfig, task: str) -> Path:
+def _write_boxes(out: Path, names: list[str], canv: Canvases) -> None:
+    write_coco(out, names, canv.images, canv.boxes, canv.labels, DIGITS)
+
+
+def _write_masks(out: Path, names: list[str], canv: Canvases) -> None:
+    write_index_masks(out, names, canv.images, canv.masks, ["background", *DIGITS])
+
+
+# per `targets`: the writer of the standard format, and that format's reader
+FORMATS = {"boxes": (_write_boxes, coco), "masks": (_write_masks, masks)}
+
+
+def folder(cfg: DataConfig, targets: str) -> Path:
     c = cfg.canvases
-    settings = {"format": FORMAT, "task": task, "count": c.count, "size": c.size, "digits": list(c.digits),
+    settings = {"format": FORMAT, "targets": targets, "count": c.count, "size": c.size, "digits": list(c.digits),
                 "digit_size": list(c.digit_size), "seed": cfg.seed}
     digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
-    return Path(cfg.cache_dir) / f"canvases-{task}-{digest}"
+    return Path(cfg.cache_dir) / f"canvases-{targets}-{digest}"
 
 
-def _write(out: Path, cfg: DataConfig, task: str) -> None:
-    c = cfg.canvases
-    canv = make_canvases(c.count, c.size, cfg.seed, tuple(c.digits), tuple(c.digit_size))
-    names = [f"canvas_{i:05d}" for i in range(len(canv))]
-    if task == "detection":
-        write_coco(out, names, canv.images, canv.boxes, canv.labels, DIGITS)
-    else:
-        write_index_masks(out, names, canv.images, canv.masks, ["background", *DIGITS])
-
-
-def load(cfg: DataConfig, task: str) -> SourceData:
-    where = folder(cfg, task)
+def load(cfg: DataConfig, targets: str) -> SourceData:
+    write, reader = FORMATS[targets]
+    where = folder(cfg, targets)
     if not where.is_dir():  # atomic_dir swaps in only a complete folder
+        c = cfg.canvases
+        canv = make_canvases(c.count, c.size, cfg.seed, tuple(c.digits), tuple(c.digit_size))
         with atomic_dir(where) as tmp:
-            _write(tmp, cfg, task)
-    reader = coco if task == "detection" else masks
+            write(tmp, [f"canvas_{i:05d}" for i in range(len(canv))], canv)
     as_user_data = cfg.model_copy(update={"source": reader.__name__.rsplit(".", 1)[-1], "root": str(where),
                                           "annotations": None})
-    return reader.load(as_user_data, task)
+    return reader.load(as_user_data, targets)

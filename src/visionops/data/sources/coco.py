@@ -57,17 +57,17 @@ def _dataset(folder: Path, ann_file: Path, channels: int):
         raise InvalidInputError(f"data.annotations: {ann_file} is not a COCO json: {decode_error(exc)}") from exc
 
 
-def _categories(ds, task: str) -> tuple[list[str], dict[int, int]]:
+def _categories(ds, targets: str) -> tuple[list[str], dict[int, int]]:
     cats = sorted(ds.coco.cats.values(), key=lambda c: c["id"])
-    offset = 1 if task == "segmentation" else 0
+    offset = 1 if targets == "masks" else 0  # masks: background is class 0
     names = ["background"] * offset + [str(c["name"]) for c in cats]
     return names, {c["id"]: offset + i for i, c in enumerate(cats)}
 
 
-def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, task: str) -> list[DenseImage]:
+def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, targets: str) -> list[DenseImage]:
     from torchvision.datasets import wrap_dataset_for_transforms_v2
 
-    keys = {"boxes", "labels", "masks"} if task == "segmentation" else {"boxes", "labels"}
+    keys = {"boxes", "labels", "masks"} if targets == "masks" else {"boxes", "labels"}
     wrapped = wrap_dataset_for_transforms_v2(ds, target_keys=keys)
     records = []
     for i, image_id in enumerate(ds.ids):
@@ -85,7 +85,7 @@ def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, task: str) ->
             for b, c in zip(boxes, cats)
         ]
         rec = DenseImage(path, to_canonical(image, cfg.image_size, cfg.channels), (h, w, image.info["bands"]), objects)
-        if task == "segmentation":
+        if targets == "masks":
             shape = tuple(target["masks"].shape[1:]) if "masks" in target else (h, w)
             mask = np.zeros(shape, np.uint8)
             for obj, m in zip(objects, target.get("masks", [])):
@@ -96,15 +96,15 @@ def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, task: str) ->
     return records
 
 
-def load(cfg: DataConfig, task: str) -> SourceData:
+def load(cfg: DataConfig, targets: str) -> SourceData:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise MissingInputError(f"data.root: {root} is not a directory")
     files = split_files(root, cfg.annotation_file)
     datasets = {s: _dataset(folder, ann, cfg.channels) for s, (folder, ann) in files.items()}
-    class_names, index = _categories(datasets["train"], task)
+    class_names, index = _categories(datasets["train"], targets)
     records = {}
     for s, ds in datasets.items():
         prefix = "" if files[s][0] == root else f"{s}/"
-        records[s] = _read(ds, prefix, index, cfg, task)
-    return to_source_data(records, class_names, task, cfg)
+        records[s] = _read(ds, prefix, index, cfg, targets)
+    return to_source_data(records, class_names, targets, cfg)

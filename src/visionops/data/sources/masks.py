@@ -58,7 +58,7 @@ def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConf
     return records
 
 
-def load(cfg: DataConfig, task: str) -> SourceData:
+def load(cfg: DataConfig, targets: str) -> SourceData:
     root = Path(cfg.root).expanduser()
     classes = root / cfg.annotation_file
     if not classes.is_file():
@@ -72,6 +72,6 @@ def load(cfg: DataConfig, task: str) -> SourceData:
     if not named and not (root / "images").is_dir():
         raise MissingInputError(f"data.root: {root} has no images/ folder (nor train/images/)")
     if not named:
-        return to_source_data({"train": _read_split(root, "", class_names, cfg)}, class_names, task, cfg)
+        return to_source_data({"train": _read_split(root, "", class_names, cfg)}, class_names, targets, cfg)
     records = {s: _read_split(root / s, prefix, class_names, cfg) for s, prefix in named.items()}
-    return to_source_data(records, class_names, task, cfg)
+    return to_source_data(records, class_names, targets, cfg)

@@ -57,7 +57,7 @@ def _box(obj: dict) -> tuple[float, float, float, float]:
         return (float("nan"),) * 4
 
 
-def load(cfg: DataConfig, task: str) -> SourceData:
+def load(cfg: DataConfig, targets: str) -> SourceData:
     root = Path(cfg.root).expanduser()
     if not (root / "Annotations").is_dir():
         raise MissingInputError(f"data.root: {root} has no Annotations/ folder (a VOC year folder is expected)")
@@ -81,4 +81,4 @@ def load(cfg: DataConfig, task: str) -> SourceData:
             names = [str(o.get("name")) for o in _objects(ann)]
             rec.objects = [DenseObject(n, n, index.get(n, -1), _box(o)) for n, o in zip(names, _objects(ann))]
             records[s].append(rec)
-    return to_source_data(records, class_names, task, cfg)
+    return to_source_data(records, class_names, targets, cfg)

@@ -71,7 +71,7 @@ def _objects(label_file: Path, names: dict[int, str], h: int, w: int) -> list[De
     return objects
 
 
-def load(cfg: DataConfig, task: str) -> SourceData:
+def load(cfg: DataConfig, targets: str) -> SourceData:
     root = Path(cfg.root).expanduser()
     config_path = root / cfg.annotation_file
     config = _config(config_path)
@@ -94,4 +94,4 @@ def load(cfg: DataConfig, task: str) -> SourceData:
             h, w = rec.orig[:2]
             rec.objects = _objects(_label_file(f), names, h, w) if not rec.error else []
             records[s].append(rec)
-    return to_source_data(records, [names[i] for i in range(len(names))], task, cfg)
+    return to_source_data(records, [names[i] for i in range(len(names))], targets, cfg)

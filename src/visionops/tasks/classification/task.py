@@ -12,7 +12,7 @@ from visionops.tasks.base import EpochCallback
 
 class Classification:
     name = "classification"
-    sources = ("digits", "cifar10", "folder")
+    targets = None
     headline = "accuracy"
     per_class = "per_class_recall"
     paired = "accuracy"

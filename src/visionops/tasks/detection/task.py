@@ -12,7 +12,7 @@ from visionops.tasks.base import EpochCallback
 
 class Detection:
     name = "detection"
-    sources = ("canvases", "coco", "voc", "yolo")
+    targets = "boxes"
     headline = "map_50"
     per_class = "per_class_ap"
     paired = "images fully detected"
@@ -20,7 +20,7 @@ class Detection:
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download
 
-        return run_download(params.data, out_dir, holdout_dir, task=self.name)
+        return run_download(params.data, out_dir, holdout_dir, task=self.name, targets=self.targets)
 
     def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.detection.validate import run_validate

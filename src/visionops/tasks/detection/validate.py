@@ -6,16 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from visionops.config import ValidateConfig
-from visionops.data.dense_validate import run_dense_validate
+from visionops.data.dense_validate import meta, run_dense_validate
 
 
 def object_checks(gx, cfg: ValidateConfig, class_names: list[str]) -> dict[str, list]:
     E = gx.expectations
     k = len(class_names)
-
-    def meta(check: str, problem: str) -> dict:
-        return {"check": check, "problem": problem}
-
     return {
         "critical_objects": [
             E.ExpectColumnValuesToBeInSet(column="class_index", value_set=list(range(k)),

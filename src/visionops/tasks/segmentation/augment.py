@@ -1,6 +1,6 @@
 """Mask-aware augmentation, batched on the training device: each image of a batch gets its own random
-horizontal flip, scale jitter and shift (one affine warp, the mask warped with nearest-neighbour
-sampling by the same matrix) and brightness/contrast jitter.
+horizontal flip, scale jitter and shift by up to `augment.translate` of the side (one affine warp, the
+mask warped with nearest-neighbour sampling by the same matrix) and brightness/contrast jitter.
 
 Written with `affine_grid`/`grid_sample` rather than `torchvision.transforms.v2` because v2 draws one
 set of random parameters per call: per-image parameters would mean a Python loop over the batch.
@@ -22,17 +22,17 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.d
 
 
 class MaskAugment(nn.Module):
-    def __init__(self, hflip: bool = False, scale_jitter: float = 0.0, shift: int = 0, brightness: float = 0.0):
+    def __init__(self, hflip: bool = False, scale_jitter: float = 0.0, translate: float = 0.0, brightness: float = 0.0):
         super().__init__()
-        self.hflip, self.scale_jitter, self.shift, self.brightness = hflip, scale_jitter, shift, brightness
+        self.hflip, self.scale_jitter, self.translate, self.brightness = hflip, scale_jitter, translate, brightness
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig) -> MaskAugment:
-        return cls(cfg.hflip, cfg.scale_jitter, cfg.crop_padding, cfg.brightness)
+        return cls(cfg.hflip, cfg.scale_jitter, cfg.translate, cfg.brightness)
 
     @property
     def warps(self) -> bool:
-        return self.hflip or self.scale_jitter > 0 or self.shift > 0
+        return self.hflip or self.scale_jitter > 0 or self.translate > 0
 
     def forward(self, x: Tensor, masks: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """x: float N x C x H x W in [0, 1]; masks: uint8 N x H x W."""
@@ -43,8 +43,9 @@ class MaskAugment(nn.Module):
             flip = torch.ones(n, device=dev)
             if self.hflip:
                 flip = torch.where(torch.rand(n, generator=gen, device=gen.device).to(dev) < 0.5, -1.0, 1.0)
-            tx = _uniform(n, -self.shift, self.shift, gen, dev) * 2 / w
-            ty = _uniform(n, -self.shift, self.shift, gen, dev) * 2 / h
+            sx, sy = self.translate * w, self.translate * h  # the largest shift in pixels
+            tx = _uniform(n, -sx, sx, gen, dev) * 2 / w
+            ty = _uniform(n, -sy, sy, gen, dev) * 2 / h
             theta = torch.zeros(n, 2, 3, device=dev)
             theta[:, 0, 0], theta[:, 1, 1] = flip / scale, 1 / scale  # output → input coordinates
             theta[:, 0, 2], theta[:, 1, 2] = tx, ty

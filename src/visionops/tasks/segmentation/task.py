@@ -12,7 +12,7 @@ from visionops.tasks.base import EpochCallback
 
 class Segmentation:
     name = "segmentation"
-    sources = ("canvases", "coco", "masks")
+    targets = "masks"
     headline = "miou"
     per_class = "per_class_iou"
     paired = "images segmented (own mIoU >= 0.5)"
@@ -20,7 +20,7 @@ class Segmentation:
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download
 
-        return run_download(params.data, out_dir, holdout_dir, task=self.name)
+        return run_download(params.data, out_dir, holdout_dir, task=self.name, targets=self.targets)
 
     def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.segmentation.validate import run_validate  # written by the data work
