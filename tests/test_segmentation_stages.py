@@ -98,9 +98,10 @@ def test_evaluate_reports_miou_per_class_and_sampled_pixels(pipeline):
     rows = list(csv.DictReader((rep / "predictions.csv").open()))
     assert 1000 < len(rows) <= 4000 and set(rows[0]) == {"actual", "predicted"}
     assert {r["actual"] for r in rows} <= set(CLASS_NAMES)
-    for fig in ("overlays.png", "per_class_iou.png"):
+    for fig in ("overlays.png", "per_class_iou.png", "eigencam.png"):
         assert (rep / "figures" / fig).stat().st_size > 0
     assert "figures/overlays.png" in (rep / "report.md").read_text() and (rep / "report.html").exists()
+    assert "figures/eigencam.png" in (rep / "report.md").read_text()
     assert "latency_batch_ms" not in json.loads((rep / "details.json").read_text())
 
 
@@ -141,6 +142,17 @@ def test_metrics_equal_torchmetrics_and_per_image_miou_equals_scoring_each_image
     assert m["pixel_accuracy"] == pytest.approx(float(MulticlassAccuracy(5, average="micro", **kw)(pred.long(), truth.long())), abs=1e-6)
     alone = [segmentation_metrics(p[None], t[None], names)["miou"] for p, t in zip(pred, truth)]
     assert image_miou(pred, truth, 5) == pytest.approx(alone, abs=1e-12)
+
+
+def test_eigencam_maps_are_turned_so_that_the_objects_are_hot():
+    from visionops.evaluation.eigencam import orient_to_objects
+
+    maps = np.array([[[0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    objects = np.array([[[True, False], [False, False]]] * 2)
+    out = orient_to_objects(maps, objects)
+    np.testing.assert_array_equal(out[0], 1 - maps[0])  # its object was the coolest pixel: turned
+    np.testing.assert_array_equal(out[1], maps[1])  # already hot: kept
+    np.testing.assert_array_equal(orient_to_objects(maps, np.zeros_like(objects)), maps)  # no object: kept
 
 
 def test_pixel_kd_is_zero_for_identical_logits_and_scaled_by_t_squared():

@@ -19,6 +19,7 @@ from visionops import atomic, measured
 from visionops.config import EvaluateConfig
 from visionops.data import dataset
 from visionops.evaluation import report_html
+from visionops.evaluation.eigencam import eigencam
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.detection import detector, figures
@@ -102,8 +103,11 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     shown = np.arange(min(cfg.gallery_size, len(test), 24))
     figures.boxes_drawn(test.images[shown], [scored["served"][i] for i in shown], [scored["true"][i] for i in shown],
                         names, fig_dir / "detections.png", f"{info['arch']}, score >= {rule.score_threshold}")
-    has_cam = cfg.gradcam_samples > 0 and figures.eigencam(model, np.asarray(test.images[: cfg.gradcam_samples]),
-                                                             fig_dir / "eigencam.png", "EigenCAM")
+    layer = getattr(model.net, "fuse", None)  # the CenterNet's fused stride-4 features (torchvision's nets: none)
+    has_cam = cfg.gradcam_samples > 0 and layer is not None
+    if has_cam:
+        eigencam(model, layer, np.asarray(test.images[: cfg.gradcam_samples]), fig_dir / "eigencam.png", "EigenCAM",
+                 class_maps=lambda out: out[:, : model.net.num_classes])
     atomic.write_json(reports_dir / "per_class.json", scored["per_class_ap"])
     atomic.write_text(reports_dir / "predictions.csv", _predictions_csv(confusion_rows(scored["served"], scored["true"], names)))
     atomic.write_text(reports_dir / "report.md", _report(metrics, names, has_cam))

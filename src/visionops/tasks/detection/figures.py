@@ -1,4 +1,4 @@
-"""Detection's evaluation figures: precision-recall curves, test images with boxes, EigenCAM maps."""
+"""Detection's evaluation figures: precision-recall curves and test images with boxes."""
 
 from __future__ import annotations
 
@@ -54,38 +54,3 @@ def boxes_drawn(images: np.ndarray, preds: list[dict], true: list[dict], class_n
     ax.set_axis_off()
     ax.set_title(f"{title} (green: true, red: predicted)")
     save_figure(fig, path)
-
-
-def eigencam(model, images: np.ndarray, path: Path, title: str) -> bool:
-    """EigenCAM (pytorch-grad-cam; first principal component of a layer's activations, no gradients, so
-    it works for detectors) on the CenterNet's fused stride-4 features; False when the net has none."""
-    from pytorch_grad_cam import EigenCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    layer = getattr(model.net, "fuse", None)
-    if layer is None:
-        return False
-
-    class HeatMax(torch.nn.Module):  # grad-cam wants N x K outputs: the strongest heat per class
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x)[:, : self.m.net.num_classes].amax((2, 3))
-
-    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
-    with EigenCAM(HeatMax(model).eval(), target_layers=[layer]) as cam:
-        maps = cam(input_tensor=x, targets=None)
-    rgb = np.repeat(images, 3, -1) if images.shape[-1] == 1 else images
-    overlays = [show_cam_on_image(im.astype(np.float32) / 255, m, use_rgb=True) for im, m in zip(rgb, maps)]
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.4), squeeze=False)
-    for i, (im, ov) in enumerate(zip(rgb, overlays)):
-        axes[0, i].imshow(im)
-        axes[1, i].imshow(ov)
-        for ax in axes[:, i]:
-            ax.set_axis_off()
-    fig.suptitle(title)
-    save_figure(fig, path)
-    return True

@@ -2,8 +2,8 @@
 
 Writes to `reports_dir`: metrics.json (`HEADLINE`), details.json, per_class.json (IoU, Dice, pixels per
 class), predictions.csv (`actual,predicted` class names of a seeded sample of test pixels, for DVC's
-confusion plot), figures/overlays.png and figures/per_class_iou.png, report.md/.html; timings
-(latency) go to measured.json. Grad-CAM is not drawn: see `report.md`'s note.
+confusion plot), figures/overlays.png, figures/per_class_iou.png and figures/eigencam.png (EigenCAM, for the U-Nets),
+report.md/.html; timings (latency) go to measured.json.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from visionops.config import EvaluateConfig, SegmentationConfig
 from visionops.data import dataset
 from visionops.errors import InvalidInputError
 from visionops.evaluation import report_html
+from visionops.evaluation.eigencam import eigencam
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.segmentation import plots, segmenter
@@ -60,7 +61,7 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def render_report(m: dict, arch: str, correct_miou: float) -> str:
+def render_report(m: dict, arch: str, correct_miou: float, has_cam: bool) -> str:
     lines = [
         f"# Evaluation of `{arch}` (segmentation, test split)", "",
         f"- mIoU (mean over classes, background included): **{m['miou']:.4f}**",
@@ -71,9 +72,11 @@ def render_report(m: dict, arch: str, correct_miou: float) -> str:
         *(f"| {c} | {_fmt(v['iou'])} | {_fmt(v['dice'])} | {v['pixels']} |" for c, v in m["per_class"].items()),
         "", "![per-class IoU](figures/per_class_iou.png)", "",
         "![true and predicted masks](figures/overlays.png)", "",
-        "Grad-CAM explanations are not drawn for segmentation: a per-class CAM over every overlay costs a",
-        "backward pass per class and image, more than this stage's time budget on a CPU.", "",
     ]  # fmt: skip
+    if has_cam:
+        lines += ["## Explanations (EigenCAM)", "",
+                  "The first principal component of the decoder's stride-4 features (no gradients): where the network looks.",
+                  "", "![EigenCAM on the stride-4 decoder features](figures/eigencam.png)", ""]
     return "\n".join(lines)
 
 
@@ -105,9 +108,14 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     shown = np.random.default_rng(SEED).choice(len(truth), size=min(seg.overlay_images, len(truth)), replace=False)
     plots.overlays(np.asarray(test.images)[np.sort(shown)], truth[np.sort(shown)], pred[np.sort(shown)], ds.class_names, figures / "overlays.png")
     plots.per_class_iou(per_class, figures / "per_class_iou.png", f"{info['arch']}: test IoU per class")
+    layer = getattr(model.net, "up4", None)  # the U-Net's stride-4 decoder (torchvision's nets: none)
+    has_cam = cfg.gradcam_samples > 0 and layer is not None
+    if has_cam:
+        n = cfg.gradcam_samples
+        eigencam(model.cpu(), layer, np.asarray(test.images[:n]), figures / "eigencam.png", "EigenCAM", objects=pred[:n] > 0)
     atomic.write_text(reports_dir / "predictions.csv", sample_pixels(truth, pred, ds.class_names))
     atomic.write_json(reports_dir / "per_class.json", per_class)
     measured.write_reports(reports_dir, {**result, "per_class": per_class}, HEADLINE)
-    atomic.write_text(reports_dir / "report.md", render_report({**result, "per_class": per_class}, info["arch"], correct_miou))
+    atomic.write_text(reports_dir / "report.md", render_report({**result, "per_class": per_class}, info["arch"], correct_miou, has_cam))
     report_html.write(reports_dir / "report.md", "visionops evaluation")
     return result
