@@ -211,6 +211,11 @@ def test_baseline_and_distill_report_teacher_vs_student(pipeline):
     assert d["student_parameters"] < d["teacher_parameters"] and d["onnx_parity"]
     assert d["kd_gain"] == pytest.approx(d["student_miou"] - base["test_miou"])
     assert (root / "reports/distill/student.onnx").exists() and (root / "student.pt").exists()
+    assert pipeline["params"].distill.quantize and (root / "reports/distill/student.int8.onnx").exists()
+    assert d["int8_method"] == "static_qdq_per_channel" and d["int8_bytes"] < d["onnx_bytes"]
+    assert d["int8_pixel_agreement_with_fp32"] > 0.9 and 0 <= d["int8_miou"] <= 1
+    assert abs(d["int8_miou_drop"] - (d["fp32_onnx_miou"] - d["int8_miou"])) < 1e-12
+    assert "int8_speedup" not in d and "int8 (static" in (root / "reports/distill/report.md").read_text()
 
 
 def test_pyfunc_returns_a_mask_at_the_input_size(pipeline):

@@ -147,6 +147,15 @@ def onnx_parity(
     return result
 
 
+CALIBRATION_IMAGES = 256  # train images int8 static quantization calibrates on
+
+
+def calibration_pick(n_images: int, seed: int) -> np.ndarray:
+    """Sorted indices of the (seeded) `CALIBRATION_IMAGES` train images to calibrate on."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_images, size=min(CALIBRATION_IMAGES, n_images), replace=False))
+
+
 def _calibration_reader(images_uint8_nhwc, batch_size: int = 32):
     from onnxruntime.quantization import CalibrationDataReader
 

@@ -41,7 +41,6 @@ from visionops.training.trainer import EpochCallback
 
 # what `dvc metrics show` shows (it must fit a terminal); the baseline's accuracy is student_acc - kd_gain
 HEADLINE = ("student_acc", "kd_gain", "student_gap", "int8_acc")
-CALIBRATION_IMAGES = 256
 SPEED_REPORT = "speed.md"
 
 
@@ -155,8 +154,7 @@ def run_distill(
     int8_path = reports_dir / "student.int8.onnx"
     int8 = None
     if cfg.quantize:
-        rng = np.random.default_rng(train_cfg.seed)
-        pick = np.sort(rng.choice(len(images), size=min(CALIBRATION_IMAGES, len(images)), replace=False))
+        pick = export.calibration_pick(len(images), train_cfg.seed)
         int8 = export.quantize_onnx(onnx_path, int8_path, np.asarray(images[pick]))
         int8["acc"] = int8["fp32_onnx_acc"] = int8["agreement_with_fp32"] = None
         if len(test):

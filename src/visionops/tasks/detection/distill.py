@@ -45,7 +45,8 @@ def _report(m: dict) -> str:
                        f"distillation gain {m['kd_gain']:+.4f}.")]
     lines += ["", (f"ONNX (`student.onnx`, {m['onnx_exporter']} exporter, opset {m['onnx_opset']}): onnxruntime vs PyTorch raw "
                    f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
-              "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).", "",
+              "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).",
+              "int8: not built for detection students (`distill.quantize` has no effect here).", "",
               "![Student training](history.png)", ""]
     return "\n".join(lines)
 
