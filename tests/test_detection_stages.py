@@ -122,7 +122,15 @@ def test_baseline_and_distill(pipeline):
                      root / "reports" / "distill", root / "ck", root / "reports" / "baseline" / "baseline.json")
     assert m["onnx_parity"] is True and m["student_parameters"] < m["teacher_parameters"]
     assert m["kd_gain"] == pytest.approx(m["student_map_50"] - base["test_map_50"])
-    for f in ("metrics.json", "details.json", "student.onnx", "report.md", "report.html", "history.csv", "history.png"):
+    for f in ("metrics.json", "details.json", "student.onnx", "student.int8.onnx", "report.md", "report.html",
+              "history.csv", "history.png"):
         assert (root / "reports" / "distill" / f).stat().st_size > 0, f
+    # int8 (distill.quantize defaults to true): the fp32 ONNX maps, decoded by the same rule, score as PyTorch's did
+    assert m["int8_method"] == "static_qdq_per_channel" and m["int8_bytes"] < m["onnx_bytes"]
+    assert m["fp32_onnx_map_50"] == pytest.approx(m["student_map_50"], abs=0.01)
+    assert 0 <= m["int8_map_50"] <= 1 and m["int8_map_50_drop"] == pytest.approx(m["fp32_onnx_map_50"] - m["int8_map_50"])
+    details = json.loads((root / "reports" / "distill" / "details.json").read_text())
+    assert "int8_speedup" not in details and details["int8_map_50"] == m["int8_map_50"]
+    assert "int8 (`student.int8.onnx`, static" in (root / "reports" / "distill" / "report.md").read_text()
     _, info = detector.load(root / "models" / "student.pt")
     assert info["arch"] == "centernet_tiny"

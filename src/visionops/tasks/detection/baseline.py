@@ -25,7 +25,7 @@ def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, trai
     if not cfg.baseline:
         return write_skipped(reports_dir, cfg.student)
     checkpoint = checkpoints_dir / CHECKPOINT
-    ds, model, state, facts, n = train_student(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, rule,
+    ds, model, state, facts, images = train_student(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, rule,
                                                checkpoint, "baseline", on_epoch)
     test = score_split(model, ds.splits["test"], ds.class_names)
     history = [measured.pure(row) for row in state.history]
@@ -37,7 +37,7 @@ def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, trai
         "best_val_map_50": state.best_acc,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
-        **run_seconds(state.history, n),
+        **run_seconds(state.history, len(images)),
     }
     if facts["is_main"]:
         write_result(reports_dir, result, history)

@@ -43,10 +43,16 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def detect(self, x: Tensor, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        z = self.normalise(x)
+        return self.decode(z, self.net(z), score_threshold)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor | None, out, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The stored rule applied to the network's raw outputs `out` (of normalised images `z`; None where only
+        the outputs are at hand, as from an exported CenterNet)."""
         r = self.rule
         threshold = r.score_threshold if score_threshold is None else score_threshold
-        z = self.normalise(x)
-        return self.net.detect(z, self.net(z), threshold, r.iou_threshold, r.max_detections, r.class_agnostic_nms)
+        return self.net.detect(z, out, threshold, r.iou_threshold, r.max_detections, r.class_agnostic_nms)
 
 
 def build(arch: str, class_names: list[str], image_shape, mean, std, rule: DetectionConfig) -> Detector:
@@ -88,10 +94,14 @@ def predict(model: Detector, images_nhwc, device: torch.device | str = "cpu", ba
     out: list[Detection] = []
     for start in range(0, len(images_nhwc), batch_size):
         chunk = torch.as_tensor(np.asarray(images_nhwc[start : start + batch_size]).copy()).to(device).permute(0, 3, 1, 2)
-        for boxes, scores, labels in model.detect(chunk, score_threshold):
-            out.append({"boxes": boxes.float().cpu().numpy(), "scores": scores.float().cpu().numpy(),
-                        "labels": labels.cpu().numpy().astype(np.int64)})
+        out += as_arrays(model.detect(chunk, score_threshold))
     return out
+
+
+def as_arrays(detections: list[tuple[Tensor, Tensor, Tensor]]) -> list[Detection]:
+    """(boxes, scores, labels) tensors per image → `Detection` dicts of numpy arrays."""
+    return [{"boxes": boxes.float().cpu().numpy(), "scores": scores.float().cpu().numpy(),
+             "labels": labels.cpu().numpy().astype(np.int64)} for boxes, scores, labels in detections]
 
 
 class Detect(nn.Module):

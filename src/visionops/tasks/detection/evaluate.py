@@ -36,9 +36,14 @@ HEADLINE = ("map_50", "map")
 def score_split(model: detector.Detector, split: dataset.Split, class_names: list[str], batch_size: int = 256) -> dict:
     """mAP (detections above the rule's mAP score threshold) and the served-threshold verdicts of `model`
     on `split`; also returns both prediction lists."""
-    true = truths(split.targets["boxes"], split.targets["box_labels"])
     ranked = detector.predict(model, split.images, batch_size=batch_size, score_threshold=model.rule.map_score_threshold)
-    cut = model.rule.score_threshold
+    return score_detections(ranked, split, class_names, model.rule.score_threshold)
+
+
+def score_detections(ranked: list[detector.Detection], split: dataset.Split, class_names: list[str], cut: float) -> dict:
+    """mAP of `ranked` (every image's detections above the mAP score threshold) against `split`'s boxes, and
+    the verdicts of those scoring at least `cut` (the served ones); also returns the prediction lists."""
+    true = truths(split.targets["boxes"], split.targets["box_labels"])
     served = [{k: v[p["scores"] >= cut] for k, v in p.items()} for p in ranked]
     result = mean_average_precision(ranked, true, class_names)
     correct = [image_correct(p, t) for p, t in zip(served, true)]

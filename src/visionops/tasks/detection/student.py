@@ -19,10 +19,10 @@ def train_student(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, tra
                   augment_cfg: AugmentConfig, rule: DetectionConfig, checkpoint: Path | None, desc: str,
                   on_epoch: EpochCallback | None = None, criterion_for: Callable | None = None,
                   extra_fingerprint: object = None):
-    """(dataset, student, trainer state, run facts, train image count)."""
+    """(dataset, student, trainer state, run facts, the prepared train images)."""
     ds, images, boxes, labels = load_train_data(dataset_dir, prepared_dir)
     student_cfg = student_config(cfg, train_cfg)
     model, state, facts = fit_detector(student_cfg.model, ds, (images, boxes, labels), student_cfg, augment_cfg, rule,
                                        checkpoint, desc, on_epoch, criterion_for=criterion_for,
                                        extra_fingerprint=extra_fingerprint)
-    return ds, model, state, facts, len(images)
+    return ds, model, state, facts, images
