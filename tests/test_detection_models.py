@@ -80,7 +80,7 @@ def test_label_shift_round_trip():
     """torchvision's label 1 is our class 0: a box the net calls label 1 comes back as class 0."""
     model = detector.build("fasterrcnn_mobilenet_v3_large_320_fpn", ["a", "b"], (64, 64, 1), [0.5], [0.2], DetectionConfig())
     out = [{"boxes": BOXES[0, :2], "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}]
-    ((_, _, lab),) = model.net.detect(None, out, 0.5, 0.5, 20)
+    ((_, _, lab),) = model.net.detect(out, 0.5, 0.5, 20)
     assert sorted(lab.tolist()) == [0, 1]
 
 

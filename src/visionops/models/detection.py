@@ -103,7 +103,7 @@ class CenterNet(nn.Module):
         return (pos_loss + neg_loss) / n_pos + reg_loss
 
     @torch.no_grad()
-    def detect(self, x: Tensor, out: Tensor, score_threshold: float, iou_threshold: float, max_detections: int,
+    def detect(self, out: Tensor, score_threshold: float, iou_threshold: float, max_detections: int,
                class_agnostic: bool = False) -> Detections:
         return decode_centernet(out, self.num_classes, self.stride, score_threshold, iou_threshold, max_detections,
                                 class_agnostic=class_agnostic)
@@ -145,7 +145,7 @@ class TorchvisionDetector(nn.Module):
         return sum(self.net(list(x), targets).values())
 
     @torch.no_grad()
-    def detect(self, x: Tensor, out, score_threshold: float, iou_threshold: float, max_detections: int,
+    def detect(self, out, score_threshold: float, iou_threshold: float, max_detections: int,
                class_agnostic: bool = False) -> Detections:
         return [_nms(o["boxes"], o["scores"], o["labels"] - 1, score_threshold, iou_threshold, max_detections,
                      class_agnostic) for o in out]

@@ -43,16 +43,14 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def detect(self, x: Tensor, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
-        z = self.normalise(x)
-        return self.decode(z, self.net(z), score_threshold)
+        return self.decode(self(x), score_threshold)
 
     @torch.no_grad()
-    def decode(self, z: Tensor | None, out, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """The stored rule applied to the network's raw outputs `out` (of normalised images `z`; None where only
-        the outputs are at hand, as from an exported CenterNet)."""
+    def decode(self, out, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The stored rule applied to the network's raw outputs `out` (also an exported CenterNet's maps)."""
         r = self.rule
         threshold = r.score_threshold if score_threshold is None else score_threshold
-        return self.net.detect(z, out, threshold, r.iou_threshold, r.max_detections, r.class_agnostic_nms)
+        return self.net.detect(out, threshold, r.iou_threshold, r.max_detections, r.class_agnostic_nms)
 
 
 def build(arch: str, class_names: list[str], image_shape, mean, std, rule: DetectionConfig) -> Detector:

@@ -44,7 +44,7 @@ def _int8(student: detector.Detector, onnx_path: Path, int8_path: Path, calibrat
     scored = {}
     for name, path in (("fp32", onnx_path), ("int8", int8_path)):
         maps = torch.from_numpy(export.ort_logits(export.ort_session(path), test.images))
-        ranked = detector.as_arrays(student.decode(None, maps, rule.map_score_threshold))
+        ranked = detector.as_arrays(student.decode(maps, rule.map_score_threshold))
         scored[name] = score_detections(ranked, test, class_names, rule.score_threshold)
     fp32_ort, int8_ort = export.ort_throughput([onnx_path, int8_path], image_shape)
     return {
