@@ -80,6 +80,15 @@ def test_augment_keys_of_another_task_are_refused_naming_the_key():
     assert parse_params({**dense, "augment": {"translate": 0.0625}}).augment.translate == 0.0625
 
 
+def test_progressive_resizing_is_for_segmentation_and_ends_at_full_size():
+    with pytest.raises(ParamsError, match="train.progressive_start applies to segmentation only"):
+        parse_params({"train": {"progressive_start": 0.5, "progressive_epochs": 2}})
+    seg = {"task": "segmentation", "data": {"source": "canvases"}, "distill": {"student": "unet_small"}}
+    with pytest.raises(ParamsError, match=r"train.progressive_epochs \(7\) must be below train.epochs \(7\)"):
+        parse_params({**seg, "train": {"model": "unet", "epochs": 7, "progressive_start": 0.5, "progressive_epochs": 7}})
+    assert parse_params({**seg, "train": {"model": "unet", "epochs": 7, "progressive_start": 0.5, "progressive_epochs": 4}})
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="no such file"):
         load_params(tmp_path / "missing.yaml")

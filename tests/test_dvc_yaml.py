@@ -45,10 +45,12 @@ def test_metrics_and_plot_data_are_committed_not_cached():
 
 
 def test_baseline_depends_on_the_student_settings_only():
-    """Every train setting the student uses (all but model, epochs and lr, which distill sets), and
-    distill's student, epochs, lr and baseline: not the teacher, not distill's KD settings."""
+    """Every train setting the student uses (all but model, epochs and lr, which distill sets, and the
+    teacher's progressive resizing), and distill's student, epochs, lr and baseline: not the teacher, not
+    distill's KD settings."""
     baseline = DVC["stages"]["baseline"]
-    want = {f"train.{k}" for k in TrainConfig.model_fields} - {"train.model", "train.epochs", "train.lr"}
+    teacher_only = {"train.model", "train.epochs", "train.lr", "train.progressive_start", "train.progressive_epochs"}
+    want = {f"train.{k}" for k in TrainConfig.model_fields} - teacher_only
     want |= {f"distill.{k}" for k in ("student", "epochs", "lr", "baseline")}
     assert set(baseline["params"]) == want | {"task", "detection"}  # detection: the student's prediction rule
     assert {p.split(".")[1] for p in want if p.startswith("distill.")} <= set(DistillConfig.model_fields)

@@ -203,6 +203,49 @@ def test_augment_moves_masks_with_images():
     assert not torch.equal(out_masks, masks)
 
 
+def test_augment_resamples_masks_with_images_to_a_smaller_size():
+    from visionops.tasks.segmentation.augment import MaskAugment
+
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, 8:16, 8:16] = 1.0
+    masks = (x[:, 0] > 0.5).to(torch.uint8)
+    augment = MaskAugment()
+    augment.size = (16, 24)
+    out, out_masks = augment(x, masks, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 1, 16, 24) and out_masks.shape == (2, 16, 24) and out_masks.dtype == torch.uint8
+    assert set(out_masks.unique().tolist()) == {0, 1}  # no warp beyond the image: nothing to ignore
+    assert torch.equal(out_masks, (out[:, 0] > 0.5).to(torch.uint8))  # the square, halved in height, in both
+
+
+def test_progressive_resizing_trains_the_teacher_small_first_and_the_students_at_full_size(pipeline, monkeypatch):
+    from visionops.tasks.segmentation import segmenter
+    from visionops.tasks.segmentation.baseline import student_config
+    from visionops.tasks.segmentation.train import recorded_augment, setup
+    from visionops.training.progressive import epoch_sides
+
+    assert epoch_sides(0.5, 4, 7, 64, 64) == [(32, 32), (40, 40), (48, 48), (56, 56), None, None, None]
+    assert epoch_sides(1.0, 0, 3, 64, 48) == [None] * 3 and epoch_sides(0.5, 2, 3, 64, 48)[:2] == [(32, 24), (48, 40)]
+    seen: list[tuple[bool, int]] = []  # (training?, side) of every forward pass
+    build = segmenter.build
+
+    def watched_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: seen.append((m.training, inputs[0].shape[-1])))
+        return model
+
+    monkeypatch.setattr(segmenter, "build", watched_build)
+    root = pipeline["root"]
+    p = params(train={"epochs": 3, "progressive_start": 0.5, "progressive_epochs": 2})
+    s = setup(pipeline["ds"], root / "prepared", p.train, recorded_augment(root / "prepared"))
+    hard = s.hard
+    s.fit("unet_small", p.train, lambda logits, masks, _x: hard(logits, masks), None, "x", "teacher", None)
+    training = [side for is_training, side in seen if is_training]
+    steps = len(training) // 3
+    assert steps > 0 and training == [32] * steps + [48] * steps + [64] * steps
+    assert {side for is_training, side in seen if not is_training} == {64}  # every val pass at the full size
+    assert student_config(p.distill, p.train).progressive_start == 1.0
+
+
 def test_baseline_and_distill_report_teacher_vs_student(pipeline):
     root = pipeline["root"]
     base = json.loads((root / "reports/baseline/baseline.json").read_text())

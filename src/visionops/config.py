@@ -176,6 +176,10 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     logit_adjust_tau: float = Field(1.0, ge=0.0)
     early_stopping_patience: int = Field(0, ge=0)  # 0 = off
+    # progressive resizing (segmentation, the teacher's run): the first `progressive_epochs` epochs train on
+    # smaller images, the side ramping linearly from `progressive_start` x the full side up to it; 1.0 = off
+    progressive_start: float = Field(1.0, gt=0.0, le=1.0)
+    progressive_epochs: int = Field(0, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: SpeedSwitch = "cuda"  # bf16 autocast (fp16 on CUDA without bf16): on CUDA, on every device, or off
@@ -185,6 +189,13 @@ class TrainConfig(Section):
     # torch's intra-op CPU threads in train, evaluate and distill: "auto" keeps torch's default (the cores
     # it sees, or OMP_NUM_THREADS). Lower it to 1 on a machine shared with other busy processes.
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+
+    @model_validator(mode="after")
+    def _last_epochs_at_full_size(self) -> TrainConfig:
+        if self.progressive_start < 1 and self.progressive_epochs >= self.epochs:
+            raise ValueError(f"train.progressive_epochs ({self.progressive_epochs}) must be below train.epochs "
+                             f"({self.epochs}): the last epochs train at the full size")
+        return self
 
 
 def apply_threads(threads: str | int) -> int:
@@ -313,6 +324,12 @@ class Params(Section):
             if used:
                 raise ValueError(f"augment.{used[0]} applies to classification only (task is {self.task}); "
                                  f"detection and segmentation take {', '.join(DENSE_AUGMENT)} and hflip")
+        return self
+
+    @model_validator(mode="after")
+    def _progressive_resizing_fits_the_task(self) -> Params:
+        if self.task != "segmentation" and self.train.progressive_start < 1 and self.train.progressive_epochs > 0:
+            raise ValueError(f"train.progressive_start applies to segmentation only (task is {self.task}); set it to 1.0")
         return self
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ Augment = Callable[[Tensor, Targets, torch.Generator], tuple[Tensor, Targets]]  
 Evaluate = Callable[[nn.Module], dict]  # model -> {"loss": ..., <metric>: ...} on the validation split
 TrainCorrect = Callable[[object, Targets], Tensor]  # (model output, targets) -> right predictions in the batch
 EpochCallback = Callable[[str, dict], None]  # (desc, history row), on the main rank after every epoch
+EpochStart = Callable[[int], None]  # (0-based epoch), on every rank before the epoch's steps
 
 
 @dataclass
@@ -81,8 +82,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0, "lr": cfg.lr * cfg.norm_lr_scale},
     ]
     groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":  # fused: one kernel for all parameters (`unet`: 0.37 against 1.51 ms a step on 2 CPU cores)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
@@ -175,6 +176,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
     metric: str = "acc",
     train_correct: TrainCorrect | None = None,
+    on_epoch_start: EpochStart | None = None,
 ) -> tuple[nn.Module, TrainState]:
     """Train `model` on uint8 NCHW images (and their targets) already on `device`; return the best
     model by `evaluate(model)[metric]`, the validation score (higher is better).
@@ -183,7 +185,8 @@ def fit(
     `train_correct` counts, when given). Every epoch ends with an atomic checkpoint; a rerun with the
     same `fingerprint` resumes from it.
     Under torchrun each rank trains on its shard of every epoch's permutation. `on_epoch` lets a
-    caller (experiment tracking) see each epoch's metrics as they happen. On CUDA the random
+    caller (experiment tracking) see each epoch's metrics as they happen; `on_epoch_start` lets the
+    augmentation follow a per-epoch schedule (progressive resizing). On CUDA the random
     numbers come from a CUDA generator and nothing waits for the GPU until the epoch ends.
     """
     dist_info = dist_info or DistInfo()
@@ -214,6 +217,8 @@ def fit(
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
     while state.epoch < cfg.epochs and not _should_stop(state, cfg):
         t0 = time.perf_counter()
+        if on_epoch_start is not None:
+            on_epoch_start(state.epoch)
         step_model.train()
         perm = torch.randperm(len(train_x), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
         seen, loss_sum = 0, torch.zeros((), device=device)

@@ -1,6 +1,7 @@
 """Mask-aware augmentation, batched on the training device: each image of a batch gets its own random
 horizontal flip, scale jitter and shift by up to `augment.translate` of the side (one affine warp, the
-mask warped with nearest-neighbour sampling by the same matrix) and brightness/contrast jitter.
+mask warped with nearest-neighbour sampling by the same matrix) and brightness/contrast jitter. The warp
+also resamples the batch to a smaller `size` when one is set (progressive resizing: `training.progressive`).
 
 Written with `affine_grid`/`grid_sample` rather than `torchvision.transforms.v2` because v2 draws one
 set of random parameters per call: per-image parameters would mean a Python loop over the batch.
@@ -25,6 +26,7 @@ class MaskAugment(nn.Module):
     def __init__(self, hflip: bool = False, scale_jitter: float = 0.0, translate: float = 0.0, brightness: float = 0.0):
         super().__init__()
         self.hflip, self.scale_jitter, self.translate, self.brightness = hflip, scale_jitter, translate, brightness
+        self.size: tuple[int, int] | None = None  # output (height, width); None: the input's
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig) -> MaskAugment:
@@ -36,9 +38,10 @@ class MaskAugment(nn.Module):
 
     def forward(self, x: Tensor, masks: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """x: float N x C x H x W in [0, 1]; masks: uint8 N x H x W."""
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         dev = x.device
-        if self.warps:
+        out_h, out_w = self.size or (h, w)
+        if self.warps or (out_h, out_w) != (h, w):
             scale = _uniform(n, 1 - self.scale_jitter, 1 + self.scale_jitter, gen, dev)
             flip = torch.ones(n, device=dev)
             if self.hflip:
@@ -49,7 +52,7 @@ class MaskAugment(nn.Module):
             theta = torch.zeros(n, 2, 3, device=dev)
             theta[:, 0, 0], theta[:, 1, 1] = flip / scale, 1 / scale  # output → input coordinates
             theta[:, 0, 2], theta[:, 1, 2] = tx, ty
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
             shifted = masks.float().add(1).unsqueeze(1)  # 0 after sampling = outside the image
             warped = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]

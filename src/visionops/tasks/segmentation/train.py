@@ -22,6 +22,7 @@ from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.augment import MaskAugment
 from visionops.tasks.segmentation.losses import PixelLoss
 from visionops.tasks.segmentation.objective import METRIC, fit_prior_correction, val_scorer
+from visionops.training import progressive
 from visionops.training.device import select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
@@ -65,9 +66,11 @@ class Setup:
         torch.manual_seed(cfg.seed)  # the same initial weights for the same arch and seed
         model = segmenter.build(arch, self.ds.class_names, self.ds.image_shape, self.mean, self.std)
         augment = self.augment.to(self.device)
+        sides = progressive.epoch_sides(cfg.progressive_start, cfg.progressive_epochs, cfg.epochs, *self.ds.image_shape[:2])
         model, state = fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
                            lambda x, masks, gen: augment(x, masks, gen), criterion, self.device, checkpoint=checkpoint,
-                           fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC)
+                           fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC,
+                           on_epoch_start=lambda epoch: setattr(augment, "size", sides[epoch]))
         self.prior_strength = fit_prior_correction(model, *self.val_data, self.weights, cfg, self.device)
         return model, state
 
