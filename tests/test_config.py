@@ -89,6 +89,17 @@ def test_progressive_resizing_is_for_segmentation_and_ends_at_full_size():
     assert parse_params({**seg, "train": {"model": "unet", "epochs": 7, "progressive_start": 0.5, "progressive_epochs": 4}})
 
 
+def test_a_student_starts_from_the_teacher_only_where_it_is_the_teachers_network_narrowed():
+    seg = {"task": "segmentation", "data": {"source": "canvases"}, "train": {"model": "unet"}}
+    assert parse_params({**seg, "distill": {"student": "unet_small", "init": "teacher"}}).distill.init == "teacher"
+    with pytest.raises(ParamsError, match=r"distill.init: 'teacher' needs .* unet -> lraspp_mobilenet_v3_large is not one"):
+        parse_params({**seg, "distill": {"student": "lraspp_mobilenet_v3_large", "init": "teacher"}})
+    with pytest.raises(ParamsError, match="distill.init: 'teacher' needs .* lenet -> slim_resnet is not one"):
+        parse_params({"distill": {"init": "teacher"}})
+    with pytest.raises(ParamsError, match="distill.init"):
+        parse_params({"distill": {"init": "pretrained"}})
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="no such file"):
         load_params(tmp_path / "missing.yaml")

@@ -116,7 +116,7 @@ def test_baseline_and_distill(pipeline):
     from visionops.tasks.detection.task import TASK
 
     root, p = pipeline["root"], pipeline["params"]
-    base = TASK.baseline(p, pipeline["ds"], pipeline["prep"], root / "reports" / "baseline", root / "ck")
+    base = TASK.baseline(p, pipeline["ds"], pipeline["prep"], pipeline["model"], root / "reports" / "baseline", root / "ck")
     assert base["student"] == "centernet_tiny" and 0.0 <= base["test_map_50"] <= 1.0
     m = TASK.distill(p, pipeline["ds"], pipeline["prep"], pipeline["model"], root / "models" / "student.pt",
                      root / "reports" / "distill", root / "ck", root / "reports" / "baseline" / "baseline.json")

@@ -46,13 +46,13 @@ def test_metrics_and_plot_data_are_committed_not_cached():
 
 def test_baseline_depends_on_the_student_settings_only():
     """Every train setting the student uses (all but model, epochs and lr, which distill sets, and the
-    teacher's progressive resizing), and distill's student, epochs, lr and baseline: not the teacher, not
-    distill's KD settings."""
+    teacher's progressive resizing), and distill's student, epochs, lr, baseline and init: not distill's KD
+    settings. The teacher's file, which the student starts from with distill.init: teacher."""
     baseline = DVC["stages"]["baseline"]
     teacher_only = {"train.model", "train.epochs", "train.lr", "train.progressive_start", "train.progressive_epochs"}
     want = {f"train.{k}" for k in TrainConfig.model_fields} - teacher_only
-    want |= {f"distill.{k}" for k in ("student", "epochs", "lr", "baseline")}
+    want |= {f"distill.{k}" for k in ("student", "epochs", "lr", "baseline", "init")}
     assert set(baseline["params"]) == want | {"task", "detection"}  # detection: the student's prediction rule
     assert {p.split(".")[1] for p in want if p.startswith("distill.")} <= set(DistillConfig.model_fields)
-    assert "models/teacher.pt" not in baseline["deps"]
+    assert "models/teacher.pt" in baseline["deps"]
     assert "reports/baseline/baseline.json" in DVC["stages"]["distill"]["deps"]

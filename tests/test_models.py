@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from visionops.model_names import NARROWS
 from visionops.models import count_parameters, create_model, list_models, register_model
+from visionops.models.narrow import narrow_into
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
@@ -88,3 +90,37 @@ def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         register_model(lenet)
     assert isinstance(create_model("lenet", in_channels=1, num_classes=10, image_size=32), nn.Module)
+
+
+@pytest.mark.parametrize("student, teacher", sorted(NARROWS.items()))
+def test_a_narrowed_student_computes_what_the_teacher_computes_with_only_its_strongest_channels(student, teacher):
+    """Silence every channel of the teacher but the ones the student keeps (zero every weight and bias that
+    produces them, so they are 0 everywhere): the teacher then computes exactly what the narrowed student does."""
+    torch.manual_seed(0)
+    wide = create_model(teacher, in_channels=1, num_classes=11, image_size=32)
+    narrow = create_model(student, in_channels=1, num_classes=11, image_size=32)
+    target, state = narrow.state_dict(), wide.state_dict()
+    for group in wide.channel_groups():
+        bn = wide.get_submodule(group.score)
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5).mul_(torch.randint(0, 2, bn.weight.shape) * 2 - 1)  # strong, either sign
+            bn.bias.uniform_(-0.5, 0.5)
+        key, dim = group.members[0]
+        weak = torch.randperm(bn.num_features)[target[key].shape[dim]:]
+        for key, dim in group.members:
+            if dim == 0 and not key.endswith(("running_mean", "running_var")):
+                state[key][weak] = 0  # the state dict's tensors are the parameters themselves
+    narrow_into(wide, narrow)
+    x = torch.randn(4, 1, 32, 32)
+    torch.testing.assert_close(narrow.eval()(x), wide.eval()(x), rtol=1e-5, atol=1e-5)
+    assert count_parameters(narrow) < count_parameters(wide) / 3
+
+
+def test_narrowing_refuses_networks_of_another_design():
+    with pytest.raises(ValueError, match="does not list its channel groups"):
+        narrow_into(create_model("resnet20", in_channels=1, num_classes=10, image_size=32),
+                    create_model("slim_resnet", in_channels=1, num_classes=10, image_size=32))
+    with pytest.raises(ValueError, match="not the same design"):
+        narrow_into(create_model("unet", in_channels=1, num_classes=11, image_size=32),
+                    create_model("unet_small", in_channels=3, num_classes=11, image_size=32))

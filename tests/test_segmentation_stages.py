@@ -15,6 +15,7 @@ from visionops.config import parse_params
 from visionops.data import dataset
 from visionops.data.canvases import make_canvases
 from visionops.errors import InvalidInputError
+from visionops.models.narrow import narrow_into
 from visionops.tasks import get_task
 
 CLASS_NAMES = ["background", *(str(d) for d in range(10))]
@@ -58,7 +59,7 @@ def pipeline(tmp_path_factory):
     out["prepare"] = task.prepare(p, ds_dir, root / "prepared", root / "reports/prepare")
     out["train"] = task.train(p, ds_dir, root / "prepared", root / "teacher.pt", root / "reports/train", root / "ckpt.pt")
     out["evaluate"] = task.evaluate(p, ds_dir, root / "teacher.pt", root / "reports/evaluate")
-    out["baseline"] = task.baseline(p, ds_dir, root / "prepared", root / "reports/baseline", root)
+    out["baseline"] = task.baseline(p, ds_dir, root / "prepared", root / "teacher.pt", root / "reports/baseline", root)
     out["distill"] = task.distill(p, ds_dir, root / "prepared", root / "teacher.pt", root / "student.pt",
                                   root / "reports/distill", root, root / "reports/baseline/baseline.json")
     return out
@@ -259,6 +260,32 @@ def test_baseline_and_distill_report_teacher_vs_student(pipeline):
     assert d["int8_pixel_agreement_with_fp32"] > 0.9 and 0 <= d["int8_miou"] <= 1
     assert abs(d["int8_miou_drop"] - (d["fp32_onnx_miou"] - d["int8_miou"])) < 1e-12
     assert "int8_speedup" not in d and "int8 (static" in (root / "reports/distill/report.md").read_text()
+
+
+def test_with_init_teacher_both_students_start_from_the_teachers_channels(pipeline, tmp_path, monkeypatch):
+    from visionops.tasks.segmentation import segmenter
+    from visionops.tasks.segmentation import train as train_module
+
+    root, task = pipeline["root"], get_task("segmentation")
+    teacher_net = segmenter.load(root / "teacher.pt")[0].net.state_dict()
+    started: list[str] = []
+
+    def spy(wide, narrow):
+        assert all(torch.equal(v, teacher_net[k]) for k, v in wide.state_dict().items())
+        narrow_into(wide, narrow)
+        started.append(type(narrow).__name__ + str(sum(p.numel() for p in narrow.parameters())))
+
+    monkeypatch.setattr(train_module, "narrow_into", spy)
+    p = params(distill={"init": "teacher"})
+    for name in ("baseline", "distill"):
+        (tmp_path / name).mkdir()
+    base = task.baseline(p, pipeline["ds"], root / "prepared", root / "teacher.pt", tmp_path / "baseline", tmp_path)
+    d = task.distill(p, pipeline["ds"], root / "prepared", root / "teacher.pt", tmp_path / "student.pt", tmp_path / "distill",
+                     tmp_path, tmp_path / "baseline/baseline.json")
+    assert started == ["UNet100627", "UNet100627"]  # unet_small, in both stages
+    assert base["init"] == d["init"] == "teacher" and d["kd_gain"] == pytest.approx(d["student_miou"] - base["test_miou"])
+    assert "started from the teacher's strongest channels" in (tmp_path / "distill/report.md").read_text()
+    assert json.loads((root / "reports/baseline/baseline.json").read_text())["init"] == "scratch"  # the fixture's
 
 
 def test_pyfunc_returns_a_mask_at_the_input_size(pipeline):

@@ -182,6 +182,7 @@ def _baseline(params, args, run) -> dict:
         params,
         layout.DATASET,
         layout.PREPARED,
+        layout.TEACHER,
         layout.BASELINE_REPORTS,
         layout.CHECKPOINTS,
         on_epoch=run.log_epoch if run else None,

@@ -10,7 +10,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
-from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, check_model_name, models_for
+from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, check_model_name, models_for
 
 DEFAULT_PARAMS = Path("params.yaml")
 ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
@@ -226,6 +226,9 @@ class DistillConfig(Section):
     epochs: int = Field(15, ge=1, le=10_000)
     lr: float = Field(0.05, gt=0.0)
     baseline: bool = True  # also train the student alone, to show what distillation gained
+    # scratch: the student starts from random weights; teacher: from the teacher's strongest channels (the same
+    # network at a narrower width, model_names.NARROWS), and so does the student trained alone
+    init: Literal["scratch", "teacher"] = "scratch"
     onnx_atol: float = Field(1e-4, gt=0.0)
     onnx_rtol: float = Field(1e-3, ge=0.0)  # ONNX parity: |onnx - torch| <= atol + rtol * |torch|
     quantize: bool = True  # static int8 quantization (ONNX Runtime, QDQ) of the student, with accuracy and speed
@@ -330,6 +333,15 @@ class Params(Section):
     def _progressive_resizing_fits_the_task(self) -> Params:
         if self.task != "segmentation" and self.train.progressive_start < 1 and self.train.progressive_epochs > 0:
             raise ValueError(f"train.progressive_start applies to segmentation only (task is {self.task}); set it to 1.0")
+        return self
+
+    @model_validator(mode="after")
+    def _student_can_start_from_the_teacher(self) -> Params:
+        if self.distill.init == "teacher" and NARROWS.get(self.distill.student) != self.train.model:
+            pairs = ", ".join(f"{t} -> {s}" for s, t in NARROWS.items())
+            raise ValueError(f"distill.init: 'teacher' needs a student that is the teacher's network at a narrower "
+                             f"width; {self.train.model} -> {self.distill.student} is not one (pairs: {pairs}); "
+                             "use 'scratch'")
         return self
 
     @model_validator(mode="after")

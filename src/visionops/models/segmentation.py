@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from visionops.models.layers import conv_bn_relu as _conv
+from visionops.models.narrow import ChannelGroup, conv_bn
 from visionops.models.registry import register_model
 
 
@@ -45,6 +46,21 @@ class UNet(nn.Module):
         p4 = self.up4(c4 + F.interpolate(self.lateral(c8), size=c4.shape[-2:], mode="bilinear", align_corners=False))
         p1 = F.interpolate(self.project(p4), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.head(self.full(torch.cat([p1, x], 1)))
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The channel sets a narrower UNet keeps (`models.narrow`): each block's outputs with the inputs they
+        feed. The stride-4 features and the lateral branch are added, so they share one set; the head keeps its width."""
+        feeds = {  # block -> the (key, dim) its output channels index besides its own conv and batch norm
+            "stem": [("down4.0.0.weight", 1)],
+            "down4.0": [("down4.1.0.weight", 1)],
+            "down4.1": [("down4.2.0.weight", 1)],
+            "down4.2": [("down4.3.0.weight", 1)],
+            "down4.3": [("down8.0.0.weight", 1), ("up4.0.weight", 1), ("lateral.weight", 0), ("lateral.bias", 0)],
+            "down8.0": [("down8.1.0.weight", 1)],
+            "down8.1": [("lateral.weight", 1)],
+            "up4": [("project.weight", 1)],
+        }
+        return [ChannelGroup(f"{name}.1", (*conv_bn(name), *members)) for name, members in feeds.items()]
 
 
 class TorchvisionSegmenter(nn.Module):

@@ -44,7 +44,7 @@ class Detection:
 
         return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size)
 
-    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path,
+    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, reports_dir: Path,
                  checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
         from visionops.tasks.detection.baseline import run_baseline
         from visionops.tasks.detection.train import recorded_augment

@@ -20,7 +20,6 @@ import torch
 
 from visionops import atomic, measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
-from visionops.errors import InvalidInputError
 from visionops.evaluation import report_html
 from visionops.evaluation.latency import measure_latency
 from visionops.models import count_parameters
@@ -29,9 +28,8 @@ from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.baseline import split_scores, student_config
 from visionops.tasks.segmentation.losses import PixelDistillationLoss
 from visionops.tasks.segmentation.metrics import segmentation_metrics
-from visionops.tasks.segmentation.train import setup
+from visionops.tasks.segmentation.train import load_teacher, setup
 from visionops.training.baseline_record import read_baseline
-from visionops.training.device import memory_format
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 
 HEADLINE = ("student_miou", "teacher_miou", "kd_gain")
@@ -89,6 +87,8 @@ def _report(m: dict) -> str:
         f"Pixel-wise Hinton KD, T = {m['temperature']}, alpha = {m['alpha']}.", "",
         "| | teacher | student |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
         f"- student trained alone (baseline): mIoU {_f(m['baseline_miou'])}; KD gain {_f(m['kd_gain'])}",
+        *(["- both students started from the teacher's strongest channels (`distill.init: teacher`), so the gain "
+           "is the distillation loss's alone"] if m["init"] == "teacher" else []),
         f"- ONNX ({m['onnx_exporter']}): max |onnx - torch| logit {m['onnx_max_abs_diff']:.3g} on {m['onnx_images']} "
         f"images, argmax agreement {m['onnx_argmax_agreement']:.4f}",
         *_int8_lines(m), "",
@@ -103,14 +103,12 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     baseline = read_baseline(baseline_path, cfg)
     student_cfg = student_config(cfg, train_cfg)
     s = setup(dataset_dir, prepared_dir, student_cfg, augment_cfg)
-    teacher, info = segmenter.load(teacher_path, s.device)
-    teacher = teacher.to(memory_format=memory_format(s.device, student_cfg.channels_last))  # as the student's batches
-    if info["class_names"] != s.ds.class_names or tuple(info["image_shape"]) != s.ds.image_shape:
-        raise InvalidInputError(f"{teacher_path}: the teacher was trained on other classes or image shape than {dataset_dir}")
+    teacher, info = load_teacher(teacher_path, s, student_cfg.channels_last)
     criterion = PixelDistillationLoss(s.hard, teacher, cfg.alpha, cfg.temperature)
     digest = fingerprint("student_kd", student_cfg.model_dump(), cfg.model_dump(), info["arch"], *s.digest_parts,
                          arrays=(*s.arrays, np.frombuffer(Path(teacher_path).read_bytes(), np.uint8)))
-    student, state = s.fit(cfg.student, student_cfg, criterion, Path(checkpoint_dir) / "student_kd.pt", digest, "distill", on_epoch)
+    student, state = s.fit(cfg.student, student_cfg, criterion, Path(checkpoint_dir) / "student_kd.pt", digest, "distill",
+                           on_epoch, start=teacher if cfg.init == "teacher" else None)
     if not s.dist_info.is_main:
         return {"rank": s.dist_info.rank}
     t_scores = split_scores(s, teacher, train_cfg.eval_batch_size)
@@ -133,7 +131,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     t_lat, s_lat = _cpu_latency(teacher, s.ds.image_shape), _cpu_latency(student, s.ds.image_shape)
     baseline_miou = baseline["test_miou"] if baseline else None
     m = {
-        "teacher": info["arch"], "student": cfg.student, "temperature": cfg.temperature, "alpha": cfg.alpha,
+        "teacher": info["arch"], "student": cfg.student, "init": cfg.init, "temperature": cfg.temperature, "alpha": cfg.alpha,
         "teacher_miou": t_scores["miou"], "student_miou": st_scores["miou"],
         "teacher_pixel_accuracy": t_scores["pixel_accuracy"], "student_pixel_accuracy": st_scores["pixel_accuracy"],
         "baseline_miou": baseline_miou,

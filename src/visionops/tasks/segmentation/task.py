@@ -45,13 +45,13 @@ class Segmentation:
         return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size,
                             params.train.device, params.segmentation)
 
-    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path,
+    def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, reports_dir: Path,
                  checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
         from visionops.tasks.segmentation.baseline import run_baseline
         from visionops.tasks.segmentation.train import recorded_augment
 
         return run_baseline(dataset_dir, prepared_dir, params.distill, params.train, recorded_augment(prepared_dir),
-                            reports_dir, checkpoints_dir, on_epoch=on_epoch)
+                            reports_dir, checkpoints_dir, on_epoch=on_epoch, teacher_path=teacher_path)
 
     def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
                 reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:

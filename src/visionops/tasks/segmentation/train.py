@@ -16,14 +16,16 @@ import torch
 from visionops import measured
 from visionops.config import AugmentConfig, TrainConfig
 from visionops.data import dataset
+from visionops.errors import InvalidInputError
 from visionops.models import count_parameters
+from visionops.models.narrow import narrow_into
 from visionops.tasks.classification.classifier import channel_stats
 from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.augment import MaskAugment
 from visionops.tasks.segmentation.losses import PixelLoss
 from visionops.tasks.segmentation.objective import METRIC, fit_prior_correction, val_scorer
 from visionops.training import progressive
-from visionops.training.device import select_device
+from visionops.training.device import memory_format, select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
 
@@ -62,9 +64,13 @@ class Setup:
     prior_strength: float = 0.0  # of the last fit: see objective.fit_prior_correction
 
     def fit(self, arch: str, cfg: TrainConfig, criterion, checkpoint: Path | None, digest: str, desc: str,
-            on_epoch: EpochCallback | None):
+            on_epoch: EpochCallback | None, start: segmenter.Segmenter | None = None):
+        """Train `arch` from random weights, or from the strongest channels of `start` (a wider network of
+        the same design: `models.narrow`)."""
         torch.manual_seed(cfg.seed)  # the same initial weights for the same arch and seed
         model = segmenter.build(arch, self.ds.class_names, self.ds.image_shape, self.mean, self.std)
+        if start is not None:
+            narrow_into(start.net, model.net)
         augment = self.augment.to(self.device)
         sides = progressive.epoch_sides(cfg.progressive_start, cfg.progressive_epochs, cfg.epochs, *self.ds.image_shape[:2])
         model, state = fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
@@ -73,6 +79,17 @@ class Setup:
                            on_epoch_start=lambda epoch: setattr(augment, "size", sides[epoch]))
         self.prior_strength = fit_prior_correction(model, *self.val_data, self.weights, cfg, self.device)
         return model, state
+
+
+def load_teacher(teacher_path: Path, s: Setup, channels_last) -> tuple[segmenter.Segmenter, dict]:
+    """The trained teacher on the device, in the students' memory format; refused if it was trained on other
+    classes or another image shape."""
+    teacher, info = segmenter.load(teacher_path, s.device)
+    if info["class_names"] != s.ds.class_names or tuple(info["image_shape"]) != s.ds.image_shape:
+        raise InvalidInputError(f"{teacher_path}: the teacher was trained on other classes or image shape "
+                                f"({info['class_names']}, {info['image_shape']}) than the dataset's ({s.ds.class_names}, "
+                                f"{list(s.ds.image_shape)})")
+    return teacher.to(memory_format=memory_format(s.device, channels_last)), info
 
 
 def setup(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: AugmentConfig) -> Setup:
