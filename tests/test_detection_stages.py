@@ -134,3 +134,29 @@ def test_baseline_and_distill(pipeline):
     assert "int8 (`student.int8.onnx`, static" in (root / "reports" / "distill" / "report.md").read_text()
     _, info = detector.load(root / "models" / "student.pt")
     assert info["arch"] == "centernet_tiny"
+
+
+def test_with_init_teacher_both_students_start_from_the_teachers_channels(pipeline, tmp_path, monkeypatch):
+    from visionops.models.narrow import narrow_into
+    from visionops.tasks.detection import train as train_module
+    from visionops.tasks.detection.task import TASK
+
+    teacher_net = detector.load(pipeline["model"])[0].net.state_dict()
+    started: list[int] = []
+
+    def spy(wide, narrow):
+        assert all(torch.equal(v, teacher_net[k]) for k, v in wide.state_dict().items())
+        narrow_into(wide, narrow)
+        started.append(sum(p.numel() for p in narrow.parameters()))
+
+    monkeypatch.setattr(train_module, "narrow_into", spy)
+    p = parse_params({**PARAMS, "distill": {**PARAMS["distill"], "epochs": 1, "init": "teacher", "quantize": False}})
+    for name in ("baseline", "distill"):
+        (tmp_path / name).mkdir()
+    base = TASK.baseline(p, pipeline["ds"], pipeline["prep"], pipeline["model"], tmp_path / "baseline", tmp_path / "ck")
+    m = TASK.distill(p, pipeline["ds"], pipeline["prep"], pipeline["model"], tmp_path / "student.pt", tmp_path / "distill",
+                     tmp_path / "ck", tmp_path / "baseline" / "baseline.json")
+    tiny = sum(q.numel() for q in detector.load(tmp_path / "student.pt")[0].net.parameters())
+    assert started == [tiny, tiny]  # centernet_tiny, in both stages
+    assert base["init"] == m["init"] == "teacher" and m["kd_gain"] == pytest.approx(m["student_map_50"] - base["test_map_50"])
+    assert "Both students started from the teacher's strongest channels" in (tmp_path / "distill" / "report.md").read_text()

@@ -25,7 +25,7 @@ MODEL_TASKS = {  # model name -> the task it solves (sorted, as list_models)
 MODEL_NAMES = tuple(MODEL_TASKS)
 # student -> the teacher it can start from with `distill.init: teacher`: the same network at a larger width,
 # which lists its channel groups (`models.narrow`)
-NARROWS = {"unet_small": "unet"}
+NARROWS = {"centernet_tiny": "centernet", "unet_small": "unet"}
 MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16}  # others work from the schema's floor, 8
 
 

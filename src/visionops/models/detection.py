@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionops.models.layers import conv_bn_relu as _conv
+from visionops.models.narrow import ChannelGroup, conv_bn_groups
 from visionops.models.registry import register_model
 
 Detections = list[tuple[Tensor, Tensor, Tensor]]  # per image: boxes K x 4 xyxy, scores K, labels K
@@ -65,6 +66,22 @@ class CenterNet(nn.Module):
         c8 = self.down8(c4)
         p4 = self.fuse(c4 + F.interpolate(self.lateral(c8), size=c4.shape[-2:], mode="nearest"))
         return self.head(p4)
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The channel sets a narrower CenterNet keeps (`models.narrow`): each block's outputs with the inputs
+        they feed. The stride-4 features and the lateral branch are added, so they share one set."""
+        feeds = {  # block -> the (key, dim) its output channels index besides its own conv and batch norm
+            "stem.0": [("stem.1.0.weight", 1)],
+            "stem.1": [("down4.0.0.weight", 1)],
+            "down4.0": [("down4.1.0.weight", 1)],
+            "down4.1": [("down8.0.0.weight", 1), ("fuse.0.weight", 1), ("lateral.weight", 0), ("lateral.bias", 0)],
+            "down8.0": [("down8.1.0.weight", 1)],
+            "down8.1": [("down8.2.0.weight", 1)],
+            "down8.2": [("lateral.weight", 1)],
+            "fuse": [("head.0.0.weight", 1)],
+            "head.0": [("head.1.weight", 1)],
+        }
+        return conv_bn_groups(feeds)
 
     def targets(self, out: Tensor, boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gaussian heatmap N x K x h x w, and per object its cell index, size/offset target and validity."""

@@ -25,9 +25,11 @@ class ChannelGroup:
     members: tuple[tuple[str, int], ...]
 
 
-def conv_bn(name: str) -> tuple[tuple[str, int], ...]:
-    """The output channels of a `conv_bn_relu` block called `name`: its conv's weight and its batch norm."""
-    return ((f"{name}.0.weight", 0), *((f"{name}.1.{t}", 0) for t in BN_TENSORS))
+def conv_bn_groups(feeds: dict[str, list[tuple[str, int]]]) -> list[ChannelGroup]:
+    """One group per `conv_bn_relu` block named in `feeds`: its conv's output channels, its batch norm (which
+    ranks them), and the (key, dimension) pairs of the layers its output feeds."""
+    return [ChannelGroup(f"{name}.1", ((f"{name}.0.weight", 0), *((f"{name}.1.{t}", 0) for t in BN_TENSORS), *inputs))
+            for name, inputs in feeds.items()]
 
 
 def can_narrow(model: nn.Module) -> bool:

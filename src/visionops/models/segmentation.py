@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from visionops.models.layers import conv_bn_relu as _conv
-from visionops.models.narrow import ChannelGroup, conv_bn
+from visionops.models.narrow import ChannelGroup, conv_bn_groups
 from visionops.models.registry import register_model
 
 
@@ -60,7 +60,7 @@ class UNet(nn.Module):
             "down8.1": [("lateral.weight", 1)],
             "up4": [("project.weight", 1)],
         }
-        return [ChannelGroup(f"{name}.1", (*conv_bn(name), *members)) for name, members in feeds.items()]
+        return conv_bn_groups(feeds)
 
 
 class TorchvisionSegmenter(nn.Module):

@@ -80,8 +80,9 @@ def _report(m: dict) -> str:
              "| | teacher | student |", "|---|---|---|"]
     lines += [f"| {name} | {m[t]:{f}} | {m[s]:{f}} |" for name, t, s, f in rows]
     if m["baseline_map_50"] is not None:
+        start = "the teacher's strongest channels (`distill.init: teacher`)" if m["init"] == "teacher" else "random weights"
         lines += ["", (f"Student trained alone (same init, seed, schedule, augmentation): mAP@.5 {m['baseline_map_50']:.4f}; "
-                       f"distillation gain {m['kd_gain']:+.4f}.")]
+                       f"distillation gain {m['kd_gain']:+.4f}. Both students started from {start}.")]
     lines += ["", (f"ONNX (`student.onnx`, {m['onnx_exporter']} exporter, opset {m['onnx_opset']}): onnxruntime vs PyTorch raw "
                    f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
               "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).",
@@ -105,7 +106,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     checkpoint = checkpoints_dir / CHECKPOINT
     ds, student, state, facts, images = train_student(
         dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, rule, checkpoint, "distill", on_epoch,
-        criterion_for=criterion_for, extra_fingerprint=(file_md5(teacher_path), cfg.alpha, cfg.temperature))
+        criterion_for=criterion_for, extra_fingerprint=(file_md5(teacher_path), cfg.alpha, cfg.temperature), teacher=teacher)
     teacher = teacher.cpu()
     test = ds.splits["test"]
     t_score, s_score = score_split(teacher, test, ds.class_names), score_split(student, test, ds.class_names)
@@ -125,6 +126,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     metrics = {
         "teacher": tinfo["arch"],
         "student": cfg.student,
+        "init": cfg.init,
         "temperature": cfg.temperature,
         "alpha": cfg.alpha,
         "teacher_map_50": t_score["map_50"],

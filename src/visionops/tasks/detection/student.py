@@ -1,5 +1,6 @@
 """Training a detection student, shared by `baseline` (alone) and `distill` (with the teacher):
-the same student, initial weights (train.seed), schedule, augmentation and data for both."""
+the same student, initial weights (train.seed, or the teacher's strongest channels with `distill.init:
+teacher`), schedule, augmentation and data for both."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ def student_config(cfg: DistillConfig, train_cfg: TrainConfig) -> TrainConfig:
 def train_student(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, train_cfg: TrainConfig,
                   augment_cfg: AugmentConfig, rule: DetectionConfig, checkpoint: Path | None, desc: str,
                   on_epoch: EpochCallback | None = None, criterion_for: Callable | None = None,
-                  extra_fingerprint: object = None):
-    """(dataset, student, trainer state, run facts, the prepared train images)."""
+                  extra_fingerprint: object = None, teacher=None):
+    """(dataset, student, trainer state, run facts, the prepared train images). With `distill.init: teacher`
+    the student starts from `teacher` (a `Detector`)."""
     ds, images, boxes, labels = load_train_data(dataset_dir, prepared_dir)
     student_cfg = student_config(cfg, train_cfg)
     model, state, facts = fit_detector(student_cfg.model, ds, (images, boxes, labels), student_cfg, augment_cfg, rule,
                                        checkpoint, desc, on_epoch, criterion_for=criterion_for,
-                                       extra_fingerprint=extra_fingerprint)
+                                       extra_fingerprint=(cfg.init, extra_fingerprint),
+                                       start=teacher if cfg.init == "teacher" else None)
     return ds, model, state, facts, images

@@ -50,7 +50,7 @@ class Detection:
         from visionops.tasks.detection.train import recorded_augment
 
         return run_baseline(dataset_dir, prepared_dir, params.distill, params.train, recorded_augment(prepared_dir),
-                            params.detection, reports_dir, checkpoints_dir, on_epoch=on_epoch)
+                            params.detection, reports_dir, checkpoints_dir, on_epoch=on_epoch, teacher_path=teacher_path)
 
     def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
                 reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:

@@ -18,7 +18,9 @@ import torch
 from visionops import measured
 from visionops.config import AugmentConfig, DetectionConfig, TrainConfig
 from visionops.data import dataset
+from visionops.errors import InvalidInputError
 from visionops.models import count_parameters
+from visionops.models.narrow import narrow_into
 from visionops.tasks.detection import detector
 from visionops.tasks.detection.augment import BoxAugment
 from visionops.tasks.detection.objective import METRIC, to_device, val_scorer
@@ -60,9 +62,11 @@ def fit_detector(
     on_epoch: EpochCallback | None = None,
     criterion_for: Callable[[detector.Detector], Criterion] | None = None,
     extra_fingerprint: object = None,
+    start: detector.Detector | None = None,
 ) -> tuple[detector.Detector, object, dict]:
-    """Build `arch` (seeded by cfg.seed) and train it with the trainer's loop; returns (model, state,
-    run facts). `criterion_for(model)` replaces the model's own loss (distillation)."""
+    """Build `arch` (seeded by cfg.seed), or start it from the strongest channels of `start` (a wider network
+    of the same design: `models.narrow`), and train it with the trainer's loop; returns (model, state, run
+    facts). `criterion_for(model)` replaces the model's own loss (distillation)."""
     device = select_device(cfg.device)
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.world_size > 1:
@@ -71,6 +75,11 @@ def fit_detector(
     mean, std = pixel_stats(images)
     torch.manual_seed(cfg.seed)
     model = detector.build(arch, ds.class_names, ds.image_shape, mean, std, rule)
+    if start is not None:
+        try:
+            narrow_into(start.net, model.net)
+        except ValueError as exc:  # the teacher file was trained on other classes or channels
+            raise InvalidInputError(f"distill.init: teacher: the student cannot start from the teacher: {exc}") from exc
     val = ds.splits["val"]
     x, b, lab = to_device(images, boxes, labels, device)
     digest = fingerprint(arch, cfg.model_dump(), augment_cfg.model_dump(), rule.model_dump(), ds.class_names,
