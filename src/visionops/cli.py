@@ -171,8 +171,9 @@ def _evaluate(params, args, run) -> dict:
     "train the distillation student alone, for distill's comparison",
     "Train distill.student without a teacher (the task's plain loss; the same initial weights, seed, schedule "
     "and augmentation as the distilled student), measure it on the test split, and write baseline.json (with "
-    f"its per-epoch history) and history.png to {layout.BASELINE_REPORTS}/. Its own stage because it does "
-    "not depend on the teacher: DVC skips it when only the teacher changed. With distill.baseline false it trains nothing and "
+    f"its per-epoch history) and history.png to {layout.BASELINE_REPORTS}/. With distill.init teacher (detection "
+    "and segmentation) both students start from the teacher's strongest channels, so the KD gain is the distillation "
+    "loss's alone. Its own stage, so that changing the KD settings reruns distill only. With distill.baseline false it trains nothing and "
     "baseline.json says so (distill then reports no KD gain).",
     sections=("distill", "train", "detection"),
     tracked_in_process=True,

@@ -1,7 +1,7 @@
 """Stage `baseline`: the distillation student trained alone (plain cross-entropy), for distill's comparison.
 
-It is a stage of its own because it does not depend on the teacher: DVC skips it when only the
-teacher changed, and `distill` reads its result (`baseline.json`) to report what distillation gained.
+It is a stage of its own, so that changing the KD settings reruns distill only; `distill` reads its result
+(`baseline.json`) to report what distillation gained.
 Same student, initial weights, seed, schedule and augmentation as the distilled student
 (`student_setup` and `train_student` are shared with `distill`); the normalisation statistics are those
 of the prepared train images, exactly what the teacher stores.
