@@ -16,9 +16,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import add_step_options
 
-from visionops.models import create_model
 from visionops.model_names import MODEL_TASKS
+from visionops.models import create_model
 from visionops.training.device import autocast, memory_format
 
 CPU = torch.device("cpu")
@@ -40,11 +41,7 @@ def ms_per_image(mode: str, model, opt, loss_fn, x, y, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="unet")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--classes", type=int, default=11)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=10)
+    add_step_options(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
     model = create_model(args.model, in_channels=1, num_classes=args.classes, image_size=args.image_size)

@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmarks: the real CIFAR-10 JPEGs from ../shared/datasets."""
+"""Shared helpers for the benchmarks: the real CIFAR-10 JPEGs from ../shared/datasets, and the options of
+the training-step benchmarks."""
 
 from __future__ import annotations
 
+import argparse
 import tarfile
 from pathlib import Path
 
@@ -29,3 +31,12 @@ def extract_cifar(dest: Path, per_class: int | None = None) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
     return dest
+
+
+def add_step_options(ap: argparse.ArgumentParser) -> None:
+    """The batch, its image side and class count, and how long to time: alternating rounds of timed steps."""
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--classes", type=int, default=11)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
