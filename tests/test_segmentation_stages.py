@@ -282,7 +282,7 @@ def test_with_init_teacher_both_students_start_from_the_teachers_channels(pipeli
     base = task.baseline(p, pipeline["ds"], root / "prepared", root / "teacher.pt", tmp_path / "baseline", tmp_path)
     d = task.distill(p, pipeline["ds"], root / "prepared", root / "teacher.pt", tmp_path / "student.pt", tmp_path / "distill",
                      tmp_path, tmp_path / "baseline/baseline.json")
-    assert started == ["UNet100627", "UNet100627"]  # unet_small, in both stages
+    assert started == ["UNet100990", "UNet100990"]  # unet_small, in both stages
     assert base["init"] == d["init"] == "teacher" and d["kd_gain"] == pytest.approx(d["student_miou"] - base["test_miou"])
     assert "started from the teacher's strongest channels" in (tmp_path / "distill/report.md").read_text()
     assert json.loads((root / "reports/baseline/baseline.json").read_text())["init"] == "scratch"  # the fixture's
