@@ -102,6 +102,14 @@ def wait_until(what: str, ready, proc: psutil.Process | None = None, log: Path |
         delay = min(delay * 1.5, 1.0)
 
 
+def _start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks since boot (/proc/PID/stat, field 22): with its PID, it names
+    one process for good. psutil's create_time() adds the boot time as the wall clock sees it now, which moves
+    by whole seconds when the clock is adjusted (NTP), and then a recorded process looks gone and is not stopped."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[19])  # after the command name, which may hold spaces and ")"
+
+
 def _read_env_file(path: Path) -> dict[str, str]:
     out = {}
     if path.exists():
@@ -201,7 +209,7 @@ class Services:
     def _record(self, name: str, pid: int) -> psutil.Process:
         proc = psutil.Process(pid)
         pids = self.pids()
-        pids[name] = {"pid": pid, "create_time": proc.create_time()}
+        pids[name] = {"pid": pid, "start_ticks": _start_ticks(pid)}
         self.pid_file.write_text(json.dumps(pids, indent=1))
         return proc
 
@@ -211,10 +219,13 @@ class Services:
             return None
         try:
             proc = psutil.Process(entry["pid"])
-        except psutil.NoSuchProcess:
+            if "start_ticks" in entry:
+                same = _start_ticks(proc.pid) == entry["start_ticks"]
+            else:  # recorded by an earlier version, as wall-clock seconds
+                same = abs(proc.create_time() - entry["create_time"]) < 2.0
+            return proc if same and proc.status() != psutil.STATUS_ZOMBIE else None
+        except (psutil.NoSuchProcess, FileNotFoundError):
             return None
-        same = abs(proc.create_time() - entry["create_time"]) < 0.01
-        return proc if same and proc.status() != psutil.STATUS_ZOMBIE else None
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> psutil.Process:
         log = self.logs / f"{name}.log"

