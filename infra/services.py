@@ -37,6 +37,8 @@ from pathlib import Path
 
 import psutil
 
+from visionops.tracking.faults import process_start
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -100,14 +102,6 @@ def wait_until(what: str, ready, proc: psutil.Process | None = None, log: Path |
             raise ServiceError(f"{what} not healthy after {timeout:.0f}s; log {log}:\n{_tail(log) if log else ''}")
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
-
-
-def _start_ticks(pid: int) -> int:
-    """When the process started, in clock ticks since boot (/proc/PID/stat, field 22): with its PID, it names
-    one process for good. psutil's create_time() adds the boot time as the wall clock sees it now, which moves
-    by whole seconds when the clock is adjusted (NTP), and then a recorded process looks gone and is not stopped."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[19])  # after the command name, which may hold spaces and ")"
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -209,7 +203,7 @@ class Services:
     def _record(self, name: str, pid: int) -> psutil.Process:
         proc = psutil.Process(pid)
         pids = self.pids()
-        pids[name] = {"pid": pid, "start_ticks": _start_ticks(pid)}
+        pids[name] = {"pid": pid, "started": process_start(pid)}
         self.pid_file.write_text(json.dumps(pids, indent=1))
         return proc
 
@@ -219,12 +213,12 @@ class Services:
             return None
         try:
             proc = psutil.Process(entry["pid"])
-            if "start_ticks" in entry:
-                same = _start_ticks(proc.pid) == entry["start_ticks"]
+            if "started" in entry:
+                same = process_start(proc.pid) == entry["started"]
             else:  # recorded by an earlier version, as wall-clock seconds
                 same = abs(proc.create_time() - entry["create_time"]) < 2.0
             return proc if same and proc.status() != psutil.STATUS_ZOMBIE else None
-        except (psutil.NoSuchProcess, FileNotFoundError):
+        except psutil.NoSuchProcess:
             return None
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> psutil.Process:

@@ -130,6 +130,16 @@ def test_a_live_process_run_and_another_hosts_run_are_left_alone(store):
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
 
 
+def test_a_live_owner_is_not_taken_for_gone_when_the_wall_clock_moves(monkeypatch):
+    """psutil adds the boot time as the wall clock sees it now; an NTP step must not end a live process's runs."""
+    psutil_linux = pytest.importorskip("psutil._pslinux")
+    tags = faults.owner_tags()
+    boot = psutil_linux.boot_time()
+    monkeypatch.setattr(psutil_linux, "boot_time", lambda: boot + 1.0)
+    assert not faults.owner_gone(tags)
+    assert faults.owner_tags() == tags
+
+
 @pytest.mark.parametrize(
     "before,logged,linked",
     [

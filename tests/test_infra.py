@@ -75,7 +75,7 @@ def test_a_reused_pid_is_not_taken_for_the_recorded_process(services):
     proc = services.spawn("sleeper", ["sleep", "120"])
     try:
         entry = services.pids()["sleeper"]
-        services.pid_file.write_text(json.dumps({"sleeper": {**entry, "start_ticks": entry["start_ticks"] - 1}}))
+        services.pid_file.write_text(json.dumps({"sleeper": {**entry, "started": entry["started"] - 1}}))
         assert services.running("sleeper") is None
         assert services.stop() == [] and proc.is_running()  # not ours: left alone
     finally:

@@ -23,14 +23,30 @@ RESUMED_FROM_TAG, RESUMED_BY_TAG = "visionops.resumed_from", "visionops.resumed_
 SEVERITY = {"FINISHED": 0, "SCHEDULED": 1, "RUNNING": 1, "KILLED": 2, "FAILED": 3}
 
 
-def owner_tags(pid: int | None = None, started: float | None = None) -> dict[str, str]:
-    """Tags naming the process that owns a run (this process by default)."""
-    if started is None:
-        import psutil
+def process_start(pid: int) -> int:
+    """When process `pid` started, as a number that stays the same while it runs (psutil.NoSuchProcess if gone).
 
-        pid = pid or os.getpid()
-        started = psutil.Process(pid).create_time()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid or os.getpid()), STARTED_TAG: f"{started:.0f}"}
+    On Linux, clock ticks since boot (/proc/PID/stat, field 22): psutil's create_time() there adds the boot time
+    as the wall clock sees it now, which moves by whole seconds when NTP adjusts the clock, and a live process
+    would look gone. Elsewhere psutil's create_time() (a recorded timestamp) in centiseconds.
+    """
+    import psutil
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            raise psutil.NoSuchProcess(pid) from None
+        return round(psutil.Process(pid).create_time() * 100)
+    return int(stat.rsplit(")", 1)[1].split()[19])  # after the command name, which may hold spaces and ")"
+
+
+def owner_tags(pid: int | None = None, started: int | None = None) -> dict[str, str]:
+    """Tags naming the process that owns a run (this process by default)."""
+    pid = pid or os.getpid()
+    if started is None:
+        started = process_start(pid)
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), STARTED_TAG: str(started)}
 
 
 def pipeline_owner_tags(pipeline_id: str) -> dict[str, str]:
@@ -38,7 +54,7 @@ def pipeline_owner_tags(pipeline_id: str) -> dict[str, str]:
     `single-` ids, none (unknown) for ids set from outside (the Prefect flow's)."""
     if pipeline_id.startswith("dvc-"):
         _, pid, started = pipeline_id.split("-")
-        return owner_tags(int(pid), float(started))
+        return owner_tags(int(pid), int(started))
     return owner_tags() if pipeline_id.startswith("single-") else {}
 
 
@@ -49,10 +65,10 @@ def owner_gone(tags: dict[str, str]) -> bool:
     import psutil
 
     try:
-        started = psutil.Process(int(tags[PID_TAG])).create_time()
+        started = process_start(int(tags[PID_TAG]))
     except psutil.NoSuchProcess:
         return True
-    return abs(started - float(tags.get(STARTED_TAG, started))) > 1.0
+    return str(started) != tags.get(STARTED_TAG, str(started))
 
 
 def worst(statuses) -> str:

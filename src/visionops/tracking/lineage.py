@@ -8,6 +8,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
+from visionops.tracking.faults import process_start
+
 PIPELINE_RUN_ENV = "VISIONOPS_PIPELINE_RUN_ID"
 PREFECT_FLOW_RUN_ENV = "VISIONOPS_PREFECT_FLOW_RUN_ID"
 PIPELINE_NAME_ENV = "VISIONOPS_PIPELINE_NAME"  # the parent run's name, set by whoever runs the pipeline (the flow)
@@ -85,7 +87,7 @@ def pipeline_run_id() -> str:
         try:
             cmd = proc.cmdline()
             if any(Path(c).name == "dvc" for c in cmd[:2]) and {"repro", "exp"} & set(cmd):
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+                return f"dvc-{proc.pid}-{process_start(proc.pid)}"
             proc = proc.parent()
         except psutil.Error:
             break
