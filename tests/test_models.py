@@ -124,3 +124,22 @@ def test_narrowing_refuses_networks_of_another_design():
     with pytest.raises(ValueError, match="not the same design"):
         narrow_into(create_model("unet", in_channels=1, num_classes=11, image_size=32),
                     create_model("unet_small", in_channels=3, num_classes=11, image_size=32))
+
+
+@pytest.mark.parametrize("channels", [8, 32])
+def test_batch_norm_on_a_channels_last_input_computes_what_torchs_does(channels):
+    """layers.BatchNorm2d runs few channels in the contiguous layout (speed): the same outputs, gradients and stats."""
+    from visionops.models.layers import BatchNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(4, channels, 16, 16).contiguous(memory_format=torch.channels_last)
+    ours, theirs = BatchNorm2d(channels), nn.BatchNorm2d(channels)
+    theirs.load_state_dict(ours.state_dict())
+    outputs = []
+    for bn in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        y = bn(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outputs.append((y, xi.grad, bn.weight.grad, bn.running_mean, bn.running_var))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b)
