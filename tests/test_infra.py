@@ -38,7 +38,6 @@ def test_compose_runs_the_versions_make_services_runs():
     assert services["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{weed}"
 
 
-
 @pytest.fixture
 def services(tmp_path, monkeypatch):
     """infra/services.py's Services on an empty directory (no server is started)."""
@@ -52,14 +51,13 @@ def services(tmp_path, monkeypatch):
 
 def test_a_recorded_process_is_still_found_and_stopped_after_the_wall_clock_moves(services, monkeypatch):
     """The boot time psutil adds to a process's start moves when NTP adjusts the clock; `stop` must not take
-    that for the process being gone (a SeaweedFS server once outlived `services.stop()` in CI)."""
-    import psutil
-    import psutil._pslinux
+    that for the process being gone (the likely reason a SeaweedFS server once outlived `services.stop()`)."""
+    psutil_linux = pytest.importorskip("psutil._pslinux")
 
     proc = services.spawn("sleeper", ["sleep", "120"])
     try:
-        boot = psutil._pslinux.boot_time()
-        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot + 1.0)  # the clock stepped by a second
+        boot = psutil_linux.boot_time()
+        monkeypatch.setattr(psutil_linux, "boot_time", lambda: boot + 1.0)  # the clock stepped by a second
         assert services.running("sleeper").pid == proc.pid
         assert services.stop() == ["sleeper"]
         assert not proc.is_running()
