@@ -1,9 +1,11 @@
-"""The segmentation loss with its hand-written gradient (`PixelLoss`) vs the same loss in autograd ops.
+"""The segmentation loss with its hand-written gradient (`PixelLoss`) vs the same loss in autograd ops, and
+likewise the distillation criterion (`PixelLoss.distill` vs `pixel_kd_loss` beside the hard loss).
 
-Times, alternating in one process so that both see the same machine load: the loss's forward and backward
+Times, alternating in one process so that both see the same machine load: each loss's forward and backward
 alone on a batch of bf16 channels-last logits, and a whole training step (bf16 autocast, channels-last,
-fused AdamW, as the segmentation preset trains) of each U-Net with either loss. Prints the medians and
-the ratios (hand-written / autograd); below 1 is faster.
+fused AdamW, as the segmentation preset trains) of each U-Net with either loss, and of `unet_small`
+distilled from a frozen `unet` (alpha 0.7, T 4, as the preset distils). Prints the medians and the ratios
+(hand-written / autograd); below 1 is faster.
 
     python bench/bench_pixel_loss.py [--batch-size 16] [--image-size 64] [--classes 11] [--rounds 5] [--steps 10]
 """
@@ -19,7 +21,7 @@ import torch
 from common import add_step_options
 
 from visionops.models import create_model
-from visionops.tasks.segmentation.losses import PixelLoss, cross_entropy_dice_autograd
+from visionops.tasks.segmentation.losses import PixelLoss, cross_entropy_dice_autograd, pixel_kd_loss
 from visionops.tasks.segmentation.segmenter import IGNORE
 from visionops.training.device import autocast
 
@@ -47,6 +49,16 @@ def main() -> None:
     logits.requires_grad_()
     x = torch.rand(n, 1, side, side).contiguous(memory_format=torch.channels_last)
 
+    teacher_net = create_model("unet", in_channels=1, num_classes=k, image_size=side).to(memory_format=torch.channels_last)
+    teacher_net.eval().requires_grad_(False)
+    alpha, t = 0.7, 4.0
+    distills = {
+        "hand_written": lambda z, m, teacher: fused.distill(z, m, teacher, alpha, t),
+        "autograd": lambda z, m, teacher: (1 - alpha) * cross_entropy_dice_autograd(z, m, fused.weight)
+        + alpha * pixel_kd_loss(z, teacher.float(), t, m, fused.weight),
+    }
+    teacher_logits = torch.randn(n, k, side, side).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
     def loss_only(loss_fn):
         def run():
             logits.grad = None
@@ -65,9 +77,18 @@ def main() -> None:
             opt.step()
         return run
 
-    cases = {"loss": {name: loss_only(fn) for name, fn in losses.items()}}
+    def with_teacher(distill_fn):
+        def loss_fn(z, m):
+            with torch.no_grad():
+                teacher = teacher_net(x)
+            return distill_fn(z, m, teacher)
+        return loss_fn
+
+    cases = {"loss": {name: loss_only(fn) for name, fn in losses.items()},
+             "distill_loss": {name: loss_only(lambda z, m, fn=fn: fn(z, m, teacher_logits)) for name, fn in distills.items()}}
     for arch in ("unet", "unet_small"):
         cases[f"{arch}_step"] = {name: train_step(arch, fn) for name, fn in losses.items()}
+    cases["unet_small_distill_step"] = {name: train_step("unet_small", with_teacher(fn)) for name, fn in distills.items()}
     times = {case: {name: [] for name in runs} for case, runs in cases.items()}
     for case, runs in cases.items():
         for run in runs.values():  # warm-up

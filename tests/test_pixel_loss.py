@@ -1,13 +1,13 @@
 """Segmentation's pixel loss (`PixelLoss`, with its hand-written gradient) against its specification in
-autograd ops (`cross_entropy_dice_autograd`): the same loss and the same gradient, in the logits' dtype and
-memory layout."""
+autograd ops (`cross_entropy_dice_autograd`, and `pixel_kd_loss` for `PixelLoss.distill`): the same loss and
+the same gradient, in the logits' dtype and memory layout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from visionops.tasks.segmentation.losses import PixelLoss, cross_entropy_dice_autograd
+from visionops.tasks.segmentation.losses import PixelLoss, cross_entropy_dice_autograd, pixel_kd_loss
 from visionops.tasks.segmentation.segmenter import IGNORE
 
 
@@ -33,6 +33,28 @@ def test_pixel_loss_matches_its_autograd_specification(weights, dice, ignored, d
     ours, spec = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     got, want = loss_fn(ours, masks), cross_entropy_dice_autograd(spec, masks, loss_fn.weight, dice)
     (got * 2.5).backward()  # an upstream gradient other than 1
+    (want * 2.5).backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert ours.grad.dtype == dtype and ours.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    tol = {"atol": 1e-7, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-4, "rtol": 1e-2}
+    torch.testing.assert_close(ours.grad.float(), spec.grad.float(), **tol)
+    assert ours.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("weights", [None, [0.2, 1.0, 2.0, 0.5, 3.0]])
+@pytest.mark.parametrize("alpha", [0.7, 1.0])
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize(("dtype", "channels_last"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_distillation_loss_matches_its_autograd_specification(weights, alpha, ignored, dtype, channels_last):
+    logits, masks = _batch(ignored, dtype, channels_last)
+    teacher = (torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    teacher = teacher.contiguous(memory_format=torch.channels_last) if channels_last else teacher
+    loss_fn, t = PixelLoss(weights), 3.0
+    ours, spec = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = loss_fn.distill(ours, masks, teacher, alpha, t)
+    want = (1 - alpha) * cross_entropy_dice_autograd(spec, masks, loss_fn.weight) + alpha * pixel_kd_loss(
+        spec, teacher, t, masks, loss_fn.weight)
+    (got * 2.5).backward()
     (want * 2.5).backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert ours.grad.dtype == dtype and ours.grad.is_contiguous(memory_format=torch.channels_last) == channels_last

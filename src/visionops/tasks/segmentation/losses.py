@@ -39,17 +39,24 @@ class _CrossEntropyDice(torch.autograd.Function):
     twenty (the softmax, the masking, the gather and scatter of the overlap, their backward and the float
     casts). On the preset's 16 x 11 x 64 x 64 bf16 batches (2 CPU cores, medians of 10 alternating rounds),
     forward and backward took 5.7 against 7.7 ms, and a whole training step 0.95x autograd's for `unet` and
-    0.88x for `unet_small` (bench/bench_pixel_loss.py)."""
+    0.88x for `unet_small` (bench/bench_pixel_loss.py).
+
+    With `teacher` logits it is the distillation criterion, (1 - alpha) x the above + alpha x `pixel_kd_loss`
+    with the same pixel shares, whose gradient in logit c is alpha T share_i (softmax(s/T)_ic - softmax(t/T)_ic):
+    both terms in one float NCHW pass and one gradient in the logits' layout, where autograd's KD term ran its
+    softmaxes over channels-last and sent back a float32 gradient in another layout (bench/bench_pixel_loss.py)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, masks: Tensor, weight: Tensor | None, dice: float) -> Tensor:
+    def forward(ctx, logits: Tensor, masks: Tensor, weight: Tensor | None, dice: float, teacher: Tensor | None = None,
+                alpha: float = 0.0, temperature: float = 1.0) -> Tensor:
         n, k, h, w = logits.shape
         valid = masks != IGNORE
         ignored = not bool(valid.all())
         target = (torch.where(valid, masks, 0) if ignored else masks).long().unsqueeze(1)
         v = valid.unsqueeze(1).float()
         # one copy to float NCHW: PyTorch's log-softmax over dim 1 is fast there, and slow over channels-last
-        p = F.log_softmax(logits.to(torch.float32, memory_format=torch.contiguous_format), 1)
+        x = logits.to(torch.float32, memory_format=torch.contiguous_format)
+        p = F.log_softmax(x, 1)
         log_pt = p.gather(1, target)
         p = p.exp_()
         share = weight.take(target) if weight is not None else torch.ones_like(log_pt)
@@ -65,15 +72,26 @@ class _CrossEntropyDice(torch.autograd.Function):
             denom = predicted + count + 1
             loss = loss + dice * (1 - (2 * inter + 1) / denom).mean()
             a, b = -2 * dice / (k * denom), dice * (2 * inter + 1) / (k * denom * denom)
-        ctx.save_for_backward(p, target, v, share, pt, a, b)
-        ctx.ignored, ctx.dtype = ignored, logits.dtype
+        kd = None
+        if teacher is not None:
+            t = temperature
+            log_qt = F.log_softmax(teacher.to(torch.float32, memory_format=torch.contiguous_format) / t, 1)
+            log_qs = F.log_softmax(x / t, 1)
+            qt = log_qt.exp()
+            kl = (qt * (log_qt - log_qs)).sum(1, keepdim=True)
+            loss = (1 - alpha) * loss + alpha * (kl * share).sum() * t * t
+            kd = log_qs.exp_().sub_(qt).mul_(share * (alpha * t))
+        ctx.save_for_backward(p, target, v, share, pt, a, b, kd)
+        ctx.ignored, ctx.dtype, ctx.hard = ignored, logits.dtype, 1 - alpha if teacher is not None else 1.0
         ctx.layout = torch.channels_last if logits.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        p, target, v, share, pt, a, b = ctx.saved_tensors
+        p, target, v, share, pt, a, b, kd = ctx.saved_tensors
         n, k, h, w = p.shape
+        kd_g = g
+        g = g * ctx.hard
         if b is None:
             grad = p * (share * g)
             at_target = -share * g
@@ -84,7 +102,9 @@ class _CrossEntropyDice(torch.autograd.Function):
             grad = grad.mul_(v) if ctx.ignored else grad
             at_target = (a_pt - share) * g
         grad.scatter_add_(1, target, at_target)
-        return grad.to(ctx.dtype, memory_format=ctx.layout), None, None, None
+        if kd is not None:
+            grad.addcmul_(kd, kd_g)
+        return grad.to(ctx.dtype, memory_format=ctx.layout), None, None, None, None, None, None
 
 
 class PixelLoss(nn.Module):
@@ -101,6 +121,10 @@ class PixelLoss(nn.Module):
 
     def forward(self, logits: Tensor, masks: Tensor) -> Tensor:
         return _CrossEntropyDice.apply(logits, masks, self.weight, self.dice)
+
+    def distill(self, logits: Tensor, masks: Tensor, teacher: Tensor, alpha: float, temperature: float) -> Tensor:
+        """(1 - alpha) x this loss + alpha x `pixel_kd_loss(logits, teacher, temperature, masks, weight)`."""
+        return _CrossEntropyDice.apply(logits, masks, self.weight, self.dice, teacher, alpha, temperature)
 
 
 def pixel_kd_loss(student: Tensor, teacher: Tensor, temperature: float, masks: Tensor | None = None,
@@ -121,7 +145,8 @@ def pixel_kd_loss(student: Tensor, teacher: Tensor, temperature: float, masks: T
 
 
 class PixelDistillationLoss:
-    """A trainer criterion: `alpha * pixel_kd_loss(student, teacher(x), T) + (1 - alpha) * hard(student, masks)`.
+    """A trainer criterion: `alpha * pixel_kd_loss(student, teacher(x), T) + (1 - alpha) * hard(student, masks)`,
+    computed by `PixelLoss.distill`.
 
     The teacher runs frozen on the same augmented batch the student sees. Its soft targets are its logits
     before its served prior correction (`Segmenter.logit_bias`), and its pixels are weighted by the hard
@@ -138,11 +163,8 @@ class PixelDistillationLoss:
             teacher.eval().requires_grad_(False)
 
     def __call__(self, logits: Tensor, masks: Tensor, inputs: Tensor) -> Tensor:
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if self.alpha < 1:
-            loss = loss + (1 - self.alpha) * self.hard(logits, masks)
-        if self.alpha > 0:
-            with torch.no_grad():
-                teacher = self.teacher(inputs) - self.teacher.logit_bias
-            loss = loss + self.alpha * pixel_kd_loss(logits, teacher, self.temperature, masks, self.hard.weight)
-        return loss
+        if self.alpha == 0:
+            return self.hard(logits, masks)
+        with torch.no_grad():
+            teacher = self.teacher.uncorrected(inputs)
+        return self.hard.distill(logits, masks, teacher, self.alpha, self.temperature)

@@ -30,10 +30,16 @@ class Segmenter(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("logit_bias", torch.zeros(1, num_classes, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def uncorrected(self, x: Tensor) -> Tensor:
+        """The network's logits, before the prior correction (what the students distil)."""
         if x.dtype == torch.uint8:
             x = x.float() / 255
-        return self.net((x - self.mean) / self.std) + self.logit_bias
+        return self.net((x - self.mean) / self.std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.uncorrected(x)
+        # in the logits' dtype: a float32 bias would make bf16 training write (and backpropagate) float32 logits
+        return logits + self.logit_bias.to(logits.dtype)
 
 
 def build(arch: str, class_names: list[str], image_shape, mean, std) -> Segmenter:
