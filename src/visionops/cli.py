@@ -458,9 +458,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from visionops.errors import VisionopsError
-    from visionops.gctune import tune_gc
+    from visionops.process_settings import tune_gc, tune_malloc
 
     tune_gc()
+    tune_malloc()
 
     cmd = COMMANDS[args.command]
     try:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from visionops.config import Params
-from visionops.gctune import tune_gc
+from visionops.process_settings import tune_gc
 from visionops.tracking import faults, lineage
 from visionops.tracking.store import configure, project_root
 
