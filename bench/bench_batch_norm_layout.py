@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from common import add_step_options
+from common import add_step_options, ms_per_call, train_step
 from torch import nn
 
 from visionops.models import create_model, layers
 from visionops.tasks.segmentation.losses import PixelLoss
-from visionops.training.device import autocast
 
-CPU = torch.device("cpu")
 OURS = layers.BatchNorm2d.forward
 
 
@@ -36,24 +33,17 @@ def _in_eval_too(self, x):
 VARIANTS = {"torch": nn.BatchNorm2d.forward, "ours": OURS, "ours_in_eval": _in_eval_too}
 
 
-def _ms(fn, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps * 1000
-
-
 def _alternate(calls: dict, rounds: int, steps: int) -> dict:
     """Median ms of each (variant, call) pair, the variants' order reversed every other round."""
     times = {name: [] for name in calls}
     for name, (variant, fn) in calls.items():  # warm-up
         layers.BatchNorm2d.forward = VARIANTS[variant]
-        _ms(fn, 3)
+        ms_per_call(fn, 3)
     for r in range(rounds):
         for name in calls if r % 2 == 0 else reversed(list(calls)):
             variant, fn = calls[name]
             layers.BatchNorm2d.forward = VARIANTS[variant]
-            times[name].append(_ms(fn, steps))
+            times[name].append(ms_per_call(fn, steps))
     layers.BatchNorm2d.forward = OURS
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -66,22 +56,13 @@ def main() -> None:
     for arch in ("unet", "unet_small"):
         torch.manual_seed(0)
         model = create_model(arch, in_channels=1, num_classes=args.classes, image_size=args.image_size)
-        model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
         loss_fn = PixelLoss([0.1] + [1.0] * (args.classes - 1))
         shape = (args.batch_size, 1, args.image_size, args.image_size)
         x = torch.rand(shape).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, args.classes, (args.batch_size, args.image_size, args.image_size), dtype=torch.uint8)
         # the served path's input: fp32, a uint8 NHWC batch permuted to N x 1 x H x W
         served = torch.rand(args.batch_size * 4, args.image_size, args.image_size, 1).permute(0, 3, 1, 2)
-
-        def step():
-            model.train()
-            with autocast(CPU, "always"):
-                loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = train_step(model, lambda: (x, y), lambda z, m, _x: loss_fn(z, m))
 
         @torch.no_grad()
         def forward():

@@ -19,7 +19,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+
+from common import ms_per_call, train_step
 
 CHILD = "--child"
 
@@ -35,23 +36,9 @@ def child(tuned: bool, steps: int) -> dict:
     from visionops.models import create_model
     from visionops.tasks.segmentation.augment import MaskAugment
     from visionops.tasks.segmentation.losses import PixelLoss
-    from visionops.training.device import autocast
 
-    cpu, cl = torch.device("cpu"), torch.channels_last
+    cl = torch.channels_last
     torch.manual_seed(0)
-
-    def step_fn(model, batch, loss_fn):
-        model = model.to(memory_format=cl).train()
-        opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
-
-        def run():
-            x, y = batch()
-            with autocast(cpu, "always"):
-                loss = loss_fn(model(x), y, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run
 
     k, side = 11, 64
     images = torch.randint(0, 256, (16, 1, side, side), dtype=torch.uint8)
@@ -71,21 +58,17 @@ def child(tuned: bool, steps: int) -> dict:
 
     cls_x, cls_y = torch.rand(128, 1, 16, 16).contiguous(memory_format=cl), torch.randint(0, 10, (128,))
     cases = {
-        "cls_step": step_fn(create_model("resnet20", in_channels=1, num_classes=10, image_size=16), lambda: (cls_x, cls_y),
-                            lambda z, y, _x: F.cross_entropy(z.float(), y)),
-        "seg_teacher_step": step_fn(create_model("unet", in_channels=1, num_classes=k, image_size=side), seg_batch,
-                                    lambda z, y, _x: hard(z, y)),
-        "seg_distill_step": step_fn(create_model("unet_small", in_channels=1, num_classes=k, image_size=side), seg_batch,
-                                    distill_loss),
+        "cls_step": train_step(create_model("resnet20", in_channels=1, num_classes=10, image_size=16),
+                               lambda: (cls_x, cls_y), lambda z, y, _x: F.cross_entropy(z.float(), y)),
+        "seg_teacher_step": train_step(create_model("unet", in_channels=1, num_classes=k, image_size=side), seg_batch,
+                                       lambda z, y, _x: hard(z, y)),
+        "seg_distill_step": train_step(create_model("unet_small", in_channels=1, num_classes=k, image_size=side),
+                                       seg_batch, distill_loss),
     }
     out = {}
     for name, run in cases.items():
-        for _ in range(3):
-            run()
-        start = time.perf_counter()
-        for _ in range(steps):
-            run()
-        out[name] = (time.perf_counter() - start) / steps * 1000
+        ms_per_call(run, 3)
+        out[name] = ms_per_call(run, steps)
     return out
 
 

@@ -15,24 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from common import add_step_options
+from common import add_step_options, ms_per_call, train_step
 
 from visionops.models import create_model
 from visionops.tasks.segmentation.losses import PixelLoss, cross_entropy_dice_autograd, pixel_kd_loss
 from visionops.tasks.segmentation.segmenter import IGNORE
-from visionops.training.device import autocast
-
-CPU = torch.device("cpu")
-
-
-def _ms(fn, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps * 1000
 
 
 def main() -> None:
@@ -65,17 +54,9 @@ def main() -> None:
             loss_fn(logits, masks).backward()
         return run
 
-    def train_step(arch: str, loss_fn):
-        model = create_model(arch, in_channels=1, num_classes=k, image_size=side).to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
-
-        def run():
-            with autocast(CPU, "always"):
-                loss = loss_fn(model(x), masks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run
+    def step(arch: str, loss_fn):
+        model = create_model(arch, in_channels=1, num_classes=k, image_size=side)
+        return train_step(model, lambda: (x, masks), lambda z, m, _x: loss_fn(z, m))
 
     def with_teacher(distill_fn):
         def loss_fn(z, m):
@@ -87,16 +68,16 @@ def main() -> None:
     cases = {"loss": {name: loss_only(fn) for name, fn in losses.items()},
              "distill_loss": {name: loss_only(lambda z, m, fn=fn: fn(z, m, teacher_logits)) for name, fn in distills.items()}}
     for arch in ("unet", "unet_small"):
-        cases[f"{arch}_step"] = {name: train_step(arch, fn) for name, fn in losses.items()}
-    cases["unet_small_distill_step"] = {name: train_step("unet_small", with_teacher(fn)) for name, fn in distills.items()}
+        cases[f"{arch}_step"] = {name: step(arch, fn) for name, fn in losses.items()}
+    cases["unet_small_distill_step"] = {name: step("unet_small", with_teacher(fn)) for name, fn in distills.items()}
     times = {case: {name: [] for name in runs} for case, runs in cases.items()}
     for case, runs in cases.items():
         for run in runs.values():  # warm-up
-            _ms(run, 3)
+            ms_per_call(run, 3)
     for _ in range(args.rounds):
         for case, runs in cases.items():
             for name, run in runs.items():
-                times[case][name].append(_ms(run, args.steps))
+                times[case][name].append(ms_per_call(run, args.steps))
     out = {"batch": [n, k, side, side], "threads": torch.get_num_threads()}
     for case, by_name in times.items():
         med = {name: statistics.median(t) for name, t in by_name.items()}

@@ -1,10 +1,11 @@
-"""Shared helpers for the benchmarks: the real CIFAR-10 JPEGs from ../shared/datasets, and the options of
-the training-step benchmarks."""
+"""Shared helpers for the benchmarks: the real CIFAR-10 JPEGs from ../shared/datasets, and the options, the
+training step and the timer of the training-step benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +41,32 @@ def add_step_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--classes", type=int, default=11)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
+
+
+def ms_per_call(fn, calls: int) -> float:
+    """Mean wall time of `fn()` in ms over `calls` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1000
+
+
+def train_step(model, batch, loss_fn):
+    """A zero-argument training step of `model` as the segmentation preset trains it: channels-last, bf16
+    autocast on the CPU, fused AdamW. `batch()` gives (x, y); `loss_fn(logits, y, x)` the loss."""
+    import torch
+
+    from visionops.training.device import autocast
+
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
+
+    def run():
+        model.train()
+        x, y = batch()
+        with autocast(torch.device("cpu"), "always"):
+            loss = loss_fn(model(x), y, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run

@@ -132,7 +132,8 @@ def pixel_kd_loss(student: Tensor, teacher: Tensor, temperature: float, masks: T
     """Hinton et al. (2015) per pixel: KL(teacher || student) of the temperature-softened class
     distributions at each pixel, times T^2 (so its gradient keeps the hard loss's scale as T changes).
     Averaged over the pixels not marked IGNORE; with `weight` (per class, indexed by each pixel's true
-    class in `masks`) a weighted average, as the hard loss's class-weighted cross-entropy."""
+    class in `masks`) a weighted average, as the hard loss's class-weighted cross-entropy. In autograd ops: the
+    specification that `PixelLoss.distill` (which training uses) is held to by the tests."""
     t = temperature
     kl = F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1), reduction="none", log_target=True).sum(1)
     if masks is None:
