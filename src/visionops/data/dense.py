@@ -49,6 +49,7 @@ class DenseImage:
     objects: list[DenseObject] = field(default_factory=list)
     mask: np.ndarray | None = None  # segmentation: class index per source pixel
     error: str = ""  # why the image (or its mask) could not be read
+    identity: str = ""  # a digest of the source file's bytes (`Split.identities`)
 
 
 @dataclass
@@ -119,7 +120,8 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
             labels[i] = 1 + int(np.argmax(tally)) if tally.sum() else 0
             facts[r.path] = ImageFacts(r.objects, tuple(r.mask.shape[:2]), unknown)
         arrays = {"masks": masks}
-    split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays)
+    split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays,
+                  [r.identity for r in stored])
     return split, facts
 
 
