@@ -168,9 +168,9 @@ def _named_into(path, make, lo: float, hi: float) -> None:
 
 
 def test_a_class_hashed_outside_train_stays_so_and_grows_without_moving(tmp_path):
-    """The one case that used to move an image: a class whose only image hashed into the holdout was kept in
-    train, and moved into the holdout when a second image arrived. Now it stays in the holdout; validate fails
-    naming the class until a training image of it exists; nothing moves when one arrives."""
+    """No image is ever moved to fill a class: a class whose every image hashed outside train has no train
+    image, and validate fails naming it until images of it are added. (Its only image used to be kept in
+    train, and moved into the holdout when a second image arrived.)"""
     root = tmp_path / "photos"
     _write(root, 0, 30, seed=6)
     (root / "rare").mkdir()

@@ -13,10 +13,11 @@ part is therefore a function of its identity, the seed and the fractions, and of
 - a part's membership depends only on the seed and on its own and the earlier parts' fractions
   (the first part, the holdout, on its own fraction alone).
 
-No image is ever moved to make up for chance: a class whose every image hashed outside train has no
-train image (validate fails, naming the class, until images of it are added). For n distinct images
-and parts of total fraction F that happens with probability F**n (1% at F = 0.4, n = 5). Hence an
-image that was in train never enters the holdout, val or test while the seed and fractions stay.
+No image is ever moved to fill a class: a class whose every image hashed outside train has no train
+image, and validate fails naming it until images of it are added (detection and segmentation, whose
+class is an image's dominant one, warn of a class without train instances). For n distinct images and
+parts of total fraction F that happens with probability F**n (1% at F = 0.4, n = 5). So an image that
+was in train never enters the holdout, val or test while the seed and fractions stay.
 
 Stratification is statistical, not exact: among a class's n distinct images, the number in a part
 of fraction f is Binomial(n, f), so the realised fraction is within about 2 * sqrt(f(1-f)/n) of f
