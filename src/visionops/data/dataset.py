@@ -33,8 +33,7 @@ class Split:
 
     Classification's labels are the classes. Other tasks keep their targets in `targets`, every array
     indexed by image on its first axis (detection: boxes N x M x 4 xyxy pixels and box_labels N x M,
-    -1 padding; segmentation: masks N x H x W), and `labels` holds each image's dominant class, which
-    the hash split stratifies by.
+    -1 padding; segmentation: masks N x H x W), and `labels` holds each image's dominant class.
 
     `identities` (not stored) name each image independently of every setting: a digest of the source
     file's bytes, or of the source's own pixels at source resolution. `download` hashes them into the

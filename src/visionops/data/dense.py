@@ -125,8 +125,12 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
     return split, facts
 
 
-def rejected(split: str, records: list[DenseImage]) -> list[Rejected]:
-    return [Rejected(split, -1, r.path, r.error or "not decoded") for r in records if r.image is None or r.error]
+def rejected(split: str, records: list[DenseImage], root: str) -> list[Rejected]:
+    """The records that could not be read; a decoder's message names the file relative to `root` (data.root),
+    as rejected.csv, which DVC hashes, holds no absolute path."""
+    prefix = f"{Path(root).expanduser()}/"
+    return [Rejected(split, -1, r.path, (r.error or "not decoded").replace(prefix, ""))
+            for r in records if r.image is None or r.error]
 
 
 def _fmt(v: float) -> str:
@@ -159,5 +163,5 @@ def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str],
         if clash:
             raise InvalidInputError(f"data.root: file {min(clash)} is listed twice (each image once, please)")
         facts |= split_facts
-        rejects += rejected(name, recs)
+        rejects += rejected(name, recs, cfg.root)
     return SourceData(class_names, splits, rejects, facts=facts)
