@@ -101,6 +101,10 @@ def test_undecodable_image_is_named(tmp_path):
     exc = _fails(tmp_path, F.cfg("masks", root), "segmentation")
     assert "train/images/c_00011.png: UnidentifiedImageError" in exc.message
     assert exc.summary["n_rejected"] == 1
+    # PIL names the file by its absolute path; the files DVC hashes name it relative to data.root
+    assert "cannot identify image file 'images/c_00011.png'" in (tmp_path / "ds" / "rejected.csv").read_text()
+    for f in (tmp_path / "ds" / "rejected.csv", *(tmp_path / "reports" / n for n in ("manifest.csv", "summary.json"))):
+        assert str(root) not in f.read_text(), f
 
 
 def test_images_without_objects_are_counted_as_a_warning(tmp_path):

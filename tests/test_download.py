@@ -1,13 +1,18 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from visionops.config import DataConfig
+from visionops import layout
+from visionops.config import DataConfig, ValidateConfig
 from visionops.data import dataset
-from visionops.data.download import run_download
+from visionops.data.download import MIN_HOLDOUT, run_download
 from visionops.data.images import content_hash
 from visionops.data.sources import digits
+from visionops.errors import ValidationFailed
+from visionops.tasks.classification.validate import run_validate
 
 
 def _hashes(split):
@@ -78,7 +83,7 @@ def test_folder_with_test_split_reports_bad_files(tmp_path, image_folder):
     assert ds.class_names == ["cat", "dog"] and ds.image_shape == (24, 24, 3)
     assert len(ds.splits["test"]) == 10 and summary["ignored_non_images"] == 1
     assert sum(summary["splits"].values()) == 50
-    assert [r.path for r in ds.rejected] == [str(root / "train" / "dog" / "broken.jpg")]
+    assert [r.path for r in ds.rejected] == ["train/dog/broken.jpg"]  # relative to data.root
     assert ds.splits["train"].orig_shapes[0] == (32, 32, 3)
 
 
@@ -102,3 +107,48 @@ def test_failed_download_keeps_previous_dataset(tmp_path):
         run_download(DataConfig(source="folder", root=str(tmp_path / "missing")), out)
     assert (out / "meta.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def _dvc_outs(*stages: str) -> list[str]:
+    """The paths DVC hashes for `stages` in the project's dvc.yaml (outs, metrics and plots)."""
+    spec = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    entries = [e for s in stages for key in ("outs", "metrics", "plots") for e in spec[s].get(key, [])]
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def test_hashed_outputs_hold_no_absolute_path(tmp_path, image_folder, monkeypatch):
+    root = tmp_path / "photos"
+    shutil.copytree(image_folder, root)
+    (root / "train" / "cat" / "garbage.png").write_bytes(b"not an image")  # PIL names the file it cannot identify
+    good = next((root / "train" / "dog").iterdir())
+    (root / "train" / "dog" / "broken.jpg").write_bytes(good.read_bytes()[:200])
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)  # the stages' relative layout, as `dvc repro` runs them
+    run_download(DataConfig(source="folder", root=str(root), channels=3, image_size=16), layout.DATASET, layout.HOLDOUT)
+    with pytest.raises(ValidationFailed, match="train/cat/garbage.png"):
+        run_validate(layout.DATASET, ValidateConfig(), layout.VALIDATE_REPORTS)
+
+    outs = _dvc_outs("download", "validate")
+    assert {"data/dataset", "data/holdout", "reports/validate/manifest.csv"} <= set(outs)
+    files = [f for out in map(Path, outs) for f in ([out] if out.is_file() else sorted(out.rglob("*")))]
+    assert Path("data/dataset/rejected.csv") in files and Path("data/holdout/holdout/manifest.csv") in files
+    for f in files:
+        if f.is_file():
+            text = f.read_bytes()
+            assert str(tmp_path).encode() not in text and str(tmp_path.resolve()).encode() not in text, f
+    rejected = {r.path: r.error for r in dataset.load(layout.DATASET).rejected}
+    assert set(rejected) == {"train/cat/garbage.png", "train/dog/broken.jpg"}
+    assert "train/cat/garbage.png" in rejected["train/cat/garbage.png"]
+
+
+def test_a_holdout_too_small_to_judge_is_warned_about(tmp_path, image_folder, capsys):
+    run_download(DataConfig(), tmp_path / "digits", tmp_path / "digits-holdout")
+    assert "holdout" not in capsys.readouterr().err
+    assert len(dataset.load(tmp_path / "digits-holdout").splits["holdout"]) >= MIN_HOLDOUT
+
+    cfg = DataConfig(source="folder", root=str(image_folder), channels=3, image_size=16)
+    summary = run_download(cfg, tmp_path / "ds", tmp_path / "holdout")
+    n = summary["splits"]["holdout"]
+    assert 0 < n < MIN_HOLDOUT
+    assert f"download: warning: the holdout has {n} images" in capsys.readouterr().err

@@ -276,7 +276,7 @@ def test_truncated_jpeg_fails_validation(folder_project):
     project, root = folder_project
     victim = sorted((root / "train" / "bird").glob("*.jpg"))[3]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    _fails_naming(project, str(victim))
+    _fails_naming(project, victim.relative_to(root).as_posix())  # named relative to data.root
 
 
 def test_image_in_train_and_test_fails_validation(folder_project):
@@ -287,7 +287,7 @@ def test_image_in_train_and_test_fails_validation(folder_project):
             shutil.move(f, root / "test" / cls / f.name)
     leaked = sorted((root / "train" / "frog").iterdir())[0]
     shutil.copy(leaked, root / "test" / "frog" / "copy.jpg")
-    _fails_naming(project, str(leaked), str(root / "test" / "frog" / "copy.jpg"))
+    _fails_naming(project, leaked.relative_to(root).as_posix(), "test/frog/copy.jpg")
 
 
 def test_empty_class_folder_fails_validation(folder_project):

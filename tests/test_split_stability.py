@@ -1,7 +1,9 @@
-"""Content-hash splits: adding images never moves one, the holdout is frozen, fractions stay close."""
+"""Identity-hash splits: adding images never moves one, nor do data.image_size and data.channels; the holdout is
+frozen; fractions stay close; no image is moved into train to fill a class."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -9,10 +11,16 @@ import pytest
 from PIL import Image
 from scipy.stats import binomtest
 
-from visionops.config import DataConfig, ParamsError
+import dense_folders as F
+from cifar_archive import write_cifar10_archive
+from visionops.config import DataConfig, ParamsError, ValidateConfig
 from visionops.data import dataset
 from visionops.data.download import run_download
+from visionops.data.images import file_hash
 from visionops.data.splits import hash_split, position
+from visionops.errors import ValidationFailed
+from visionops.tasks import get_task
+from visionops.tasks.classification.validate import run_validate
 
 CLASSES = ("circle", "square", "stripes")
 PARTS = ("train", "val", "test", "holdout")
@@ -56,6 +64,53 @@ def _download(root, out, **kw) -> dict[str, str]:
     return _assignment(out / "dataset", out / "holdout")
 
 
+def _cifar(tmp_path) -> dict:
+    rng = np.random.default_rng(4)
+    images, labels = rng.integers(0, 256, (70, 32, 32, 3), dtype=np.uint8), np.arange(70) % 10
+    archive = write_cifar10_archive(tmp_path / "cifar-10-python.tar.gz", images[:60], labels[:60], images[60:],
+                                    labels[60:], [f"c{i}" for i in range(10)])
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    return dict(source="cifar10", url=str(archive), md5=md5, cache_dir=str(tmp_path / "cache"))
+
+
+def _folder(tmp_path) -> dict:
+    _write(tmp_path / "photos", 0, 30, seed=5)
+    return dict(source="folder", root=str(tmp_path / "photos"))
+
+
+def _canvases(tmp_path) -> dict:
+    return dict(source="canvases", cache_dir=str(tmp_path / "cache"), canvases={"count": 60})
+
+
+# data.source -> (task, the DataConfig fields of a small offline copy of it)
+SOURCES = {
+    "digits": ("classification", lambda tmp_path: {}),
+    "cifar10": ("classification", _cifar),
+    "folder": ("classification", _folder),
+    "canvases-boxes": ("detection", _canvases),
+    "canvases-masks": ("segmentation", _canvases),
+    "coco": ("detection", lambda tmp_path: dict(source="coco", root=str(F.coco_folder(tmp_path / "coco")))),
+    "voc": ("detection", lambda tmp_path: dict(source="voc", root=str(F.voc_folder(tmp_path / "voc")))),
+    "yolo": ("detection", lambda tmp_path: dict(source="yolo", root=str(F.yolo_folder(tmp_path / "yolo")))),
+    "masks": ("segmentation", lambda tmp_path: dict(source="masks", root=str(F.masks_folder(tmp_path / "masks")))),
+}
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_image_size_and_channels_move_no_image(tmp_path, source):
+    task, fields = SOURCES[source]
+    base = {**fields(tmp_path), "holdout_fraction": 0.2, "val_fraction": 0.2, "test_fraction": 0.2}
+    seen = []
+    for image_size, channels in ((16, 1), (40, 1), (16, 3)):
+        out = tmp_path / f"{image_size}-{channels}"
+        cfg = DataConfig(**base, image_size=image_size, channels=channels)
+        run_download(cfg, out / "dataset", out / "holdout", task=task, targets=get_task(task).targets)
+        assert dataset.load(out / "holdout").image_shape == (image_size, image_size, channels)
+        seen.append(_assignment(out / "dataset", out / "holdout"))
+    assert set(seen[0].values()) == set(PARTS)  # every part holds images
+    assert seen[1] == seen[0] and seen[2] == seen[0]
+
+
 def test_adding_images_moves_none_and_keeps_fractions(tmp_path):
     root = tmp_path / "photos"
     _write(root, 0, 100, seed=0)
@@ -66,7 +121,7 @@ def test_adding_images_moves_none_and_keeps_fractions(tmp_path):
     assert len(before) == 306
     for c in CLASSES:
         for name in ("0001.png", "0002.jpg"):
-            assert before[str(root / c / name)] == before[str(root / c / f"dup-{name}")]
+            assert before[f"{c}/{name}"] == before[f"{c}/dup-{name}"]
 
     _write(root, 100, 20, seed=1)  # 20% more images
     after = _download(root, tmp_path / "v2")
@@ -95,30 +150,47 @@ def test_holdout_depends_on_its_fraction_and_seed_only(tmp_path):
     assert holdout != {p for p, s in c.items() if s == "holdout"}
 
 
-def test_hash_split_is_interval_lookup_and_keeps_a_train_image_per_class():
+def test_hash_split_is_interval_lookup():
     hashes = [f"{i:032x}" for i in range(400)]
-    labels = np.zeros(400, np.int64)
-    parts = hash_split(labels, hashes, {"a": 0.25, "b": 0.25}, seed=3)
+    parts = hash_split(hashes, {"a": 0.25, "b": 0.25}, seed=3)
     u = np.array([position(h, 3) for h in hashes])
     assert np.array_equal(parts["a"], np.flatnonzero(u < 0.25))
     assert np.array_equal(parts["b"], np.flatnonzero((u >= 0.25) & (u < 0.5)))
     assert np.array_equal(parts["train"], np.flatnonzero(u >= 0.5))
 
-    forced = 0
-    for seed in range(20):  # a class of 3 images with 90% of [0, 1) outside train
-        parts = hash_split(np.array([0, 0, 0, 1]), hashes[:4], {"a": 0.45, "b": 0.45}, seed)
-        u = np.array([position(h, seed) for h in hashes[:4]])
-        train = set(parts["train"].tolist())
-        assert {0, 1, 2} & train and 3 in train
-        if not np.any(u[:3] >= 0.9):
-            forced += 1
-            assert train & {0, 1, 2} == {int(np.argmax(u[:3]))}
-    assert forced > 0
+
+def _named_into(path, make, lo: float, hi: float) -> None:
+    """Write `make()` images to `path` until the file's identity hashes into [lo, hi) with seed 0."""
+    while True:
+        make().save(path)
+        if lo <= position(file_hash(path), 0) < hi:
+            return
+
+
+def test_a_class_hashed_outside_train_stays_so_and_grows_without_moving(tmp_path):
+    """No image is ever moved to fill a class: a class whose every image hashed outside train has no train
+    image, and validate fails naming it until images of it are added. (Its only image used to be kept in
+    train, and moved into the holdout when a second image arrived.)"""
+    root = tmp_path / "photos"
+    _write(root, 0, 30, seed=6)
+    (root / "rare").mkdir()
+    rng = np.random.default_rng(7)
+    _named_into(root / "rare" / "a.png", lambda: _picture(1, rng), 0.0, FRACTIONS["holdout"])
+    before = _download(root, tmp_path / "v1")
+    assert before["rare/a.png"] == "holdout"
+    with pytest.raises(ValidationFailed, match="every class has train images") as exc:
+        run_validate(tmp_path / "v1" / "dataset", ValidateConfig(), tmp_path / "r1")
+    assert [f["offending"] for f in exc.value.summary["critical_failures"]] == [["rare"]]
+
+    _named_into(root / "rare" / "b.png", lambda: _picture(1, rng), sum(FRACTIONS.values()), 1.0)
+    after = _download(root, tmp_path / "v2")
+    assert after == {**before, "rare/b.png": "train"}
+    assert run_validate(tmp_path / "v2" / "dataset", ValidateConfig(), tmp_path / "r2")["success"]
 
 
 def test_duplicates_share_a_part_across_classes():
     hashes = ["x", "y", "x", "z", "x"]
-    parts = hash_split(np.array([0, 0, 1, 1, 1]), hashes, {"test": 0.5}, seed=0)
+    parts = hash_split(hashes, {"test": 0.5}, seed=0)
     where = {i: name for name, idx in parts.items() for i in idx}
     assert where[0] == where[2] == where[4]
 

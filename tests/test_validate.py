@@ -139,11 +139,12 @@ def test_empty_class_fails_naming_it(tmp_path):
 
 
 def test_empty_class_of_folder_source_names_the_class_folder(tmp_path):
-    root = str(tmp_path / "images")
-    exc, _ = failing(tmp_path, make_dataset(train=(8, 8, 0), source="folder", root=root))
-    folder = str(Path(root) / "train" / "frog")
-    assert failure_for(exc.summary, "count")["offending"] == [folder]
-    assert folder in exc.message
+    ds = make_dataset(train=(8, 8, 0), source="folder")
+    for split in ds.splits.values():  # the folder source names its files relative to data.root
+        split.paths = [p.removeprefix("/src/") for p in split.paths]
+    exc, _ = failing(tmp_path, ds)
+    assert failure_for(exc.summary, "count")["offending"] == ["train/frog"]
+    assert "train/frog" in exc.message and "hashed to val, test or holdout" in exc.message
 
 
 def test_blank_image_fails_pixel_checks_naming_it(tmp_path):

@@ -67,7 +67,8 @@ def _check(params, args, run) -> dict:
     "download",
     "fetch the data source and write the canonical dataset",
     "Read data.source, resize to data.image_size and data.channels, and assign each image to holdout, val, "
-    "test or train by a seeded hash of its pixels (adding images never moves one; duplicates stay together). "
+    "test or train by a seeded hash of its file's bytes or source pixels (adding images or changing the size or "
+    "channels never moves one; duplicates stay together). "
     "Classification: digits (embedded, no network), cifar10 (the official archive from data.url, MD5-verified, "
     "retried) or folder (an ImageFolder tree at data.root). Detection: canvases (embedded digits composed on "
     "larger images, written as COCO and read back), coco, voc or yolo at data.root. Segmentation: canvases "

@@ -6,7 +6,8 @@ dataset directory of the same format whose only split is "holdout". Layout of a 
     meta.json               class names, channels, image size, split sizes, source
     <split>/images.npy      uint8 array, N x H x W x C (memory-mapped on read)
     <split>/labels.npy      int64 array, N
-    <split>/manifest.csv    index, path, orig_height, orig_width, orig_channels
+    <split>/manifest.csv    index, path (the file relative to data.root, or the source's name for the image),
+                            orig_height, orig_width, orig_channels
     <split>/<target>.npy    detection and segmentation only: per-image targets, first axis N (see `Split`)
     rejected.csv            files the source could not decode: split, label, path, error
 """
@@ -32,8 +33,11 @@ class Split:
 
     Classification's labels are the classes. Other tasks keep their targets in `targets`, every array
     indexed by image on its first axis (detection: boxes N x M x 4 xyxy pixels and box_labels N x M,
-    -1 padding; segmentation: masks N x H x W), and `labels` holds each image's dominant class, which
-    the hash split stratifies by.
+    -1 padding; segmentation: masks N x H x W), and `labels` holds each image's dominant class.
+
+    `identities` (not stored) name each image independently of every setting: a digest of the source
+    file's bytes, or of the source's own pixels at source resolution. `download` hashes them into the
+    splits (`visionops.data.splits`), so that data.image_size and data.channels move no image.
     """
 
     images: np.ndarray
@@ -41,6 +45,7 @@ class Split:
     paths: list[str]
     orig_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     targets: dict[str, np.ndarray] = field(default_factory=dict)
+    identities: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -49,6 +49,7 @@ class DenseImage:
     objects: list[DenseObject] = field(default_factory=list)
     mask: np.ndarray | None = None  # segmentation: class index per source pixel
     error: str = ""  # why the image (or its mask) could not be read
+    identity: str = ""  # a digest of the source file's bytes (`Split.identities`)
 
 
 @dataclass
@@ -119,12 +120,17 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
             labels[i] = 1 + int(np.argmax(tally)) if tally.sum() else 0
             facts[r.path] = ImageFacts(r.objects, tuple(r.mask.shape[:2]), unknown)
         arrays = {"masks": masks}
-    split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays)
+    split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays,
+                  [r.identity for r in stored])
     return split, facts
 
 
-def rejected(split: str, records: list[DenseImage]) -> list[Rejected]:
-    return [Rejected(split, -1, r.path, r.error or "not decoded") for r in records if r.image is None or r.error]
+def rejected(split: str, records: list[DenseImage], root: str) -> list[Rejected]:
+    """The records that could not be read; a decoder's message names the file relative to `root` (data.root),
+    as rejected.csv, which DVC hashes, holds no absolute path."""
+    prefix = f"{Path(root).expanduser()}/"
+    return [Rejected(split, -1, r.path, (r.error or "not decoded").replace(prefix, ""))
+            for r in records if r.image is None or r.error]
 
 
 def _fmt(v: float) -> str:
@@ -157,5 +163,5 @@ def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str],
         if clash:
             raise InvalidInputError(f"data.root: file {min(clash)} is listed twice (each image once, please)")
         facts |= split_facts
-        rejects += rejected(name, recs)
+        rejects += rejected(name, recs, cfg.root)
     return SourceData(class_names, splits, rejects, facts=facts)

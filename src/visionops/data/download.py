@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,16 @@ from visionops.atomic import atomic_dir
 from visionops.config import DataConfig, ParamsError
 from visionops.data import dataset
 from visionops.data.dataset import Dataset, Split
-from visionops.data.images import content_hash
 from visionops.data.sources import load_source
 from visionops.data.splits import hash_split
 
 HOLDOUT = "holdout"
+# Below this many images a holdout cannot judge a promotion: a score on n images is known to about
+# +-2 * sqrt(s(1 - s) / n), which is +-0.1 or wider below n = 100 (at s = 0.5; +-0.06 at s = 0.9), as wide as
+# the differences the promotion gates decide on. (The one-sided exact McNemar test at the default
+# significance 0.05 can reject at all only with 5 or more discordant images, since 0.5**4 > 0.05 >= 0.5**5;
+# two models that agree on most images differ on a small fraction of the holdout.)
+MIN_HOLDOUT = 100
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
@@ -25,13 +31,15 @@ def _take(split: Split, idx: np.ndarray) -> Split:
         paths=[split.paths[i] for i in idx],
         orig_shapes=[split.orig_shapes[i] for i in idx] if split.orig_shapes else [],
         targets={key: array[idx] for key, array in split.targets.items()},
+        identities=[split.identities[i] for i in idx],
     )
 
 
 def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
     """train, val, test and holdout: the holdout, then val and test unless the source has them, hashed out of train.
 
-    The holdout comes first so that its membership depends on the seed and `holdout_fraction` only
+    The holdout comes first so that its membership depends on the seed and `holdout_fraction` only;
+    each image's part is hashed from its identity (`Split.identities`), never from its resized pixels
     (see `visionops.data.splits`).
     """
     fractions = {HOLDOUT: cfg.holdout_fraction}
@@ -40,7 +48,9 @@ def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
         keys = " + ".join(f"data.{name}_fraction" for name in fractions)
         raise ParamsError(f"{keys} = {sum(fractions.values()):g} leaves no images for train; it must be < 1")
     train = splits["train"]
-    parts = hash_split(train.labels, [content_hash(img) for img in train.images], fractions, cfg.seed)
+    if len(train.identities) != len(train):
+        raise ValueError(f"data.source {cfg.source!r} gave {len(train.identities)} identities for {len(train)} images")
+    parts = hash_split(train.identities, fractions, cfg.seed)
     carved = {**splits, **{name: _take(train, idx) for name, idx in parts.items()}}
     return {name: carved[name] for name in (*dataset.SPLITS, HOLDOUT)}
 
@@ -56,6 +66,10 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
     """
     src = load_source(cfg, targets)
     parts = carve_splits(src.splits, cfg)
+    if len(parts[HOLDOUT]) < MIN_HOLDOUT:
+        print(f"download: warning: the holdout has {len(parts[HOLDOUT])} images (data.holdout_fraction "
+              f"{cfg.holdout_fraction:g}); below {MIN_HOLDOUT} its scores are too uncertain for promote and "
+              "monitoring to judge a model: add images or raise data.holdout_fraction", file=sys.stderr)
     splits = {n: parts[n] for n in dataset.SPLITS}
     outputs = [(out_dir, Dataset(src.class_names, splits, cfg.source, src.rejected, task))]
     if holdout_dir is not None:

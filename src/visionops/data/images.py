@@ -49,6 +49,12 @@ def decode_file(path: Path | str, image_size: int, channels: int) -> tuple[np.nd
         return to_canonical(img, image_size, channels), orig
 
 
+def file_hash(path: Path | str) -> str:
+    """A digest of a file's bytes: the image's identity whatever the settings or the decoder's version."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
 def content_hash(arr: np.ndarray) -> str:
     """A digest of the canonical pixels: equal for exact duplicates, whatever their file names."""
     return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()

@@ -3,7 +3,8 @@ format and read back through that format's reader, so that a user's data path ru
 
 Boxes: COCO json + PNG images (read by `coco`); masks: PNG images + PNG index masks (read by `masks`). The
 files go to data.cache_dir/canvases-<targets>-<digest of the generation settings>/, written atomically and
-reused while the settings are unchanged.
+reused while the settings are unchanged. A canvas's identity (`Split.identities`) is a digest of its generated
+pixels, not of its PNG's bytes, which another zlib would compress differently.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from visionops.atomic import atomic_dir
 from visionops.config import DataConfig
 from visionops.data.canvases import Canvases, make_canvases
 from visionops.data.formats import write_coco, write_index_masks
+from visionops.data.images import content_hash
 from visionops.data.sources import SourceData, coco, masks
 
 FORMAT = 1  # bump when the written files change for the same settings
@@ -52,4 +57,12 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
             write(tmp, [f"canvas_{i:05d}" for i in range(len(canv))], canv)
     as_user_data = cfg.model_copy(update={"source": reader.__name__.rsplit(".", 1)[-1], "root": str(where),
                                           "annotations": None})
-    return reader.load(as_user_data, targets)
+    src = reader.load(as_user_data, targets)
+    for split in src.splits.values():
+        split.identities = [content_hash(_pixels(where / path)) for path in split.paths]
+    return src
+
+
+def _pixels(png: Path) -> np.ndarray:
+    with Image.open(png) as img:
+        return np.asarray(img)

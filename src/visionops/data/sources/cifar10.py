@@ -18,7 +18,7 @@ import numpy as np
 from visionops.config import DataConfig
 from visionops.data.dataset import Split
 from visionops.data.fetch import fetch
-from visionops.data.images import array_to_canonical
+from visionops.data.images import array_to_canonical, content_hash
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError
 
@@ -132,7 +132,8 @@ def _split(batches: dict, keys: tuple[str, ...], cfg: DataConfig) -> Split:
     images = np.concatenate([to_canonical(batches[k][0], cfg.image_size, cfg.channels) for k in keys])
     labels = np.concatenate([batches[k][1] for k in keys])
     paths = [f"{k}:{i}" for k in keys for i in range(len(batches[k][1]))]
-    return Split(images, labels, paths, [ORIG_SHAPE] * len(labels))
+    identities = [content_hash(row) for k in keys for row in batches[k][0]]  # the 32x32 RGB source pixels
+    return Split(images, labels, paths, [ORIG_SHAPE] * len(labels), identities=identities)
 
 
 def load(cfg: DataConfig) -> SourceData:

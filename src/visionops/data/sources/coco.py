@@ -22,7 +22,7 @@ from PIL import Image
 from visionops.config import DataConfig
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import to_8bit, to_canonical
+from visionops.data.images import file_hash, to_8bit, to_canonical
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -71,7 +71,8 @@ def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, targets: str)
     wrapped = wrap_dataset_for_transforms_v2(ds, target_keys=keys)
     records = []
     for i, image_id in enumerate(ds.ids):
-        path = prefix + ds.coco.loadImgs(image_id)[0]["file_name"]
+        file_name = ds.coco.loadImgs(image_id)[0]["file_name"]
+        path = prefix + file_name
         try:
             image, target = wrapped[i]
         except Exception as exc:  # noqa: BLE001 - an unreadable image or annotation is reported per file
@@ -84,7 +85,8 @@ def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, targets: str)
             DenseObject(str(c), str(ds.coco.cats.get(c, {}).get("name", "")), index.get(c, -1), tuple(b))
             for b, c in zip(boxes, cats)
         ]
-        rec = DenseImage(path, to_canonical(image, cfg.image_size, cfg.channels), (h, w, image.info["bands"]), objects)
+        rec = DenseImage(path, to_canonical(image, cfg.image_size, cfg.channels), (h, w, image.info["bands"]), objects,
+                         identity=file_hash(Path(ds.root, file_name)))
         if targets == "masks":
             shape = tuple(target["masks"].shape[1:]) if "masks" in target else (h, w)
             mask = np.zeros(shape, np.uint8)

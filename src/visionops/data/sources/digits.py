@@ -10,7 +10,7 @@ import numpy as np
 
 from visionops.config import DataConfig
 from visionops.data.dataset import Split
-from visionops.data.images import array_to_canonical
+from visionops.data.images import array_to_canonical, content_hash
 from visionops.data.sources import SourceData
 
 
@@ -26,5 +26,6 @@ def load(cfg: DataConfig) -> SourceData:
     labels = data[:, -1].astype(np.int64)
     images = np.stack([array_to_canonical(img, cfg.image_size, cfg.channels) for img in raw])
     paths = [f"sklearn-digits:{i}" for i in range(len(raw))]
-    split = Split(images, labels, paths, [(8, 8, 1)] * len(raw))
+    identities = [content_hash(img) for img in raw]  # the 8x8 source pixels, whatever the canonical size
+    split = Split(images, labels, paths, [(8, 8, 1)] * len(raw), identities=identities)
     return SourceData([str(c) for c in range(10)], {"train": split})

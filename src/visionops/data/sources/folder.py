@@ -1,4 +1,8 @@
-"""A user's ImageFolder tree: `root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>`."""
+"""A user's ImageFolder tree: `root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>`.
+
+Each image is named by its path relative to data.root (the dataset holds no absolute path) and identified by
+a digest of its file's bytes (`Split.identities`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from tqdm import tqdm
 
 from visionops.config import DataConfig
 from visionops.data.dataset import Rejected, Split
-from visionops.data.images import IMAGE_SUFFIXES, decode_file
+from visionops.data.images import IMAGE_SUFFIXES, decode_file, file_hash
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -38,16 +42,18 @@ def _class_names(split_root: Path) -> list[str]:
     return names
 
 
-def _decode(path: str, image_size: int, channels: int):
+def _decode(name: str, root: Path, image_size: int, channels: int):
+    """(pixels, source shape, identity, None) or (None, None, None, error) for the file `name` under `root`."""
+    path = root / name
     try:
         arr, orig = decode_file(path, image_size, channels)
-        return arr, orig, None
+        return arr, orig, file_hash(path), None
     except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
-        return None, None, f"{type(exc).__name__}: {exc}"
+        return None, None, None, f"{type(exc).__name__}: {exc}".replace(str(path), name)
 
 
-def _decode_all(paths: list[str], cfg: DataConfig, desc: str) -> list:
-    work = partial(_decode, image_size=cfg.image_size, channels=cfg.channels)
+def _decode_all(paths: list[str], root: Path, cfg: DataConfig, desc: str) -> list:
+    work = partial(_decode, root=root, image_size=cfg.image_size, channels=cfg.channels)
     bar = dict(total=len(paths), desc=desc, unit="img", disable=None, file=sys.stderr)
     if len(paths) < PARALLEL_THRESHOLD or (os.cpu_count() or 1) == 1:
         return [work(p) for p in tqdm(paths, **bar)]
@@ -76,19 +82,20 @@ def load(cfg: DataConfig) -> SourceData:
                 if not f.is_file() or f.name.startswith("."):
                     continue
                 if f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(str(f))
+                    files.append(f.relative_to(root).as_posix())
                     labels.append(index[name])
                 else:
                     ignored.append(str(f))
-        decoded = _decode_all(files, cfg, f"decode {split}")
-        keep = [i for i, (arr, _, _) in enumerate(decoded) if arr is not None]
-        rejected += [Rejected(split, labels[i], files[i], err) for i, (_, _, err) in enumerate(decoded) if err]
+        decoded = _decode_all(files, root, cfg, f"decode {split}")
+        keep = [i for i, (arr, *_) in enumerate(decoded) if arr is not None]
+        rejected += [Rejected(split, labels[i], files[i], err) for i, (*_, err) in enumerate(decoded) if err]
         shape = (0, cfg.image_size, cfg.image_size, cfg.channels)
         splits[split] = Split(
             images=np.stack([decoded[i][0] for i in keep]) if keep else np.zeros(shape, np.uint8),
             labels=np.asarray([labels[i] for i in keep], dtype=np.int64),
             paths=[files[i] for i in keep],
             orig_shapes=[decoded[i][1] for i in keep],
+            identities=[decoded[i][2] for i in keep],
         )
     if ignored:
         print(

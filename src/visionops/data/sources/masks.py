@@ -17,7 +17,7 @@ from PIL import Image
 from visionops.config import DataConfig
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import IGNORE, DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import IMAGE_SUFFIXES, decode_file
+from visionops.data.images import IMAGE_SUFFIXES, decode_file, file_hash
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -48,6 +48,7 @@ def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConf
         mask_path = folder / "masks" / f"{f.stem}.png"
         try:
             rec.image, rec.orig = decode_file(f, cfg.image_size, cfg.channels)
+            rec.identity = file_hash(f)
             rec.mask = _read_mask(mask_path)
             rec.objects = _objects(rec.mask, class_names)
         except FileNotFoundError:

@@ -21,7 +21,7 @@ from xml.etree.ElementTree import ParseError, parse
 from visionops.config import DataConfig
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import decode_file
+from visionops.data.images import decode_file, file_hash
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -76,6 +76,7 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
             rec = DenseImage(path)
             try:
                 rec.image, rec.orig = decode_file(root / path, cfg.image_size, cfg.channels)
+                rec.identity = file_hash(root / path)
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
             names = [str(o.get("name")) for o in _objects(ann)]

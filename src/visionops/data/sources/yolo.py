@@ -18,7 +18,7 @@ import yaml
 from visionops.config import DataConfig
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import IMAGE_SUFFIXES, decode_file
+from visionops.data.images import IMAGE_SUFFIXES, decode_file, file_hash
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -89,6 +89,7 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
             rec = DenseImage(f.relative_to(base).as_posix())
             try:
                 rec.image, rec.orig = decode_file(f, cfg.image_size, cfg.channels)
+                rec.identity = file_hash(f)
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
             h, w = rec.orig[:2]

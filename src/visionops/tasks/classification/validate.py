@@ -211,7 +211,10 @@ def _suites(gx, cfg: ValidateConfig, n_classes: int, shape: tuple[int, int, int]
         ],
         "critical_class_counts": [
             E.ExpectColumnValuesToBeBetween(
-                column="count", min_value=1, meta=check("every class has train images (no empty class)")
+                column="count",
+                min_value=1,
+                meta=check("every class has train images (no empty class: add images to a class whose few images "
+                           "all hashed to val, test or holdout)"),
             ),
         ],
         "warning_class_counts": [
