@@ -106,6 +106,12 @@ def test_evaluate_writes_the_fixed_outputs(pipeline):
               "figures/pr_curves.png", "figures/detections.png", "figures/eigencam.png"):
         assert (rep / f).stat().st_size > 0, f
     assert "latency_batch_ms" not in json.loads((rep / "details.json").read_text())
+    per_class = json.loads((rep / "per_class.json").read_text())  # AP@.5 (promotion's floor) and COCO's AP per class
+    assert per_class and set(per_class) <= {str(d) for d in range(10)}
+    assert all(set(v) == {"ap50", "ap"} and 0 <= v["ap"] <= v["ap50"] <= 1 for v in per_class.values())
+    assert {c: v["ap50"] for c, v in per_class.items()} == m["per_class_ap50"]
+    report = (rep / "report.md").read_text()
+    assert "| class | AP@.5 | AP@[.5:.95] |" in report and "up to COCO's 100 per image" in report
     with (rep / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     names = {str(d) for d in range(10)} | {"background"}

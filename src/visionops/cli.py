@@ -492,7 +492,10 @@ HEADLINES = {
     "download": ("source", "classes", "image_shape", "splits", "rejected"),
     "validate": ("success", "images", "warnings"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
-    "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated", "latency_batch_ms"),
+    "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
+                 "map_50", "map", "image_accuracy",  # detection
+                 "miou", "pixel_accuracy", "dice",  # segmentation
+                 "latency_batch_ms"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,

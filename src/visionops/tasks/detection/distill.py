@@ -44,8 +44,8 @@ def _int8(student: detector.Detector, onnx_path: Path, int8_path: Path, calibrat
     scored = {}
     for name, path in (("fp32", onnx_path), ("int8", int8_path)):
         maps = torch.from_numpy(export.ort_logits(export.ort_session(path), test.images))
-        ranked = detector.as_arrays(student.decode(maps, rule.map_score_threshold))
-        scored[name] = score_detections(ranked, test, class_names, rule.score_threshold)
+        ranked = detector.as_arrays(student.decode(maps, ranked=True))
+        scored[name] = score_detections(ranked, test, class_names, rule)
     fp32_ort, int8_ort = export.ort_throughput([onnx_path, int8_path], image_shape)
     return {
         "int8_method": q["method"], "int8_calibration_images": q["calibration_images"],

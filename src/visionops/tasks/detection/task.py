@@ -25,7 +25,7 @@ class Detection:
     def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.detection.validate import run_validate
 
-        return run_validate(dataset_dir, params.validate_, reports_dir)
+        return run_validate(dataset_dir, params.validate_, reports_dir, params.detection.max_detections)
 
     def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.detection.prepare import run_prepare
