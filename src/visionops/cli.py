@@ -109,7 +109,7 @@ def _validate(params, args, run) -> dict:
     "Apply balance.strategy to the train split (classification: none, oversample, undersample, class_weights, "
     "logit_adjust, after balance.simulate_imbalance_factor; detection: repeat_factor sampling as in LVIS; "
     "segmentation: class_weights, per-pixel weights from class frequencies), record the augmentation policy "
-    f"for training, and plot the class distribution before and after. Writes {layout.PREPARED}/ and "
+    f"for training, and count the class distribution before and after. Writes {layout.PREPARED}/ and "
     f"{layout.PREPARE_REPORTS}/.",
     sections=("balance", "augment"),
 )
@@ -128,7 +128,7 @@ def _prepare(params, args, run) -> dict:
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
     "At the end it stores the served rule in the model file (classification: the test-time augmentation "
     "train.tta that selected it and the temperature fitted on val; detection: the NMS thresholds). "
-    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png); "
+    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv); "
     "`visionops register` registers it.",
     sections=("train", "augment", "detection"),
     tracked_in_process=True,
