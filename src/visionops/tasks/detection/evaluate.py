@@ -1,9 +1,9 @@
 """Stage `evaluate` for detection: the teacher on the test split.
 
 Writes to `reports_dir`: metrics.json (`HEADLINE`: mAP@.5, mAP@[.5:.95]), details.json, measured.json
-(latency), per_class.json (per class: `ap50` AP@.5, `ap` AP@[.5:.95]), predictions.csv (actual,predicted per box, `metrics.confusion_rows`,
-for DVC's confusion plot), figures/ (precision-recall curves, test images with boxes, EigenCAM),
-report.md and report.html.
+(latency), per_class.json (per class: `ap50` AP@.5, `ap` AP@[.5:.95]), predictions.csv (actual,predicted
+per box, `metrics.confusion_rows`, for DVC's confusion plot), figures/ (precision-recall curves, test
+images with boxes, EigenCAM), report.md and report.html.
 """
 
 from __future__ import annotations
