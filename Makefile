@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help setup run test test-fast bench ui clean deps repro-check services services-stop
+.PHONY: help setup run test test-fast bench ui clean deps repro-check services services-stop plots
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[$(EXTRAS)]'
 	@touch $@
 
-setup: $(STAMP)  ## create .venv and install pinned dependencies (once)
+# the page `dvc plots show` fills (.dvc/config: plots.html_template), with vega inline: no network needed
+PLOTS_PAGE := .dvc/plots/offline.html
+$(PLOTS_PAGE): $(STAMP) src/visionops/plots_page.py
+	python -m visionops.plots_page
+
+setup: $(STAMP) $(PLOTS_PAGE)  ## create .venv and install pinned dependencies (once)
+
+plots: setup  ## every declared plot in dvc_plots/index.html, drawn offline (dvc plots show)
+	dvc plots show
 
 run: setup  ## run the DVC pipeline (dvc repro) on the data source in params.yaml
 	visionops check > /dev/null

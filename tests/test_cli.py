@@ -118,3 +118,17 @@ def test_commands_print_a_summary_and_json_on_request(tmp_path, capsys):
     text = cli._summary("evaluate", {"accuracy": 0.9812, "ece": 0.0104, "per_class": {"a": 1.0}})
     assert text.splitlines()[:3] == ["evaluate: done", "  accuracy                 0.9812", "  ece                      0.0104"]
     assert "reports in reports/evaluate/" in text and "per_class" not in text
+
+
+def test_the_evaluate_summary_shows_every_tasks_headline_metrics():
+    """Each task's metrics.json headline (accuracy..., mAP, mIoU...) is in evaluate's printed summary."""
+    from visionops import cli
+    from visionops.tasks.classification.evaluate import HEADLINE as CLASSIFICATION
+    from visionops.tasks.detection.evaluate import HEADLINE as DETECTION
+    from visionops.tasks.segmentation.evaluate import HEADLINE as SEGMENTATION
+
+    assert set(CLASSIFICATION + DETECTION + SEGMENTATION) <= set(cli.HEADLINES["evaluate"])
+    text = cli._summary("evaluate", {"model": "centernet", "map_50": 0.8123, "map": 0.5012, "image_accuracy": 0.4,
+                                     "latency_batch_ms": 3.25, "per_class_ap50": {"a": 1.0}})
+    assert text.splitlines()[:5] == ["evaluate: done", "  map_50                   0.8123", "  map                      0.5012",
+                                     "  image_accuracy           0.4", "  latency_batch_ms         3.25"]

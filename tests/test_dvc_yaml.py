@@ -1,5 +1,6 @@
-"""dvc.yaml says what DVC shows: committed metrics and plot data, exactly the declared plots, and a baseline
-stage that depends on the student's settings and not on the teacher."""
+"""dvc.yaml says what DVC shows: committed metrics and plot data, exactly the declared plots, no file in git
+under reports/ that no stage writes, and a baseline stage that depends on the student's settings and not on
+the teacher."""
 
 import subprocess
 from pathlib import Path
@@ -56,3 +57,18 @@ def test_baseline_depends_on_the_student_settings_only():
     assert {p.split(".")[1] for p in want if p.startswith("distill.")} <= set(DistillConfig.model_fields)
     assert "models/teacher.pt" in baseline["deps"]
     assert "reports/baseline/baseline.json" in DVC["stages"]["distill"]["deps"]
+
+
+def test_every_file_in_git_under_reports_is_written_by_a_stage():
+    """Each is a declared out, metric or plot of a stage, or in a declared directory (evaluate's figures) one
+    the committed task's evaluate writes there: a stale file would be drawn by `dvc plots show` and uploaded
+    to MLflow beside the real ones."""
+    from visionops.tasks.classification.evaluate import OUTPUTS
+
+    declared = {p for stage in DVC["stages"].values() for key in ("outs", "metrics", "plots") for p in _entries(stage, key)}
+    tracked = subprocess.run(["git", "ls-files", "reports"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert tracked
+    in_dirs = {f for f in tracked if f not in declared}
+    assert {f for f in in_dirs if not any(f.startswith(f"{d}/") for d in declared)} == set()
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["task"] == "classification"  # the reports in git are its
+    assert in_dirs - {f"reports/evaluate/{name}" for name in OUTPUTS} == set()

@@ -244,6 +244,9 @@ def test_run_evaluate_writes_every_output(tiny_dataset, tmp_path):
     assert all((reports / link).exists() for link in linked)
     for name in NAMES:
         assert f"| {name} |" in report
+    page = (reports / "report.html").read_text()  # what MLflow's artifact viewer renders: every figure embedded
+    assert page.count('src="data:image/png;base64,') == len(linked) and "figures/" not in page
+    assert "`dvc plots show` draws the whole matrix from predictions.csv" in report
 
 
 def test_run_evaluate_trained_model_matches_sklearn(tiny_dataset, tmp_path):

@@ -37,7 +37,7 @@ def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
     for stage in ("download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register"):
         assert f"Running stage '{stage}'" in project.first_run.stdout
     assert json.loads((project.path / "reports/validate/summary.json").read_text())["success"] is True
-    for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.png",
+    for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.csv",
                 "models/teacher.pt", "reports/evaluate/report.md", "models/student.pt", "reports/distill/student.onnx"):
         assert (project.path / out).exists(), out
     second = project.repro()

@@ -30,7 +30,7 @@ def test_none_keeps_every_train_image(digits, tmp_path):
     assert loss == {"class_weights": None, "class_priors": None}
     policy = json.loads((tmp_path / "p" / "policy.json").read_text())
     assert policy["augment"]["rotate_degrees"] == 15 and policy["balance"]["strategy"] == "none"
-    assert (tmp_path / "r" / "class_distribution.png").stat().st_size > 1000
+    assert not (tmp_path / "r" / "class_distribution.png").exists()  # dvc.yaml's bar chart draws the csv
     rows = (tmp_path / "r" / "class_distribution.csv").read_text().splitlines()
     assert rows[0] == "class_name,source,long_tail,after" and len(rows) == 11
 

@@ -119,7 +119,7 @@ def test_curves_metrics_artifacts_and_dataset(tracked):
     evaluate_files = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
     assert {"evaluate/report.md", "evaluate/report.html", "evaluate/figures"} <= evaluate_files
     figures = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate/figures")}
-    assert {f"evaluate/figures/{n}.png" for n in ("confusion_matrix", "gradcam_correct", "reliability")} <= figures
+    assert {f"evaluate/figures/{n}.png" for n in ("per_class_accuracy", "gradcam_correct", "reliability")} <= figures
     validate_files = {f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validate")}
     assert {"validate/summary.json", "validate/data_docs"} <= validate_files
     inputs = train.inputs.dataset_inputs

@@ -110,7 +110,7 @@ def _validate(params, args, run) -> dict:
     "Apply balance.strategy to the train split (classification: none, oversample, undersample, class_weights, "
     "logit_adjust, after balance.simulate_imbalance_factor; detection: repeat_factor sampling as in LVIS; "
     "segmentation: class_weights, per-pixel weights from class frequencies), record the augmentation policy "
-    f"for training, and plot the class distribution before and after. Writes {layout.PREPARED}/ and "
+    f"for training, and count the class distribution before and after. Writes {layout.PREPARED}/ and "
     f"{layout.PREPARE_REPORTS}/.",
     sections=("balance", "augment"),
 )
@@ -129,7 +129,7 @@ def _prepare(params, args, run) -> dict:
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
     "At the end it stores the served rule in the model file (classification: the test-time augmentation "
     "train.tta that selected it and the temperature fitted on val; detection: the NMS thresholds). "
-    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv, history.png); "
+    f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv); "
     "`visionops register` registers it.",
     sections=("train", "augment", "detection"),
     tracked_in_process=True,
@@ -493,7 +493,10 @@ HEADLINES = {
     "download": ("source", "classes", "image_shape", "splits", "rejected"),
     "validate": ("success", "images", "warnings"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
-    "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated", "latency_batch_ms"),
+    "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
+                 "map_50", "map", "image_accuracy",  # detection
+                 "miou", "pixel_accuracy", "dice",  # segmentation
+                 "latency_batch_ms"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,

@@ -24,21 +24,6 @@ def save_figure(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def class_distribution(class_names: list[str], series: dict[str, np.ndarray], path: Path, title: str) -> None:
-    """Grouped bar chart of per-class counts, one bar group per class and one bar per series."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 4))
-    width = 0.8 / len(series)
-    x = np.arange(len(class_names))
-    for i, (label, counts) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, counts, width, label=f"{label} (n={int(np.sum(counts))})")
-    ax.set_xticks(x, class_names, rotation=45 if len(class_names) > 10 else 0, ha="right" if len(class_names) > 10 else "center")
-    ax.set_ylabel("images")
-    ax.set_title(title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(series), frameon=False)
-    save_figure(fig, path)
-
-
 def training_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss and the selection metric (accuracy, or the task's val_<metric>) per epoch, train against val."""
     plt = _pyplot()

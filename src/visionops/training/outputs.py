@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from visionops import atomic
-from visionops.evaluation import plots
 
 
 def fingerprint(*parts: object, arrays: tuple[np.ndarray, ...] = ()) -> str:
@@ -28,10 +27,10 @@ def run_seconds(history: list[dict], train_images: int) -> dict:
     return {"train_seconds": seconds, "train_images_per_second": train_images * len(history) / max(seconds, 1e-9)}
 
 
-def write_history(history: list[dict], reports_dir: Path, title: str, stem: str = "history") -> None:
+def write_history(history: list[dict], reports_dir: Path, stem: str = "history") -> None:
+    """The per-epoch rows as `stem`.csv (dvc.yaml's plots draw it)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
     atomic.write_text(reports_dir / f"{stem}.csv", buf.getvalue())
-    plots.training_curves(history, reports_dir / f"{stem}.png", title)

@@ -8,7 +8,7 @@ Then, on the test split: accuracy, parameter/size/CPU-latency ratios, ONNX expor
 onnxruntime parity check, and (with `distill.quantize`) static int8 quantization.
 
 Writes the student to `student_path` and, to `reports_dir`: metrics.json (DVC metrics: `HEADLINE`),
-details.json, history.csv/png, student.onnx, student.int8.onnx and report.md/.html, which DVC hashes, and
+details.json, history.csv, student.onnx, student.int8.onnx and report.md/.html, which DVC hashes, and
 the machine-dependent speed figures to measured.json and speed.md, which it does not. Resumable:
 the run checkpoints every epoch under `checkpoint_dir`.
 """
@@ -224,7 +224,7 @@ def run_distill(
         "distill": cfg.model_dump(),
     }
     classifier.save(student_path, student_cpu, cfg.student, class_names, image_shape, **extra)
-    write_history(extra["history"], reports_dir, f"student: {cfg.student} distilled from {teacher_info['arch']}", stem="history")
+    write_history(extra["history"], reports_dir)
     measured.write_reports(reports_dir, metrics, HEADLINE)
     atomic.write_text(reports_dir / "report.md", _report(metrics, int8, cfg.model_dump()))
     report_html.write(reports_dir / "report.md", f"Distillation: {metrics['teacher']} → {cfg.student}")
@@ -269,7 +269,7 @@ def _report(m: dict, int8: dict | None, cfg: dict) -> str:
         f"- parameter ratio (student / teacher): {m['param_ratio']:.4f}",
         f"- size ratio (student / teacher): {m['size_ratio']:.4f}",
         "",
-        "![Distilled student: loss and accuracy per epoch](history.png)",
+        "Per-epoch loss and accuracy: history.csv (`dvc plots show`, and the stage's MLflow run).",
         "",
         "## ONNX",
         "",

@@ -1,4 +1,5 @@
-"""Evaluation figures (PNG, headless, atomic): confusion matrix, reliability diagram, per-class accuracy."""
+"""Evaluation figures (PNG, headless, atomic): reliability diagram, per-class accuracy (DVC draws the confusion
+matrix from predictions.csv)."""
 
 from __future__ import annotations
 
@@ -8,37 +9,9 @@ import numpy as np
 
 from visionops.evaluation.plots import _pyplot, save_figure
 
-ANNOTATE_MAX_CLASSES = 30  # above this the confusion matrix cells carry no count text
-
 
 def _tick_kwargs(n: int) -> dict:
     return {"rotation": 45, "ha": "right"} if n > 6 else {}
-
-
-def confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, title: str = "Confusion matrix") -> None:
-    """Heat-map coloured by row-normalised rate (recall per true class), each cell labelled with its count."""
-    plt = _pyplot()
-    cm = np.asarray(cm)
-    n = len(class_names)
-    rows = cm.sum(1, keepdims=True)
-    rate = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
-    side = max(4.5, 0.45 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
-    im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ticks = np.arange(n)
-    ax.set_xticks(ticks, class_names, **_tick_kwargs(n))
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    if n <= ANNOTATE_MAX_CLASSES:
-        size = 10 if n <= 10 else 8 if n <= 20 else 6
-        for i in range(n):
-            for j in range(n):
-                colour = "white" if rate[i, j] > 0.5 else "black"
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color=colour, fontsize=size)
-    ax.set_title(f"{title} (n={int(cm.sum())})")
-    save_figure(fig, path)
 
 
 def _reliability_panel(ax, bins: dict, label: str, ece: float) -> None:

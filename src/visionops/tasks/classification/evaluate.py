@@ -13,8 +13,7 @@ Writes to `reports_dir` (each file atomically; metrics.json last, so its presenc
 Everything is judged on the served predictor (`classifier.predict_logits`: the model file's
 test-time augmentation and temperature, fitted on val where the model was made); "before" ECE and
 NLL are the same predictions without the temperature.
-    figures/                (a DVC plots directory)
-      confusion_matrix.png    counts, coloured by row-normalised rate
+    figures/                (a DVC plots directory; DVC draws the confusion matrix from predictions.csv)
       reliability.png         reliability diagrams before / after temperature scaling
       per_class_accuracy.png  bar chart
       gradcam_correct.png     Grad-CAM overlays of correctly classified test images
@@ -45,7 +44,6 @@ from visionops.tasks.classification.metrics import classification_metrics, confu
 from visionops.training.device import select_device
 
 FIGURES = {
-    "confusion_matrix.png": "Confusion matrix",
     "reliability.png": "Reliability diagram",
     "per_class_accuracy.png": "Per-class accuracy",
     "gradcam_correct.png": "Grad-CAM: correctly classified",
@@ -191,8 +189,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         for name, r in per_class.items()
     ]
     lines += ["", "![Per-class accuracy](figures/per_class_accuracy.png)", "", "## Confusion matrix", "",
-              "Rows are the actual class, columns the prediction; colour is the fraction of the row.", "",
-              "![Confusion matrix](figures/confusion_matrix.png)", ""]  # fmt: skip
+              "`dvc plots show` draws the whole matrix from predictions.csv (actual against predicted class).", ""]  # fmt: skip
     if confusions:
         lines += ["Most frequent mistakes:", "", "| actual | predicted | count |", "|---|---|---|"]
         lines += [f"| {c['actual']} | {c['predicted']} | {c['count']} |" for c in confusions]
@@ -313,7 +310,6 @@ def run_evaluate(
     cm = confusion(y, pred, len(names))
     atomic.write_text(reports_dir / "predictions.csv", predictions_csv(test.paths, y, pred, conf, names))
     atomic.write_json(reports_dir / "per_class.json", per_class)
-    eval_plots.confusion_matrix(cm, names, figures / "confusion_matrix.png", f"Confusion matrix: {info['arch']}")
     eval_plots.reliability_diagram(
         calibration.reliability_bins(probs_raw, y, bins),
         calibration.reliability_bins(probs, y, bins),

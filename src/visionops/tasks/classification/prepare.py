@@ -3,7 +3,7 @@
 Writes to `out_dir`: train_indices.npy (rows of the dataset's train split, repeated when
 oversampled), loss.json (class weights or priors for the loss), policy.json (the validated
 balance and augmentation policy), and with `balance.offline` an offline/ folder of augmented
-minority images. Writes to `reports_dir`: summary.json, class_distribution.csv and .png (no DVC
+minority images. Writes to `reports_dir`: summary.json, class_distribution.csv (no DVC
 metrics: validate's imbalance ratio and evaluate's balanced accuracy are the headline numbers).
 """
 
@@ -19,7 +19,6 @@ from visionops import atomic
 from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
-from visionops.evaluation import plots
 from visionops.tasks.classification.balance import (
     class_counts,
     class_priors,
@@ -96,7 +95,5 @@ def run_prepare(
     lt = class_counts(labels[base], n)
     writer.writerows([name, int(before[i]), int(lt[i]), int(after[i])] for i, name in enumerate(ds.class_names))
     atomic.write_text(reports_dir / "class_distribution.csv", rows.getvalue())
-    series = {"source": before, **({"long-tailed": lt} if balance.simulate_imbalance_factor > 1 else {}), "after balancing": after}
-    plots.class_distribution(ds.class_names, series, reports_dir / "class_distribution.png", f"train split, balance.strategy={balance.strategy}")
     atomic.write_json(reports_dir / "summary.json", summary)
     return summary

@@ -3,7 +3,7 @@
 Writes the model (network + preprocessing + class names + served rule: the test-time augmentation
 `train.tta` that selected it, and the temperature fitted on val) to `model_path`, and to `reports_dir`:
 metrics.json (the DVC metrics: `HEADLINE`), details.json (every figure but the timings), history.csv
-(per-epoch curves for DVC plots) and history.png. Launch under
+(per-epoch curves for DVC plots). Launch under
 `torchrun --nproc_per_node N` for multi-GPU (or multi-process CPU) data parallelism.
 """
 
@@ -114,7 +114,7 @@ def run_train(
     if dist_info.is_main:
         history = [measured.pure(row) for row in state.history]
         classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history)
-        write_history(history, reports_dir, f"teacher: {cfg.model}")
+        write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)
     return metrics

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from visionops.config import DetectionConfig
 from visionops.models import create_model, model_file
+from visionops.tasks.detection.metrics import MAP_MAX_DETECTIONS
 
 Detection = dict[str, np.ndarray]  # boxes K x 4 xyxy (canonical pixels), scores K, labels K (class ids)
 
@@ -42,15 +43,17 @@ class Detector(nn.Module):
         return self.net.loss(self.normalise(x), out, boxes, labels)
 
     @torch.no_grad()
-    def detect(self, x: Tensor, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
-        return self.decode(self(x), score_threshold)
+    def detect(self, x: Tensor, ranked: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
+        return self.decode(self(x), ranked)
 
     @torch.no_grad()
-    def decode(self, out, score_threshold: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """The stored rule applied to the network's raw outputs `out` (also an exported CenterNet's maps)."""
+    def decode(self, out, ranked: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The stored rule applied to the network's raw outputs `out` (also an exported CenterNet's maps).
+        `ranked`: the detections mAP scores instead of the served ones, every one above the rule's
+        map_score_threshold up to COCO's `MAP_MAX_DETECTIONS` per image (the served cap does not apply)."""
         r = self.rule
-        threshold = r.score_threshold if score_threshold is None else score_threshold
-        return self.net.detect(out, threshold, r.iou_threshold, r.max_detections, r.class_agnostic_nms)
+        threshold, cap = (r.map_score_threshold, MAP_MAX_DETECTIONS) if ranked else (r.score_threshold, r.max_detections)
+        return self.net.detect(out, threshold, r.iou_threshold, cap, r.class_agnostic_nms)
 
 
 def build(arch: str, class_names: list[str], image_shape, mean, std, rule: DetectionConfig) -> Detector:
@@ -85,14 +88,14 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Detector
 
 @torch.no_grad()
 def predict(model: Detector, images_nhwc, device: torch.device | str = "cpu", batch_size: int = 256,
-            score_threshold: float | None = None) -> list[Detection]:
-    """Detections for a uint8 N x H x W x C array, in batches (the stored rule; `score_threshold`
-    overrides its score threshold, as evaluate's mAP does)."""
+            ranked: bool = False) -> list[Detection]:
+    """Detections for a uint8 N x H x W x C array, in batches (the stored rule; `ranked`: those mAP
+    scores, as `Detector.decode`)."""
     model.eval()
     out: list[Detection] = []
     for start in range(0, len(images_nhwc), batch_size):
         chunk = torch.as_tensor(np.asarray(images_nhwc[start : start + batch_size]).copy()).to(device).permute(0, 3, 1, 2)
-        out += as_arrays(model.detect(chunk, score_threshold))
+        out += as_arrays(model.detect(chunk, ranked))
     return out
 
 

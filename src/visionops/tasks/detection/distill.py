@@ -4,7 +4,7 @@ the student's raw maps and (with `distill.quantize`) the static int8 quantizatio
 maps the same rule decodes into the detections its test mAP is scored on.
 
 Writes the student to `student_path` and, to `reports_dir`: metrics.json (`HEADLINE`), details.json,
-measured.json (timings), history.csv/png, student.onnx, student.int8.onnx (with `distill.quantize`),
+measured.json (timings), history.csv, student.onnx, student.int8.onnx (with `distill.quantize`),
 report.md and report.html.
 """
 
@@ -44,8 +44,8 @@ def _int8(student: detector.Detector, onnx_path: Path, int8_path: Path, calibrat
     scored = {}
     for name, path in (("fp32", onnx_path), ("int8", int8_path)):
         maps = torch.from_numpy(export.ort_logits(export.ort_session(path), test.images))
-        ranked = detector.as_arrays(student.decode(maps, rule.map_score_threshold))
-        scored[name] = score_detections(ranked, test, class_names, rule.score_threshold)
+        ranked = detector.as_arrays(student.decode(maps, ranked=True))
+        scored[name] = score_detections(ranked, test, class_names, rule)
     fp32_ort, int8_ort = export.ort_throughput([onnx_path, int8_path], image_shape)
     return {
         "int8_method": q["method"], "int8_calibration_images": q["calibration_images"],
@@ -87,7 +87,7 @@ def _report(m: dict) -> str:
                    f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
               "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).",
               _int8_line(m), "",
-              "![Student training](history.png)", ""]
+              "Per-epoch loss and val mAP@.5: history.csv (`dvc plots show`, and the stage's MLflow run).", ""]
     return "\n".join(lines)
 
 
@@ -154,7 +154,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     if facts["is_main"]:
         history = [measured.pure(row) for row in state.history]
         detector.save(student_path, student, cfg.student, ds.class_names, ds.image_shape, history=history)
-        write_history(history, reports_dir, f"student (KD): {cfg.student}")
+        write_history(history, reports_dir)
         atomic.write_text(reports_dir / "report.md", _report(metrics))
         report_html.write(reports_dir / "report.md", f"Distillation: {cfg.student}")
         measured.write_reports(reports_dir, metrics, HEADLINE)

@@ -1,9 +1,9 @@
 """Stage `evaluate` for detection: the teacher on the test split.
 
 Writes to `reports_dir`: metrics.json (`HEADLINE`: mAP@.5, mAP@[.5:.95]), details.json, measured.json
-(latency), per_class.json (AP per class), predictions.csv (actual,predicted per box, `metrics.confusion_rows`,
-for DVC's confusion plot), figures/ (precision-recall curves, test images with boxes, EigenCAM),
-report.md and report.html.
+(latency), per_class.json (per class: `ap50` AP@.5, `ap` AP@[.5:.95]), predictions.csv (actual,predicted
+per box, `metrics.confusion_rows`, for DVC's confusion plot), figures/ (precision-recall curves, test
+images with boxes, EigenCAM), report.md and report.html.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from visionops import atomic, measured
-from visionops.config import EvaluateConfig
+from visionops.config import DetectionConfig, EvaluateConfig
 from visionops.data import dataset
 from visionops.evaluation import report_html
 from visionops.evaluation.eigencam import eigencam
@@ -24,6 +24,7 @@ from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.detection import detector, figures
 from visionops.tasks.detection.metrics import (
+    MAP_MAX_DETECTIONS,
     confusion_rows,
     image_correct,
     mean_average_precision,
@@ -34,17 +35,20 @@ HEADLINE = ("map_50", "map")
 
 
 def score_split(model: detector.Detector, split: dataset.Split, class_names: list[str], batch_size: int = 256) -> dict:
-    """mAP (detections above the rule's mAP score threshold) and the served-threshold verdicts of `model`
-    on `split`; also returns both prediction lists."""
-    ranked = detector.predict(model, split.images, batch_size=batch_size, score_threshold=model.rule.map_score_threshold)
-    return score_detections(ranked, split, class_names, model.rule.score_threshold)
+    """mAP (the ranked detections: above the rule's mAP score threshold, up to `MAP_MAX_DETECTIONS` per image)
+    and the served-threshold verdicts of `model` on `split`; also returns both prediction lists."""
+    ranked = detector.predict(model, split.images, batch_size=batch_size, ranked=True)
+    return score_detections(ranked, split, class_names, model.rule)
 
 
-def score_detections(ranked: list[detector.Detection], split: dataset.Split, class_names: list[str], cut: float) -> dict:
-    """mAP of `ranked` (every image's detections above the mAP score threshold) against `split`'s boxes, and
-    the verdicts of those scoring at least `cut` (the served ones); also returns the prediction lists."""
+def score_detections(ranked: list[detector.Detection], split: dataset.Split, class_names: list[str],
+                     rule: DetectionConfig) -> dict:
+    """mAP of `ranked` (every image's ranked detections, best first) against `split`'s boxes, and the verdicts
+    of the served ones: those scoring at least the rule's score threshold, up to its max_detections (NMS keeps
+    a box whatever the boxes scoring below it, so these are what the served model returns); also returns the
+    prediction lists."""
     true = truths(split.targets["boxes"], split.targets["box_labels"])
-    served = [{k: v[p["scores"] >= cut] for k, v in p.items()} for p in ranked]
+    served = [{k: v[p["scores"] >= rule.score_threshold][: rule.max_detections] for k, v in p.items()} for p in ranked]
     result = mean_average_precision(ranked, true, class_names)
     correct = [image_correct(p, t) for p, t in zip(served, true)]
     result["image_accuracy"] = float(np.mean(correct)) if correct else 0.0
@@ -64,15 +68,17 @@ def _report(m: dict, class_names: list[str], has_cam: bool) -> str:
         f"# Evaluation: {m['model']} on the test split ({m['test_images']} images, {m['test_objects']} objects)", "",
         "| metric | value |", "|---|---|",
         f"| mAP@.5 | {m['map_50']:.4f} |", f"| mAP@[.5:.95] (COCO) | {m['map']:.4f} |",
-        f"| mAP@.75 | {m['map_75']:.4f} |", f"| mAR@100 | {m['mar_100']:.4f} |",
+        f"| mAP@.75 | {m['map_75']:.4f} |", f"| mAR@{MAP_MAX_DETECTIONS} | {m['mar_100']:.4f} |",
         f"| images fully right at score >= {m['score_threshold']} | {m['image_accuracy']:.4f} |",
         f"| parameters | {m['parameters']} |", f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
         "", ("mAP from torchmetrics' `MeanAveragePrecision` (faster_coco_eval backend) on the detections scoring "
-             f"at least {m['map_score_threshold']}, after batched NMS at IoU {m['iou_threshold']}. Latency: see "
-             "measured.json (machine-dependent)."), "",
-        "## Per-class AP@[.5:.95]", "", "| class | AP |", "|---|---|",
-        *[f"| {c} | {m['per_class_ap'].get(c, float('nan')):.4f} |" for c in class_names],
-        "", "![Precision-recall curves](figures/pr_curves.png)", "",
+             f"at least {m['map_score_threshold']}, after batched NMS at IoU {m['iou_threshold']}, up to COCO's "
+             f"{MAP_MAX_DETECTIONS} per image (the served cap, detection.max_detections = {m['max_detections']}, "
+             "applies to the served detections only). Latency: see measured.json (machine-dependent)."), "",
+        "## Per-class AP", "", "| class | AP@.5 | AP@[.5:.95] |", "|---|---|---|",
+        *[f"| {c} | {m['per_class_ap50'].get(c, float('nan')):.4f} | {m['per_class_ap'].get(c, float('nan')):.4f} |"
+          for c in class_names],
+        "", "![Precision-recall curves at IoU .5](figures/pr_curves.png)", "",
         "## Test images", "", "![Predicted and true boxes](figures/detections.png)", "",
         ("The confusion table (predictions.csv) pairs each true box with the prediction matched to it at IoU >= 0.5 "
          "(or `background` when none is), and each unmatched prediction with `background`."), "",
@@ -94,7 +100,7 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
         "model": info["arch"],
         "test_images": len(test),
         "test_objects": int((test.targets["box_labels"] >= 0).sum()),
-        **{k: scored[k] for k in ("map_50", "map", "map_75", "mar_100", "image_accuracy", "per_class_ap")},
+        **{k: scored[k] for k in ("map_50", "map", "map_75", "mar_100", "image_accuracy", "per_class_ap50", "per_class_ap")},
         **rule.model_dump(),
         "parameters": count_parameters(model),
         "model_size_bytes": model_size_bytes(model),
@@ -104,7 +110,8 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
         "images_per_second": latency["images_per_second"],
     }
     fig_dir = reports_dir / "figures"
-    figures.pr_curves(scored["pr_curves"], scored["per_class_ap"], fig_dir / "pr_curves.png", f"PR at IoU .5: {info['arch']}")
+    figures.pr_curves(scored["pr_curves"], scored["per_class_ap50"], fig_dir / "pr_curves.png",
+                      f"Precision-recall at IoU .5: {info['arch']}")
     shown = np.arange(min(cfg.gallery_size, len(test), 24))
     figures.boxes_drawn(test.images[shown], [scored["served"][i] for i in shown], [scored["true"][i] for i in shown],
                         names, fig_dir / "detections.png", f"{info['arch']}, score >= {rule.score_threshold}")
@@ -113,7 +120,8 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     if has_cam:
         eigencam(model, layer, np.asarray(test.images[: cfg.gradcam_samples]), fig_dir / "eigencam.png", "EigenCAM",
                  class_maps=lambda out: out[:, : model.net.num_classes])
-    atomic.write_json(reports_dir / "per_class.json", scored["per_class_ap"])
+    per_class = {c: {"ap50": scored["per_class_ap50"][c], "ap": scored["per_class_ap"][c]} for c in scored["per_class_ap"]}
+    atomic.write_json(reports_dir / "per_class.json", per_class)
     atomic.write_text(reports_dir / "predictions.csv", _predictions_csv(confusion_rows(scored["served"], scored["true"], names)))
     atomic.write_text(reports_dir / "report.md", _report(metrics, names, has_cam))
     report_html.write(reports_dir / "report.md", f"Evaluation: {info['arch']}")

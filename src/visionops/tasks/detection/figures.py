@@ -12,13 +12,13 @@ from visionops.evaluation.plots import _pyplot, save_figure
 TRUE_COLOUR, PRED_COLOUR = "lime", "red"
 
 
-def pr_curves(curves: dict[str, list[float]], per_class_ap: dict[str, float], path: Path, title: str) -> None:
-    """Precision against recall (COCO's 101 recall points) at IoU .5, one line per class."""
+def pr_curves(curves: dict[str, list[float]], per_class_ap50: dict[str, float], path: Path, title: str) -> None:
+    """Precision against recall (COCO's 101 recall points) at IoU .5, one line per class with its AP@.5."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     recall = np.linspace(0, 1, 101)
     for name, precision in curves.items():
-        ax.plot(recall, precision, label=f"{name} (AP {per_class_ap.get(name, float('nan')):.2f})")
+        ax.plot(recall, precision, label=f"{name} (AP@.5 {per_class_ap50.get(name, float('nan')):.2f})")
     ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower left")

@@ -8,6 +8,8 @@ import torch
 
 BACKGROUND = "background"
 MATCH_IOU = 0.5
+# COCO's maxDets: mAP scores up to this many detections per image, whatever the served cap (detection.max_detections)
+MAP_MAX_DETECTIONS = 100
 
 
 def truths(boxes: np.ndarray, labels: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -17,11 +19,13 @@ def truths(boxes: np.ndarray, labels: np.ndarray) -> list[dict[str, np.ndarray]]
 
 
 def mean_average_precision(predictions: list[dict], true: list[dict], class_names: list[str]) -> dict:
-    """COCO mAP@[.5:.95], mAP@.5, mAP@.75, mAR@100 and per-class AP@[.5:.95] (NaN-free: a class absent
-    from the split gets no entry), with the precision-recall curves at IoU .5 per class."""
+    """COCO mAP@[.5:.95], mAP@.5, mAP@.75, mAR@100, per class AP@.5 (`per_class_ap50`) and AP@[.5:.95]
+    (`per_class_ap`) (NaN-free: a class absent from the split gets no entry), and the precision-recall curves
+    at IoU .5 per class. Each image's `MAP_MAX_DETECTIONS` best detections are scored."""
     from torchmetrics.detection import MeanAveragePrecision
 
-    metric = MeanAveragePrecision(backend="faster_coco_eval", class_metrics=True, extended_summary=True)
+    metric = MeanAveragePrecision(backend="faster_coco_eval", class_metrics=True, extended_summary=True,
+                                  max_detection_thresholds=[1, 10, MAP_MAX_DETECTIONS])
     metric.update(
         [{k: torch.as_tensor(p[k]) for k in ("boxes", "scores", "labels")} for p in predictions],
         [{k: torch.as_tensor(t[k]) for k in ("boxes", "labels")} for t in true],
@@ -31,12 +35,16 @@ def mean_average_precision(predictions: list[dict], true: list[dict], class_name
     per_class = {class_names[c]: float(ap) for c, ap in zip(classes, torch.atleast_1d(r["map_per_class"])) if ap >= 0}
     # precision: T (IoU thresholds) x R (101 recall points) x K x A (areas) x M (max dets); -1 = undefined
     precision = r["precision"][0, :, :, 0, -1]  # IoU .5, every area, the most detections
-    curves = {class_names[c]: precision[:, i].clamp_min(0).tolist() for i, c in enumerate(classes) if precision[:, i].max() >= 0}
+    defined = precision[:, : len(classes)] >= 0
+    # AP@.5 per class as COCO averages it: the mean precision over the recall points where it is defined
+    ap50 = {class_names[c]: float(precision[:, i][defined[:, i]].mean()) for i, c in enumerate(classes) if defined[:, i].any()}
+    curves = {class_names[c]: precision[:, i].clamp_min(0).tolist() for i, c in enumerate(classes) if defined[:, i].any()}
     return {
         "map": float(r["map"]),
         "map_50": float(r["map_50"]),
         "map_75": float(r["map_75"]),
-        "mar_100": float(r["mar_100"]),
+        "mar_100": float(r[f"mar_{MAP_MAX_DETECTIONS}"]),
+        "per_class_ap50": ap50,
         "per_class_ap": per_class,
         "pr_curves": curves,
     }

@@ -29,7 +29,7 @@ def evaluate_split(model: Detector, x: Tensor, boxes: Tensor, labels: Tensor, cl
             out = model.net(z)
             if not isinstance(out, (list, tuple)):  # torchvision detectors give no loss in eval mode
                 loss += float(model.net.loss(z, out, *tb)) * len(xb)
-        dets = model.decode(out, model.rule.map_score_threshold)
+        dets = model.decode(out, ranked=True)
         preds += [{"boxes": b.float(), "scores": s.float(), "labels": lab} for b, s, lab in dets]
     true = truths(boxes.cpu().numpy(), labels.cpu().numpy())
     result = mean_average_precision([{k: v.cpu() for k, v in p.items()} for p in preds], true, class_names)

@@ -7,7 +7,7 @@ times, rounded stochastically (seeded by balance.seed) so the expected count is 
 
 Writes to `out_dir`: train_indices.npy (train rows, repeated), repeat_factors.json (per class and per
 image), policy.json (balance and augmentation). To `reports_dir`: summary.json and
-class_distribution.csv / .png (instances per class before and after).
+class_distribution.csv (instances per class before and after).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
 from visionops.errors import InvalidInputError
-from visionops.evaluation import plots
 
 STRATEGIES = ("none", "repeat_factor")
 
@@ -89,7 +88,5 @@ def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfi
     writer.writerow(["class_name", "before", "after"])
     writer.writerows([name, int(before[i]), int(after[i])] for i, name in enumerate(ds.class_names))
     atomic.write_text(reports_dir / "class_distribution.csv", rows.getvalue())
-    plots.class_distribution(ds.class_names, {"instances before": before, "after repeat-factor sampling": after},
-                             reports_dir / "class_distribution.png", f"train instances, balance.strategy={balance.strategy}")
     atomic.write_json(reports_dir / "summary.json", summary)
     return summary

@@ -25,7 +25,7 @@ class Detection:
     def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.detection.validate import run_validate
 
-        return run_validate(dataset_dir, params.validate_, reports_dir)
+        return run_validate(dataset_dir, params.validate_, reports_dir, params.detection.max_detections)
 
     def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.detection.prepare import run_prepare
@@ -75,8 +75,8 @@ class Detection:
 
     def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
         """The served detector (the registered pyfunc's model) on `split`: mAP@.5 of its detections at its
-        served score threshold, mAP@[.5:.95], per-class AP, and per image whether it is fully right (every
-        true box found with its class at IoU >= 0.5, no other detection)."""
+        served score threshold, mAP@[.5:.95], per-class AP@.5 and AP@[.5:.95], and per image whether it is
+        fully right (every true box found with its class at IoU >= 0.5, no other detection)."""
         import json
 
         from visionops.tasks.detection.metrics import image_correct, mean_average_precision, truths
@@ -91,7 +91,7 @@ class Detection:
                           "labels": np.asarray([index[c] for c in d["labels"]], np.int64)})
         true = truths(split.targets["boxes"], split.targets["box_labels"])
         result = mean_average_precision(preds, true, ds.class_names)
-        metrics = {"n": len(split), "map_50": result["map_50"], "map": result["map"],
+        metrics = {"n": len(split), "map_50": result["map_50"], "map": result["map"], "per_class_ap50": result["per_class_ap50"],
                    "per_class_ap": result["per_class_ap"], "latency_batch_size": cfg.latency_batch_size}
         return metrics, np.array([image_correct(p, t) for p, t in zip(preds, true)], dtype=bool)
 

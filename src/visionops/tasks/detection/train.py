@@ -3,7 +3,7 @@ selected by val mAP@.5.
 
 Writes the model (network + normalisation + class names + the `detection` prediction rule) to
 `model_path`, and to `reports_dir`: metrics.json (`HEADLINE`), details.json, measured.json (timings),
-history.csv and history.png.
+and history.csv.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
     if facts["is_main"]:
         history = [measured.pure(row) for row in state.history]
         detector.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history)
-        write_history(history, reports_dir, f"teacher: {cfg.model}")
+        write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)
     return metrics

@@ -1,18 +1,25 @@
 """Detection's `validate`: the shared per-image and per-object checks (`visionops.data.dense_validate`) plus
-its boxes': every object has a known class and a box inside its image with positive area."""
+its boxes': every object has a known class and a box inside its image with positive area; and a warning for
+images holding more objects than the served model returns (detection.max_detections)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from visionops.config import ValidateConfig
+from visionops.config import DetectionConfig, ValidateConfig
 from visionops.data.dense_validate import meta, run_dense_validate
 
 
-def object_checks(gx, cfg: ValidateConfig, class_names: list[str]) -> dict[str, list]:
+def object_checks(gx, cfg: ValidateConfig, class_names: list[str], max_detections: int) -> dict[str, list]:
     E = gx.expectations
     k = len(class_names)
     return {
+        "warning_images": [
+            E.ExpectColumnValuesToBeBetween(
+                column="objects", max_value=max_detections,
+                meta={"check": f"objects per image <= detection.max_detections ({max_detections}), the served cap"}),
+        ],
         "critical_objects": [
             E.ExpectColumnValuesToBeInSet(column="class_index", value_set=list(range(k)),
                                           meta=meta(f"object class in the {k} classes", "class")),
@@ -30,9 +37,11 @@ def object_checks(gx, cfg: ValidateConfig, class_names: list[str]) -> dict[str, 
     }  # fmt: skip
 
 
-def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
+def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path,
+                 max_detections: int = DetectionConfig().max_detections) -> dict:
     """Check the detection dataset in `dataset_dir`; write the reports into `out_dir`; return the summary.
+    `max_detections`: the served cap (params' detection.max_detections), above which an image's objects warn.
 
     Raises ValidationFailed (after writing every output) when a critical check fails.
     """
-    return run_dense_validate(dataset_dir, cfg, out_dir, object_checks)
+    return run_dense_validate(dataset_dir, cfg, out_dir, partial(object_checks, max_detections=max_detections))

@@ -7,7 +7,7 @@ ONNX export with an onnxruntime parity check of its raw per-pixel logits, and (w
 its static int8 quantization with the int8 model's test mIoU and ONNX Runtime speed.
 
 Writes the student to `student_path`, and to `reports_dir`: metrics.json (`HEADLINE`), details.json,
-history.csv/png, student.onnx, student.int8.onnx (with `distill.quantize`), report.md/.html (timings in
+history.csv, student.onnx, student.int8.onnx (with `distill.quantize`), report.md/.html (timings in
 measured.json).
 """
 
@@ -92,7 +92,7 @@ def _report(m: dict) -> str:
         f"- ONNX ({m['onnx_exporter']}): max |onnx - torch| logit {m['onnx_max_abs_diff']:.3g} on {m['onnx_images']} "
         f"images, argmax agreement {m['onnx_argmax_agreement']:.4f}",
         *_int8_lines(m), "",
-        "![student training](history.png)", "",
+        "Per-epoch loss and val mIoU: history.csv (`dvc plots show`, and the stage's MLflow run).", "",
     ])  # fmt: skip
 
 
@@ -144,7 +144,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
         "cpu_speedup": t_lat["batch_ms"] / s_lat["batch_ms"], "int8_miou": None, **int8,
         **run_seconds(state.history, len(s.arrays[0])),
     }  # fmt: skip
-    write_history([measured.pure(r) for r in state.history], reports_dir, f"distilled student: {cfg.student}")
+    write_history([measured.pure(r) for r in state.history], reports_dir)
     measured.write_reports(reports_dir, m, HEADLINE)
     atomic.write_text(reports_dir / "report.md", _report(m))
     report_html.write(reports_dir / "report.md", "visionops distillation")

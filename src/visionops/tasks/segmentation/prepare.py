@@ -7,7 +7,7 @@ adjustment) are classification's and are refused.
 
 Writes to `out_dir`: train_indices.npy (every train image once), loss.json (`pixel_weights`, or null),
 policy.json (the balance and augmentation policy train applies). To `reports_dir`: summary.json and
-class_distribution.csv/.png (per class: train pixels `before`, and `after` = pixels x weight, the share
+class_distribution.csv (per class: train pixels `before`, and `after` = pixels x weight, the share
 of the loss the class carries).
 """
 
@@ -24,7 +24,6 @@ from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
 from visionops.errors import InvalidInputError
-from visionops.evaluation import plots
 from visionops.tasks.segmentation.segmenter import IGNORE
 
 STRATEGIES = ("none", "class_weights")
@@ -80,7 +79,5 @@ def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfi
     writer.writerow(["class_name", "before", "after"])
     writer.writerows([name, int(pixels[i]), round(float(after[i]), 3)] for i, name in enumerate(ds.class_names))
     atomic.write_text(reports_dir / "class_distribution.csv", rows.getvalue())
-    plots.class_distribution(ds.class_names, {"pixels": pixels, "pixels x weight": after}, reports_dir / "class_distribution.png",
-                             f"train pixels per class, balance.strategy={balance.strategy}")
     atomic.write_json(reports_dir / "summary.json", summary)
     return summary

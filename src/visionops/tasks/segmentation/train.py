@@ -1,7 +1,7 @@
 """Stage `train` for segmentation: fit the teacher on the prepared train split, selected by val mIoU.
 
 Writes the model (network + normalisation + class names) to `model_path`, and to `reports_dir`:
-metrics.json (`HEADLINE`), details.json, history.csv/png (and measured.json with the timings).
+metrics.json (`HEADLINE`), details.json, history.csv (and measured.json with the timings).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
     if s.dist_info.is_main:
         history = [measured.pure(row) for row in state.history]
         segmenter.save(model_path, model.cpu(), cfg.model, s.ds.class_names, s.ds.image_shape, history=history)
-        write_history(history, reports_dir, f"teacher: {cfg.model}")
+        write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)
     return metrics
