@@ -46,7 +46,7 @@ def _make_run(clone: Path) -> str:
 
 def _versions(clone: Path) -> list[tuple[str, str]]:
     client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
-    return sorted((v.name, v.version) for v in client.search_model_versions(""))
+    return sorted((v.name, str(v.version)) for v in client.search_model_versions(""))
 
 
 def _predict(clone: Path) -> dict:
@@ -77,10 +77,16 @@ def test_a_fresh_clone_registers_a_champion_and_a_second_make_run_registers_noth
     assert "register: nothing to register: the model files are registered already as" in second, second
     assert [line for line in second.splitlines() if line.startswith("Running stage")] == ["Running stage 'register':"]
     assert _versions(clone) == versions
+    from pipelines.nothing_to_do import nothing_to_do  # `python -m pipelines training`: no flow run needed either
+
+    said = nothing_to_do(clone, promote=False, env={})
+    assert said.startswith("nothing to do: `dvc status` says every stage is up to date (register, which DVC always "
+                           "reruns, would find every model file registered)"), said
 
     # the state on any machine: every output equals dvc.lock, and the registry is empty
     (clone / "mlflow.db").unlink()
     shutil.rmtree(clone / "mlartifacts")
+    assert nothing_to_do(clone, promote=False, env={}) is None  # the register stage has work: the flow runs
     third = _make_run(clone)
     assert f"{TEACHER} v1: registered; champion after the gates" in third, third
     assert _predict(clone)["label"] == row["label"]

@@ -400,7 +400,7 @@ def test_a_second_rollback_says_what_is_true(store, models, holdouts):
     holdout = holdouts["balanced"]
     _log(models["no_bottom"])
     promote(NAME, holdout, gates(), EVAL)
-    with pytest.raises(RollbackError, match=r"no 'previous' version: champion v1 is the first champion \(no version was"):
+    with pytest.raises(RollbackError, match=r"no 'previous' version: champion v1 is the first champion \(no version is recorded"):
         rollback(NAME)
     _log(models["good"])
     promote(NAME, holdout, gates(), EVAL)

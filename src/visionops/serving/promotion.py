@@ -466,15 +466,19 @@ def rollback(registered_name: str, client: MlflowClient | None = None) -> dict:
 
 
 def _earliest(champion: ModelVersion) -> str:
-    """Why nothing precedes `champion`: how it became champion, from its tags (the newer event wins)."""
+    """Why nothing precedes `champion`, from its tags: how it became champion (the newer event wins)."""
     tags, v = champion.tags or {}, champion.version
+    before = tags.get("promotion.previous_champion") or None
     if tags.get("rollback.decision") == "restored" and tags.get("rollback.timestamp", "") >= tags.get("promotion.timestamp", ""):
         demoted = tags["rollback.restored_from"]
-        return (f"champion v{v} was restored by a rollback from v{demoted}, and no version was champion before v{v}; "
-                f"`visionops promote --version {demoted}` judges v{demoted} again")
-    if tags.get("promotion.decision") == "promoted" and not tags.get("promotion.previous_champion"):
-        return f"champion v{v} is the first champion (no version was champion before it)"
-    return f"champion v{v} holds the alias, but no version holds {PREVIOUS!r} (set it with MLflow to roll back there)"
+        how = f"champion v{v} was restored by a rollback from v{demoted}"
+        hint = f"; `visionops promote --version {demoted}` judges v{demoted} again"
+    else:
+        how, hint = f"champion v{v}", ""
+    if before is None:
+        return (f"{how}, and no version was champion before v{v}{hint}" if hint
+                else f"champion v{v} is the first champion (no version is recorded as champion before it)")
+    return f"{how}; v{before}, the champion v{v} replaced, holds no {PREVIOUS!r} alias (deleted, or rolled back from){hint}"
 
 
 # ------------------------------------------------------------------------------------------
