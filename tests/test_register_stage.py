@@ -240,3 +240,14 @@ def test_a_model_file_holding_code_is_refused_in_one_line(project, capsys):
     assert err.splitlines()[-1] == ("visionops register: error: models/teacher.pt: refused: it holds code (the pickled global print), "
                    "and visionops loads only tensors and plain values (torch.load weights_only); retrain it with "
                    "`visionops train`")
+
+
+def test_a_training_checkpoint_holding_code_is_refused_in_one_line(tmp_path):
+    from visionops.errors import InvalidInputError
+    from visionops.training.trainer import _load_checkpoint
+
+    torch.save({"fingerprint": "f", "extra": _Payload()}, tmp_path / "train.pt")
+    with pytest.raises(InvalidInputError) as err:
+        _load_checkpoint(tmp_path / "train.pt", "f", None, None, None, None)  # refused before anything is restored
+    assert str(err.value) == (f"{tmp_path / 'train.pt'}: refused: it holds code (the pickled global print), and visionops "
+                              "loads only tensors and plain values (torch.load weights_only); delete it to train from the start")
