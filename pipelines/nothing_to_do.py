@@ -2,80 +2,70 @@
 
 With no Prefect server configured (PREFECT_API_URL unset), a flow run goes to a temporary server that
 is started for it and thrown away afterwards: 15-20 s of start-up and shutdown to record a run that no
-UI ever shows. So when `dvc status` reports every stage up to date, and every challenger (teacher and
-student) was already judged against the champion it would face now, under the same gates (params.yaml
-`promote`, recorded in the version's `promotion.metrics` tag), there is nothing to do.
+UI ever shows. So when `dvc status` reports every stage up to date, the registry holds every model file
+already (the `register` stage is `always_changed`: `dvc status` lists it every time, because only the
+registry can say whether it has work), and, with promotion on, every challenger (teacher and student)
+was already judged against the champion it would face now, under the same gates (params.yaml `promote`,
+recorded in the version's `promotion.metrics` tag), there is nothing to do.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 from pipelines import dvc_stages
 
-
-def _sqlite_reader(db: Path):
-    """Aliases and version tags read straight from a SQLite MLflow store (read-only; ~50 ms instead of
-    the seconds that importing MLflow takes). Raises sqlite3.Error if the schema is not what it expects."""
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-
-    def alias(name: str, a: str):
-        row = con.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, a)).fetchone()
-        return None if row is None else str(row[0])
-
-    def tags(name: str, version: str) -> dict:
-        rows = con.execute("SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?", (name, int(version)))
-        return dict(rows.fetchall())
-
-    return alias, tags
+ALWAYS = "always changed"  # what `dvc status` says of an always_changed stage whose deps and outs are unchanged
+REGISTER = "register"
 
 
-def _mlflow_reader(params, project_dir: Path):
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def _stage_status(root: Path) -> dict[str, list] | None:
+    """`dvc status --json`: stage -> what changed (None when it cannot tell)."""
+    env = dvc_stages.stage_env(root)
+    proc = subprocess.run([*dvc_stages.dvc_command(env), "status", "--json"], cwd=root, env=env, capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    try:
+        status = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except ValueError:
+        return None
+    return {name.rsplit(":", 1)[-1]: entries for name, entries in status.items()} if isinstance(status, dict) else None
 
-    from visionops.tracking.store import configure
 
-    configure(params.mlflow, project_dir)
-    client = mlflow.MlflowClient()
+def _registered(root: Path) -> list[str] | None:
+    """One line per model file the registry holds already, or None when the register stage has work."""
+    from visionops import layout
+    from visionops.config import load_params
+    from visionops.serving.registered import reader, registered_already
 
-    def alias(name: str, a: str):
-        try:
-            return str(client.get_model_version_by_alias(name, a).version)
-        except MlflowException:
-            return None
-
-    return alias, lambda name, version: dict(client.get_model_version(name, version).tags or {})
+    params = load_params(root / "params.yaml")
+    if not params.mlflow.enabled:
+        return ["mlflow.enabled is false: nothing to register"]
+    files = {params.mlflow.teacher_model_name: root / layout.TEACHER, params.mlflow.student_model_name: root / layout.STUDENT}
+    found = registered_already(reader(params.mlflow, root), files, None)
+    if found is None:
+        return None
+    return [f"{r['name']}: {files[r['name']].relative_to(root)} is registered already as v{r['version']}" for r in found]
 
 
 def _judged(project_dir: Path) -> list[str] | None:
     """One line per model whose challenger was already judged against today's champion, or None when
     some challenger is still to be judged."""
-    import sqlite3
-
     from visionops.config import load_params
-    from visionops.tracking.store import _sqlite_path, tracking_uri
+    from visionops.serving.registered import reader
 
     params = load_params(project_dir / "params.yaml")
     if not params.mlflow.enabled:
         return []
-    db = _sqlite_path(tracking_uri(params.mlflow, project_dir))
-    if db is not None and not db.is_file():
+    read = reader(params.mlflow, project_dir)
+    if read is None:
         return ["no MLflow store yet: nothing registered"]
-    try:
-        alias, tags = _sqlite_reader(db) if db is not None else _mlflow_reader(params, project_dir)
-        return _lines(params, alias, tags)
-    except sqlite3.Error:
-        alias, tags = _mlflow_reader(params, project_dir)
-        return _lines(params, alias, tags)
+    return _lines(params, read.alias, read.tags)
 
 
 def _same_gates(t: dict, params) -> bool:
-    import json
-
     try:
         return json.loads(t.get("promotion.metrics", "{}")).get("gates") == json.loads(params.promote.model_dump_json())
     except (ValueError, AttributeError):
@@ -104,9 +94,16 @@ def nothing_to_do(project_dir: str | Path, promote: bool, env: dict | None = Non
     if env.get("PREFECT_API_URL"):
         return None  # a server is configured: run, so the run is visible in its UI
     root = Path(project_dir).resolve()
-    if dvc_stages.changed_stages(root) != set():
-        return None
+    status = _stage_status(root)
+    if status is None or any(entries != [ALWAYS] or name != REGISTER for name, entries in status.items()):
+        return None  # a stage has work for the data (or an always-changed stage other than register would run)
     lines = ["nothing to do: `dvc status` says every stage is up to date"]
+    if status:  # register: DVC reruns it every time; the registry says whether it has work
+        registered = _registered(root)
+        if registered is None:
+            return None
+        lines[0] += " (register, which DVC always reruns, would find every model file registered)"
+        lines += [f"  {line}" for line in registered]
     if promote:
         judged = _judged(root)
         if judged is None:

@@ -95,14 +95,15 @@ def test_no_champion_and_no_challenger_are_one_true_line(tmp_path, monkeypatch, 
     client.create_registered_model("student")
     client.create_model_version("student", source=str(tmp_path), run_id=None)
     err = error("promote", "--student")
-    assert "versions 1 but no 'challenger' and no champion" in err and "--version N" in err
+    assert err.endswith("student has no 'challenger' and no champion: version 1 is registered but none was judged yet "
+                        "(a DVC experiment's versions move no alias): judge one with `visionops promote --version N`")
     client.set_registered_model_alias("student", "champion", "1")
     assert "student v1 is already champion and no version holds the alias 'challenger'; nothing to promote" in error(
         "promote", "--student")
     client.create_registered_model("visionops-classifier")
     client.create_model_version("visionops-classifier", source=str(tmp_path), run_id=None)
     err = error("predict", "a.png")
-    assert "model 'visionops-classifier' has no champion yet (versions 1 are registered)" in err
+    assert "model 'visionops-classifier' has no champion: version 1 is registered but none was judged yet" in err
 
 
 def test_commands_print_a_summary_and_json_on_request(tmp_path, capsys):

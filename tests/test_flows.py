@@ -290,7 +290,8 @@ def test_a_stage_failing_once_is_retried(trained, no_retry_delays):
     assert runs["flaky"].run_count == 2 and runs["flaky"].state.is_completed()
     assert all(runs[s].run_count == 1 for s in STAGES)
     summary = state.result()
-    assert [s["state"] for s in summary["stages"]] == ["up to date"] * len(STAGES) + ["ran"]
+    # register is always_changed (DVC cannot see the registry): it runs, and registers nothing new
+    assert [s["state"] for s in summary["stages"]] == ["up to date"] * (len(STAGES) - 1) + ["ran", "ran"]
     assert (project.path / "reports/flaky/ok.txt").read_text().strip() == "ok"
 
 

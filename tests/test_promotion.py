@@ -1,4 +1,5 @@
-"""Promotion on the frozen holdout: McNemar-tested gain, latency judged against the champion, explicit
+"""Promotion on the frozen holdout: a gain tested by the task's paired test (McNemar for classification,
+Wilcoxon signed-rank on per-image F1 for detection), latency judged against the champion, explicit
 versions, rollback, and `visionops promote` refusing a gain too small to be significant.
 
 Real tiny classifiers are trained here and registered in a real MLflow SQLite store under tmp_path.
@@ -28,12 +29,14 @@ from visionops.data import dataset
 from visionops.errors import VisionopsError
 from visionops.evaluation.latency import paired_latency
 from visionops.serving.promotion import (
+    AlreadyChampionError,
     NoChallengerError,
     RollbackError,
     evaluate_version,
     mcnemar,
     promote,
     rollback,
+    wilcoxon,
 )
 from visionops.serving.pyfunc import RegistryError, log_classifier
 from visionops.tasks.classification import classifier
@@ -146,11 +149,36 @@ def test_mcnemar_counts_only_discordant_images():
     ch = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 0], bool)
     champ = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0], bool)
     r = mcnemar(ch, champ)
-    assert (r["n"], r["challenger_only"], r["champion_only"]) == (12, 8, 2)
+    assert (r["test"], r["n"], r["challenger_better"], r["champion_better"]) == ("McNemar exact", 12, 8, 2)
     assert r["p_value"] == pytest.approx(56 / 1024)  # P(X >= 8), X ~ Binomial(10, 1/2): (45 + 10 + 1) / 2^10
     assert r["gain"] == pytest.approx(6 / 12)
     assert mcnemar(np.ones(5, bool), np.ones(5, bool))["p_value"] == 1.0  # no discordant pair: no evidence
     assert mcnemar(np.zeros(3, bool), np.ones(3, bool))["p_value"] == 1.0  # worse is never significant
+
+
+def test_wilcoxon_ranks_per_image_score_differences():
+    ch = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.4])
+    champ = np.array([0.1, 0.2, 0.3, 0.4, 0.45, 0.4, 0.4])  # 5 images better, 2 tied (dropped)
+    r = wilcoxon(ch, champ)
+    assert (r["test"], r["n"], r["challenger_better"], r["champion_better"]) == ("Wilcoxon signed-rank", 7, 5, 0)
+    assert r["p_value"] == pytest.approx(1 / 32)  # every one of the 2^5 sign patterns equally likely: all positive
+    assert r["gain"] == pytest.approx(np.mean(ch - champ)) and r["champion_mean"] == pytest.approx(np.mean(champ))
+    assert wilcoxon(champ, ch)["p_value"] == pytest.approx(1.0)  # worse is never significant
+    assert wilcoxon(np.full(4, 0.5), np.full(4, 0.5))["p_value"] == 1.0  # no difference: no evidence
+    assert wilcoxon(np.array([np.nan, 0.9]), np.array([np.nan, 0.1]))["challenger_better"] == 1  # NaN: a tie
+
+
+def test_image_f1_counts_boxes_found_with_their_class():
+    from visionops.tasks.detection.metrics import image_f1
+
+    true = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), "labels": np.array([1, 2])}
+    pred = {"boxes": np.array([[0, 0, 10, 11], [40, 40, 50, 50], [20, 20, 30, 30]], np.float32),
+            "scores": np.array([0.9, 0.8, 0.7]), "labels": np.array([1, 0, 3])}
+    assert image_f1(pred, true) == pytest.approx(2 * 1 / (2 + 3))  # one box found with its class, of 2 true and 3 served
+    assert image_f1({k: v[[0, 2]] for k, v in pred.items()} | {"labels": np.array([1, 2])}, true) == 1.0
+    assert image_f1({k: v[:0] for k, v in pred.items()}, true) == 0.0
+    nothing = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+    assert image_f1({**nothing, "scores": np.zeros(0)}, nothing) == 1.0  # nothing there, nothing claimed
 
 
 def test_paired_latency_is_a_ratio_of_turns():
@@ -198,18 +226,21 @@ def test_small_gain_is_refused_as_not_significant(store, models, holdouts, tmp_p
     d = promote(NAME, holdout, gates(min_gain=0.0, significance=0.05), EVAL)
 
     assert not d.promoted
-    assert (d.comparison["challenger_only"], d.comparison["champion_only"], d.comparison["n"]) == (b, c, 300)
+    assert (d.comparison["challenger_better"], d.comparison["champion_better"], d.comparison["n"]) == (b, c, 300)
     assert d.comparison["p_value"] > 0.05
     (reason,) = d.reasons  # the gain itself passed min_gain 0: only its significance failed
-    assert re.search(rf"McNemar exact p={d.comparison['p_value']:.4g} vs significance 0.05 \(n=300 holdout images", reason)
+    assert re.search(rf"McNemar exact p={d.comparison['p_value']:.4g} on accuracy vs significance 0.05 \(n=300 holdout images: "
+                     rf"{b} right only by the challenger, {c} only by the champion\)", reason)
     assert any(c.startswith("PASS accuracy gain +0.0") for c in d.checks)
     assert _aliases() == {"champion": "1", "challenger": "2"}  # nothing moved
     mv = client.get_model_version(NAME, "2")
     assert mv.tags["promotion.decision"] == "rejected"
     assert float(mv.tags["promotion.p_value"]) == pytest.approx(d.comparison["p_value"], rel=1e-5)
-    assert json.loads(mv.tags["promotion.discordant"]) == {"challenger_only": b, "champion_only": c}
+    assert json.loads(mv.tags["promotion.discordant"]) == {"challenger_better": b, "champion_better": c}
+    assert mv.tags["promotion.test"] == "McNemar exact on accuracy"
     assert mv.tags["promotion.holdout_n"] == "300"
-    assert "REJECTED" in mv.description and "p=" in mv.description and "300 holdout images" in mv.description
+    assert "REJECTED" in mv.description and "300 holdout images" in mv.description
+    assert "paired test McNemar exact on accuracy: p=" in mv.description
 
     # `visionops promote` refuses too, and says why: the p-value and the sample size
     monkeypatch.chdir(_project(tmp_path, store, holdout, min_gain=0.0, significance=0.05))
@@ -235,7 +266,7 @@ def test_clearly_better_challenger_is_promoted(store, models, holdouts, tmp_path
 
     assert d["promoted"], d["reasons"]
     assert (d["challenger_version"], d["champion_version"], d["holdout_n"]) == ("2", "1", 300)
-    assert d["comparison"]["challenger_only"] >= 35 and d["comparison"]["p_value"] < 1e-9
+    assert d["comparison"]["challenger_better"] >= 35 and d["comparison"]["p_value"] < 1e-9
     gain = d["challenger_metrics"]["accuracy"] - d["champion_metrics"]["accuracy"]
     assert d["comparison"]["gain"] == pytest.approx(gain) and gain >= 0.1
     assert _aliases() == {"champion": "2", "previous": "1", "challenger": "3"}
@@ -300,6 +331,23 @@ def test_an_explicit_version_is_judged_not_the_alias(store, models, holdouts):
         promote(NAME, holdout, gates(), EVAL, alias="nightly")
 
 
+def test_the_champion_is_not_judged_again(store, models, holdouts, tmp_path, monkeypatch, capsys):
+    """`promote --version 1` on champion v1 used to print "PROMOTED ... champion before: none"."""
+    _log(models["good"])
+    assert promote(NAME, holdouts["balanced"], gates(), EVAL).promoted
+    description = MlflowClient().get_model_version(NAME, "1").description
+    with pytest.raises(AlreadyChampionError, match=f"{NAME} v1 is champion already: nothing to promote"):
+        promote(NAME, holdouts["balanced"], gates(), EVAL, version="1")
+    monkeypatch.chdir(_project(tmp_path, store, holdouts["balanced"]))
+    capsys.readouterr()
+    assert cli.main(["promote", "--version", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "PROMOTED" not in out and err.startswith(f"visionops promote: error: {NAME} v1 is champion already: nothing")
+    assert len(err.strip().splitlines()) == 1
+    assert MlflowClient().get_model_version(NAME, "1").description == description  # no decision recorded
+    assert _aliases() == {"champion": "1"}
+
+
 def test_holdout_must_exist_and_have_its_split(store, models, holdouts, tmp_path):
     _log(models["no_bottom"])
     with pytest.raises(RegistryError, match="no frozen holdout dataset here") as err:
@@ -342,5 +390,132 @@ def test_rollback_moves_champion_back(store, models, holdouts):
 
     r = rollback(NAME)
     assert (r["champion_version"], r["previous_version"]) == ("1", None)
-    with pytest.raises(RollbackError, match="no 'previous'"):
+    with pytest.raises(RollbackError, match=r"no 'previous' version: champion v1 was restored by a rollback from v2, and no "
+                                            r"version was champion before v1; `visionops promote --version 2` judges v2"):
         rollback(NAME)
+
+
+def test_a_second_rollback_says_what_is_true(store, models, holdouts):
+    """After one rollback, a second used to say "champion v1 was never replaced"."""
+    holdout = holdouts["balanced"]
+    _log(models["no_bottom"])
+    promote(NAME, holdout, gates(), EVAL)
+    with pytest.raises(RollbackError, match=r"no 'previous' version: champion v1 is the first champion \(no version is recorded"):
+        rollback(NAME)
+    _log(models["good"])
+    promote(NAME, holdout, gates(), EVAL)
+    assert rollback(NAME)["champion_version"] == "1"
+    with pytest.raises(RollbackError) as err:
+        rollback(NAME)
+    assert "never replaced" not in str(err.value)
+    assert str(err.value) == (f"model '{NAME}' has no 'previous' version: champion v1 was restored by a rollback from v2, "
+                              "and no version was champion before v1; `visionops promote --version 2` judges v2 again")
+
+
+# ------------------------------------------------------------------------------------------
+# detection: dense images, where "fully detected" never happens
+
+
+DET_CLASSES = [str(d) for d in range(10)]
+DET_SHAPE = (96, 96, 1)
+DET_NAME = "promo-detector"
+SUPPRESSED = (5, 6, 7, 8, 9)  # the champion never detects these digits
+
+
+@pytest.fixture(scope="module")
+def detectors(tmp_path_factory) -> dict[str, Path]:
+    """A real CenterNet trained briefly on canvases of 10-16 digits (`full`), the same network blind to
+    the digits 5-9 (`blind`: their heatmap biases at -1e4), and a holdout of 60 such canvases."""
+    from detection_data import dominant
+
+    from visionops.config import DetectionConfig
+    from visionops.data.canvases import make_canvases
+    from visionops.tasks.detection import detector
+
+    out = tmp_path_factory.mktemp("detectors")
+    c = make_canvases(300, DET_SHAPE[0], seed=0, digits=(10, 16), scale=(10, 14))
+    torch.manual_seed(0)
+    model = detector.build("centernet_tiny", DET_CLASSES, DET_SHAPE, [0.2], [0.3],
+                           DetectionConfig(score_threshold=0.3, max_detections=30))
+    x = torch.from_numpy(c.images[:240]).permute(0, 3, 1, 2).float() / 255
+    boxes, labels = torch.from_numpy(c.boxes[:240]), torch.from_numpy(c.labels[:240])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        idx = torch.randint(0, 240, (32,), generator=g)
+        loss = model.loss(model(x[idx]), (boxes[idx], labels[idx]), x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    paths = {"full": out / "full.pt", "blind": out / "blind.pt"}
+    detector.save(paths["full"], model.eval(), "centernet_tiny", DET_CLASSES, DET_SHAPE)
+    with torch.no_grad():  # the head's first K output channels are the class heatmaps' logits
+        model.net.head[-1].bias[list(SUPPRESSED)] = -1e4
+    detector.save(paths["blind"], model, "centernet_tiny", DET_CLASSES, DET_SHAPE)
+    held = dataset.Split(c.images[240:], dominant(c.labels[240:]), [f"holdout/{i}.png" for i in range(60)],
+                         targets={"boxes": c.boxes[240:], "box_labels": c.labels[240:]})
+    paths["holdout"] = out / "holdout"
+    dataset.save(dataset.Dataset(DET_CLASSES, {"holdout": held}, "canvases", task="detection"), paths["holdout"])
+    return paths
+
+
+def _log_detector(path: Path) -> str:
+    from visionops.tasks.detection.task import TASK
+
+    with mlflow.start_run():
+        return str(TASK.log_model(path, DET_NAME, tags={"source": path.stem}, alias="challenger").version)
+
+
+@pytest.mark.slow
+def test_a_better_detector_on_dense_images_is_promoted_by_a_per_image_test(store, detectors):
+    """On canvases of 10-16 digits no image is ever fully detected, so McNemar saw no discordant image (p=1)
+    and no detector could be promoted; the Wilcoxon signed-rank test on per-image F1 promotes the better
+    one, and rejects the worse. The class gate judges AP@.5, as documented."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from visionops.tasks.detection import detector
+    from visionops.tasks.detection.metrics import image_correct, truths
+
+    holdout = detectors["holdout"]
+    split = dataset.load(holdout).splits["holdout"]
+    true = truths(split.targets["boxes"], split.targets["box_labels"])
+    assert min(len(t["labels"]) for t in true) >= 10
+    preds = {k: detector.predict(detector.load(detectors[k])[0], split.images) for k in ("full", "blind")}
+    correct = {k: np.array([image_correct(p, t) for p, t in zip(preds[k], true)]) for k in preds}
+    assert not correct["full"].any() and mcnemar(correct["full"], correct["blind"])["p_value"] == 1.0  # the old test
+
+    _log_detector(detectors["blind"])
+    assert promote(DET_NAME, holdout, gates(), EVAL).promoted  # the first champion: absolute gates only
+    _log_detector(detectors["full"])
+    d = promote(DET_NAME, holdout, gates(min_score=0.2, min_gain=0.05, significance=0.001), EVAL)
+
+    assert d.promoted, d.reasons
+    c = d.comparison
+    assert (c["test"], c["measure"], c["n"]) == ("Wilcoxon signed-rank", "per-image F1 (IoU 0.5, class matched)", 60)
+    assert c["p_value"] < 1e-6 and c["challenger_better"] > 40 and c["gain"] > 0.05
+    assert d.challenger_metrics["map_50"] > d.champion_metrics["map_50"]
+    assert any(re.match(r"Wilcoxon signed-rank p=\S+ on per-image F1 \(IoU 0\.5, class matched\) vs significance "
+                        r"0\.001 \(n=60 holdout images: \d+ scored higher by the challenger, \d+ by the champion", r)
+               for r in d.reasons)
+    # the class gate is AP@.5 per class, as documented (COCO AP at IoU 0.5 alone, computed here independently)
+    metric = MeanAveragePrecision(iou_thresholds=[0.5], class_metrics=True, backend="faster_coco_eval")
+    metric.update([{k: torch.as_tensor(p[k]) for k in ("boxes", "scores", "labels")} for p in preds["full"]],
+                  [{k: torch.as_tensor(t[k]) for k in ("boxes", "labels")} for t in true])
+    r = metric.compute()
+    ap50 = {DET_CLASSES[int(k)]: float(v) for k, v in zip(r["classes"], r["map_per_class"])}
+    assert d.challenger_metrics["per_class_ap50"] == pytest.approx(ap50, abs=1e-3)  # served JSON rounds boxes, scores
+    strict = d.challenger_metrics["per_class_ap"]  # AP@[.5:.95], reported beside it: lower, not what the gate reads
+    assert np.mean(list(strict.values())) < np.mean(list(ap50.values())) - 0.05
+    lowest = min(ap50.values())
+    assert f"PASS every class AP@.5 >= min_class_score 0.000 (lowest {lowest:.3f})" in d.checks
+    mv = MlflowClient().get_model_version(DET_NAME, "2")
+    assert mv.tags["promotion.test"] == "Wilcoxon signed-rank on per-image F1 (IoU 0.5, class matched)"
+    assert "paired test Wilcoxon signed-rank on per-image F1 (IoU 0.5, class matched): p=" in mv.description
+
+    _log_detector(detectors["blind"])  # the worse detector as challenger: rejected by the same test
+    d = promote(DET_NAME, holdout, gates(significance=0.05, min_class_score=0.05), EVAL)
+    assert not d.promoted and d.comparison["champion_better"] > 40
+    assert any(re.match(r"Wilcoxon signed-rank p=(1|0\.9\d*) on per-image F1", r) for r in d.reasons), d.reasons
+    assert any(r.startswith("class AP@.5 below min_class_score 0.050:") and all(f"{k} (0.000)" in r for k in SUPPRESSED)
+               for r in d.reasons), d.reasons

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -113,10 +114,15 @@ def test_register_is_one_idempotent_step_and_first_promotion_judges_the_new_vers
     assert run.data.params["promote.min_score"] == "0.9" and run.data.metrics["new_versions"] == 2
     description = client.get_model_version(TEACHER, "1").description
 
-    again = _register(capsys)  # a rerun (`dvc repro -f register`) registers and judges nothing new
+    runs = len(mlflow.search_runs(search_all_experiments=True))
+    again = _register(capsys)  # a rerun (every `dvc repro`: the stage is always_changed) registers and judges nothing
     assert [(r["version"], r["created"], "promotion" in r) for r in again["registered"]] == [("1", False, False)] * 2
     assert _versions(client, TEACHER) == ["1"] and _versions(client, STUDENT) == ["1"]
     assert client.get_model_version(TEACHER, "1").description == description
+    assert main(["register"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()  # one short line, and no MLflow run opened for nothing
+    assert line.startswith(f"register: nothing to register: the model files are registered already as {TEACHER} v1 (champion)")
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs
 
     shutil.copy(assets["student2"], project / layout.STUDENT)  # a retrained student: one new version
     third = _register(capsys)
@@ -180,3 +186,68 @@ def test_register_in_a_dvc_experiment_moves_no_alias_then_the_main_line_takes_it
     assert [(r["version"], r["created"]) for r in main_line["registered"]] == [("1", False)] * 2
     assert main_line["registered"][0]["promotion"]["promoted"]  # the first promotion judges it now
     assert client.get_registered_model(TEACHER).aliases == {"champion": 1}
+
+
+def _untrained_teacher(project: Path) -> None:
+    torch.manual_seed(0)
+    classifier.save(project / layout.TEACHER, classifier.build("lenet", NAMES, SHAPE, [0.3], [0.3]).eval(), "lenet",
+                    NAMES, SHAPE)
+
+
+def test_register_prints_why_a_first_version_is_not_champion(project, capsys):
+    _untrained_teacher(project)
+    assert main(["register"]) == 0
+    teacher, student = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"{TEACHER} v1: registered; not champion after the gates: accuracy 0\.\d+ vs min_score 0\.9000"
+                        r"(; class recall below min_class_score 0\.500: .*)?", teacher), teacher
+    assert student == f"{STUDENT} v1: registered; champion after the gates"
+    assert main(["register"]) == 0  # judged once: a rerun registers and judges nothing
+    assert capsys.readouterr().out.startswith("register: nothing to register")
+
+
+def test_missing_champion_messages_say_what_helps(project, capsys):
+    """They suggested `dvc repro` and `visionops promote --version N`, which both failed in a fresh clone."""
+    image = project / "one.png"
+    image.write_bytes(base64.b64decode(encode_png(np.asarray(dataset.load(project / layout.HOLDOUT).splits["holdout"].images[0]))))
+    assert main(["predict", str(image)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]  # (after MLflow's log lines as it creates the store)
+    assert err == (f"visionops predict: error: no model named '{TEACHER}' is registered yet: run `dvc repro` (or `make run`): "
+                   "its register stage registers the trained models and makes the first version that passes the promotion "
+                   "gates champion")
+    assert main(["promote"]) == 1
+    assert f"no version of '{TEACHER}' is registered yet: run `dvc repro`" in capsys.readouterr().err
+
+    _untrained_teacher(project)
+    _register(capsys)  # v1 is judged and rejected: `dvc repro` again would change nothing
+    assert main(["predict", str(image)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(rf"visionops predict: error: model '{TEACHER}' has no champion: version 1 is registered, and v1, "
+                        r"the newest judged, was rejected by the promotion gates \(accuracy 0\.\d+ vs min_score 0\.9000.*\): "
+                        r"train a better model \(`dvc repro` registers and judges it\), or judge a version again under "
+                        r"other params.yaml `promote` gates with `visionops promote --version N`", err), err
+
+
+class _Payload:  # pickled by reference: loading it would import and call code
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_model_file_holding_code_is_refused_in_one_line(project, capsys):
+    torch.save({"task": "classification", "state_dict": {}, "extra": _Payload()}, project / layout.TEACHER)
+    assert main(["register"]) == 1
+    out, err = capsys.readouterr()
+    assert "this ran" not in out + err and "Traceback" not in err
+    assert err.splitlines()[-1] == ("visionops register: error: models/teacher.pt: refused: it holds code (the pickled global print), "
+                   "and visionops loads only tensors and plain values (torch.load weights_only); retrain it with "
+                   "`visionops train`")
+
+
+def test_a_training_checkpoint_holding_code_is_refused_in_one_line(tmp_path):
+    from visionops.errors import InvalidInputError
+    from visionops.training.trainer import _load_checkpoint
+
+    torch.save({"fingerprint": "f", "extra": _Payload()}, tmp_path / "train.pt")
+    with pytest.raises(InvalidInputError) as err:
+        _load_checkpoint(tmp_path / "train.pt", "f", None, None, None, None)  # refused before anything is restored
+    assert str(err.value) == (f"{tmp_path / 'train.pt'}: refused: it holds code (the pickled global print), and visionops "
+                              "loads only tensors and plain values (torch.load weights_only); delete it to train from the start")

@@ -265,6 +265,24 @@ def test_pyfunc_whole_request_errors(store, models):
     assert len(pm.predict(pd.DataFrame({"image": [good] * MAX_BATCH_ROWS}))) == MAX_BATCH_ROWS
 
 
+def test_a_too_large_request_is_answered_with_its_reason_alone(store, models):
+    """The scoring server's own request path: its 400 used to carry a 15-line repr of the 1,500-row input
+    ("Failed to predict data '...'") before the reason."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    _log(models["good"])
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    good = _png_b64(np.zeros(SHAPE, np.uint8))
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[good]] * 1500}})
+    with pytest.raises(RequestError) as exc:
+        invocations(body, "application/json", pm, pm.metadata.get_input_schema())
+    answer = json.loads(exc.value.serialize_as_json())
+    assert answer == {"error_code": "INVALID_PARAMETER_VALUE", "error_class": answer.get("error_class"),
+                      **({"sqlstate": answer["sqlstate"]} if "sqlstate" in answer else {}),
+                      "message": f"1500 rows in one request; the limit is {MAX_BATCH_ROWS}: split the batch"}
+    assert exc.value.get_http_status_code() == 400
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -409,6 +427,6 @@ def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
             f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[_png_b64(images[0])]] * (MAX_BATCH_ROWS + 1)}}
         )
         assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
-        assert f"{MAX_BATCH_ROWS + 1} rows in one request; the limit is {MAX_BATCH_ROWS}" in body["message"]
+        assert body["message"] == f"{MAX_BATCH_ROWS + 1} rows in one request; the limit is {MAX_BATCH_ROWS}: split the batch"
         assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
 

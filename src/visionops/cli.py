@@ -26,15 +26,18 @@ class Command:
     sections: tuple[str, ...] = ()  # params sections a pipeline stage reads (tracked when non-empty)
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
     tracked_in_process: bool = False  # the stage logs epochs or models; else a helper process keeps its run
+    up_to_date: Callable | None = None  # up_to_date(params) -> result dict when there is nothing to do, else None
 
 
 def command(
-    name: str, help: str, description: str, sections: tuple[str, ...] = (), arguments=None, tracked_in_process=False
+    name: str, help: str, description: str, sections: tuple[str, ...] = (), arguments=None, tracked_in_process=False,
+    up_to_date=None,
 ):
-    """Register a subcommand; it runs after params.yaml is validated (inside an MLflow run if `sections`)."""
+    """Register a subcommand; it runs after params.yaml is validated (inside an MLflow run if `sections`),
+    unless `up_to_date` finds, cheaply and before any run opens, that there is nothing to do."""
 
     def wrap(fn):
-        COMMANDS[name] = Command(fn, help, description, sections, arguments, tracked_in_process)
+        COMMANDS[name] = Command(fn, help, description, sections, arguments, tracked_in_process, up_to_date)
         return fn
 
     return wrap
@@ -224,6 +227,20 @@ def _distill(params, args, run) -> dict:
     return result
 
 
+def _nothing_to_register(params) -> dict | None:
+    """The register stage's result when it would change nothing in the registry (read without MLflow), else None."""
+    from visionops.serving.registered import reader, registered_already
+    from visionops.tracking.lineage import experiment_name
+
+    if not params.mlflow.enabled:
+        return None
+    files = {params.mlflow.teacher_model_name: layout.TEACHER, params.mlflow.student_model_name: layout.STUDENT}
+    found = registered_already(reader(params.mlflow), files, experiment_name())
+    if found is None:
+        return None
+    return {"registered": [{**r, "created": False} for r in found], "up_to_date": True}
+
+
 @command(
     "register",
     "register the teacher and the student in the MLflow model registry",
@@ -233,9 +250,12 @@ def _distill(params, args, run) -> dict:
     "registered is not registered again. A model with no champion yet has the version just registered "
     f"judged by the promotion gates on {layout.HOLDOUT}/ once, and made champion if it passes. "
     "Under `dvc exp run` (DVC_EXP_NAME set) it only registers: the versions are tagged "
-    "visionops.experiment=<name>, and no alias moves (promote one with `visionops promote --version N`).",
+    "visionops.experiment=<name>, and no alias moves (promote one with `visionops promote --version N`). "
+    "DVC reruns it on every `dvc repro` (the registry is state DVC cannot see): when every file is registered "
+    "already, holds its alias and was judged, it says so in one line and opens no MLflow run.",
     sections=("mlflow", "promote", "evaluate"),
     tracked_in_process=True,
+    up_to_date=_nothing_to_register,
 )
 def _register_models(params, args, run) -> dict:
     from visionops.tracking.lineage import experiment_name
@@ -320,13 +340,16 @@ def _registered_name(params, args) -> str:
     "make a version champion if it beats the champion significantly on the frozen holdout",
     f"Score the challenger (or --version N, or the version with --alias) and the current champion on the same "
     f"images of the frozen holdout {layout.HOLDOUT}/ (never trained on), then apply the gates in params.yaml "
-    "`promote`: min_score; an accuracy gain over the champion of at least min_gain that is significant by a "
-    "one-sided exact McNemar test at `significance`; min_class_score for every class; max_ece of the served "
+    "`promote`: min_score; a gain over the champion of at least min_gain in the task's per-image measure that is "
+    "significant at `significance` by the task's one-sided paired test (classification: exact McNemar on accuracy; "
+    "detection and segmentation: Wilcoxon signed-rank on per-image F1 or mIoU); min_class_score for every class "
+    "(recall, AP@.5 or IoU); max_ece of the served "
     "probabilities; and max_latency_ratio, the challenger's time per batch over the champion's, timed in turns "
     "in this run. Without a champion only the absolute gates apply (no gain, significance or latency gate). "
     "On a pass, champion moves to the version and the old champion gets the alias previous; on a fail the "
     "reasons (with the p-value and the number of holdout images) are printed, and the exit code is 1. Either "
-    "way the decision, p-value, discordant counts and sample size are recorded on the version.",
+    "way the decision, the test that judged, its p-value and counts and the sample size are recorded on the "
+    "version. The champion itself is not judged again.",
     arguments=_promote_arguments,
 )
 def _promote(params, args, run) -> dict:
@@ -349,12 +372,12 @@ def _nothing_to_promote(name: str, alias: str) -> str:
     """What is true when no version holds `alias`: nothing registered, a champion already, or neither."""
     versions = _versions(name)
     if not versions:
-        return f"no version of {name!r} is registered yet: {NEXT_STEPS}"
+        return f"no version of {name!r} is registered yet: {REGISTER_FIRST}"
     champion = _alias_version(name, "champion")
     if champion is not None:
         return (f"{name} v{champion} is already champion and no version holds the alias {alias!r}; nothing to promote "
                 "(the register stage makes a changed model the next challenger; `--version N` judges another version)")
-    return f"{name} has versions {', '.join(versions)} but no {alias!r} and no champion: judge one with `visionops promote --version N`"
+    return f"{name} has no {alias!r} and no champion: {_why_no_champion(name, versions)}"
 
 
 @command(
@@ -399,7 +422,28 @@ def _predict(params, args, run) -> dict:
     return {"model": uri, "images": rows, "csv": str(args.out)}
 
 
-NEXT_STEPS = "run `dvc repro` (its register stage registers the models and makes a first version that passes the gates champion), or `visionops promote --version N`"
+REGISTER_FIRST = ("run `dvc repro` (or `make run`): its register stage registers the trained models and makes the "
+                  "first version that passes the promotion gates champion")
+
+
+def _why_no_champion(name: str, versions: list[str]) -> str:
+    """Why registered versions hold no champion, from the newest decision recorded on them, and what helps."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    listed = f"version {versions[0]} is" if len(versions) == 1 else f"versions {', '.join(versions)} are"
+    judged = [v for v in reversed(versions) if "promotion.decision" in (client.get_model_version(name, v).tags or {})]
+    if not judged:
+        return (f"{listed} registered but none was judged yet (a DVC experiment's versions move no alias): judge one "
+                "with `visionops promote --version N`")
+    tags = client.get_model_version(name, judged[0]).tags
+    try:
+        reasons = "; ".join(json.loads(tags.get("promotion.reasons", "[]")))
+    except ValueError:
+        reasons = tags.get("promotion.reasons", "")
+    return (f"{listed} registered, and v{judged[0]}, the newest judged, was {tags['promotion.decision']} "
+            f"by the promotion gates ({reasons}): train a better model (`dvc repro` registers and judges it), or judge a "
+            "version again under other params.yaml `promote` gates with `visionops promote --version N`")
 
 
 def _require_alias(uri: str) -> None:
@@ -411,9 +455,12 @@ def _require_alias(uri: str) -> None:
         return
     versions = _versions(name)
     if not versions:
-        raise RegistryError(f"no model named {name!r} is registered yet: {NEXT_STEPS}")
-    if _alias_version(name, alias) is None:
-        raise RegistryError(f"model {name!r} has no {alias} yet (versions {', '.join(versions)} are registered): {NEXT_STEPS}")
+        raise RegistryError(f"no model named {name!r} is registered yet: {REGISTER_FIRST}")
+    if _alias_version(name, alias) is not None:
+        return
+    if alias == "champion":
+        raise RegistryError(f"model {name!r} has no champion: {_why_no_champion(name, versions)}")
+    raise RegistryError(f"model {name!r} has no version with the alias {alias!r} (versions {', '.join(versions)} are registered)")
 
 
 def _versions(name: str) -> list[str]:
@@ -471,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         if args.command in TORCH_COMMANDS:
             apply_threads(params.train.threads)
-        if cmd.sections:
+        if cmd.up_to_date is not None and (done := cmd.up_to_date(params)) is not None:
+            result = done
+        elif cmd.sections:
             from visionops.tracking.stage_run import track_stage
 
             with track_stage(args.command, params, cmd.sections, cmd.tracked_in_process) as run:
@@ -511,6 +560,16 @@ def _value(v) -> str:
     return str(v)
 
 
+def _registered_line(r: dict) -> str:
+    line = f"{r['name']} v{r['version']}: " + ("registered" if r["created"] else "already registered (same file)")
+    decision = r.get("promotion")
+    if decision is None:
+        return line
+    if decision["promoted"]:
+        return line + "; champion after the gates"
+    return line + "; not champion after the gates: " + "; ".join(decision["reasons"])
+
+
 def _summary(command: str, result: dict) -> str:
     """A few human lines for the end of a command (`--json` prints the whole result)."""
     if command == "predict":
@@ -520,11 +579,11 @@ def _summary(command: str, result: dict) -> str:
         head = (f"{verdict}: version {result['challenger_version']} (champion before: {result['champion_version'] or 'none'}, "
                 f"{result.get('holdout_n')} holdout images)")
         return "\n".join([head] + [f"  {c}" for c in result.get("checks") or result.get("reasons") or []])
+    if command == "register" and result.get("up_to_date"):
+        held = ", ".join(f"{r['name']} v{r['version']} ({' and '.join(r['aliases']) or 'experiment'})" for r in result["registered"])
+        return f"register: nothing to register: the model files are registered already as {held}"
     if command == "register" and "registered" in result:
-        lines = [f"{r['name']} v{r['version']}: " + ("registered" if r["created"] else "already registered (same file)")
-                 + (f"; {'champion' if r['promotion']['promoted'] else 'not champion'} after the gates" if r.get("promotion") else "")
-                 for r in result["registered"]]
-        return "\n".join(lines or [result.get("note", "nothing registered")])
+        return "\n".join([_registered_line(r) for r in result["registered"]] or [result.get("note", "nothing registered")])
     keys = [k for k in HEADLINES.get(command, ()) if result.get(k) is not None]
     keys = keys or [k for k, v in result.items() if isinstance(v, int | float | str)][:8]
     lines = [f"{command}: done"] + [f"  {k:<24} {_value(result[k])}" for k in keys]

@@ -264,8 +264,8 @@ class PromoteConfig(Section):
     """Gates a challenger must pass to become champion, judged on the frozen holdout (data/holdout)."""
 
     min_score: float = Field(0.9, ge=0.0, le=1.0)  # the task's headline metric: accuracy, mAP@.5, mIoU
-    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # gain in the fraction of holdout images right, same images
-    significance: float = Field(0.05, gt=0.0, le=1.0)  # one-sided exact McNemar p-value needed; 1.0 = no test
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # gain in the task's per-image measure (accuracy, F1, mIoU), same images
+    significance: float = Field(0.05, gt=0.0, le=1.0)  # the task's one-sided paired test's p-value needed; 1.0 = no test
     min_class_score: float = Field(0.8, ge=0.0, le=1.0)  # each class's recall, AP@.5 or IoU
     max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns

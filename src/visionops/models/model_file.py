@@ -24,7 +24,22 @@ def read(path: Path | str, task: str) -> dict:
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"{path}: no trained model (run `visionops train`)")
-    info = torch.load(path, map_location="cpu", weights_only=True)
+    info = load_weights_only(path, "retrain it with `visionops train`")
     if info.get("task", "classification") != task:
         raise InvalidInputError(f"{path}: a {info.get('task', 'classification')} model, not a {task} one")
     return info
+
+
+def load_weights_only(path: Path | str, remedy: str):
+    """`torch.load(weights_only=True)` of `path`; a file that holds code (a pickled class or function) is
+    refused with one InvalidInputError naming the file, the global it would have run, and `remedy`."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"the pickled global {found.group(1)}" if found else "objects that are not tensors or plain values"
+        raise InvalidInputError(f"{path}: refused: it holds code ({what}), and visionops loads only tensors and plain "
+                                f"values (torch.load weights_only); {remedy}") from None

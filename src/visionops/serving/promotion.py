@@ -1,8 +1,10 @@
 """Champion/challenger promotion on the frozen holdout, rollback and batch prediction over the MLflow registry.
 
-A challenger must beat the champion on the same holdout images by a gain that is significant (exact
-McNemar test), and machine-dependent figures (latency) are judged only against the champion, timed in
-the same run.
+A challenger must beat the champion on the same holdout images by a gain that is significant under the
+task's paired test (classification: exact McNemar on the images each gets right; detection and
+segmentation: Wilcoxon signed-rank on per-image scores, since "fully right" almost never happens on
+images with many objects), and machine-dependent figures (latency) are judged only against the
+champion, timed in the same run.
 
 Every decision is written onto the model versions themselves (tags and description), so the
 registry UI shows why each version was or was not promoted, and when.
@@ -52,6 +54,10 @@ class RollbackError(RegistryError):
     """`rollback` has no champion or no `previous` version to go back to."""
 
 
+class AlreadyChampionError(RegistryError):
+    """`promote` was asked to judge the version that is champion already."""
+
+
 @dataclass
 class Decision:
     """Outcome of one promotion attempt.
@@ -69,7 +75,8 @@ class Decision:
     checks: list[str] = field(default_factory=list)
     timestamp: str = ""
     holdout_n: int = 0  # images in the frozen holdout both models were scored on
-    comparison: dict | None = None  # McNemar: n, challenger_only, champion_only, gain, p_value (None: no champion)
+    comparison: dict | None = None  # the paired test: test, measure, n, challenger_better, champion_better, gain,
+    # champion_mean, p_value (None: no champion)
     latency: dict | None = None  # challenger_ms, champion_ms, ratio, rounds (None: no champion)
 
     def to_dict(self) -> dict:
@@ -152,10 +159,11 @@ def load_served(model_uri: str, ds: dataset.Dataset, data_dir: Path | str):
 
 
 def _score(model, split: dataset.Split, ds: dataset.Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
-    """(metrics, per-image correctness) of the served predictions, as the holdout's task scores them."""
-    metrics, correct = get_task(ds.task).score_served(model, split, ds, cfg)
+    """(metrics, per-image scores) of the served predictions, as the holdout's task scores them."""
+    metrics, per_image = get_task(ds.task).score_served(model, split, ds, cfg)
     task = get_task(ds.task)
-    return {**metrics, "headline": task.headline, "per_class_metric": task.per_class, "paired": task.paired}, correct
+    return {**metrics, "headline": task.headline, "per_class_metric": task.per_class, "paired": task.paired,
+            "paired_test": task.paired_test}, per_image
 
 
 def _batch_call(model, batch_size: int):
@@ -186,7 +194,30 @@ def mcnemar(challenger_correct: np.ndarray, champion_correct: np.ndarray) -> dic
     ch, champ = np.asarray(challenger_correct, bool), np.asarray(champion_correct, bool)
     b, c = int(np.sum(ch & ~champ)), int(np.sum(~ch & champ))
     p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
-    return {"n": int(ch.size), "challenger_only": b, "champion_only": c, "gain": (b - c) / max(ch.size, 1), "p_value": float(p)}
+    return {"test": "McNemar exact", "n": int(ch.size), "challenger_better": b, "champion_better": c,
+            "gain": (b - c) / max(ch.size, 1), "champion_mean": float(np.mean(champ)) if champ.size else 0.0,
+            "p_value": float(p)}
+
+
+def wilcoxon(challenger_scores: np.ndarray, champion_scores: np.ndarray) -> dict:
+    """One-sided Wilcoxon signed-rank test that the challenger scores higher on the same images.
+
+    For per-image scores in [0, 1] (a detector's F1, a segmenter's mIoU): the differences are ranked by
+    size and the ranks of the positive ones summed; images both score equally carry no information
+    and are dropped (zero_method "wilcox"). Exact for up to 50 differing images, normal beyond.
+    """
+    from scipy.stats import wilcoxon as signed_rank
+
+    ch, champ = np.asarray(challenger_scores, float), np.asarray(champion_scores, float)
+    diff = np.nan_to_num(ch - champ)  # an image neither model can be scored on (NaN) counts as a tie
+    b, c = int(np.sum(diff > 0)), int(np.sum(diff < 0))
+    p = signed_rank(diff, zero_method="wilcox", alternative="greater").pvalue if b + c else 1.0
+    return {"test": "Wilcoxon signed-rank", "n": int(ch.size), "challenger_better": b, "champion_better": c,
+            "gain": float(np.mean(diff)) if diff.size else 0.0,
+            "champion_mean": float(np.nanmean(champ)) if np.isfinite(champ).any() else 0.0, "p_value": float(p)}
+
+
+PAIRED_TESTS = {"mcnemar": mcnemar, "wilcoxon": wilcoxon}
 
 
 def _metrics_record(ch: dict, champ: dict | None, gates: PromoteConfig) -> dict:
@@ -211,8 +242,8 @@ def _metrics_record(ch: dict, champ: dict | None, gates: PromoteConfig) -> dict:
 def _gates(
     ch: dict, champ: dict | None, gates: PromoteConfig, paired: dict | None = None, latency: dict | None = None
 ) -> tuple[list[str], list[str]]:
-    """(failures, checks) of the challenger against the gates; `paired` (McNemar) and `latency`
-    (challenger vs champion in turns) exist when there is a champion."""
+    """(failures, checks) of the challenger against the gates; `paired` (the task's paired test) and
+    `latency` (challenger vs champion in turns) exist when there is a champion."""
     failures, checks = [], []
 
     def check(ok: bool, text: str) -> None:
@@ -229,13 +260,16 @@ def _gates(
         n = paired["n"]
         check(
             paired["gain"] >= gates.min_gain - 1e-12,
-            f"{paired_name} gain {paired['gain']:+.4f} over champion ({paired['champion_rate']:.4f}) vs min_gain "
+            f"{paired_name} gain {paired['gain']:+.4f} over champion ({paired['champion_mean']:.4f}) vs min_gain "
             f"{gates.min_gain:+.4f} on the same {n} holdout images",
         )
+        b, c = paired["challenger_better"], paired["champion_better"]
+        counts = (f"{b} right only by the challenger, {c} only by the champion" if paired["test"] == "McNemar exact"
+                  else f"{b} scored higher by the challenger, {c} by the champion, {n - b - c} tied")
         check(
             paired["p_value"] <= gates.significance,
-            f"McNemar exact p={paired['p_value']:.4g} vs significance {gates.significance:g} (n={n} holdout images: "
-            f"{paired['challenger_only']} right only by the challenger, {paired['champion_only']} only by the champion)",
+            f"{paired['test']} p={paired['p_value']:.4g} on {paired_name} vs significance {gates.significance:g} "
+            f"(n={n} holdout images: {counts})",
         )
     what = {"per_class_recall": "recall", "per_class_ap50": "AP@.5", "per_class_iou": "IoU"}.get(per_class, per_class)
     low = {c: r for c, r in ch[per_class].items() if r < gates.min_class_score}
@@ -292,28 +326,33 @@ def promote(
     """Judge a version (`version`, else the one with `alias`) against the gates on the frozen holdout
     and, if every gate passes, make it champion (old champion → `previous`; its `challenger` alias removed).
 
-    With a champion, both are scored on the same holdout images: the gain must reach min_gain and be
-    significant (one-sided exact McNemar test at `significance`), and the latency ratio is timed in
-    turns in this run. Without one, only the absolute gates apply. The decision, p-value, discordant
-    counts and sample size are tagged on the version, and appended to its description, either way.
+    With a champion, both are scored on the same holdout images: the gain in the task's paired measure
+    must reach min_gain and be significant at `significance` under the task's one-sided paired test
+    (McNemar, or Wilcoxon signed-rank on per-image scores), and the latency ratio is timed in turns in
+    this run. Without one, only the absolute gates apply. The decision, the test that judged, its
+    p-value and counts and the sample size are tagged on the version, and appended to its description,
+    either way. The champion itself is not judged again (AlreadyChampionError).
     """
     client = client or MlflowClient()
     challenger = _candidate(client, registered_name, version, alias)
     champion = _alias(client, registered_name, CHAMPION)
     if champion is not None and str(champion.version) == str(challenger.version):
-        champion = None  # re-checking the champion itself: nothing to compare against
+        raise AlreadyChampionError(
+            f"{registered_name} v{challenger.version} is champion already: nothing to promote (judge another version "
+            "with `--version N`; `visionops rollback` goes back to the previous champion)"
+        )
     ds, split = load_holdout(holdout_dir)
     ch_uri = f"models:/{registered_name}/{challenger.version}"
     ch_model = load_served(ch_uri, ds, holdout_dir)
-    ch_metrics, ch_correct = _score(ch_model, split, ds, eval_cfg)
+    ch_metrics, ch_scores = _score(ch_model, split, ds, eval_cfg)
     champ_metrics = paired = latency = None
     if champion is None:
         ch_metrics["latency_ms"] = call_latency_ms(_batch_call(ch_model, eval_cfg.latency_batch_size))
     else:
         champ_uri = f"models:/{registered_name}/{champion.version}"
         champ_model = load_served(champ_uri, ds, holdout_dir)
-        champ_metrics, champ_correct = _score(champ_model, split, ds, eval_cfg)
-        paired = {**mcnemar(ch_correct, champ_correct), "champion_rate": float(np.mean(champ_correct))}
+        champ_metrics, champ_scores = _score(champ_model, split, ds, eval_cfg)
+        paired = {**PAIRED_TESTS[ch_metrics["paired_test"]](ch_scores, champ_scores), "measure": ch_metrics["paired"]}
         latency = paired_latency(
             _batch_call(ch_model, eval_cfg.latency_batch_size), _batch_call(champ_model, eval_cfg.latency_batch_size)
         )
@@ -362,9 +401,11 @@ def _record(client: MlflowClient, name: str, d: Decision, gates: PromoteConfig) 
         "promotion.timestamp": d.timestamp,
         "promotion.previous_champion": old or "",
         "promotion.holdout_n": str(d.holdout_n),
+        "promotion.test": f"{paired['test']} on {paired['measure']}" if paired else "n/a (no champion)",
         "promotion.p_value": f"{paired['p_value']:.6g}" if paired else "n/a (no champion)",
         "promotion.discordant": (
-            {"challenger_only": paired["challenger_only"], "champion_only": paired["champion_only"]} if paired else "n/a (no champion)"
+            {"challenger_better": paired["challenger_better"], "champion_better": paired["champion_better"]}
+            if paired else "n/a (no champion)"
         ),
         "promotion.latency_ratio": f"{d.latency['ratio']:.4f}" if d.latency else "n/a (no champion)",
         "promotion.metrics": _metrics_record(d.challenger_metrics, d.champion_metrics, gates),
@@ -376,7 +417,8 @@ def _record(client: MlflowClient, name: str, d: Decision, gates: PromoteConfig) 
     stats = f"{d.holdout_n} holdout images"
     if paired:
         stats += (
-            f", McNemar exact p={paired['p_value']:.4g} ({paired['challenger_only']} vs {paired['champion_only']} discordant)"
+            f", paired test {paired['test']} on {paired['measure']}: p={paired['p_value']:.4g} "
+            f"({paired['challenger_better']} images better vs {paired['champion_better']} worse)"
         )
     _append_description(client, name, v, f"[{d.timestamp}] promotion {verdict} (vs {against}; {stats}): " + "; ".join(d.reasons))
 
@@ -390,9 +432,7 @@ def rollback(registered_name: str, client: MlflowClient | None = None) -> dict:
         raise RollbackError(f"model {registered_name!r} has no {CHAMPION!r} version to roll back")
     previous = _alias(client, registered_name, PREVIOUS)
     if previous is None:
-        raise RollbackError(
-            f"model {registered_name!r} has no {PREVIOUS!r} version: champion v{champion.version} was never replaced"
-        )
+        raise RollbackError(f"model {registered_name!r} has no {PREVIOUS!r} version: {_earliest(champion)}")
     stamp = _now()
     demoted, restored = str(champion.version), str(previous.version)
     client.set_registered_model_alias(registered_name, CHAMPION, restored)
@@ -423,6 +463,22 @@ def rollback(registered_name: str, client: MlflowClient | None = None) -> dict:
         "previous_version": earlier,
         "timestamp": stamp,
     }
+
+
+def _earliest(champion: ModelVersion) -> str:
+    """Why nothing precedes `champion`, from its tags: how it became champion (the newer event wins)."""
+    tags, v = champion.tags or {}, champion.version
+    before = tags.get("promotion.previous_champion") or None
+    if tags.get("rollback.decision") == "restored" and tags.get("rollback.timestamp", "") >= tags.get("promotion.timestamp", ""):
+        demoted = tags["rollback.restored_from"]
+        how = f"champion v{v} was restored by a rollback from v{demoted}"
+        hint = f"; `visionops promote --version {demoted}` judges v{demoted} again"
+    else:
+        how, hint = f"champion v{v}", ""
+    if before is None:
+        return (f"{how}, and no version was champion before v{v}{hint}" if hint
+                else f"champion v{v} is the first champion (no version is recorded as champion before it)")
+    return f"{how}; v{before}, the champion v{v} replaced, holds no {PREVIOUS!r} alias (deleted, or rolled back from){hint}"
 
 
 # ------------------------------------------------------------------------------------------

@@ -36,13 +36,9 @@ from PIL import Image, UnidentifiedImageError
 import visionops
 from visionops.data.images import array_to_canonical, to_canonical
 from visionops.errors import VisionopsError
+from visionops.serving.registered import CHALLENGER, CHAMPION, EXPERIMENT_TAG, MODEL_MD5_TAG, PREVIOUS  # noqa: F401
 from visionops.tasks.classification import classifier
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-PREVIOUS = "previous"
-EXPERIMENT_TAG = "visionops.experiment"  # the DVC experiment (DVC_EXP_NAME) that registered a version
-MODEL_MD5_TAG = "visionops.model_md5"  # content hash of the logged .pt file (links DVC outputs to versions)
 
 MODEL_ARTIFACT = "model"  # key of the visionops .pt file in the pyfunc model's artifacts
 MODEL_NAME = "model"  # name of the logged pyfunc model inside its run
@@ -70,6 +66,17 @@ class RequestError(MlflowException, ImageInputError):
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        # MLflow's scoring server rewrites the message as "Failed to predict data '<the whole input's repr>'.
+        # Error: <message>"; the message names the problem, and a 1,500-row repr only buries it
+        own = getattr(self, "_message", None)
+        self._message = own if own is not None and value.endswith(own) else value
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ class Task(Protocol):
     targets: str | None  # what a dense data source reads per image (data.sources.TARGETS); None: labels only
     headline: str  # the metric promotion and monitoring judge by (accuracy, map_50, miou)
     per_class: str  # the per-class metrics promotion floors (per_class_recall, per_class_ap50, per_class_iou)
-    paired: str  # what an image being "right" means, for the paired (McNemar) test of a gain
+    paired: str  # the per-image measure promotion compares on the same images (min_gain, paired test)
+    paired_test: str  # promotion's paired test of a gain: mcnemar (right/wrong per image) | wilcoxon (per-image scores)
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict: ...
 
@@ -52,6 +53,7 @@ class Task(Protocol):
         ...
 
     def score_served(self, model, split: Split, ds: Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
-        """(metrics with `headline` and `per_class` keys, whether each image is right) of a served model
-        (the registered pyfunc's Python model) on a split: what promotion and monitoring judge."""
+        """(metrics with `headline` and `per_class` keys, each image's `paired` measure: right or not for
+        mcnemar, a score in [0, 1] for wilcoxon) of a served model (the registered pyfunc's Python model) on
+        a split: what promotion and monitoring judge."""
         ...

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from visionops.atomic import atomic_path
 from visionops.config import TrainConfig
+from visionops.models.model_file import load_weights_only
 from visionops.training.device import autocast, memory_format
 from visionops.training.lookahead import Lookahead
 
@@ -144,7 +145,7 @@ def _save_checkpoint(path: Path, fingerprint: str, state: TrainState, model, opt
 def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, sched, gen) -> TrainState:
     if path is None or not path.exists():
         return TrainState()
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(path, "delete it to train from the start")
     if ckpt.get("fingerprint") != fingerprint or ckpt.get("generator_device", "cpu") != gen.device.type:
         print(f"train: {path} was made with other settings or data; starting fresh", file=sys.stderr)
         return TrainState()

@@ -16,6 +16,7 @@ class Classification:
     headline = "accuracy"
     per_class = "per_class_recall"
     paired = "accuracy"
+    paired_test = "mcnemar"
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download

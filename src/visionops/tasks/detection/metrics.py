@@ -89,3 +89,12 @@ def image_correct(pred: dict, true: dict) -> bool:
     the served detections, at the served score threshold)."""
     pairs, missed, extra = match(pred, true)
     return not missed and not extra and all(true["labels"][i] == pred["labels"][j] for i, j in pairs)
+
+
+def image_f1(pred: dict, true: dict) -> float:
+    """F1 of one image's served detections: a true box counts as found when `match` pairs it with a
+    prediction of its class; 1.0 for an image with neither true boxes nor detections."""
+    pairs, _, _ = match(pred, true)
+    found = sum(true["labels"][i] == pred["labels"][j] for i, j in pairs)
+    total = len(true["labels"]) + len(pred["labels"])
+    return 2 * found / total if total else 1.0

@@ -14,8 +14,9 @@ class Detection:
     name = "detection"
     targets = "boxes"
     headline = "map_50"
-    per_class = "per_class_ap"
-    paired = "images fully detected"
+    per_class = "per_class_ap50"
+    paired = "per-image F1 (IoU 0.5, class matched)"
+    paired_test = "wilcoxon"
 
     def download(self, params: Params, out_dir: Path, holdout_dir: Path | None) -> dict:
         from visionops.data.download import run_download
@@ -75,11 +76,11 @@ class Detection:
 
     def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
         """The served detector (the registered pyfunc's model) on `split`: mAP@.5 of its detections at its
-        served score threshold, mAP@[.5:.95], per-class AP@.5 and AP@[.5:.95], and per image whether it is
-        fully right (every true box found with its class at IoU >= 0.5, no other detection)."""
+        served score threshold, mAP@[.5:.95], per-class AP@.5 (promotion's class gate) and AP@[.5:.95], and
+        each image's F1 (true boxes found with their class at IoU >= 0.5 against the detections served)."""
         import json
 
-        from visionops.tasks.detection.metrics import image_correct, mean_average_precision, truths
+        from visionops.tasks.detection.metrics import image_f1, mean_average_precision, truths
 
         out = model.predict_canonical(np.asarray(split.images)) if len(split) else None
         index = {c: i for i, c in enumerate(ds.class_names)}
@@ -93,6 +94,6 @@ class Detection:
         result = mean_average_precision(preds, true, ds.class_names)
         metrics = {"n": len(split), "map_50": result["map_50"], "map": result["map"], "per_class_ap50": result["per_class_ap50"],
                    "per_class_ap": result["per_class_ap"], "latency_batch_size": cfg.latency_batch_size}
-        return metrics, np.array([image_correct(p, t) for p, t in zip(preds, true)], dtype=bool)
+        return metrics, np.array([image_f1(p, t) for p, t in zip(preds, true)], dtype=float)
 
 TASK = Detection()
