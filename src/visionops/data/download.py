@@ -32,6 +32,7 @@ def _take(split: Split, idx: np.ndarray) -> Split:
         orig_shapes=[split.orig_shapes[i] for i in idx] if split.orig_shapes else [],
         targets={key: array[idx] for key, array in split.targets.items()},
         identities=[split.identities[i] for i in idx],
+        sha256=[split.sha256[i] for i in idx] if split.sha256 else [],
     )
 
 
