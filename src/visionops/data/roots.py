@@ -40,8 +40,9 @@ def files_inside(roots: tuple[Path, ...], folder: Path, what: str) -> Iterator[t
     """(path under `folder`, resolved path) of every file below `folder`, sorted. `folder` and every entry below
     it, a symlinked folder included (it is not walked into), are checked with `resolve_inside`, `what` naming
     the file or setting that gave `folder`; `folder` first, so that nothing outside is walked."""
-    resolve_inside(roots, folder, what)
+    base = resolve_inside(roots, folder, what)
     for entry in sorted(folder.rglob("*")):
-        resolved = resolve_inside(roots, entry, what)
+        # rglob walks no symlinked folder, so only a symlink leads elsewhere than `base` (and resolving is slow)
+        resolved = resolve_inside(roots, entry, what) if entry.is_symlink() else base / entry.relative_to(folder)
         if resolved.is_file():
             yield entry, resolved
