@@ -118,6 +118,29 @@ def test_a_dense_sources_changed_image_fails_by_name(tmp_path):
         run_download(F.cfg("coco", root), tmp_path / "ds", None, task=task.name, targets=task.targets)
 
 
+ANNOTATION = {"coco": "annotations.json", "voc": f"Annotations/{F.NAMES[3]}.xml",
+              "yolo": f"labels/train/{F.NAMES[3]}.txt", "masks": f"masks/{F.NAMES[3]}.png"}
+
+
+@pytest.mark.parametrize("source", sorted(ANNOTATION))
+def test_a_changed_annotation_file_fails_by_name(tmp_path, source):
+    root = getattr(F, f"{source}_folder")(tmp_path / source)
+    task = get_task("segmentation" if source == "masks" else "detection")
+    run_download(F.cfg(source, root), tmp_path / "ds", None, task=task.name, targets=task.targets)
+    changed = root / ANNOTATION[source]
+    if source == "coco":
+        F.edit_coco(root, lambda data: data["annotations"][0]["bbox"].__setitem__(0, 1.5))
+    elif source == "voc":
+        changed.write_text(changed.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    elif source == "yolo":
+        text = changed.read_text()
+        changed.write_text(("2" if text[0] == "1" else "1") + text[1:])  # another class
+    else:
+        Image.fromarray(np.zeros((F.SIZE, F.SIZE), np.uint8)).save(changed)
+    with pytest.raises(InvalidInputError, match=rf"1 file\(s\) changed .*: {ANNOTATION[source]};"):
+        run_download(F.cfg(source, root), tmp_path / "ds", None, task=task.name, targets=task.targets)
+
+
 def test_dvc_repro_of_download_fails_on_a_changed_file_and_lists_an_added_one(tmp_path, photos):
     """DVC deletes data/dataset before it reruns download: the comparison works from the record beside it."""
     project = Project(tmp_path / "project")

@@ -4,22 +4,24 @@ Each split's manifest.csv holds its files' SHA-256 (`Split.sha256`), but DVC del
 it runs the stage again (only `persist: true` outputs survive), so `download` also keeps them beside the
 dataset, in `<dataset>.sha256.json` (data/dataset.sha256.json), which no stage declares and DVC leaves alone:
 the source, data.root (resolved) and {path relative to data.root: SHA-256} of every image stored, holdout
-included. The next download of the same source and root compares: a path whose SHA-256 differs is reported
-by name, an error unless data.on_changed_file is "warn"; files added or removed are normal growth and only
-listed. The record is replaced once the dataset is written, never after an error, so a changed file keeps
+included, and of the annotation files a dense source read (`SourceData.annotations`). The next download of
+the same source and root compares: a path whose SHA-256 differs is reported by name, an error unless
+data.on_changed_file is "warn"; files added or removed are normal growth and only listed. The record is replaced once the dataset is written, never after an error, so a changed file keeps
 failing until the change is accepted (one download with data.on_changed_file: warn).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from visionops.atomic import write_json
 from visionops.config import DataConfig
-from visionops.data.dataset import Split
+from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError
 
 NAMED = 20  # changed files named in the error, then a count
@@ -37,9 +39,20 @@ def record_path(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.sha256.json")
 
 
-def source_digests(splits: dict[str, Split]) -> dict[str, str]:
-    """{path: SHA-256} of the stored images of a source of files; empty for other sources."""
-    return {path: digest for split in splits.values() for path, digest in zip(split.paths, split.sha256)}
+def source_digests(src: SourceData) -> dict[str, str]:
+    """{path: SHA-256} of the stored images and annotation files of a source of files; empty for other sources."""
+    images = {path: digest for split in src.splits.values() for path, digest in zip(split.paths, split.sha256)}
+    return images | src.annotations
+
+
+def file_digests(root: Path, paths: Iterable[Path]) -> dict[str, str]:
+    """{path relative to `root` (data.root; else as given): SHA-256} of the files `paths`."""
+    out = {}
+    for path in paths:
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        out[(path.relative_to(root) if path.is_relative_to(root) else path).as_posix()] = digest
+    return out
 
 
 def _record(cfg: DataConfig, digests: dict[str, str]) -> dict:

@@ -68,7 +68,7 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
     replaced once both directories are written.
     """
     src = load_source(cfg, targets)
-    digests = changes.source_digests(src.splits)
+    digests = changes.source_digests(src)
     changes.check(cfg, digests, out_dir)
     parts = carve_splits(src.splits, cfg)
     if len(parts[HOLDOUT]) < MIN_HOLDOUT:

@@ -61,6 +61,7 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
     for split in src.splits.values():
         split.identities = [content_hash(_pixels(where / path)) for path in split.paths]
         split.sha256 = []  # generated files, not the user's: nothing to keep from changing
+    src.annotations = {}
     return src
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
 from visionops.data.images import read_source_image
@@ -119,4 +120,6 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
     for s, ds in datasets.items():
         prefix = "" if files[s][0] == root else f"{s}/"
         records[s] = _read(ds, prefix, index, cfg, targets)
-    return to_source_data(records, class_names, targets, cfg)
+    src = to_source_data(records, class_names, targets, cfg)
+    src.annotations = file_digests(root, [ann for _, ann in files.values()])
+    return src

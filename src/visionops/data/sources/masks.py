@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import IGNORE, DenseImage, DenseObject, decode_error, to_source_data
 from visionops.data.images import IMAGE_SUFFIXES, read_source_image
@@ -44,8 +45,9 @@ def _objects(mask: np.ndarray, class_names: list[str]) -> list[DenseObject]:
 
 
 def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConfig,
-                roots: tuple[Path, ...]) -> list[DenseImage]:
-    records = []
+                roots: tuple[Path, ...]) -> tuple[list[DenseImage], list[Path]]:
+    """The split's images, and the mask files read."""
+    records, masks = [], []
     images = resolve_inside(roots, folder / "images", "data.root")
     for f in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         rec = DenseImage(f"{prefix}images/{f.name}")
@@ -54,13 +56,14 @@ def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConf
         try:
             rec.take(read_source_image(file, cfg.image_size, cfg.channels))
             rec.mask = _read_mask(mask_path)
+            masks.append(mask_path)
             rec.objects = _objects(rec.mask, class_names)
         except FileNotFoundError:
             rec.error = f"no mask {prefix}masks/{mask_path.name}"
         except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
             rec.error = decode_error(exc)
         records.append(rec)
-    return records
+    return records, masks
 
 
 def load(cfg: DataConfig, targets: str) -> SourceData:
@@ -77,7 +80,8 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
         raise InvalidInputError(f"data.root: {root} has {', '.join(named)}/images but no train/images")
     if not named and not (root / "images").is_dir():
         raise MissingInputError(f"data.root: {root} has no images/ folder (nor train/images/)")
-    if not named:
-        return to_source_data({"train": _read_split(root, "", class_names, cfg, roots)}, class_names, targets, cfg)
-    records = {s: _read_split(root / s, prefix, class_names, cfg, roots) for s, prefix in named.items()}
-    return to_source_data(records, class_names, targets, cfg)
+    folders = {s: (root / s, prefix) for s, prefix in named.items()} or {"train": (root, "")}
+    read = {s: _read_split(folder, prefix, class_names, cfg, roots) for s, (folder, prefix) in folders.items()}
+    src = to_source_data({s: records for s, (records, _) in read.items()}, class_names, targets, cfg)
+    src.annotations = file_digests(roots[0], [classes, *(m for _, masks in read.values() for m in masks)])
+    return src

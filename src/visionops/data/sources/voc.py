@@ -20,6 +20,7 @@ from pathlib import Path
 from xml.etree.ElementTree import ParseError, parse
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
 from visionops.data.images import read_source_image
@@ -86,4 +87,8 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
             names = [str(o.get("name")) for o in _objects(ann)]
             rec.objects = [DenseObject(n, n, index.get(n, -1), _box(o)) for n, o in zip(names, _objects(ann))]
             records[s].append(rec)
-    return to_source_data(records, class_names, targets, cfg)
+    src = to_source_data(records, class_names, targets, cfg)
+    sets = [root / "ImageSets" / "Main" / f"{s}.txt" for s in SPLITS]
+    read = [root / "Annotations" / f"{i}.xml" for items in anns.values() for i, _ in items]
+    src.annotations = file_digests(root, [*read, *(f for f in (labels_file, *sets) if f.is_file())])
+    return src

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
 from visionops.data.images import IMAGE_SUFFIXES, read_source_image
@@ -55,8 +56,6 @@ def _label_file(image: Path) -> Path:
 
 
 def _objects(label_file: Path, names: dict[int, str], h: int, w: int, roots: tuple[Path, ...]) -> list[DenseObject]:
-    if not label_file.is_file():
-        return []
     resolve_inside(roots, label_file, "label file")
     objects = []
     for n, line in enumerate(label_file.read_text().splitlines(), 1):
@@ -82,7 +81,7 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
     config = _config(resolve_inside(roots, config_path, "data.annotations"))
     names = _names(config_path, config["names"])
     base = root / str(config.get("path") or "")
-    records = {}
+    records, labels = {}, [config_path]
     for s in SPLITS:
         if not config.get(s):
             continue
@@ -98,7 +97,11 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
                 rec.take(read_source_image(file, cfg.image_size, cfg.channels))
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
-            h, w = rec.orig[:2]
-            rec.objects = _objects(_label_file(f), names, h, w, roots) if not rec.error else []
+            label_file = _label_file(f)
+            if not rec.error and label_file.is_file():
+                rec.objects = _objects(label_file, names, *rec.orig[:2], roots)
+                labels.append(label_file)
             records[s].append(rec)
-    return to_source_data(records, [names[i] for i in range(len(names))], targets, cfg)
+    src = to_source_data(records, [names[i] for i in range(len(names))], targets, cfg)
+    src.annotations = file_digests(root, labels)
+    return src
