@@ -6,8 +6,9 @@ dataset, in `<dataset>.sha256.json` (data/dataset.sha256.json), which no stage d
 the source, data.root (resolved) and {path relative to data.root: SHA-256} of every image stored, holdout
 included, and of the annotation files a dense source read (`SourceData.annotations`). The next download of
 the same source and root compares: a path whose SHA-256 differs is reported by name, an error unless
-data.on_changed_file is "warn"; files added or removed are normal growth and only listed. The record is replaced once the dataset is written, never after an error, so a changed file keeps
-failing until the change is accepted (one download with data.on_changed_file: warn).
+data.on_changed_file is "warn"; files added or removed are normal growth and only listed. The record is
+replaced once the dataset is written, never after an error, so a changed file keeps failing until the change
+is accepted (one download with data.on_changed_file: warn).
 """
 
 from __future__ import annotations
