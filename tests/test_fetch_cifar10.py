@@ -336,3 +336,45 @@ def test_official_test_split_is_kept_and_holdout_val_come_from_train(server, tin
     carved = [*ds.splits["train"].paths, *ds.splits["val"].paths, *holdout.splits["holdout"].paths]
     assert sorted(carved) == sorted(f"data_batch_{b}:{i}" for b in range(1, 6) for i in range(4))
     assert summary["splits"]["holdout"] == len(holdout.splits["holdout"]) > 0 and len(ds.splits["val"]) > 0
+
+
+def _with_members(src: Path, dest: Path, extra: list[tuple[str, bytes, str | None]], drop: str = "") -> Path:
+    """A copy of the archive `src` plus `extra` members (name, bytes, symlink target or None), less `drop`."""
+    import io
+    import tarfile
+
+    with tarfile.open(src) as old, tarfile.open(dest, "w:gz") as new:
+        for member in old.getmembers():
+            if member.name != drop:
+                new.addfile(member, old.extractfile(member) if member.isfile() else None)
+        for name, data, target in extra:
+            info = tarfile.TarInfo(name)
+            if target is None:
+                info.size = len(data)
+                new.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                new.addfile(info)
+    return dest
+
+
+def test_archive_members_never_reach_the_disk(tiny, tmp_path, monkeypatch):
+    """The cifar10 source reads members in memory: a member named ../x, an absolute one or a symlink is never
+    extracted; a batch that is a symlink (or a second copy) is refused naming the member."""
+    work = tmp_path / "work" / "deep"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    escape = [("../../escaped.txt", b"x", None), (str(tmp_path / "absolute.txt"), b"x", None),
+              ("cifar-10-batches-py/link", b"", str(tmp_path / "outside"))]
+    archive = _with_members(tiny["path"], tmp_path / "escape.tar.gz", escape)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cfg = cifar_cfg(str(archive), md5_of(archive.read_bytes()), tmp_path / "cache", image_size=32, channels=3)
+    src = load_source(cfg)
+    np.testing.assert_array_equal(src.splits["train"].images, tiny["train"])
+    made = sorted(set(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) - set(before))
+    assert made == [Path("cache"), Path("cache/escape.tar.gz")]  # the verified copy, and nothing else
+
+    batch = "cifar-10-batches-py/data_batch_2"
+    linked = _with_members(tiny["path"], tmp_path / "linked.tar.gz", [(batch, b"", "/etc/passwd")], drop=batch)
+    with pytest.raises(ValueError, match=r"linked\.tar\.gz: member cifar-10-batches-py/data_batch_2 is not a single"):
+        read_archive(linked)

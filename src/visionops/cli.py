@@ -77,7 +77,9 @@ def _check(params, args, run) -> dict:
     "larger images, written as COCO and read back), coco, voc or yolo at data.root. Segmentation: canvases "
     "(written as PNG masks), coco (polygons or RLE) or masks (PNG index masks beside the images). Writes "
     f"train/val/test (uint8 NHWC arrays, labels or boxes or masks, manifests) to {layout.DATASET}/ and the frozen "
-    f"holdout to {layout.HOLDOUT}/, atomically.",
+    f"holdout to {layout.HOLDOUT}/, atomically. A path that leads outside data.root is refused by name unless "
+    "data.allowed_roots lists its folder; a source file whose bytes changed under the same name since the last "
+    "download fails it, naming the file (data.on_changed_file), and added or removed files are listed.",
     sections=("data",),
 )
 def _download(params, args, run) -> dict:

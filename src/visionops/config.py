@@ -80,7 +80,11 @@ class DataConfig(Section):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # frozen; used only by promote and monitoring
     seed: int = 0
     download_retries: int = Field(5, ge=0, le=20)
-    cache_dir: str = "data/cache"  # downloaded archives, and the canvases written in their standard format
+    cache_dir: str = "data/cache"  # downloaded archives, the canvases written in their standard format, file digests
+    # folders outside data.root that a reader may also read (an annotation's path, a symlink, a YOLO folder)
+    allowed_roots: list[str] = []
+    # a file read before whose bytes changed under the same name: "error" fails download, "warn" goes on
+    on_changed_file: Literal["error", "warn"] = "error"
 
     @model_validator(mode="after")
     def _folder_needs_root(self) -> DataConfig:

@@ -7,7 +7,8 @@ dataset directory of the same format whose only split is "holdout". Layout of a 
     <split>/images.npy      uint8 array, N x H x W x C (memory-mapped on read)
     <split>/labels.npy      int64 array, N
     <split>/manifest.csv    index, path (the file relative to data.root, or the source's name for the image),
-                            orig_height, orig_width, orig_channels
+                            orig_height, orig_width, orig_channels, and for a source of user files
+                            (folder, coco, voc, yolo, masks) sha256, the file's (see `visionops.data.changes`)
     <split>/<target>.npy    detection and segmentation only: per-image targets, first axis N (see `Split`)
     rejected.csv            files the source could not decode: split, label, path, error
 """
@@ -46,6 +47,7 @@ class Split:
     orig_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     targets: dict[str, np.ndarray] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)  # each source file's SHA-256; empty for a source of no files
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,7 +97,9 @@ def save(ds: Dataset, out: Path) -> None:
         np.save(d / "labels.npy", np.asarray(split.labels, dtype=np.int64))
         shapes = split.orig_shapes or [split.images.shape[1:]] * len(split)
         rows = [[i, p, *s] for i, (p, s) in enumerate(zip(split.paths, shapes))]
-        _write_csv(d / "manifest.csv", MANIFEST_FIELDS, rows)
+        if split.sha256:
+            rows = [[*row, digest] for row, digest in zip(rows, split.sha256, strict=True)]
+        _write_csv(d / "manifest.csv", MANIFEST_FIELDS + ["sha256"] * bool(split.sha256), rows)
         for key, array in split.targets.items():
             np.save(d / f"{key}.npy", np.ascontiguousarray(array))
     _write_csv(
@@ -141,6 +145,7 @@ def load(root: Path | str, mmap: bool = True) -> Dataset:
             paths=[r["path"] for r in rows],
             orig_shapes=[(int(r["orig_height"]), int(r["orig_width"]), int(r["orig_channels"])) for r in rows],
             targets={key: np.load(d / f"{key}.npy") for key in meta.get("targets", ())},
+            sha256=[r["sha256"] for r in rows] if rows and "sha256" in rows[0] else [],
         )
     rejected = [
         Rejected(r["split"], int(r["label"]), r["path"], r["error"]) for r in _read_csv(root / "rejected.csv")

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from visionops.data.dataset import Rejected, Split
+from visionops.data.images import SourceImage
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError
 
@@ -50,6 +51,11 @@ class DenseImage:
     mask: np.ndarray | None = None  # segmentation: class index per source pixel
     error: str = ""  # why the image (or its mask) could not be read
     identity: str = ""  # a digest of the source file's bytes (`Split.identities`)
+    sha256: str = ""  # the source file's SHA-256 (`Split.sha256`)
+
+    def take(self, source: SourceImage) -> None:
+        """Keep what `read_source_image` read of this image's file."""
+        self.image, self.orig, self.identity, self.sha256 = source.image, source.orig, source.identity, source.sha256
 
 
 @dataclass
@@ -121,16 +127,22 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
             facts[r.path] = ImageFacts(r.objects, tuple(r.mask.shape[:2]), unknown)
         arrays = {"masks": masks}
     split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays,
-                  [r.identity for r in stored])
+                  [r.identity for r in stored], [r.sha256 for r in stored])
     return split, facts
 
 
 def rejected(split: str, records: list[DenseImage], root: str) -> list[Rejected]:
     """The records that could not be read; a decoder's message names the file relative to `root` (data.root),
     as rejected.csv, which DVC hashes, holds no absolute path."""
-    prefix = f"{Path(root).expanduser()}/"
-    return [Rejected(split, -1, r.path, (r.error or "not decoded").replace(prefix, ""))
-            for r in records if r.image is None or r.error]
+    prefixes = {f"{Path(root).expanduser()}/", f"{Path(root).expanduser().resolve()}/"}
+    out = []
+    for r in records:
+        if r.image is None or r.error:
+            error = r.error or "not decoded"
+            for prefix in sorted(prefixes, key=len, reverse=True):
+                error = error.replace(prefix, "")
+            out.append(Rejected(split, -1, r.path, error))
+    return out
 
 
 def _fmt(v: float) -> str:

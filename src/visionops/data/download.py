@@ -10,7 +10,7 @@ import numpy as np
 
 from visionops.atomic import atomic_dir
 from visionops.config import DataConfig, ParamsError
-from visionops.data import dataset
+from visionops.data import changes, dataset
 from visionops.data.dataset import Dataset, Split
 from visionops.data.sources import load_source
 from visionops.data.splits import hash_split
@@ -32,6 +32,7 @@ def _take(split: Split, idx: np.ndarray) -> Split:
         orig_shapes=[split.orig_shapes[i] for i in idx] if split.orig_shapes else [],
         targets={key: array[idx] for key, array in split.targets.items()},
         identities=[split.identities[i] for i in idx],
+        sha256=[split.sha256[i] for i in idx] if split.sha256 else [],
     )
 
 
@@ -62,9 +63,13 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
     `holdout_dir`, both atomically and together.
 
     With no `holdout_dir` the holdout is still kept out of train/val/test, just not written. A dense
-    source's per-object facts go beside each split's arrays (`visionops.data.dense.write_tables`).
+    source's per-object facts go beside each split's arrays (`visionops.data.dense.write_tables`). A source of
+    files is compared with the last download's record of their SHA-256 (`visionops.data.changes`), which is
+    replaced once both directories are written.
     """
     src = load_source(cfg, targets)
+    digests = changes.source_digests(src)
+    changes.check(cfg, digests, out_dir)
     parts = carve_splits(src.splits, cfg)
     if len(parts[HOLDOUT]) < MIN_HOLDOUT:
         print(f"download: warning: the holdout has {len(parts[HOLDOUT])} images (data.holdout_fraction "
@@ -83,6 +88,7 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
 
                 for name, split in ds.splits.items():
                     write_tables(tmp / name, split, src.facts)
+    changes.save(cfg, digests, out_dir)
     return {
         "source": cfg.source,
         "classes": len(src.class_names),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -41,16 +43,52 @@ def array_to_canonical(arr: np.ndarray, image_size: int, channels: int) -> np.nd
     return to_canonical(img, image_size, channels)
 
 
-def decode_file(path: Path | str, image_size: int, channels: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Fully decode an image file; raise OSError/ValueError for truncated or corrupt files."""
-    with Image.open(path) as img:
+def open_image(data: bytes, name: Path | str) -> Image.Image:
+    """PIL's image of a file's bytes; an unrecognised format raises UnidentifiedImageError naming `name`."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {str(name)!r}") from None
+
+
+def decode_bytes(data: bytes, name: Path | str, image_size: int,
+                 channels: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Fully decode the bytes of the image file `name`; raise OSError/ValueError for truncated or corrupt files."""
+    with open_image(data, name) as img:
         img.load()
         orig = (img.height, img.width, len(img.getbands()))
         return to_canonical(img, image_size, channels), orig
 
 
-def file_hash(path: Path | str) -> str:
+def decode_file(path: Path | str, image_size: int, channels: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Fully decode an image file; raise OSError/ValueError for truncated or corrupt files."""
+    return decode_bytes(Path(path).read_bytes(), path, image_size, channels)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A source file read once: its canonical pixels and source shape, and two digests of the same bytes."""
+
+    image: np.ndarray
+    orig: tuple[int, int, int]
+    identity: str  # `bytes_hash`: where the split puts the image (`Split.identities`)
+    sha256: str  # recorded in the manifest, so that a file changed under its name is found (`data.changes`)
+
+
+def read_source_image(path: Path | str, image_size: int, channels: int) -> SourceImage:
+    """Read `path` once, take its digests and decode it (errors as `decode_bytes`)."""
+    data = Path(path).read_bytes()
+    image, orig = decode_bytes(data, path, image_size, channels)
+    return SourceImage(image, orig, bytes_hash(data), hashlib.sha256(data).hexdigest())
+
+
+def bytes_hash(data: bytes) -> str:
     """A digest of a file's bytes: the image's identity whatever the settings or the decoder's version."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_hash(path: Path | str) -> str:
+    """`bytes_hash` of the file at `path`."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 

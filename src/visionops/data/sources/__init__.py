@@ -22,6 +22,8 @@ class SourceData:
     rejected: list[Rejected] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # non-image files, reported not read
     facts: dict = field(default_factory=dict)  # dense sources: {path: visionops.data.dense.ImageFacts}
+    # dense sources: the annotation files read (json, xml, labels, masks, class lists), {path: SHA-256}
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 _MODULES = {"digits": "digits", "cifar10": "cifar10", "folder": "folder"}

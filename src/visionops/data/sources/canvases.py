@@ -4,7 +4,7 @@ format and read back through that format's reader, so that a user's data path ru
 Boxes: COCO json + PNG images (read by `coco`); masks: PNG images + PNG index masks (read by `masks`). The
 files go to data.cache_dir/canvases-<targets>-<digest of the generation settings>/, written atomically and
 reused while the settings are unchanged. A canvas's identity (`Split.identities`) is a digest of its generated
-pixels, not of its PNG's bytes, which another zlib would compress differently.
+pixels, not of its PNG's bytes, which another zlib would compress differently (nor is the PNG's SHA-256 recorded).
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
     src = reader.load(as_user_data, targets)
     for split in src.splits.values():
         split.identities = [content_hash(_pixels(where / path)) for path in split.paths]
+        split.sha256 = []  # generated files, not the user's: nothing to keep from changing
+    src.annotations = {}
     return src
 
 

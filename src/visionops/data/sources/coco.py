@@ -6,23 +6,25 @@ data.root; or split folders data.root/{train,val,test}/<data.annotations>, `file
 folder (the splits are kept; only train is required). Classes: the train json's categories sorted by id
 (segmentation: "background" first, then those, so a pixel's value is 1 + the category's position). An
 annotation whose category is not among them keeps class -1 (validation fails on it). Segmentation: the
-objects are painted in the json's order, later over earlier.
+objects are painted in the json's order, later over earlier. A `file_name` (or the json itself) that resolves
+outside data.root is refused by name (`visionops.data.roots`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import file_hash, to_8bit, to_canonical
+from visionops.data.images import read_source_image
+from visionops.data.roots import data_roots, resolve_inside
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -39,22 +41,27 @@ def split_files(root: Path, annotations: str) -> dict[str, tuple[Path, Path]]:
     return {"train": (root, root / annotations)}
 
 
-def _dataset(folder: Path, ann_file: Path, channels: int):
+def _dataset(folder: Path, ann_file: Path, roots: tuple[Path, ...], cfg: DataConfig):
+    """torchvision's CocoDetection of `ann_file`, every image's file checked to lie inside `roots` and read once
+    (`read_source_image`): canonical pixels, source shape and digests, which `_read` takes from `read`."""
     from torchvision.datasets import CocoDetection
 
     class Coco(CocoDetection):
-        def _load_image(self, id: int) -> Image.Image:  # visionops' decoding: 16-bit rescaled, source bands kept
-            with Image.open(os.path.join(self.root, self.coco.loadImgs(id)[0]["file_name"])) as img:
-                img.load()
-                out = to_8bit(img).convert("L" if channels == 1 else "RGB")
-                out.info["bands"] = len(img.getbands())
-                return out
+        def _load_image(self, id: int) -> Image.Image:
+            self.read[id] = read_source_image(self.files[id], cfg.image_size, cfg.channels)
+            return Image.new("1", self.read[id].orig[1::-1])  # the size the wrapper's masks need; pixels from `read`
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            return Coco(str(folder), str(ann_file))
+            ds = Coco(str(folder), str(ann_file))
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"data.annotations: {ann_file} is not a COCO json: {decode_error(exc)}") from exc
+    ds.read = {}
+    ds.files = {
+        id: resolve_inside(roots, folder / str(img["file_name"]), f"{ann_file}: image id {id} file_name")
+        for id, img in ds.coco.imgs.items()
+    }
+    return ds
 
 
 def _categories(ds, targets: str) -> tuple[list[str], dict[int, int]]:
@@ -78,15 +85,16 @@ def _read(ds, prefix: str, index: dict[int, int], cfg: DataConfig, targets: str)
         except Exception as exc:  # noqa: BLE001 - an unreadable image or annotation is reported per file
             records.append(DenseImage(path, error=decode_error(exc)))
             continue
-        h, w = image.height, image.width
+        read = ds.read.pop(image_id)
+        h, w = read.orig[:2]
         boxes = target["boxes"].tolist() if "boxes" in target else []
         cats = target["labels"].tolist() if "labels" in target else []
         objects = [
             DenseObject(str(c), str(ds.coco.cats.get(c, {}).get("name", "")), index.get(c, -1), tuple(b))
             for b, c in zip(boxes, cats)
         ]
-        rec = DenseImage(path, to_canonical(image, cfg.image_size, cfg.channels), (h, w, image.info["bands"]), objects,
-                         identity=file_hash(Path(ds.root, file_name)))
+        rec = DenseImage(path, objects=objects)
+        rec.take(read)
         if targets == "masks":
             shape = tuple(target["masks"].shape[1:]) if "masks" in target else (h, w)
             mask = np.zeros(shape, np.uint8)
@@ -103,10 +111,15 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
     if not root.is_dir():
         raise MissingInputError(f"data.root: {root} is not a directory")
     files = split_files(root, cfg.annotation_file)
-    datasets = {s: _dataset(folder, ann, cfg.channels) for s, (folder, ann) in files.items()}
+    roots = data_roots(cfg)
+    for folder, ann in files.values():
+        resolve_inside(roots, ann, "data.annotations")
+    datasets = {s: _dataset(folder, ann, roots, cfg) for s, (folder, ann) in files.items()}
     class_names, index = _categories(datasets["train"], targets)
     records = {}
     for s, ds in datasets.items():
         prefix = "" if files[s][0] == root else f"{s}/"
         records[s] = _read(ds, prefix, index, cfg, targets)
-    return to_source_data(records, class_names, targets, cfg)
+    src = to_source_data(records, class_names, targets, cfg)
+    src.annotations = file_digests(root, [ann for _, ann in files.values()])
+    return src

@@ -1,7 +1,8 @@
 """A user's ImageFolder tree: `root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>`.
 
 Each image is named by its path relative to data.root (the dataset holds no absolute path) and identified by
-a digest of its file's bytes (`Split.identities`).
+a digest of its file's bytes (`Split.identities`). Every file and folder is resolved and refused when it leads
+outside data.root (`visionops.data.roots`); a symlinked folder inside it is not walked into.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from visionops.config import DataConfig
 from visionops.data.dataset import Rejected, Split
-from visionops.data.images import IMAGE_SUFFIXES, decode_file, file_hash
+from visionops.data.images import IMAGE_SUFFIXES, read_source_image
+from visionops.data.roots import data_roots, files_inside
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -43,13 +45,12 @@ def _class_names(split_root: Path) -> list[str]:
 
 
 def _decode(name: str, root: Path, image_size: int, channels: int):
-    """(pixels, source shape, identity, None) or (None, None, None, error) for the file `name` under `root`."""
+    """(`SourceImage`, None) or (None, error) for the file `name` under `root`."""
     path = root / name
     try:
-        arr, orig = decode_file(path, image_size, channels)
-        return arr, orig, file_hash(path), None
+        return read_source_image(path, image_size, channels), None
     except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
-        return None, None, None, f"{type(exc).__name__}: {exc}".replace(str(path), name)
+        return None, f"{type(exc).__name__}: {exc}".replace(str(path), name)
 
 
 def _decode_all(paths: list[str], root: Path, cfg: DataConfig, desc: str) -> list:
@@ -65,6 +66,7 @@ def load(cfg: DataConfig) -> SourceData:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise MissingInputError(f"data.root: {root} is not a directory")
+    allowed = data_roots(cfg)
     roots = _split_roots(root)
     class_names = _class_names(roots["train"])
     index = {name: i for i, name in enumerate(class_names)}
@@ -78,8 +80,8 @@ def load(cfg: DataConfig) -> SourceData:
             class_dir = split_root / name
             if not class_dir.is_dir():
                 continue
-            for f in sorted(class_dir.rglob("*")):
-                if not f.is_file() or f.name.startswith("."):
+            for f, _ in files_inside(allowed, class_dir, "data.root"):
+                if f.name.startswith("."):
                     continue
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     files.append(f.relative_to(root).as_posix())
@@ -87,15 +89,17 @@ def load(cfg: DataConfig) -> SourceData:
                 else:
                     ignored.append(str(f))
         decoded = _decode_all(files, root, cfg, f"decode {split}")
-        keep = [i for i, (arr, *_) in enumerate(decoded) if arr is not None]
-        rejected += [Rejected(split, labels[i], files[i], err) for i, (*_, err) in enumerate(decoded) if err]
+        keep = [i for i, (read, _) in enumerate(decoded) if read is not None]
+        rejected += [Rejected(split, labels[i], files[i], err) for i, (_, err) in enumerate(decoded) if err]
         shape = (0, cfg.image_size, cfg.image_size, cfg.channels)
+        read = [decoded[i][0] for i in keep]
         splits[split] = Split(
-            images=np.stack([decoded[i][0] for i in keep]) if keep else np.zeros(shape, np.uint8),
+            images=np.stack([r.image for r in read]) if read else np.zeros(shape, np.uint8),
             labels=np.asarray([labels[i] for i in keep], dtype=np.int64),
             paths=[files[i] for i in keep],
-            orig_shapes=[decoded[i][1] for i in keep],
-            identities=[decoded[i][2] for i in keep],
+            orig_shapes=[r.orig for r in read],
+            identities=[r.identity for r in read],
+            sha256=[r.sha256 for r in read],
         )
     if ignored:
         print(

@@ -4,7 +4,8 @@ Layout: data.root/images/<stem>.{png,jpg,jpeg} with data.root/masks/<stem>.png, 
 data.root/{train,val,test}/ (the splits are kept; only train is required); and data.root/<data.annotations>
 (default classes.txt), one class name a line, background first. A mask is a single-channel PNG (mode P or
 L) whose value is the class index of each pixel, 255 = ignore (unlabelled or border). Each class present
-in a mask counts as one object (semantic masks have no instances), its box the class's pixels' extent.
+in a mask counts as one object (semantic masks have no instances), its box the class's pixels' extent. An
+image, mask or class list that resolves outside data.root is refused by name (`visionops.data.roots`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import numpy as np
 from PIL import Image
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import IGNORE, DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import IMAGE_SUFFIXES, decode_file, file_hash
+from visionops.data.images import IMAGE_SUFFIXES, read_source_image
+from visionops.data.roots import data_roots, resolve_inside
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -41,27 +44,32 @@ def _objects(mask: np.ndarray, class_names: list[str]) -> list[DenseObject]:
     return objects
 
 
-def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConfig) -> list[DenseImage]:
-    records = []
-    for f in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConfig,
+                roots: tuple[Path, ...]) -> tuple[list[DenseImage], list[Path]]:
+    """The split's images, and the mask files read."""
+    records, masks = [], []
+    images = resolve_inside(roots, folder / "images", "data.root")
+    for f in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         rec = DenseImage(f"{prefix}images/{f.name}")
-        mask_path = folder / "masks" / f"{f.stem}.png"
+        file = resolve_inside(roots, f, "data.root")
+        mask_path = resolve_inside(roots, folder / "masks" / f"{f.stem}.png", f"mask of {prefix}images/{f.name}")
         try:
-            rec.image, rec.orig = decode_file(f, cfg.image_size, cfg.channels)
-            rec.identity = file_hash(f)
+            rec.take(read_source_image(file, cfg.image_size, cfg.channels))
             rec.mask = _read_mask(mask_path)
+            masks.append(mask_path)
             rec.objects = _objects(rec.mask, class_names)
         except FileNotFoundError:
             rec.error = f"no mask {prefix}masks/{mask_path.name}"
         except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
             rec.error = decode_error(exc)
         records.append(rec)
-    return records
+    return records, masks
 
 
 def load(cfg: DataConfig, targets: str) -> SourceData:
     root = Path(cfg.root).expanduser()
-    classes = root / cfg.annotation_file
+    roots = data_roots(cfg)
+    classes = resolve_inside(roots, root / cfg.annotation_file, "data.annotations")
     if not classes.is_file():
         raise MissingInputError(f"data.annotations: no class list {classes} (one name a line, background first)")
     class_names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
@@ -72,7 +80,8 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
         raise InvalidInputError(f"data.root: {root} has {', '.join(named)}/images but no train/images")
     if not named and not (root / "images").is_dir():
         raise MissingInputError(f"data.root: {root} has no images/ folder (nor train/images/)")
-    if not named:
-        return to_source_data({"train": _read_split(root, "", class_names, cfg)}, class_names, targets, cfg)
-    records = {s: _read_split(root / s, prefix, class_names, cfg) for s, prefix in named.items()}
-    return to_source_data(records, class_names, targets, cfg)
+    folders = {s: (root / s, prefix) for s, prefix in named.items()} or {"train": (root, "")}
+    read = {s: _read_split(folder, prefix, class_names, cfg, roots) for s, (folder, prefix) in folders.items()}
+    src = to_source_data({s: records for s, (records, _) in read.items()}, class_names, targets, cfg)
+    src.annotations = file_digests(roots[0], [classes, *(m for _, masks in read.values() for m in masks)])
+    return src

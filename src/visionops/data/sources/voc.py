@@ -10,7 +10,8 @@ Layout (a VOC year folder, e.g. VOCdevkit/VOC2012, as data.root):
 
 Boxes are taken as written (xyxy in pixels, as torchvision's VOC wrapper does); an object whose name is
 not a class keeps class -1 (validation fails on it). torchvision's `VOCDetection` itself insists on the
-VOCdevkit folder names and the official image sets, hence only its parser is used.
+VOCdevkit folder names and the official image sets, hence only its parser is used. An xml, image or class
+list that resolves outside data.root is refused by name (`visionops.data.roots`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 from xml.etree.ElementTree import ParseError, parse
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import decode_file, file_hash
+from visionops.data.images import read_source_image
+from visionops.data.roots import data_roots, resolve_inside
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -34,10 +37,10 @@ def _split_ids(root: Path) -> dict[str, list[str]]:
     return named or {"train": sorted(p.stem for p in (root / "Annotations").glob("*.xml"))}
 
 
-def _parse(root: Path, image_id: str) -> dict:
+def _parse(root: Path, roots: tuple[Path, ...], image_id: str) -> dict:
     from torchvision.datasets import VOCDetection
 
-    xml = root / "Annotations" / f"{image_id}.xml"
+    xml = resolve_inside(roots, root / "Annotations" / f"{image_id}.xml", f"data.root: VOC id {image_id!r}")
     try:
         return VOCDetection.parse_voc_xml(parse(xml).getroot()).get("annotation", {})
     except (OSError, ParseError) as exc:
@@ -61,9 +64,11 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
     root = Path(cfg.root).expanduser()
     if not (root / "Annotations").is_dir():
         raise MissingInputError(f"data.root: {root} has no Annotations/ folder (a VOC year folder is expected)")
-    anns = {s: [(i, _parse(root, i)) for i in ids] for s, ids in _split_ids(root).items()}
+    roots = data_roots(cfg)
+    anns = {s: [(i, _parse(root, roots, i)) for i in ids] for s, ids in _split_ids(root).items()}
     labels_file = root / cfg.annotation_file
     if labels_file.is_file():
+        resolve_inside(roots, labels_file, "data.annotations")
         class_names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
     else:
         class_names = sorted({str(o.get("name")) for _, a in anns["train"] for o in _objects(a)})
@@ -74,12 +79,16 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
         for image_id, ann in items:
             path = f"JPEGImages/{ann.get('filename') or image_id + '.jpg'}"
             rec = DenseImage(path)
+            file = resolve_inside(roots, root / path, f"Annotations/{image_id}.xml: <filename>")
             try:
-                rec.image, rec.orig = decode_file(root / path, cfg.image_size, cfg.channels)
-                rec.identity = file_hash(root / path)
+                rec.take(read_source_image(file, cfg.image_size, cfg.channels))
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
             names = [str(o.get("name")) for o in _objects(ann)]
             rec.objects = [DenseObject(n, n, index.get(n, -1), _box(o)) for n, o in zip(names, _objects(ann))]
             records[s].append(rec)
-    return to_source_data(records, class_names, targets, cfg)
+    src = to_source_data(records, class_names, targets, cfg)
+    sets = [root / "ImageSets" / "Main" / f"{s}.txt" for s in SPLITS]
+    read = [root / "Annotations" / f"{i}.xml" for items in anns.values() for i, _ in items]
+    src.annotations = file_digests(root, [*read, *(f for f in (labels_file, *sets) if f.is_file())])
+    return src

@@ -6,7 +6,9 @@ and optionally `val` and `test`: image folders relative to data.root (or to its 
 image's labels are the .txt of the same stem in the folder that replaces the image folder's last `images`
 component by `labels` (images/train/x.jpg -> labels/train/x.txt); a missing .txt means no objects. A line
 is `class cx cy w h`, the box centre and size as fractions of the image. A class id not in `names` keeps
-class -1 and a box outside [0, 1] stays outside the image: validation fails on both.
+class -1 and a box outside [0, 1] stays outside the image: validation fails on both. An image folder, image
+or label file that resolves outside data.root is refused by name (`visionops.data.roots`); images are named
+relative to data.root.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 import yaml
 
 from visionops.config import DataConfig
+from visionops.data.changes import file_digests
 from visionops.data.dataset import SPLITS
 from visionops.data.dense import DenseImage, DenseObject, decode_error, to_source_data
-from visionops.data.images import IMAGE_SUFFIXES, decode_file, file_hash
+from visionops.data.images import IMAGE_SUFFIXES, read_source_image
+from visionops.data.roots import data_roots, files_inside, resolve_inside
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError, MissingInputError
 
@@ -51,9 +55,8 @@ def _label_file(image: Path) -> Path:
     return Path(*parts[:i], "labels", *parts[i + 1 :], image.stem + ".txt")
 
 
-def _objects(label_file: Path, names: dict[int, str], h: int, w: int) -> list[DenseObject]:
-    if not label_file.is_file():
-        return []
+def _objects(label_file: Path, names: dict[int, str], h: int, w: int, roots: tuple[Path, ...]) -> list[DenseObject]:
+    resolve_inside(roots, label_file, "label file")
     objects = []
     for n, line in enumerate(label_file.read_text().splitlines(), 1):
         if not line.strip():
@@ -72,27 +75,33 @@ def _objects(label_file: Path, names: dict[int, str], h: int, w: int) -> list[De
 
 
 def load(cfg: DataConfig, targets: str) -> SourceData:
-    root = Path(cfg.root).expanduser()
+    roots = data_roots(cfg)
+    root = roots[0]
     config_path = root / cfg.annotation_file
-    config = _config(config_path)
+    config = _config(resolve_inside(roots, config_path, "data.annotations"))
     names = _names(config_path, config["names"])
     base = root / str(config.get("path") or "")
-    records = {}
+    records, labels = {}, [config_path]
     for s in SPLITS:
         if not config.get(s):
             continue
-        folder = base / str(config[s])
+        folder = resolve_inside(roots, base / str(config[s]), f"{config_path}: {s}")
         if not folder.is_dir():
             raise MissingInputError(f"{config_path}: {s}: {folder} is not a directory")
         records[s] = []
-        for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            rec = DenseImage(f.relative_to(base).as_posix())
+        for f, file in files_inside(roots, folder, f"{config_path}: {s}"):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            rec = DenseImage((f.relative_to(root) if f.is_relative_to(root) else f).as_posix())
             try:
-                rec.image, rec.orig = decode_file(f, cfg.image_size, cfg.channels)
-                rec.identity = file_hash(f)
+                rec.take(read_source_image(file, cfg.image_size, cfg.channels))
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
-            h, w = rec.orig[:2]
-            rec.objects = _objects(_label_file(f), names, h, w) if not rec.error else []
+            label_file = _label_file(f)
+            if not rec.error and label_file.is_file():
+                rec.objects = _objects(label_file, names, *rec.orig[:2], roots)
+                labels.append(label_file)
             records[s].append(rec)
-    return to_source_data(records, [names[i] for i in range(len(names))], targets, cfg)
+    src = to_source_data(records, [names[i] for i in range(len(names))], targets, cfg)
+    src.annotations = file_digests(root, labels)
+    return src
