@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines import dvc_stages, flows
+from visionops.tracking import faults
 
 STAGES = ["download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register"]
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
@@ -210,8 +211,9 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
     again = flows.training(project_dir=str(project.path), promote=False, return_state=True)
     assert first.is_completed() and again.is_completed()
     ((ran,), (skipped,)) = (_task_runs(_flow_run_id(s)) for s in (first, again))
-    assert ran.state.message.startswith("ran in ") and skipped.state.message == "up to date (dvc status)"
+    assert ran.state.message.startswith("ran in ") and skipped.state.message.startswith("up to date in ")
     assert [s["state"] for s in again.result()["stages"]] == ["up to date"]
+    assert any("Stage 'echo' didn't change, skipping" in log.message for log in _logs(skipped.id))  # DVC said so
     assert "| echo | skipped: up to date (DVC) |" in _artifact(_flow_run_id(again), flows.TRAINING_ARTIFACT).data
     ours = [log.message for log in _logs(ran.id) if not log.message.startswith("Finished in state")]
     assert len(ours) == 1 and "Running stage 'echo'" in ours[0]  # dvc's whole output is one record
@@ -228,6 +230,35 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
     assert "visionops-classifier: no challenger" in nothing_to_do(project.path, promote=True, env={})
     (project.path / "params.yaml").write_bytes((project.path / "params.yaml").read_bytes().replace(b"  epochs: 10", b"  epochs: 9", 1))
     assert nothing_to_do(project.path, promote=False, env={}) is None  # the echo stage would run
+
+
+# Two stages whose outputs DVC caches, so both go to its run cache: `b` doubles the epochs `a` wrote.
+CACHED = {
+    "a": {"cmd": "python -c \"import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])\" > a.txt",
+          "params": ["train.epochs"], "outs": ["a.txt"]},
+    "b": {"cmd": "python -c \"print(open('a.txt').read().strip() * 2)\" > b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+}
+
+
+def test_a_stage_restored_from_the_run_cache_changes_what_follows_it(tmp_path, prefect_harness):
+    """Issue 25: `dvc exp run -S train.epochs=2`, back to 10, then `make flow SET="train.epochs=2"`. DVC restores
+    `a` from its run cache (no "Running stage"): its output changed, so `b` must follow it, as in `dvc repro`."""
+    project = _tiny_project(tmp_path / "proj", CACHED)
+    project.repro()
+    project.run("dvc", "exp", "run", "-S", "train.epochs=2")
+    project.run("git", "checkout", "--", "params.yaml")
+    assert "is cached - skipping run" in project.repro().stdout  # back to 10, from the run cache
+
+    state = flows.training(project_dir=str(project.path), overrides={"train.epochs": 2}, promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert [s["state"] for s in state.result()["stages"]] == [dvc_stages.RESTORED] * 2
+    assert (project.path / "a.txt").read_text().strip() == "2" and (project.path / "b.txt").read_text().strip() == "22"
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())["stages"]
+    assert lock["b"]["deps"][0]["md5"] == lock["a"]["outs"][0]["md5"]  # b ran on the a.txt that is there
+    assert [line.split(":")[0] for line in project.run("dvc", "status").stdout.splitlines()[:1]] == ["a"]  # params 10, ran with 2
+    markdown = _artifact(_flow_run_id(state), flows.TRAINING_ARTIFACT).data
+    assert "| b | restored from DVC's run cache (outputs changed, command not run) |" in markdown
 
 
 def _logs(task_run_id) -> list:
@@ -291,7 +322,58 @@ def test_a_stage_failing_once_is_retried(trained, no_retry_delays):
     assert all(runs[s].run_count == 1 for s in STAGES)
     summary = state.result()
     assert [s["state"] for s in summary["stages"]] == ["up to date"] * len(STAGES) + ["ran"]
+    assert [s["attempt"] for s in summary["stages"]] == [1] * len(STAGES) + [2]
+    assert "| flaky | ran (attempt 2) |" in _artifact(_flow_run_id(state), flows.TRAINING_ARTIFACT).data
     assert (project.path / "reports/flaky/ok.txt").read_text().strip() == "ok"
+
+
+# A stage command with an MLflow run as the real stages have (track_stage); its first attempt fails (MODE fail) or
+# hangs until its task's timeout terminates dvc's process group (MODE hang). The retry succeeds.
+TRACKED = """
+import sys, time
+from pathlib import Path
+from visionops.config import load_params
+from visionops.tracking.stage_run import track_stage
+first = not Path(".attempted").exists()
+Path(".attempted").touch()
+with track_stage("tracked", load_params("params.yaml"), ("validate",), in_process=IN_PROCESS) as run:
+    if hasattr(run, "wait_open"):
+        run.wait_open()
+    if first and "MODE" == "fail":
+        raise RuntimeError("first attempt fails")
+    if first:
+        time.sleep(600)
+Path("done.txt").write_text("ok")
+"""
+
+
+@pytest.mark.parametrize("mode,in_process,reason", [
+    ("fail", False, "RuntimeError: first attempt fails"),
+    pytest.param("hang", True, "Terminated: terminated by SIGTERM", marks=pytest.mark.slow),
+])
+def test_a_retried_stage_records_both_attempts_linked(tmp_path, prefect_harness, no_retry_delays, monkeypatch,
+                                                      mode, in_process, reason):
+    """Issue 25: a retried stage task leaves two MLflow runs; the first ends FAILED (an error) or KILLED (the task
+    timeout's SIGTERM) with its reason, linked to the retry, and the pipeline's parent run ends FINISHED."""
+    project = _tiny_project(tmp_path / "proj", {"tracked": {
+        "cmd": "python tracked.py", "deps": ["tracked.py"], "outs": [{"done.txt": {"cache": False}}]}})
+    (project.path / "tracked.py").write_text(TRACKED.replace("MODE", mode).replace("IN_PROCESS", str(in_process)))
+    monkeypatch.setattr(flows, "LONG_STAGES", ("tracked",))
+    monkeypatch.setattr(flows, "LONG_STAGE_TIMEOUT_S", 60)  # the hanging attempt's run is open well before
+
+    state = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    flow_run_id = _flow_run_id(state)
+    (task_run,) = _task_runs(flow_run_id)
+    assert task_run.run_count == 2 and state.result()["stages"][0]["attempt"] == 2
+    first, retry = sorted(_mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.stage": "tracked"}),
+                          key=lambda r: r.info.start_time)
+    assert (first.info.status, retry.info.status) == ({"fail": "FAILED", "hang": "KILLED"}[mode], "FINISHED")
+    assert first.data.tags[faults.END_REASON_TAG].startswith(reason)
+    assert first.data.tags[faults.RETRIED_BY_TAG] == retry.info.run_id and retry.data.tags[faults.RETRY_OF_TAG] == first.info.run_id
+    (parent,) = _mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "pipeline"})
+    assert parent.info.status == "FINISHED"
 
 
 @pytest.mark.slow
