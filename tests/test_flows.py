@@ -13,10 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from pipeline_project import Project
@@ -736,3 +738,153 @@ def test_training_flow_runs_detection_and_segmentation_end_to_end(task, tmp_path
     record = json.loads(champion.tags["promotion.metrics"])["challenger"]
     assert record["headline"] == headline and record[headline] >= 0.05
     assert client.search_model_versions(f"name = '{student_name}'")
+
+
+# ------------------------------------------------------------------------------------------
+# issue 25: the flow never decides in DVC's place. Two fresh copies of the project go through the same steps, one
+# driven by the training flow, the other by `dvc repro` / `dvc exp run`: a params edit, an experiment and back
+# (stages restored from DVC's run cache), and a run whose `train` is killed mid-way, then resumed. After each step
+# both hold the same dvc.lock (byte for byte: every dep, param and output hash), the same metrics files and the
+# same `dvc status`, clean wherever `dvc repro` leaves it clean.
+
+# The embedded digits, a LeNet teacher of 1-3 epochs (a fraction of a second each), one distill epoch, no
+# student-alone baseline: every stage runs for real, as briefly as it can.
+EQUIVALENCE = {
+    "train": {"model": "lenet", "epochs": 1, "optimizer": "adamw", "lr": 0.003},
+    "distill": {"epochs": 1, "baseline": False},
+    "evaluate": {"gradcam_samples": 2},
+}
+# Another helper makes `register` `always_changed: true` (its result is the registry, which DVC cannot see), so
+# `dvc status` then lists it as "always changed" even right after `dvc repro`: that one entry is expected.
+ALWAYS_CHANGED = {"register": ["always changed"]}
+
+
+def _status(project: Project) -> dict:
+    """`dvc status --json` by stage name, less register's "always changed" (see ALWAYS_CHANGED)."""
+    status = json.loads(project.run("dvc", "status", "--json").stdout)
+    by_stage = {name.rsplit(":", 1)[-1]: entries for name, entries in status.items()}
+    return {name: entries for name, entries in by_stage.items() if ALWAYS_CHANGED.get(name) != entries}
+
+
+def _metrics(project: Project) -> dict:
+    return {str(p.relative_to(project.path)): json.loads(p.read_text()) for p in sorted(project.path.glob("reports/*/metrics.json"))}
+
+
+def _assert_same(flow: Project, dvc: Project, step: str, clean: bool = True) -> None:
+    assert (flow.path / "dvc.lock").read_text() == (dvc.path / "dvc.lock").read_text(), step
+    assert _metrics(flow) == _metrics(dvc) and _metrics(flow), step
+    status = _status(flow)
+    assert status == _status(dvc), step
+    if clean:
+        assert status == {}, (step, status)
+
+
+def _flow(project: Project, **kwargs) -> dict:
+    state = flows.training(project_dir=str(project.path), promote=False, return_state=True, **kwargs)
+    assert state.is_completed(), state.message
+    return {**state.result(), "flow_run_id": _flow_run_id(state)}
+
+
+def _outcomes(summary: dict) -> dict[str, str]:
+    return {s["stage"]: s["state"] for s in summary["stages"]}
+
+
+class TrainKiller(threading.Thread):
+    """Kills the project's `visionops train` process (-9, the stage only; dvc sees it die) once its first
+    epoch is checkpointed (the MLflow sidecar is written just after the checkpoint): a stage interrupted
+    mid-way, which the next `dvc repro` resumes."""
+
+    def __init__(self, project: Project, timeout_s: float = 600):
+        super().__init__(daemon=True)
+        self.checkpoint = project.path / "models" / "checkpoints" / "train.mlflow.json"
+        self.cwd, self.deadline, self.killed = str(project.path), time.monotonic() + timeout_s, False
+
+    def run(self) -> None:
+        while not self.checkpoint.exists():
+            if time.monotonic() > self.deadline:
+                return
+            time.sleep(0.01)
+        for proc in psutil.process_iter(["cmdline", "cwd"]):
+            cmd = proc.info["cmdline"] or []
+            if proc.info["cwd"] == self.cwd and "train" in cmd and any(os.path.basename(c) == "visionops" for c in cmd[:2]):
+                proc.kill()
+                self.killed = True
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("equivalence")
+    projects = []
+    for name in ("flow", "dvc"):
+        project = Project(root / name)
+        project.set_params(**EQUIVALENCE)
+        _commit(project, "fast params")
+        projects.append(project)
+    return projects
+
+
+@pytest.mark.slow
+def test_the_flow_and_dvc_repro_end_alike_step_by_step(pair, no_retry_delays):
+    flow, dvc = pair
+
+    # a first run of everything
+    first = _flow(flow)
+    dvc.repro()
+    assert set(_outcomes(first).values()) == {dvc_stages.RAN}
+    _assert_same(flow, dvc, "first run")
+
+    # a params edit: train and what follows it run
+    for project in pair:
+        project.set_params(train={"epochs": 2})
+    edited = _flow(flow)
+    dvc.repro()
+    assert _outcomes(edited)["validate"] == dvc_stages.UP_TO_DATE and _outcomes(edited)["train"] == dvc_stages.RAN
+    _assert_same(flow, dvc, "params edit")
+
+    # an experiment with the first run's epochs (`make flow SET=...` / `dvc exp run -S`): train comes back from
+    # DVC's run cache, and so must evaluate, distill and register follow it (the issue's scenario)
+    for project in pair:
+        _commit(project, "two epochs")
+    experiment = _flow(flow, overrides={"train.epochs": 1})
+    dvc.run("dvc", "exp", "run", "-S", "train.epochs=1")
+    assert _outcomes(experiment)["train"] == dvc_stages.RESTORED
+    assert _outcomes(experiment)["evaluate"] == dvc_stages.RESTORED and _outcomes(experiment)["register"] == dvc_stages.RAN
+    # the flow gives params.yaml its bytes back (`dvc exp run` leaves the experiment's params): alike, the two
+    # copies' `dvc status` lists the stages whose params now differ from the ones they ran with
+    dvc.run("git", "checkout", "--", "params.yaml")
+    _assert_same(flow, dvc, "experiment", clean=False)
+    assert _status(flow)
+
+    # and back to params.yaml: everything it changed comes back from the run cache
+    back = _flow(flow)
+    dvc.repro()
+    assert _outcomes(back)["train"] == _outcomes(back)["evaluate"] == dvc_stages.RESTORED
+    _assert_same(flow, dvc, "back from the experiment")
+
+    # an interrupted run: train is killed after its first epoch, then resumed (the flow's retry; a second
+    # `dvc repro`)
+    for project in pair:
+        project.set_params(train={"epochs": 30})
+    killers = [TrainKiller(project) for project in pair]
+    for killer in killers:
+        killer.start()
+    interrupted = flows.training(project_dir=str(flow.path), promote=False, return_state=True)
+    assert dvc.repro(check=False).returncode != 0
+    for killer in killers:
+        killer.join(timeout=60)
+    assert [k.killed for k in killers] == [True, True]
+    assert interrupted.is_completed(), interrupted.message
+    resumed = dvc.repro()
+    assert "resuming from models/checkpoints/train.pt" in resumed.stdout + resumed.stderr
+    train = next(s for s in interrupted.result()["stages"] if s["stage"] == "train")
+    assert (train["state"], train["attempt"]) == (dvc_stages.RAN, 2)
+    _assert_same(flow, dvc, "interrupted, then resumed")
+
+    # the flow run's record of it: the killed attempt KILLED, with why, linked to the retry that resumed it
+    runs = _mlflow_runs(flow, **{"prefect.flow_run_id": _flow_run_id(interrupted), "visionops.stage": "train"})
+    killed, retry = sorted(runs, key=lambda r: r.info.start_time)
+    assert (killed.info.status, retry.info.status) == ("KILLED", "FINISHED")
+    assert "killed or crashed" in killed.data.tags[faults.END_REASON_TAG]
+    assert retry.data.tags[faults.RETRY_OF_TAG] == killed.info.run_id == retry.data.tags[faults.RESUMED_FROM_TAG]
+    assert killed.data.tags[faults.RETRIED_BY_TAG] == retry.info.run_id
+
