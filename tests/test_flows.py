@@ -215,7 +215,6 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
     ((ran,), (skipped,)) = (_task_runs(_flow_run_id(s)) for s in (first, again))
     assert ran.state.message.startswith("ran in ") and skipped.state.message.startswith("up to date in ")
     assert [s["state"] for s in again.result()["stages"]] == ["up to date"]
-    assert any("Stage 'echo' didn't change, skipping" in log.message for log in _logs(skipped.id))  # DVC said so
     assert "| echo | skipped: up to date (DVC) |" in _artifact(_flow_run_id(again), flows.TRAINING_ARTIFACT).data
     ours = [log.message for log in _logs(ran.id) if not log.message.startswith("Finished in state")]
     assert len(ours) == 1 and "Running stage 'echo'" in ours[0]  # dvc's whole output is one record
