@@ -4,8 +4,9 @@
 of B's deps is (or is inside, or contains) one of A's outs/metrics/plots; among stages that are ready
 at the same time, the one written first in dvc.yaml goes first, so the order is stable.
 
-`run_stage` runs `dvc repro --single-item <stage>` in the project directory as a subprocess — DVC still
-decides whether the stage is up to date, runs its command, and writes dvc.lock — with the lineage
+`run_stage` runs `dvc repro --single-item <stage>` in the project directory as a subprocess — DVC
+decides whether the stage is up to date, runs it or restores it from its run cache, and writes dvc.lock;
+the result says which, from DVC's own log line (`StageResult.outcome`) — with the lineage
 environment (`VISIONOPS_PIPELINE_RUN_ID`, `VISIONOPS_PREFECT_FLOW_RUN_ID`, and `VISIONOPS_PIPELINE_NAME`:
 the flow run's name and its overrides, which names the MLflow parent run) that makes every MLflow stage
 run of one flow run share one pipeline id and carry the Prefect flow-run id. The output is collected and
@@ -44,6 +45,15 @@ KEEP_LINES = 20_000  # lines of log kept per stage run (the whole log of any nor
 KILL_GRACE_S = 10.0  # SIGTERM first, SIGKILL after this long
 PIPELINE_NAME_ENV = "VISIONOPS_PIPELINE_NAME"  # a human name for the pipeline run (MLflow's parent run name)
 COMMAND_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # DVC's report of the stage command's exit
+RAN, RESTORED, UP_TO_DATE = "ran", "restored from run cache", "up to date"
+# What DVC did with a stage, by the line `dvc repro` logs for it (dvc/stage/run.py, cache.py, __init__.py). A stage
+# restored from the run cache has new outputs just like one that ran: only UP_TO_DATE leaves its outputs alone.
+OUTCOME_LINES = (
+    (RAN, "Running stage '{stage}'"),
+    (RESTORED, "Stage '{stage}' is cached - skipping run, checking out outputs"),
+    (UP_TO_DATE, "Stage '{stage}' didn't change, skipping"),
+)
+UNSAID = "finished (DVC's log names no outcome)"
 
 
 class StageFailed(RuntimeError):
@@ -66,20 +76,22 @@ class StageFailed(RuntimeError):
         return type(self), (self.stage, self.dvc_returncode, self.log_tail, len(self.log_tail))
 
 
+def outcome(stage: str, log: list[str]) -> str:
+    """What `dvc repro` did with `stage` (RAN, RESTORED or UP_TO_DATE), read from its log."""
+    text = "\n".join(log)
+    return next((o for o, line in OUTCOME_LINES if line.format(stage=stage) in text), UNSAID)
+
+
 @dataclass
 class StageResult:
     stage: str
     returncode: int
-    ran: bool  # False when DVC found the stage up to date
+    outcome: str  # RAN, RESTORED or UP_TO_DATE: what DVC did
     seconds: float
     log: list[str] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
-        return {"stage": self.stage, "returncode": self.returncode, "ran": self.ran, "seconds": round(self.seconds, 2)}
-
-    @property
-    def outcome(self) -> str:
-        return "ran" if self.ran else "up to date"
+        return {"stage": self.stage, "returncode": self.returncode, "outcome": self.outcome, "seconds": round(self.seconds, 2)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,10 +197,8 @@ def dvc_command(env: dict[str, str]) -> list[str]:
 
 
 def changed_stages(project_dir: Path | str, env: dict[str, str] | None = None) -> set[str] | None:
-    """The stages `dvc status` says would run (None when it cannot tell: then every stage is reproduced).
-
-    One `dvc status` answers for all stages at once; a stage it does not list is up to date as long as
-    no stage before it runs."""
+    """The stages `dvc status` lists (None when it cannot tell), for `nothing_to_do`: the flow itself
+    asks `dvc repro` of every stage, since a stage restored from the run cache changes what follows it."""
     env = env if env is not None else stage_env(project_dir)
     proc = subprocess.run([*dvc_command(env), "status", "--json"], cwd=project_dir, env=env, capture_output=True,
                           text=True, check=False, stdin=subprocess.DEVNULL)
@@ -283,7 +293,7 @@ def run_stage(
         reader.join(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
-    result = StageResult(stage, returncode, f"Running stage '{stage}'" in "\n".join(log), time.monotonic() - start, list(log))
+    result = StageResult(stage, returncode, outcome(stage, list(log)), time.monotonic() - start, list(log))
     logger.info("$ dvc %s  (in %s)\n%s", " ".join(args), project_dir, "\n".join(log) or "(no output)")
     if returncode != 0:
         raise StageFailed(stage, returncode, result.log)

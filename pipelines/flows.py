@@ -2,7 +2,7 @@
 
 `training`   one Prefect task per DVC stage of dvc.yaml, in dependency order (each runs
              `dvc repro --single-item <stage>`, so the UI shows every stage with its logs, state, retries
-             and duration while DVC still decides what is up to date and writes dvc.lock); then the
+             and duration while DVC alone decides what is up to date and writes dvc.lock); then the
              metric-gated promotion of teacher and student; then a markdown artifact (metrics, promotion
              decisions, MLflow run ids of the stages).
 `promotion`  the metric-gated promotion alone (teacher and student), with a markdown artifact.
@@ -17,8 +17,10 @@ pipeline run and carry the tag `prefect.flow_run_id`; VISIONOPS_PIPELINE_NAME=<f
 names that pipeline run.
 
 Logs: each stage's DVC output is one record of its task; the flow logs one line per stage with its
-result. A stage DVC skipped ends as `Completed("up to date ...")` and the summary artifact says
-"skipped: up to date (DVC)".
+result, which is what DVC did: ran, restored from its run cache (new outputs, no command run) or up to
+date. The task ends as `Completed("<result> in N s")` and the summary artifact says the same (and which
+attempt it was, when a stage was retried). The flow never decides in DVC's place: every stage, up to date
+or not, goes through `dvc repro --single-item`, since only DVC knows what a run-cache restore changed.
 
 Parameter overrides (`overrides={"train.epochs": 5}`, `python -m pipelines training --set train.epochs=5`)
 -----------------------------------------------------------------------------------------------------
@@ -59,6 +61,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
+from prefect.runtime import task_run as current_task_run
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
@@ -117,23 +120,16 @@ class NoChampionError(RuntimeError):
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def dvc_stage(
-    project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, pipeline_name: str = "", force: bool = False,
-    known_up_to_date: bool = False,
-):
+def dvc_stage(project_dir: str, stage: str, pipeline_run_id: str, flow_run_id: str, pipeline_name: str = "", force: bool = False):
     """Reproduce one DVC stage; its output goes to this task's log as one record.
 
-    A stage DVC found up to date ends as `Completed("up to date ...")`, one that ran as `Completed("ran ...")`:
-    the state message the UI shows beside the task. `known_up_to_date`: the flow's one `dvc status` said so
-    and nothing before it ran, so no `dvc repro` is started for it."""
-    if known_up_to_date:
-        get_run_logger().info("`dvc status`: stage '%s' is up to date (nothing before it ran); not reproduced", stage)
-        return Completed(message="up to date (dvc status)", data={"stage": stage, "returncode": 0, "ran": False, "seconds": 0.0})
+    Ends as `Completed("<what DVC did> in N s")` (ran, restored from run cache, up to date): the state
+    message the UI shows beside the task. The summary also holds which attempt this was (1 + retries)."""
     result = dvc_stages.run_stage(
         project_dir, stage, pipeline_run_id=pipeline_run_id, flow_run_id=flow_run_id, force=force,
         logger=get_run_logger(), pipeline_name=pipeline_name or None,
     )
-    return Completed(message=f"{result.outcome} in {result.seconds:.1f} s", data=result.summary())
+    return Completed(message=f"{result.outcome} in {result.seconds:.1f} s", data={**result.summary(), "attempt": current_task_run.run_count})
 
 
 def stage_policy(stage: str) -> dict:
@@ -165,15 +161,14 @@ def pipeline_name(flow_run_name: str, overrides: list[str]) -> str:
 def _run_stages(root: Path, stages: list[str], refresh_data: bool, record: list[dict], name: str) -> None:
     flow_run_id, pipeline_id = _ids()
     logger = get_run_logger()
-    changed = dvc_stages.changed_stages(root)  # one `dvc status` instead of a `dvc repro` per up-to-date stage
-    for stage in stages:
+    for stage in stages:  # DVC decides each one: a stage restored from the run cache changes what follows
         force = refresh_data and stage == DATA_STAGE
-        skip = changed is not None and not force and stage not in changed and not any(r.get("ran") for r in record)
         record.append({"stage": stage, "state": "running"})
-        state = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, name, force=force, known_up_to_date=skip)
+        state = stage_task(stage)(str(root), stage, pipeline_id, flow_run_id, name, force=force)
         summary = state.result()  # the task returned its Completed state (a failure raised)
-        record[-1] = {**summary, "state": "ran" if summary["ran"] else "up to date"}
-        logger.info("%-9s %s (%.1f s)", stage, record[-1]["state"], summary["seconds"])
+        record[-1] = {**summary, "state": summary["outcome"]}
+        retried = f", attempt {summary['attempt']}" if summary["attempt"] > 1 else ""
+        logger.info("%-9s %s (%.1f s%s)", stage, record[-1]["state"], summary["seconds"], retried)
 
 
 # ------------------------------------------------------------------------------------------
@@ -483,6 +478,17 @@ def _promotion_table(outcomes: list[dict]) -> str:
     return _table(["role", "model", "decision", "challenger", "champion before", "champion now", "holdout score", "reasons"], rows)
 
 
+STAGE_RESULTS = {
+    dvc_stages.UP_TO_DATE: "skipped: up to date (DVC)",
+    dvc_stages.RESTORED: "restored from DVC's run cache (outputs changed, command not run)",
+}
+
+
+def _stage_result(stage: dict) -> str:
+    text = STAGE_RESULTS.get(stage["state"], stage["state"])
+    return text + (f" (attempt {stage['attempt']})" if stage.get("attempt", 1) > 1 else "")
+
+
 def training_markdown(summary: dict) -> str:
     status = "FAILED" if summary.get("error") else "COMPLETED"
     runs_by_stage = {r["stage"]: r for r in summary.get("mlflow_runs", []) if r["role"] == "stage"}
@@ -503,9 +509,8 @@ def training_markdown(summary: dict) -> str:
         out.append(f"- saved as DVC experiment `{summary['experiment']}`")
     if summary.get("error"):
         out += ["", "## Error", "", "```", summary["error"][-3000:], "```"]
-    shown = {"up to date": "skipped: up to date (DVC)"}
     rows = [
-        [s["stage"], shown.get(s["state"], s["state"]), _seconds(s.get("seconds")), runs_by_stage.get(s["stage"], {}).get("run_id")]
+        [s["stage"], _stage_result(s), _seconds(s.get("seconds")), runs_by_stage.get(s["stage"], {}).get("run_id")]
         for s in summary["stages"]
     ]
     rows += [[name, "not run", None, None] for name in summary["stage_order"][len(summary["stages"]):]]

@@ -164,3 +164,69 @@ def test_resume_link_follows_the_training_loops(store, tmp_path, before, logged,
     assert sidecar["run_id"] == (new if logged else old)
     if linked and logged:
         assert sidecar["epochs"] == {**before, **dict(logged)}
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_a_failed_attempt_says_why_and_is_linked_to_its_retry(store, monkeypatch, in_process):
+    """One pipeline run, one stage run twice (a retried Prefect task): the first FAILED with the error as its
+    reason, each linked to the other, and the pipeline's parent FINISHED, since the retry stands for it."""
+    monkeypatch.setenv(PIPELINE_RUN_ENV, "p1")
+    params = Params.model_validate({"mlflow": {"tracking_uri": store}})
+    with pytest.raises(RuntimeError):
+        with track_stage("validate", params, ("validate",), in_process=in_process):
+            raise RuntimeError("bad data in 3 images")
+    _, (parent,) = _runs(store, "pipeline")
+    assert parent.info.status == "FAILED"
+    with track_stage("validate", params, ("validate",), in_process=in_process):
+        pass
+    _, (failed, retry) = _runs(store)
+    assert failed.info.status == "FAILED" and retry.info.status == "FINISHED"
+    assert failed.data.tags[faults.END_REASON_TAG] == "RuntimeError: bad data in 3 images"
+    assert failed.data.tags[faults.RETRIED_BY_TAG] == retry.info.run_id
+    assert retry.data.tags[faults.RETRY_OF_TAG] == failed.info.run_id and faults.END_REASON_TAG not in retry.data.tags
+    _, (parent,) = _runs(store, "pipeline")
+    assert parent.info.status == "FINISHED"
+
+    monkeypatch.setenv(PIPELINE_RUN_ENV, "p2")  # another pipeline run: a first attempt, linked to nothing
+    with track_stage("validate", params, ("validate",), in_process=in_process):
+        pass
+    _, runs = _runs(store)
+    assert faults.RETRY_OF_TAG not in runs[-1].data.tags
+
+
+# A stage process that opens its run, says so, and waits to be terminated.
+TERMINATED_STAGE = """
+import sys, time
+from visionops.config import Params
+from visionops.tracking.stage_run import track_stage
+params = Params.model_validate({"mlflow": {"tracking_uri": sys.argv[1]}})
+with track_stage("evaluate", params, ("evaluate",), in_process=IN_PROCESS) as run:
+    if hasattr(run, "wait_open"):
+        run.wait_open()
+    print("open", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_sigterm_to_the_process_group_ends_the_run_killed_at_once(store, tmp_path, in_process):
+    """What a Prefect task timeout does (run_stage's SIGTERM to dvc's process group): the run ends KILLED, saying
+    why, before the process dies of the signal; it does not wait, RUNNING, for the next stage to find it."""
+    import signal
+
+    script = tmp_path / "stage.py"
+    script.write_text(TERMINATED_STAGE.replace("IN_PROCESS", str(in_process)))
+    env = {**os.environ, PIPELINE_RUN_ENV: "p1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script), store], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "open\n"
+        os.killpg(proc.pid, signal.SIGTERM)  # the stage and, out of process, its helper
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, (run,) = _runs(store)
+    assert run.info.status == "KILLED" and "terminated by SIGTERM" in run.data.tags[faults.END_REASON_TAG]
+    _, (parent,) = _runs(store, "pipeline")
+    assert parent.info.status == "KILLED"

@@ -13,10 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from pipeline_project import Project
@@ -26,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines import dvc_stages, flows
+from visionops.tracking import faults
 
 STAGES = ["download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register"]
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
@@ -210,7 +213,7 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
     again = flows.training(project_dir=str(project.path), promote=False, return_state=True)
     assert first.is_completed() and again.is_completed()
     ((ran,), (skipped,)) = (_task_runs(_flow_run_id(s)) for s in (first, again))
-    assert ran.state.message.startswith("ran in ") and skipped.state.message == "up to date (dvc status)"
+    assert ran.state.message.startswith("ran in ") and skipped.state.message.startswith("up to date in ")
     assert [s["state"] for s in again.result()["stages"]] == ["up to date"]
     assert "| echo | skipped: up to date (DVC) |" in _artifact(_flow_run_id(again), flows.TRAINING_ARTIFACT).data
     ours = [log.message for log in _logs(ran.id) if not log.message.startswith("Finished in state")]
@@ -228,6 +231,35 @@ def test_stage_tasks_say_when_dvc_skipped_them_and_log_one_record(tmp_path, pref
     assert "visionops-classifier: no challenger" in nothing_to_do(project.path, promote=True, env={})
     (project.path / "params.yaml").write_bytes((project.path / "params.yaml").read_bytes().replace(b"  epochs: 10", b"  epochs: 9", 1))
     assert nothing_to_do(project.path, promote=False, env={}) is None  # the echo stage would run
+
+
+# Two stages whose outputs DVC caches, so both go to its run cache: `b` doubles the epochs `a` wrote.
+CACHED = {
+    "a": {"cmd": "python -c \"import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])\" > a.txt",
+          "params": ["train.epochs"], "outs": ["a.txt"]},
+    "b": {"cmd": "python -c \"print(open('a.txt').read().strip() * 2)\" > b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+}
+
+
+def test_a_stage_restored_from_the_run_cache_changes_what_follows_it(tmp_path, prefect_harness):
+    """Issue 25: `dvc exp run -S train.epochs=2`, back to 10, then `make flow SET="train.epochs=2"`. DVC restores
+    `a` from its run cache (no "Running stage"): its output changed, so `b` must follow it, as in `dvc repro`."""
+    project = _tiny_project(tmp_path / "proj", CACHED)
+    project.repro()
+    project.run("dvc", "exp", "run", "-S", "train.epochs=2")
+    project.run("git", "checkout", "--", "params.yaml")
+    assert "is cached - skipping run" in project.repro().stdout  # back to 10, from the run cache
+
+    state = flows.training(project_dir=str(project.path), overrides={"train.epochs": 2}, promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert [s["state"] for s in state.result()["stages"]] == [dvc_stages.RESTORED] * 2
+    assert (project.path / "a.txt").read_text().strip() == "2" and (project.path / "b.txt").read_text().strip() == "22"
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())["stages"]
+    assert lock["b"]["deps"][0]["md5"] == lock["a"]["outs"][0]["md5"]  # b ran on the a.txt that is there
+    assert [line.split(":")[0] for line in project.run("dvc", "status").stdout.splitlines()[:1]] == ["a"]  # params 10, ran with 2
+    markdown = _artifact(_flow_run_id(state), flows.TRAINING_ARTIFACT).data
+    assert "| b | restored from DVC's run cache (outputs changed, command not run) |" in markdown
 
 
 def _logs(task_run_id) -> list:
@@ -292,7 +324,58 @@ def test_a_stage_failing_once_is_retried(trained, no_retry_delays):
     summary = state.result()
     # register is always_changed (DVC cannot see the registry): it runs, and registers nothing new
     assert [s["state"] for s in summary["stages"]] == ["up to date"] * (len(STAGES) - 1) + ["ran", "ran"]
+    assert [s["attempt"] for s in summary["stages"]] == [1] * len(STAGES) + [2]
+    assert "| flaky | ran (attempt 2) |" in _artifact(_flow_run_id(state), flows.TRAINING_ARTIFACT).data
     assert (project.path / "reports/flaky/ok.txt").read_text().strip() == "ok"
+
+
+# A stage command with an MLflow run as the real stages have (track_stage); its first attempt fails (MODE fail) or
+# hangs until its task's timeout terminates dvc's process group (MODE hang). The retry succeeds.
+TRACKED = """
+import sys, time
+from pathlib import Path
+from visionops.config import load_params
+from visionops.tracking.stage_run import track_stage
+first = not Path(".attempted").exists()
+Path(".attempted").touch()
+with track_stage("tracked", load_params("params.yaml"), ("validate",), in_process=IN_PROCESS) as run:
+    if hasattr(run, "wait_open"):
+        run.wait_open()
+    if first and "MODE" == "fail":
+        raise RuntimeError("first attempt fails")
+    if first:
+        time.sleep(600)
+Path("done.txt").write_text("ok")
+"""
+
+
+@pytest.mark.parametrize("mode,in_process,reason", [
+    ("fail", False, "RuntimeError: first attempt fails"),
+    pytest.param("hang", True, "Terminated: terminated by SIGTERM", marks=pytest.mark.slow),
+])
+def test_a_retried_stage_records_both_attempts_linked(tmp_path, prefect_harness, no_retry_delays, monkeypatch,
+                                                      mode, in_process, reason):
+    """Issue 25: a retried stage task leaves two MLflow runs; the first ends FAILED (an error) or KILLED (the task
+    timeout's SIGTERM) with its reason, linked to the retry, and the pipeline's parent run ends FINISHED."""
+    project = _tiny_project(tmp_path / "proj", {"tracked": {
+        "cmd": "python tracked.py", "deps": ["tracked.py"], "outs": [{"done.txt": {"cache": False}}]}})
+    (project.path / "tracked.py").write_text(TRACKED.replace("MODE", mode).replace("IN_PROCESS", str(in_process)))
+    monkeypatch.setattr(flows, "LONG_STAGES", ("tracked",))
+    monkeypatch.setattr(flows, "LONG_STAGE_TIMEOUT_S", 60)  # the hanging attempt's run is open well before
+
+    state = flows.training(project_dir=str(project.path), promote=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    flow_run_id = _flow_run_id(state)
+    (task_run,) = _task_runs(flow_run_id)
+    assert task_run.run_count == 2 and state.result()["stages"][0]["attempt"] == 2
+    first, retry = sorted(_mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.stage": "tracked"}),
+                          key=lambda r: r.info.start_time)
+    assert (first.info.status, retry.info.status) == ({"fail": "FAILED", "hang": "KILLED"}[mode], "FINISHED")
+    assert first.data.tags[faults.END_REASON_TAG].startswith(reason)
+    assert first.data.tags[faults.RETRIED_BY_TAG] == retry.info.run_id and retry.data.tags[faults.RETRY_OF_TAG] == first.info.run_id
+    (parent,) = _mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "pipeline"})
+    assert parent.info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -655,3 +738,153 @@ def test_training_flow_runs_detection_and_segmentation_end_to_end(task, tmp_path
     record = json.loads(champion.tags["promotion.metrics"])["challenger"]
     assert record["headline"] == headline and record[headline] >= 0.05
     assert client.search_model_versions(f"name = '{student_name}'")
+
+
+# ------------------------------------------------------------------------------------------
+# issue 25: the flow never decides in DVC's place. Two fresh copies of the project go through the same steps, one
+# driven by the training flow, the other by `dvc repro` / `dvc exp run`: a params edit, an experiment and back
+# (stages restored from DVC's run cache), and a run whose `train` is killed mid-way, then resumed. After each step
+# both hold the same dvc.lock (byte for byte: every dep, param and output hash), the same metrics files and the
+# same `dvc status`, clean wherever `dvc repro` leaves it clean.
+
+# The embedded digits, a LeNet teacher of 1-3 epochs (a fraction of a second each), one distill epoch, no
+# student-alone baseline: every stage runs for real, as briefly as it can.
+EQUIVALENCE = {
+    "train": {"model": "lenet", "epochs": 1, "optimizer": "adamw", "lr": 0.003},
+    "distill": {"epochs": 1, "baseline": False},
+    "evaluate": {"gradcam_samples": 2},
+}
+# Another helper makes `register` `always_changed: true` (its result is the registry, which DVC cannot see), so
+# `dvc status` then lists it as "always changed" even right after `dvc repro`: that one entry is expected.
+ALWAYS_CHANGED = {"register": ["always changed"]}
+
+
+def _status(project: Project) -> dict:
+    """`dvc status --json` by stage name, less register's "always changed" (see ALWAYS_CHANGED)."""
+    status = json.loads(project.run("dvc", "status", "--json").stdout)
+    by_stage = {name.rsplit(":", 1)[-1]: entries for name, entries in status.items()}
+    return {name: entries for name, entries in by_stage.items() if ALWAYS_CHANGED.get(name) != entries}
+
+
+def _metrics(project: Project) -> dict:
+    return {str(p.relative_to(project.path)): json.loads(p.read_text()) for p in sorted(project.path.glob("reports/*/metrics.json"))}
+
+
+def _assert_same(flow: Project, dvc: Project, step: str, clean: bool = True) -> None:
+    assert (flow.path / "dvc.lock").read_text() == (dvc.path / "dvc.lock").read_text(), step
+    assert _metrics(flow) == _metrics(dvc) and _metrics(flow), step
+    status = _status(flow)
+    assert status == _status(dvc), step
+    if clean:
+        assert status == {}, (step, status)
+
+
+def _flow(project: Project, **kwargs) -> dict:
+    state = flows.training(project_dir=str(project.path), promote=False, return_state=True, **kwargs)
+    assert state.is_completed(), state.message
+    return {**state.result(), "flow_run_id": _flow_run_id(state)}
+
+
+def _outcomes(summary: dict) -> dict[str, str]:
+    return {s["stage"]: s["state"] for s in summary["stages"]}
+
+
+class TrainKiller(threading.Thread):
+    """Kills the project's `visionops train` process (-9, the stage only; dvc sees it die) once its first
+    epoch is checkpointed (the MLflow sidecar is written just after the checkpoint): a stage interrupted
+    mid-way, which the next `dvc repro` resumes."""
+
+    def __init__(self, project: Project, timeout_s: float = 600):
+        super().__init__(daemon=True)
+        self.checkpoint = project.path / "models" / "checkpoints" / "train.mlflow.json"
+        self.cwd, self.deadline, self.killed = str(project.path), time.monotonic() + timeout_s, False
+
+    def run(self) -> None:
+        while not self.checkpoint.exists():
+            if time.monotonic() > self.deadline:
+                return
+            time.sleep(0.01)
+        for proc in psutil.process_iter(["cmdline", "cwd"]):
+            cmd = proc.info["cmdline"] or []
+            if proc.info["cwd"] == self.cwd and "train" in cmd and any(os.path.basename(c) == "visionops" for c in cmd[:2]):
+                proc.kill()
+                self.killed = True
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("equivalence")
+    projects = []
+    for name in ("flow", "dvc"):
+        project = Project(root / name)
+        project.set_params(**EQUIVALENCE)
+        _commit(project, "fast params")
+        projects.append(project)
+    return projects
+
+
+@pytest.mark.slow
+def test_the_flow_and_dvc_repro_end_alike_step_by_step(pair, no_retry_delays):
+    flow, dvc = pair
+
+    # a first run of everything
+    first = _flow(flow)
+    dvc.repro()
+    assert set(_outcomes(first).values()) == {dvc_stages.RAN}
+    _assert_same(flow, dvc, "first run")
+
+    # a params edit: train and what follows it run
+    for project in pair:
+        project.set_params(train={"epochs": 2})
+    edited = _flow(flow)
+    dvc.repro()
+    assert _outcomes(edited)["validate"] == dvc_stages.UP_TO_DATE and _outcomes(edited)["train"] == dvc_stages.RAN
+    _assert_same(flow, dvc, "params edit")
+
+    # an experiment with the first run's epochs (`make flow SET=...` / `dvc exp run -S`): train comes back from
+    # DVC's run cache, and so must evaluate, distill and register follow it (the issue's scenario)
+    for project in pair:
+        _commit(project, "two epochs")
+    experiment = _flow(flow, overrides={"train.epochs": 1})
+    dvc.run("dvc", "exp", "run", "-S", "train.epochs=1")
+    assert _outcomes(experiment)["train"] == dvc_stages.RESTORED
+    assert _outcomes(experiment)["evaluate"] == dvc_stages.RESTORED and _outcomes(experiment)["register"] == dvc_stages.RAN
+    # the flow gives params.yaml its bytes back (`dvc exp run` leaves the experiment's params): alike, the two
+    # copies' `dvc status` lists the stages whose params now differ from the ones they ran with
+    dvc.run("git", "checkout", "--", "params.yaml")
+    _assert_same(flow, dvc, "experiment", clean=False)
+    assert _status(flow)
+
+    # and back to params.yaml: everything it changed comes back from the run cache
+    back = _flow(flow)
+    dvc.repro()
+    assert _outcomes(back)["train"] == _outcomes(back)["evaluate"] == dvc_stages.RESTORED
+    _assert_same(flow, dvc, "back from the experiment")
+
+    # an interrupted run: train is killed after its first epoch, then resumed (the flow's retry; a second
+    # `dvc repro`)
+    for project in pair:
+        project.set_params(train={"epochs": 30})
+    killers = [TrainKiller(project) for project in pair]
+    for killer in killers:
+        killer.start()
+    interrupted = flows.training(project_dir=str(flow.path), promote=False, return_state=True)
+    assert dvc.repro(check=False).returncode != 0
+    for killer in killers:
+        killer.join(timeout=60)
+    assert [k.killed for k in killers] == [True, True]
+    assert interrupted.is_completed(), interrupted.message
+    resumed = dvc.repro()
+    assert "resuming from models/checkpoints/train.pt" in resumed.stdout + resumed.stderr
+    train = next(s for s in interrupted.result()["stages"] if s["stage"] == "train")
+    assert (train["state"], train["attempt"]) == (dvc_stages.RAN, 2)
+    _assert_same(flow, dvc, "interrupted, then resumed")
+
+    # the flow run's record of it: the killed attempt KILLED, with why, linked to the retry that resumed it
+    runs = _mlflow_runs(flow, **{"prefect.flow_run_id": _flow_run_id(interrupted), "visionops.stage": "train"})
+    killed, retry = sorted(runs, key=lambda r: r.info.start_time)
+    assert (killed.info.status, retry.info.status) == ("KILLED", "FINISHED")
+    assert "killed or crashed" in killed.data.tags[faults.END_REASON_TAG]
+    assert retry.data.tags[faults.RETRY_OF_TAG] == killed.info.run_id == retry.data.tags[faults.RESUMED_FROM_TAG]
+    assert killed.data.tags[faults.RETRIED_BY_TAG] == retry.info.run_id
+

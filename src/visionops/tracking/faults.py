@@ -6,13 +6,22 @@
 - A stage that resumes from a checkpoint links its run to the run that wrote the checkpoint. The link
   lives in a sidecar beside the checkpoints (`<stage>.mlflow.json`): the run that owns the checkpoint
   progress and its last epoch per training loop. The trainer knows nothing of it.
+- A run that ends other than FINISHED says why (`visionops.end_reason`): the exception, SIGTERM (a Prefect
+  task timeout or a stop), or its process vanishing. SIGTERM ends the run KILLED at once, not when the next
+  stage finds the orphan.
+- A stage run again within one pipeline run (a retried Prefect task) is linked to the run before it
+  (`visionops.retry_of` / `visionops.retried_by`), which thereby says it did not count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from visionops import atomic, layout
@@ -20,6 +29,8 @@ from visionops import atomic, layout
 HOST_TAG, PID_TAG, STARTED_TAG = "visionops.host", "visionops.pid", "visionops.process_started"
 END_REASON_TAG = "visionops.end_reason"
 RESUMED_FROM_TAG, RESUMED_BY_TAG = "visionops.resumed_from", "visionops.resumed_by"
+RETRY_OF_TAG, RETRIED_BY_TAG = "visionops.retry_of", "visionops.retried_by"
+REASON_CHARS = 500  # of an exception's message in the end reason (MLflow tag values hold 8000)
 SEVERITY = {"FINISHED": 0, "SCHEDULED": 1, "RUNNING": 1, "KILLED": 2, "FAILED": 3}
 
 
@@ -71,17 +82,69 @@ def owner_gone(tags: dict[str, str]) -> bool:
     return str(started) != tags.get(STARTED_TAG, str(started))
 
 
+class Terminated(BaseException):
+    """SIGTERM reached a stage process (a Prefect task timeout or a stop terminates its process group)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises `Terminated` (in the main thread), so the run ends KILLED, with why."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated("terminated by SIGTERM (a Prefect task timeout or a stop ends the stage's process group)")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # end as SIGTERM would have ended it; the run says why
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ending(exc: BaseException) -> tuple[str, str]:
+    """(status, reason) of a run that the exception `exc` ended."""
+    status = "KILLED" if isinstance(exc, Terminated | KeyboardInterrupt) else "FAILED"
+    text = str(exc)
+    if len(text) > REASON_CHARS:
+        text = text[:REASON_CHARS] + " ..."
+    return status, f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def link_retry(client, experiment_id: str, run_id: str, same: dict[str, str]) -> str | None:
+    """Link run `run_id` to the latest earlier run with the tags `same` (its pipeline run and stage) that no
+    other run retried: this is a retry of it. Returns that run's id (None: a first attempt)."""
+    where = " and ".join(f"tags.`{key}` = '{value}'" for key, value in same.items())
+    runs = client.search_runs([experiment_id], where, order_by=["attributes.start_time DESC"], max_results=100)
+    earlier = [r for r in runs if r.info.run_id != run_id and RETRIED_BY_TAG not in r.data.tags]
+    if not earlier:
+        return None
+    previous = earlier[0]
+    client.set_tag(run_id, RETRY_OF_TAG, previous.info.run_id)
+    client.set_tag(previous.info.run_id, RETRIED_BY_TAG, run_id)
+    if previous.info.status == "FINISHED" and END_REASON_TAG not in previous.data.tags:
+        client.set_tag(previous.info.run_id, END_REASON_TAG,
+                       "the stage finished, but its `dvc repro` did not, and its task was retried")
+    return previous.info.run_id
+
+
 def worst(statuses) -> str:
     return max(statuses, key=lambda s: SEVERITY.get(s, 3), default="FINISHED")
 
 
 def settle_parent(client, parent_id: str, floor: str = "FINISHED") -> str:
-    """Give a pipeline's parent run the status of its worst stage run (at least `floor`)."""
+    """Give a pipeline's parent run the status of its worst stage run (at least `floor`); a run that was
+    retried counts no more: its retry stands for it."""
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000
     )
-    status = worst([floor, *(run.info.status for run in children)])
+    status = worst([floor, *(run.info.status for run in children if RETRIED_BY_TAG not in run.data.tags)])
     if SEVERITY[status] == SEVERITY["RUNNING"]:
         client.update_run(parent_id, status="RUNNING")
     elif parent.info.status != status or parent.info.end_time is None:

@@ -139,6 +139,8 @@ def _mlflow_run(
     try:
         run_name = f"{stage} · {experiment or parent_name}"  # two runs of one stage compared side by side differ
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+            if faults.link_retry(client, experiment_id, run.info.run_id, {PIPELINE_TAG: pipeline_id, "visionops.stage": stage}):
+                faults.settle_parent(client, parent_id)  # the attempt it retries no longer fails the pipeline
             resume = faults.ResumeLink(client, stage, run.info.run_id) if resumable else None
             mlflow.log_params({"task": params.task, **flatten({s: dump[s] for s in sections})})
             if "data/dataset" in hashes:
@@ -146,6 +148,12 @@ def _mlflow_run(
             try:
                 yield StageRun(run.info.run_id, stage, lineage_tags, resume)
                 status = "FINISHED"
+            except BaseException as exc:
+                status, reason = faults.ending(exc)
+                with contextlib.suppress(Exception):  # the stage's own error matters more than this record of it
+                    mlflow.set_tag(faults.END_REASON_TAG, reason)
+                    mlflow.end_run(status)
+                raise
             finally:
                 if resume is not None:
                     resume.on_end(status)
@@ -169,6 +177,7 @@ class BackgroundRun:
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,  # a signal to the stage's group reaches the stage, which reports it; so does death
         )
         request = {
             "stage": stage,
@@ -190,12 +199,13 @@ class BackgroundRun:
         """Final metrics, and every file the stage wrote under `reports_dir` as artifacts (logged at `end`)."""
         self._result = {"metrics": numeric(result), "reports_dir": str(reports_dir) if reports_dir else None}
 
-    def end(self, status: str) -> None:
-        """Hand the result and `status` to the helper and wait for it to log them and end the run.
+    def end(self, status: str, reason: str | None = None) -> None:
+        """Hand the result, `status` and the `reason` of an unfinished run to the helper and wait for it to
+        log them and end the run.
 
         Raises if the helper failed (it printed why), unless the stage failed: its own error says more.
         """
-        self._helper.communicate(json.dumps({**self._result, "status": status}) + "\n")
+        self._helper.communicate(json.dumps({**self._result, "status": status, "reason": reason}) + "\n")
         if self._helper.returncode and status == "FINISHED":
             code = self._helper.returncode
             raise RuntimeError(f"tracking: the helper process of the MLflow run failed (exit code {code})")
@@ -218,6 +228,8 @@ def _serve_background_run() -> None:
         run.log_result(outcome["metrics"], outcome["reports_dir"])
         if not line:
             mlflow.set_tag(faults.END_REASON_TAG, "the stage process ended without reporting (killed or crashed)")
+        elif outcome.get("reason"):
+            mlflow.set_tag(faults.END_REASON_TAG, outcome["reason"])
         if outcome["status"] != "FINISHED":
             mlflow.end_run(outcome["status"])
 
@@ -233,16 +245,20 @@ def track_stage(
     if not params.mlflow.enabled or int(os.environ.get("RANK", "0")) != 0:
         yield None
     elif in_process:
-        with _mlflow_run(stage, params, sections, resumable=True) as run:
+        with faults.sigterm_raises(), _mlflow_run(stage, params, sections, resumable=True) as run:
             yield run
     else:
-        run = BackgroundRun(stage, params, sections)
-        status = "FAILED"
-        try:
-            yield run
-            status = "FINISHED"
-        finally:
-            run.end(status)
+        with faults.sigterm_raises():
+            run = BackgroundRun(stage, params, sections)
+            status, reason = "FAILED", None
+            try:
+                yield run
+                status = "FINISHED"
+            except BaseException as exc:
+                status, reason = faults.ending(exc)
+                raise
+            finally:
+                run.end(status, reason)
 
 
 if __name__ == "__main__":
