@@ -73,6 +73,11 @@ def test_an_experiment_is_named_with_the_params_it_overrides(repo, monkeypatch):
     overrides = "train.epochs=2 train.device=cpu distill.baseline=false distill.init=[1,2]"
     assert lineage.experiment_label() == f"hempy-mate {overrides}"
     assert lineage.pipeline_name("0123456789ab", "false", "dvc-1-2", "train") == f"dvc exp hempy-mate {overrides}"
+    params["train"].update({f"extra_{i}": i for i in range(40)})  # a preset copied over params.yaml: cut to fit
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    label = lineage.experiment_label()
+    assert len(label) == lineage.LABEL_CHARS and label.startswith("hempy-mate train.epochs=2 train.device=cpu train.extra_0=0")
+    assert label.endswith("…")
     monkeypatch.delenv(lineage.DVC_EXP_NAME_ENV)
     assert lineage.experiment_label() is None  # `dvc repro` on edited params: named by commit and time, as before
 

@@ -19,6 +19,7 @@ DVC_EXP_NAME_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for every stage comman
 # params, and `dvc exp run -S` edits params.yaml on purpose. DVC's outputs (reports, models, dvc.lock) never are.
 SINGLE_PREFIX = "single-"  # pipeline run id of a stage run on its own
 SOURCE_PATHS = ("src", "pipelines", "dvc.yaml", "pyproject.toml", "requirements.lock")
+LABEL_CHARS = 200  # an experiment's label in run names (`experiment_label`)
 
 
 def git_info(root: Path) -> dict[str, str]:
@@ -63,9 +64,14 @@ def _leaves(tree: object, prefix: str = "") -> dict[str, object]:
 
 
 def experiment_label(root: Path | None = None) -> str | None:
-    """The DVC experiment's name and the params it overrides (`hempy-mate train.epochs=2`), or None."""
+    """The DVC experiment's name and the params it overrides (`hempy-mate train.epochs=2`), or None.
+
+    Cut to LABEL_CHARS: a run name (the stage's name, then this) fits MLflow's 250-character column."""
     exp = experiment_name()
-    return " ".join([exp, *param_overrides(root)]) if exp else None
+    if not exp:
+        return None
+    label = " ".join([exp, *param_overrides(root)])
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
 
 
 def pipeline_name(commit: str, dirty: str, pipeline_id: str, stage: str) -> str:
