@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,23 +255,38 @@ def _wait_then_kill(proc: subprocess.Popen, checkpoint, deadline_s: float = 300)
 
 @pytest.mark.slow
 def test_kill_9_in_train_and_distill_then_repro_writes_the_uninterrupted_bytes(tmp_path):
-    """Two copies of the project: one runs through distill, the other is killed -9 in train and again in
-    distill, then `dvc repro` resumes both. The model files and dvc.lock are byte for byte the same."""
+    """Two copies of the project: one runs the pipeline uninterrupted, the other is killed -9 in train and
+    again in distill, then `dvc repro` resumes both: the model files and dvc.lock are byte for byte the same.
+    Then in the first, committed, a train killed -9 and resumed leaves dvc.lock as committed, and no new version."""
     params = dict(data={"image_size": 16}, train={"model": "resnet20", "epochs": 4, "batch_size": 32},
-                  distill={"student": "slim_resnet", "epochs": 3, "baseline": False, "quantize": False})
+                  distill={"student": "slim_resnet", "epochs": 3, "baseline": False, "quantize": False},
+                  evaluate={"gradcam_samples": 2})
     whole, killed = Project(tmp_path / "whole"), Project(tmp_path / "killed")
     for project in (whole, killed):
         project.set_params(**params)
-    whole.repro("distill")
+    whole.repro()
+
+    def start(project, *args):
+        return subprocess.Popen(["dvc", "repro", *args], cwd=project.path, env=project.env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     ckpts = killed.path / "models" / "checkpoints"
-    train = subprocess.Popen(["dvc", "repro", "train"], cwd=killed.path, env=killed.env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert _wait_then_kill(train, ckpts / "train.pt") < 4
-    distill = subprocess.Popen(["dvc", "repro", "distill"], cwd=killed.path, env=killed.env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert _wait_then_kill(distill, ckpts / "distill.pt") < 3
-    out = killed.repro("distill")
+    assert _wait_then_kill(start(killed), ckpts / "train.pt") < 4  # whole runs: dvc.lock lists stages as they ran
+    assert _wait_then_kill(start(killed), ckpts / "distill.pt") < 3  # train resumes first
+    out = killed.repro()
     assert "resuming from models/checkpoints/distill.pt" in out.stderr + out.stdout
     for name in ("models/teacher.pt", "models/student.pt", "dvc.lock"):
         assert (killed.path / name).read_bytes() == (whole.path / name).read_bytes(), name
+
+    whole.run("git", "add", "-A")
+    whole.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{whole.path / 'mlflow.db'}")
+    versions = sorted((v.name, v.version) for v in client.search_model_versions(""))
+    shutil.rmtree(whole.path / ".dvc" / "cache")  # as in a fresh clone: DVC has no teacher.pt to restore, train must run
+    assert _wait_then_kill(start(whole, "-f", "--single-item", "train"), whole.path / "models/checkpoints/train.pt") < 4
+    out = whole.repro()
+    assert "resuming from models/checkpoints/train.pt" in out.stderr + out.stdout
+    # evaluate and distill rerun (their outputs left the emptied cache), to the committed bytes: register does not
+    assert "Running stage 'register'" not in out.stdout
+    assert whole.run("git", "diff", "HEAD", "--quiet", "dvc.lock", check=False).returncode == 0
+    assert sorted((v.name, v.version) for v in client.search_model_versions("")) == versions
