@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help setup run test test-fast bench ui clean deps repro-check services services-stop plots
+.PHONY: help setup run test test-fast bench ui clean deps repro-check services services-stop plots exps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ repro-check: setup  ## two fresh clones run the pipeline: their dvc.lock must eq
 
 bench: setup  ## benchmarks (see bench/README.md)
 	cd bench && python bench_validate.py && python bench_train_throughput.py && python bench_make_run.py
+
+# Only what differs between the experiments (--only-changed), without the dependency hashes
+# (paths without a `file:` metric prefix), the creation time and two secondary metrics: fits ~120 columns
+EXPS_DROP ?= Created|(data|models|reports|src)/[^:]*$$|balanced_accuracy|macro_f1|student_gap
+exps:  ## DVC experiments side by side: the params and metrics that differ (dvc exp show, readable)
+	@dvc exp show --no-pager --only-changed --drop '$(EXPS_DROP)'
 
 MLFLOW_PORT ?= 5000
 ui: setup  ## MLflow UI (one worker) on http://127.0.0.1:$(MLFLOW_PORT); prints the link to the experiment's runs

@@ -210,8 +210,14 @@ def test_dvc_exp_run_moves_no_alias_and_reruns_the_baseline_on_the_new_teacher(r
         assert len(new) == 1 and new[0].tags["visionops.experiment"] == exp_name, name
     runs = client.search_runs([client.get_experiment_by_name("visionops").experiment_id], f"tags.`visionops.experiment` = '{exp_name}'")
     by_stage = {r.data.tags.get("visionops.stage"): r for r in runs}
-    assert by_stage["train"].info.run_name == f"train · {exp_name}"
-    assert {r.info.run_name for r in runs if r.data.tags["visionops.role"] == "pipeline"} == {f"dvc exp {exp_name}"}
+    assert by_stage["train"].info.run_name == f"train · {exp_name} train.epochs=1"  # the name says what it changed
+    assert {r.info.run_name for r in runs if r.data.tags["visionops.role"] == "pipeline"} == {f"dvc exp {exp_name} train.epochs=1"}
+
+    terminal = {**project.env(), "COLUMNS": "120"}  # `make exps` in a 120-column terminal: what differs, readable
+    shown = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "exps"], cwd=project.path, env=terminal,
+                           capture_output=True, text=True, check=True).stdout
+    assert exp_name in shown and "train.epochs" in shown and "best_val_acc" in shown and "…" not in shown, shown
+    assert "src/" not in shown and max(len(line) for line in shown.splitlines()) <= 120, shown
 
 
 def test_changing_balance_reruns_from_prepare(project):

@@ -8,7 +8,10 @@ import base64
 import csv
 import json
 import re
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -251,3 +254,36 @@ def test_a_training_checkpoint_holding_code_is_refused_in_one_line(tmp_path):
         _load_checkpoint(tmp_path / "train.pt", "f", None, None, None, None)  # refused before anything is restored
     assert str(err.value) == (f"{tmp_path / 'train.pt'}: refused: it holds code (the pickled global print), and visionops "
                               "loads only tensors and plain values (torch.load weights_only); delete it to train from the start")
+CHATTER = (" INFO ", "Creating initial MLflow database tables", "Downloading artifacts", "Successfully registered model",
+           "Created version")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real command line, its stdout and stderr in one piped stream (as in `dvc repro`'s output)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    return subprocess.run([sys.executable, "-m", "visionops", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_register_and_predict_print_their_own_lines_only(project):
+    """No MLflow INFO lines, prints or download bars on a new store; predict's progress bar stays off when piped."""
+    out = _cli("register", cwd=project)
+    assert out.returncode == 0, out.stdout
+    assert f"{TEACHER} v1: registered; champion after the gates" in out.stdout
+    assert not [c for c in CHATTER if c in out.stdout], out.stdout
+    folder = project / "incoming"
+    folder.mkdir()
+    held = dataset.load(project / layout.HOLDOUT).splits["holdout"]
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(base64.b64decode(encode_png(np.asarray(held.images[i]))))
+    out = _cli("predict", str(folder), "--model", f"models:/{TEACHER}@champion", cwd=project)
+    assert out.returncode == 0, out.stdout
+    assert out.stdout == f"predicted 3 images with models:/{TEACHER}@champion; wrote predictions.csv\n"
+
+
+def test_predict_on_a_new_store_prints_its_error_alone(project):
+    out = _cli("predict", "a.png", cwd=project)
+    assert out.returncode == 1 and (project / "mlflow.db").exists()  # the store was created, silently
+    assert out.stdout.startswith(f"visionops predict: error: no model named '{TEACHER}' is registered yet")
+    assert len(out.stdout.splitlines()) == 1, out.stdout

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,6 +20,7 @@ from visionops.data import dataset
 from visionops.serving.pyfunc import encode_png
 from visionops.tasks.classification import classifier
 from visionops.tracking.lineage import data_version
+from visionops.tracking.stage_run import DEPS_ARTIFACT
 from visionops.tracking.store import project_root
 
 FAST = dict(train={"epochs": 2}, distill={"epochs": 1, "baseline": False}, evaluate={"gradcam_samples": 2})
@@ -33,6 +35,12 @@ def _runs(project, filter_string=""):
     client = _client(project)
     exp = client.get_experiment_by_name("visionops")
     return client.search_runs([exp.experiment_id], filter_string, max_results=1000) if exp else []
+
+
+def _deps(project, run) -> dict[str, str]:
+    """The run's dependencies and their hashes as DVC saw them (its dvc_deps.json artifact)."""
+    path = _client(project).download_artifacts(run.info.run_id, DEPS_ARTIFACT, str(project.path.parent))
+    return json.loads(Path(path).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +106,11 @@ def test_every_stage_is_a_run_grouped_under_its_pipeline(tracked):
         assert run.info.run_name == f"{name} · {parent_name}" and tags["visionops.pipeline_name"] == parent_name
         # the pipeline's own outputs (reports, committed metrics, dvc.lock) do not make the tree dirty
         assert tags["git.dirty"] == "false" and run.info.status == "FINISHED"
-        deps = {k[len("dvc.dep."):]: v for k, v in tags.items() if k.startswith("dvc.dep.")}
+        deps = _deps(tracked, run)  # one artifact, not a tag per dependency
         assert deps and tags["dvc.data_version"] == data_version(deps), name
+        assert not [k for k in tags if k.startswith("dvc.dep")], name
     lock = (tracked.path / "dvc.lock").read_text()
-    train_tags = stages["train"].data.tags
-    assert train_tags["dvc.dep.data/dataset"] in lock  # the same hash DVC recorded
+    assert _deps(tracked, stages["train"])["data/dataset"] in lock  # the same hash DVC recorded
     assert stages["train"].data.params["train.epochs"] == "2"
     assert stages["download"].data.params["data.source"] == "digits"
 
@@ -125,7 +133,10 @@ def test_curves_metrics_artifacts_and_dataset(tracked):
     inputs = train.inputs.dataset_inputs
     assert len(inputs) == 1
     source = json.loads(inputs[0].dataset.source)
-    assert inputs[0].dataset.source_type == "dvc" and source["md5"] == train.data.tags["dvc.dep.data/dataset"]
+    assert inputs[0].dataset.source_type == "dvc" and source["md5"] == _deps(tracked, train)["data/dataset"]
+    note = train.data.tags["mlflow.note.content"]  # the run's description says what its timings measure
+    assert "train_seconds" in note and "validation pass" in note
+    assert "mlflow.note.content" in by_stage["distill"].data.tags and "mlflow.note.content" not in by_stage["evaluate"].data.tags
 
 
 @pytest.mark.slow

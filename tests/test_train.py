@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pipeline_project import Project
 
+from visionops import measured
 from visionops.config import AugmentConfig, BalanceConfig, DataConfig, TrainConfig
 from visionops.data.download import run_download
 from visionops.tasks.classification import classifier
@@ -199,3 +201,92 @@ def test_saved_model_bytes_depend_only_on_the_model(tmp_path):
     for name in ("a.pt", "b.pt"):
         classifier.save(tmp_path / name, model, "lenet", list("0123456789"), (16, 16, 1))
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_a_resumed_fit_saves_the_bytes_of_an_uninterrupted_one(tmp_path):
+    """A history half read back from a checkpoint pickles like one made in a single run (issue 25)."""
+    from visionops.tasks.classification.augment import BatchAugment
+    from visionops.tasks.classification.objective import train_correct, val_scorer
+    from visionops.training.trainer import fit
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=gen), torch.arange(64) % 10
+    cfg = TrainConfig(model="lenet", epochs=3, batch_size=16)
+    augment, cpu = BatchAugment.from_config(AugmentConfig(), num_classes=10), torch.device("cpu")
+    scorer = val_scorer((x, y), cfg, cpu)
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_epoch_1(_desc, row):
+        if row["epoch"] == 1:  # the checkpoint is written before on_epoch: as if killed -9 right after it
+            raise Killed
+
+    def criterion(logits, targets, _x):
+        return F.cross_entropy(logits, targets)
+
+    def run(name: str, **kw):
+        torch.manual_seed(0)
+        model = classifier.build("lenet", list("0123456789"), (16, 16, 1), [0.5], [0.5])
+        model, state = fit(model, (x, y), scorer, cfg, augment, criterion, cpu, tmp_path / f"{name}.ck", "fp",
+                           train_correct=train_correct, **kw)
+        history = [measured.pure(row) for row in state.history]
+        classifier.save(tmp_path / f"{name}.pt", model, "lenet", list("0123456789"), (16, 16, 1), history=history)
+        return (tmp_path / f"{name}.pt").read_bytes()
+
+    whole = run("whole")
+    with pytest.raises(Killed):
+        run("resumed", on_epoch=killed_after_epoch_1)
+    assert torch.load(tmp_path / "resumed.ck", weights_only=True)["state"]["epoch"] == 1
+    assert run("resumed") == whole
+
+
+def _wait_then_kill(proc: subprocess.Popen, checkpoint, deadline_s: float = 300) -> int:
+    """SIGKILL `proc`'s process group once `checkpoint` exists; return the epoch it holds."""
+    deadline = time.time() + deadline_s
+    while not checkpoint.exists():
+        assert proc.poll() is None, f"{checkpoint.name}: the run ended before its first checkpoint"
+        assert time.time() < deadline, f"no {checkpoint.name} after {deadline_s} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return torch.load(checkpoint, weights_only=True)["state"]["epoch"]
+
+
+@pytest.mark.slow
+def test_kill_9_in_train_and_distill_then_repro_writes_the_uninterrupted_bytes(tmp_path):
+    """Two copies of the project: one runs the pipeline uninterrupted, the other is killed -9 in train and
+    again in distill, then `dvc repro` resumes both: the model files and dvc.lock are byte for byte the same.
+    Then in the first, committed, a train killed -9 and resumed leaves dvc.lock as committed, and no new version."""
+    params = dict(data={"image_size": 16}, train={"model": "resnet20", "epochs": 4, "batch_size": 32},
+                  distill={"student": "slim_resnet", "epochs": 3, "baseline": False, "quantize": False},
+                  evaluate={"gradcam_samples": 2})
+    whole, killed = Project(tmp_path / "whole"), Project(tmp_path / "killed")
+    for project in (whole, killed):
+        project.set_params(**params)
+    whole.repro()
+
+    def start(project, *args):
+        return subprocess.Popen(["dvc", "repro", *args], cwd=project.path, env=project.env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    ckpts = killed.path / "models" / "checkpoints"
+    assert _wait_then_kill(start(killed), ckpts / "train.pt") < 4  # whole runs: dvc.lock lists stages as they ran
+    assert _wait_then_kill(start(killed), ckpts / "distill.pt") < 3  # train resumes first
+    out = killed.repro()
+    assert "resuming from models/checkpoints/distill.pt" in out.stderr + out.stdout
+    for name in ("models/teacher.pt", "models/student.pt", "dvc.lock"):
+        assert (killed.path / name).read_bytes() == (whole.path / name).read_bytes(), name
+
+    whole.run("git", "add", "-A")
+    whole.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{whole.path / 'mlflow.db'}")
+    versions = sorted((v.name, v.version) for v in client.search_model_versions(""))
+    shutil.rmtree(whole.path / ".dvc" / "cache")  # as in a fresh clone: DVC has no teacher.pt to restore, train must run
+    assert _wait_then_kill(start(whole, "-f", "--single-item", "train"), whole.path / "models/checkpoints/train.pt") < 4
+    out = whole.repro()
+    assert "resuming from models/checkpoints/train.pt" in out.stderr + out.stdout
+    # evaluate and distill rerun (their outputs left the emptied cache), to the committed bytes: register does not
+    assert "Running stage 'register'" not in out.stdout
+    assert whole.run("git", "diff", "HEAD", "--quiet", "dvc.lock", check=False).returncode == 0
+    assert sorted((v.name, v.version) for v in client.search_model_versions("")) == versions

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import torch
@@ -13,10 +14,31 @@ from visionops.errors import InvalidInputError, MissingInputError
 
 
 def save(path: Path, payload: dict) -> None:
-    """Write `payload` (metadata and a "state_dict") to `path` atomically."""
+    """Write `payload` (metadata and a "state_dict") to `path` atomically, in its `canonical` form."""
     buf = io.BytesIO()  # torch.save names the zip's top folder after the file: a temp file's name would leak in
-    torch.save(payload, buf)
+    torch.save(canonical(payload), buf)
     write_bytes(path, buf.getvalue())
+
+
+def canonical(value):
+    """An equal copy of `value` whose pickle depends on its values alone, not on which objects it shares.
+
+    Pickle writes an object seen before as a reference to it: a history half read back from a checkpoint
+    (its rows' key strings loaded, not the loop's own) would otherwise pickle longer than one never
+    interrupted. Here every string is interned (each distinct one written once), every container and
+    tensor is fresh (none written as a reference), and tensors are contiguous copies of their own.
+    """
+    if isinstance(value, str):
+        return sys.intern(str(value))
+    if isinstance(value, dict):
+        return {canonical(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(canonical(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    return value
 
 
 def read(path: Path | str, task: str) -> dict:

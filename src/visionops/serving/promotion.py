@@ -529,7 +529,7 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
     columns = list(model.predict_columns)
     rows: list[list] = []
     failed = 0
-    with tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr) as bar:
+    with tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=None) as bar:  # a terminal only
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             values, read_errors = [], {}

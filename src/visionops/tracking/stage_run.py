@@ -24,6 +24,14 @@ from visionops.tracking.store import configure, project_root
 
 ROLE_TAG, PIPELINE_TAG = "visionops.role", "visionops.pipeline_run_id"
 PIPELINE_NAME_TAG, EXPERIMENT_TAG = "visionops.pipeline_name", "visionops.experiment"
+DEPS_ARTIFACT = "dvc_deps.json"  # each dependency's hash as DVC sees it
+# MLflow has no metric descriptions: a training stage's run says in its description what its timings measure
+TIMING_NOTE = (
+    "train_seconds: the training run's wall time, the sum of its epochs' epoch_seconds (those before a resume "
+    "included). Each epoch's time covers its optimisation steps and the validation pass after them "
+    "(epoch_train_seconds: the steps alone); not loading data, building the model or the final evaluation. "
+    "train_images_per_second: training images x epochs / train_seconds."
+)
 
 
 def flatten(obj: object, prefix: str = "") -> dict[str, object]:
@@ -62,6 +70,8 @@ class StageRun:
         import mlflow
 
         mlflow.log_metrics(numeric(result))
+        if "train_seconds" in result:
+            mlflow.set_tag("mlflow.note.content", TIMING_NOTE)
         if reports_dir is not None and Path(reports_dir).exists():
             mlflow.log_artifacts(str(reports_dir), artifact_path=Path(reports_dir).name)
 
@@ -132,12 +142,11 @@ def _mlflow_run(
         "visionops.stage": stage,
         "mlflow.parentRunId": parent_id,
         **faults.owner_tags(owner_pid),
-        **{f"dvc.dep.{path}": md5 for path, md5 in hashes.items()},
     }
     dump = params.model_dump(by_alias=True)
     status = "FAILED"
     try:
-        run_name = f"{stage} · {experiment or parent_name}"  # two runs of one stage compared side by side differ
+        run_name = f"{stage} · {lineage.experiment_label() or parent_name}"  # two runs of one stage side by side differ
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
             if faults.link_retry(client, experiment_id, run.info.run_id, {PIPELINE_TAG: pipeline_id, "visionops.stage": stage}):
                 faults.settle_parent(client, parent_id)  # the attempt it retries no longer fails the pipeline
@@ -145,6 +154,8 @@ def _mlflow_run(
             mlflow.log_params({"task": params.task, **flatten({s: dump[s] for s in sections})})
             if "data/dataset" in hashes:
                 mlflow.log_input(_dataset_input(root, hashes, git["commit"]), context=stage)
+            if hashes:  # one artifact, not a tag per dependency (dvc.data_version digests them)
+                mlflow.log_dict(hashes, DEPS_ARTIFACT)
             try:
                 yield StageRun(run.info.run_id, stage, lineage_tags, resume)
                 status = "FINISHED"

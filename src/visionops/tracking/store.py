@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -34,8 +35,29 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+@functools.cache
+def quiet_mlflow() -> None:
+    """Keep MLflow's chatter out of the commands' output: its INFO lines ("Creating initial MLflow database
+    tables", "Validating input example"), its prints ("Successfully registered model") and its "Downloading
+    artifacts" bars. Its warnings and errors still reach stderr. MLFLOW_LOGGING_LEVEL, when set, rules instead.
+    """
+    if os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        return
+    import logging
+
+    from mlflow.utils.autologging_utils import MlflowEventsAndWarningsBehaviorGlobally
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's prints and its log handler share one stream: muted for the whole process, held the way MLflow
+    # mutes it for itself (so that its own muting does not unmute it); its warnings go through Python's logging
+    MlflowEventsAndWarningsBehaviorGlobally(disable_event_logs=True, disable_warnings=False, reroute_warnings=False).__enter__()
+    logger = logging.getLogger("mlflow")
+    logger.handlers, logger.propagate = [], True
+    logger.setLevel(logging.WARNING)
+
+
 def configure(cfg: MlflowConfig, root: Path | None = None) -> str:
-    """Point MLflow at the store and make sure the experiment exists; return its id.
+    """Point MLflow at the store (`quiet_mlflow`) and make sure the experiment exists; return its id.
 
     With SQLite, artifacts live beside the database in mlartifacts/. A new SQLite store is created (schema migrations) under a file lock, so that two pipelines
     starting at once on a fresh store do not both migrate it.
@@ -43,6 +65,7 @@ def configure(cfg: MlflowConfig, root: Path | None = None) -> str:
     import mlflow
     from filelock import FileLock
 
+    quiet_mlflow()
     uri = tracking_uri(cfg, root)
     mlflow.set_tracking_uri(uri)
     db = _sqlite_path(uri)

@@ -211,8 +211,6 @@ def fit(
     ddp = nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
     step_model = torch.compile(ddp) if cfg.compile and device.type == "cuda" else ddp
 
-    # the row keys are made once: every row shares them, so the pickled history (in the model file) is as
-    # compact, and as byte-for-byte reproducible, as with literal keys
     train_key, val_key = f"train_{metric}", f"val_{metric}"
     quiet = None if dist_info.is_main else True  # tqdm: None = off when stderr is not a terminal
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
