@@ -521,3 +521,13 @@ def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
             "(16 images of 4096x4096): split the batch"
         )
 
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_refuses_a_changed_model(store, models, tmp_path):
+    _log(models["good"])
+    _stored_weights(tmp_path).write_bytes(models["bad"].read_bytes())
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)exited with .*ChangedModelError: .*\.pt: SHA-256 [0-9a-f]{64} "
+                       rf"differs from {file_sha256(models['good'])} recorded at registration \(registry tag"):
+        with model_server(f"models:/{NAME}/1", store, tmp_path):
+            pass
