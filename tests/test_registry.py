@@ -339,20 +339,23 @@ def test_pyfunc_refuses_a_request_over_the_pixel_budget_from_the_headers(store, 
     assert (13000, 13000) not in decoded
 
 
-def _stored_weights(store_dir: Path) -> Path:
-    """The weights file of the one logged model in the artifact store (the mlartifacts folder)."""
-    (found,) = [p for p in (store_dir / "artifacts").rglob("*.pt")]
+def _stored_weights(store_dir: Path, name: str = "good.pt") -> Path:
+    """The weights file `name` of the one logged model holding it in the artifact store (the mlartifacts folder)."""
+    (found,) = (store_dir / "artifacts").rglob(name)
     return found
 
 
 def test_a_changed_weights_file_is_refused_on_load(store, models, tmp_path, capsys, monkeypatch):
     from visionops.cli import main
 
-    _log(models["good"])
+    with mlflow.start_run():  # as the register stage: two models of one run, each checked against its own version
+        log_classifier(models["good"], NAME, tags={})
+        log_classifier(models["bad"], f"{NAME}-student", tags={})
     client = MlflowClient()
     recorded = client.get_model_version(NAME, "1").tags["visionops.weights_sha256"]
     assert recorded == file_sha256(models["good"])
-    mlflow.pyfunc.load_model(f"models:/{NAME}/1")  # unchanged: loads
+    mlflow.pyfunc.load_model(f"models:/{NAME}/1")  # unchanged: both load
+    mlflow.pyfunc.load_model(f"models:/{NAME}-student/1")
     stored = _stored_weights(tmp_path)
     stored.write_bytes(models["bad"].read_bytes())  # a valid model, other weights, in the bucket under the same name
     changed = file_sha256(models["bad"])

@@ -41,19 +41,20 @@ def _model_dir(weights: Path) -> Path | None:
 
 
 def _registry_digest(run_id: str | None, model_id: str | None) -> tuple[str, str] | None:
-    """(digest, where it was read) from the registered version of this run's logged model; None when the
-    registry is not configured, cannot be reached, or holds no such version with the tag."""
+    """(digest, where it was read) from a registered version of this logged model (MLflow 3's model id, which
+    the version names as its source); None when the registry is not configured, cannot be reached, or holds
+    no such version with the tag."""
     from mlflow.tracking import MlflowClient
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
-    if not run_id or not is_tracking_uri_set():
+    if not run_id or not model_id or not is_tracking_uri_set():
         return None
     try:
         versions = MlflowClient().search_model_versions(f"run_id = '{run_id}'")
     except Exception:  # noqa: BLE001  (an unreachable or foreign store: the logged digest is the reference)
         return None
-    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
-        if WEIGHTS_SHA256_TAG in (v.tags or {}) and (model_id is None or v.model_id in (None, model_id)):
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):  # one run may log several models
+        if WEIGHTS_SHA256_TAG in (v.tags or {}) and model_id in (v.model_id, (v.source or "").removeprefix("models:/")):
             return v.tags[WEIGHTS_SHA256_TAG], f"registry tag {WEIGHTS_SHA256_TAG} of {v.name} v{v.version}"
     return None
 
@@ -67,7 +68,7 @@ def expected_digest(weights: Path) -> tuple[str, str] | None:
     if model_dir is None:
         return None
     model = Model.load(model_dir)
-    found = _registry_digest(model.run_id, getattr(model, "model_id", None))
+    found = _registry_digest(model.run_id, model.model_id)
     if found is not None:
         return found
     logged = (model.metadata or {}).get(WEIGHTS_SHA256)
