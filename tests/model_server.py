@@ -66,7 +66,8 @@ def model_server(model_uri: str, tracking_uri: str, workdir: Path) -> Iterator[s
                 time.sleep(0.5)
             yield base
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+            with contextlib.suppress(ProcessLookupError):  # a server that exited (with nothing of its group left)
+                os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -40,7 +40,8 @@ def store(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("det")
+    exp = mlflow.create_experiment("det", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
+    mlflow.set_experiment(experiment_id=exp)
     return uri
 
 

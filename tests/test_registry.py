@@ -27,6 +27,7 @@ from PIL import Image, ImageFile
 
 from visionops.data import dataset
 from visionops.data.fetch import file_md5
+from visionops.serving.integrity import ChangedModelError, file_sha256
 from visionops.serving.promotion import (
     PredictionFailed,
     find_version_by_file,
@@ -35,10 +36,13 @@ from visionops.serving.promotion import (
 from visionops.serving.pyfunc import (
     MAX_BATCH_ROWS,
     MAX_IMAGE_PIXELS,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_PIXELS,
     ImageClassifierModel,
     ImageInputError,
     RegistryError,
     RequestError,
+    RequestTooLargeError,
     encode_png,
     log_classifier,
 )
@@ -133,7 +137,8 @@ def test_log_classifier_registers_challenger_with_tags(store, models, tmp_path):
     assert mv.name == NAME and str(mv.version) == "1"
     assert mv.aliases == ["challenger"]
     md5 = file_md5(models["good"])
-    assert mv.tags == {"git_sha": "abc123", "stage": "train", "run_id": run.info.run_id, "visionops.model_md5": md5}
+    assert mv.tags == {"git_sha": "abc123", "stage": "train", "run_id": run.info.run_id, "visionops.model_md5": md5,
+                       "visionops.weights_sha256": file_sha256(models["good"])}
     assert str(find_version_by_file(NAME, models["good"]).version) == "1"
     assert find_version_by_file(NAME, models["bad"]) is None
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
@@ -312,6 +317,87 @@ def test_pyfunc_refuses_huge_images_from_the_header(store, models, monkeypatch):
     assert "over the limit" in raw.predict(None, pd.DataFrame({"image": [too_big]}))["error"][0]
 
 
+def test_pyfunc_refuses_a_request_over_the_pixel_budget_from_the_headers(store, models, monkeypatch):
+    _log(models["good"])
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    full = base64.b64encode(_huge_png(4096)).decode()  # 4096x4096: each row alone is within the per-image limit
+    rows = MAX_REQUEST_PIXELS // MAX_IMAGE_PIXELS + 1
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or load(self))
+    with pytest.raises(RequestTooLargeError) as exc:
+        pm.predict(pd.DataFrame({"image": [full] * rows}))
+    assert str(exc.value) == (f"{rows * 4096 * 4096} pixels in one request's images; the limit is {MAX_REQUEST_PIXELS} "
+                              f"(16 images of 4096x4096): split the batch")
+    assert exc.value.get_http_status_code() == 413 and decoded == []  # refused from the headers: nothing decoded
+    huge = base64.b64encode(_huge_png(13000)).decode()  # refused on its own row, from its header: costs no budget
+    out = pm.predict(pd.DataFrame({"image": [huge] + [_png_b64(np.zeros(SHAPE, np.uint8))] * (MAX_BATCH_ROWS - 1)}))
+    assert out["error"][0].startswith("image of 13000x13000 pixels") and (out["error"][1:] == "").all()
+    with pytest.raises(RequestTooLargeError, match=rf"^{MAX_REQUEST_BYTES + 1} bytes of encoded images in one request; "
+                       rf"the limit is {MAX_REQUEST_BYTES}: split the batch$"):
+        pm.predict(pd.DataFrame({"image": ["A" * (MAX_REQUEST_BYTES // 2), "A" * (MAX_REQUEST_BYTES // 2 + 1)]}))
+    assert (13000, 13000) not in decoded
+
+
+def _stored_weights(store_dir: Path, name: str = "good.pt") -> Path:
+    """The weights file `name` of the one logged model holding it in the artifact store (the mlartifacts folder)."""
+    (found,) = (store_dir / "artifacts").rglob(name)
+    return found
+
+
+def test_a_changed_weights_file_is_refused_on_load(store, models, tmp_path, capsys, monkeypatch):
+    from visionops.cli import main
+
+    with mlflow.start_run():  # as the register stage: two models of one run, each checked against its own version
+        log_classifier(models["good"], NAME, tags={})
+        log_classifier(models["bad"], f"{NAME}-student", tags={})
+    client = MlflowClient()
+    recorded = client.get_model_version(NAME, "1").tags["visionops.weights_sha256"]
+    assert recorded == file_sha256(models["good"])
+    mlflow.pyfunc.load_model(f"models:/{NAME}/1")  # unchanged: both load
+    mlflow.pyfunc.load_model(f"models:/{NAME}-student/1")
+    stored = _stored_weights(tmp_path)
+    stored.write_bytes(models["bad"].read_bytes())  # a valid model, other weights, in the bucket under the same name
+    changed = file_sha256(models["bad"])
+    with pytest.raises(ChangedModelError) as exc:
+        mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    assert re.fullmatch(rf".*/{stored.name}: SHA-256 {changed} differs from {recorded} recorded at registration "
+                        rf"\(registry tag visionops.weights_sha256 of {NAME} v1\): the weights were changed after "
+                        "registration; refusing to load them", str(exc.value)), str(exc.value)
+    # the digest logged beside the weights can be changed too; the registry tag still refuses
+    mlmodel = stored.parents[1] / "MLmodel"
+    assert recorded in mlmodel.read_text()
+    mlmodel.write_text(mlmodel.read_text().replace(recorded, changed))
+    with pytest.raises(ChangedModelError, match=f"differs from {recorded} .*registry tag"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    # `visionops predict` says it in one line
+    image = tmp_path / "one.png"
+    image.write_bytes(base64.b64decode(_png_b64(np.zeros(SHAPE, np.uint8))))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    (tmp_path / "params.yaml").write_text("task: classification\n")
+    assert main(["predict", str(image), "--model", f"models:/{NAME}/1", "--params", str(tmp_path / "params.yaml"),
+                 "--out", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"visionops predict: error: {stored}: SHA-256 {changed} differs from {recorded}"), err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_without_the_registry_the_logged_digest_is_the_reference(store, models, tmp_path, empty_db):
+    import shutil
+
+    _log(models["good"])
+    copy = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "copy")))
+    other = tmp_path / "other.db"  # a registry that never saw this model
+    shutil.copy(empty_db, other)
+    mlflow.set_tracking_uri(f"sqlite:///{other}")
+    mlflow.pyfunc.load_model(str(copy))  # unchanged: loads
+    (weights,) = copy.rglob("*.pt")
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # one bit
+    with pytest.raises(ChangedModelError, match=rf"{weights}: SHA-256 [0-9a-f]{{64}} differs from "
+                       rf"{file_sha256(models['good'])} recorded at registration \(the logged model's metadata "):
+        mlflow.pyfunc.load_model(str(copy))
+
+
 def test_registered_model_loads_and_predicts_without_unpickling(store, models, data_dir, monkeypatch):
     import pickle
 
@@ -429,4 +515,22 @@ def test_mlflow_models_serve_classifies_png(store, models, data_dir, tmp_path):
         assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
         assert body["message"] == f"{MAX_BATCH_ROWS + 1} rows in one request; the limit is {MAX_BATCH_ROWS}: split the batch"
         assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
+        # over the pixel budget: 413 and the reason, from the headers
+        full = base64.b64encode(_huge_png(4096)).decode()
+        rows = MAX_REQUEST_PIXELS // MAX_IMAGE_PIXELS + 1
+        status, body = post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[full]] * rows}})
+        assert status == 413 and body["message"] == (
+            f"{rows * MAX_IMAGE_PIXELS} pixels in one request's images; the limit is {MAX_REQUEST_PIXELS} "
+            "(16 images of 4096x4096): split the batch"
+        )
 
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_refuses_a_changed_model(store, models, tmp_path):
+    _log(models["good"])
+    _stored_weights(tmp_path).write_bytes(models["bad"].read_bytes())
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)exited with .*ChangedModelError: .*\.pt: SHA-256 [0-9a-f]{64} "
+                       rf"differs from {file_sha256(models['good'])} recorded at registration \(registry tag"):
+        with model_server(f"models:/{NAME}/1", store, tmp_path):
+            pass

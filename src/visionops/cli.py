@@ -410,7 +410,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     "write a CSV of path, the model's answer and error (empty unless the file could not be read or decoded). "
     "The answer is a classifier's label and probability, a detector's detections (JSON: boxes in the image's "
     "pixels, labels, scores, after NMS), or a segmenter's mask (base64 PNG at the image's size) and classes. "
-    "Every row is written first; then the exit code is 1 if any file failed.",
+    "Every row is written first; then the exit code is 1 if any file failed. A model whose weights file changed "
+    "since it was registered (its SHA-256 differs from the one recorded) is refused before anything is predicted.",
     arguments=_predict_arguments,
 )
 def _predict(params, args, run) -> dict:

@@ -10,6 +10,10 @@ Each row of a batch is answered on its own: a bad row gets a one-line reason in 
 (empty for good rows), the others are predicted. Images over `MAX_IMAGE_PIXELS` are refused from
 their header, before decoding; requests of more than `MAX_BATCH_ROWS` rows are refused whole with
 an MLflow INVALID_PARAMETER_VALUE error, which the scoring server answers with 400 and no traceback.
+A request is also refused whole, with 413, when its images hold more than `MAX_REQUEST_BYTES` of encoded
+data or more than `MAX_REQUEST_PIXELS` pixels (summed from the headers, before anything is decoded): rows
+bound the answer's size, not the work. The limits are constants of this file, which every registered
+model carries in its code/ folder, so a served model keeps the limits it was registered with.
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ from PIL import Image, UnidentifiedImageError
 import visionops
 from visionops.data.images import array_to_canonical, to_canonical
 from visionops.errors import VisionopsError
-from visionops.serving.registered import CHALLENGER, CHAMPION, EXPERIMENT_TAG, MODEL_MD5_TAG, PREVIOUS  # noqa: F401
+from visionops.serving.integrity import WEIGHTS_SHA256, file_sha256, verify_weights
+from visionops.serving.registered import (  # noqa: F401
+    CHALLENGER,
+    CHAMPION,
+    EXPERIMENT_TAG,
+    MODEL_MD5_TAG,
+    PREVIOUS,
+    WEIGHTS_SHA256_TAG,
+)
 from visionops.tasks.classification import classifier
 
 
@@ -49,6 +61,8 @@ PREDICT_BATCH = 256
 MAX_IMAGE_SIDE = 4096
 MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE  # refused from the header, before decoding
 MAX_BATCH_ROWS = 1024  # rows per request
+MAX_REQUEST_PIXELS = 16 * MAX_IMAGE_PIXELS  # decoded pixels per request, read from the image headers
+MAX_REQUEST_BYTES = 32 * 2**20  # encoded image data per request (base64 text or bytes, as received)
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")  # the models-from-code file
 
 
@@ -77,6 +91,13 @@ class RequestError(MlflowException, ImageInputError):
         # Error: <message>"; the message names the problem, and a 1,500-row repr only buries it
         own = getattr(self, "_message", None)
         self._message = own if own is not None and value.endswith(own) else value
+
+
+class RequestTooLargeError(RequestError):
+    """The request's images are over the request budget: the scoring server answers 413 with this message."""
+
+    def get_http_status_code(self) -> int:
+        return 413  # MLflow's server answers a raised MlflowException with this
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,6 +202,27 @@ def input_size(value) -> tuple[int, int] | None:
         return None
 
 
+def check_request_budget(values: list) -> None:
+    """RequestTooLargeError when the images of one request hold more than MAX_REQUEST_BYTES of encoded data
+    or MAX_REQUEST_PIXELS pixels. Pixels are read from the headers (or an array's shape); nothing is
+    decoded, and an image refused on its own row (over MAX_IMAGE_PIXELS, or unreadable) costs nothing."""
+    sent = sum(len(v) for v in values if isinstance(v, (str, bytes, bytearray)))
+    if sent > MAX_REQUEST_BYTES:
+        raise RequestTooLargeError(
+            f"{sent} bytes of encoded images in one request; the limit is {MAX_REQUEST_BYTES}: split the batch"
+        )
+    pixels = 0
+    for value in values:
+        size = input_size(value)
+        if size is not None and size[0] * size[1] <= MAX_IMAGE_PIXELS:
+            pixels += size[0] * size[1]
+    if pixels > MAX_REQUEST_PIXELS:
+        raise RequestTooLargeError(
+            f"{pixels} pixels in one request's images; the limit is {MAX_REQUEST_PIXELS} "
+            f"({MAX_REQUEST_PIXELS // MAX_IMAGE_PIXELS} images of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}): split the batch"
+        )
+
+
 def _rows(model_input) -> tuple[list, list]:
     """(row labels, values) of the supported input containers."""
     if isinstance(model_input, pd.DataFrame):
@@ -225,6 +267,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     answers_in_input_pixels = False  # boxes and masks: predict_canonical gets each input's size
 
     def load_context(self, context) -> None:
+        verify_weights(context.artifacts[MODEL_ARTIFACT])  # refuses weights changed since registration
         self.load(context.artifacts[MODEL_ARTIFACT])
 
     def load(self, path: str | Path) -> ImageClassifierModel:
@@ -289,6 +332,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         rows, values = _rows(model_input)
         if len(values) > MAX_BATCH_ROWS:
             raise RequestError(f"{len(values)} rows in one request; the limit is {MAX_BATCH_ROWS}: split the batch")
+        check_request_budget(values)
         return self.predict_values(values, index=rows if isinstance(model_input, pd.DataFrame) else None)
 
     def predict_values(self, values: list, index=None) -> pd.DataFrame:
@@ -410,6 +454,7 @@ def log_pyfunc(
     if example_image is None:
         example_image = np.zeros((h, w, c), dtype=np.uint8)
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]})
+    sha256 = file_sha256(model_path)
     with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
         model_info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
@@ -420,7 +465,7 @@ def log_pyfunc(
             input_example=example,
             pip_requirements=pip_requirements(),
             registered_model_name=registered_name,
-            metadata=metadata,
+            metadata={**metadata, WEIGHTS_SHA256: sha256},  # checked on load (`integrity`)
         )
     version = str(model_info.registered_model_version)
     client = client or MlflowClient()
@@ -428,6 +473,7 @@ def log_pyfunc(
         client.set_registered_model_alias(registered_name, alias, version)
     from visionops.data.fetch import file_md5
 
-    for key, value in {**tags, "run_id": run.info.run_id, MODEL_MD5_TAG: file_md5(model_path)}.items():
+    recorded = {MODEL_MD5_TAG: file_md5(model_path), WEIGHTS_SHA256_TAG: sha256}
+    for key, value in {**tags, "run_id": run.info.run_id, **recorded}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return client.get_model_version(registered_name, version)

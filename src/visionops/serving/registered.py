@@ -19,6 +19,7 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 EXPERIMENT_TAG = "visionops.experiment"  # the DVC experiment (DVC_EXP_NAME) that registered a version
 MODEL_MD5_TAG = "visionops.model_md5"  # content hash of the logged .pt file (links DVC outputs to versions)
+WEIGHTS_SHA256_TAG = "visionops.weights_sha256"  # SHA-256 of the logged weights, checked when the model loads
 DELETED = "Deleted_Internal"  # MLflow's stage of a deleted version (its tags stay in the store)
 
 
