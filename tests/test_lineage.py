@@ -107,7 +107,7 @@ def test_dvc_dep_hashes_draw_no_progress_bars(repo):
     (repo / "params.yaml").write_text("train: {epochs: 1}\n")
     deps = ["data/dataset", "reports/train/metrics.json", "src/visionops/a.py"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": "true", "deps": deps}}}))
-    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     code = "from pathlib import Path; from visionops.tracking import lineage; print(sorted(lineage.dvc_dep_hashes(Path('.'), 's')))"
     out = _on_a_terminal(code, repo)
     assert str(sorted(deps)) in out
