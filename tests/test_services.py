@@ -162,9 +162,7 @@ def test_mlflow_on_postgres_has_every_stage_and_both_models(stack):
     assert len(versions) == 2 and {v.run_id for v in versions} <= set(run_ids)
 
     # the store is PostgreSQL: the rows are in the `mlflow` database
-    import psycopg2
-
-    with psycopg2.connect(services.db_url("mlflow")) as conn, conn.cursor() as cur:
+    with services.pg_connect("mlflow") as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM model_versions WHERE name = %s", (TEACHER,))
         assert cur.fetchone()[0] == 2
 
