@@ -98,7 +98,8 @@ def _flow_run(flow_run_id: str):
 
 
 def _ps_args() -> list[str]:
-    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout.splitlines()
+    """Every process's full command line, as `ps` shows it to anyone (-ww: not cut at the terminal's width)."""
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout.splitlines()
 
 
 def _wait_final(ids: list[str]) -> list:
@@ -297,6 +298,7 @@ def test_no_secret_in_process_lists_mlflow_records_prefect_logs_or_service_logs(
     assert ids and all(i in mlflow_rows["tags"] for i in ids) and "train.epochs" in mlflow_rows["params"]
     assert "$ dvc repro" in places["prefect flow-run logs"] and "$ dvc repro" in "\n".join(prefect_rows.values())
     assert any(k.endswith("/MLmodel") for k in keys) and any("dvc repro" in line for line in PS_LINES)
+    assert any("bin/mlflow server " in line and "s3://mlflow" in line for line in PS_LINES)  # whole command lines
     leaks = [(name, where) for where, text in places.items() for name, value in secrets.items() if value in text]
     assert not leaks, leaks
 
