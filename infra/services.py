@@ -368,7 +368,8 @@ class Services:
                 "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
 
     def _run(self, what: str, cmd: list[str]) -> str:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(self.prefect_env()), capture_output=True, text=True)
+        env = _child_env({k: v for k, v in self.prefect_env().items() if k not in S3_KEYS})  # no S3 for these
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ServiceError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc.stdout
