@@ -189,7 +189,8 @@ class Services:
             self.ports[name] = port
             taken.add(port)
         port_file.write_text(json.dumps(self.ports, indent=1))
-        _write_private(self.pgpass, f"{HOST}:{self.ports['postgres']}:*:{DB_USER}:{_pgpass_field(self.creds['POSTGRES_PASSWORD'])}\n")
+        password = _pgpass_field(self.creds["POSTGRES_PASSWORD"])
+        _write_private(self.pgpass, f"{HOST}:{self.ports['postgres']}:*:{DB_USER}:{password}\n")
 
     @property
     def urls(self) -> dict[str, str]:
@@ -345,8 +346,9 @@ class Services:
         if self.running("mlflow") is None:
             cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(self.ports["mlflow"]), "--workers", "1",
                    "--artifacts-destination", f"s3://{BUCKETS[0]}"]
-            env = {"MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow", "postgresql+psycopg2"), "PGPASSFILE": str(self.pgpass),
-                   "MLFLOW_S3_ENDPOINT_URL": self.urls["s3"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            env = {"MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow", "postgresql+psycopg2"),
+                   "PGPASSFILE": str(self.pgpass), "MLFLOW_S3_ENDPOINT_URL": self.urls["s3"],
+                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                    **{k: self.creds[k] for k in S3_KEYS}}
             self.spawn("mlflow", cmd, env=env)
         wait_until("MLflow server", lambda: _http_ok(self.urls["mlflow"] + "/health"), self.running("mlflow"),
@@ -355,7 +357,8 @@ class Services:
     def start_prefect(self) -> None:
         if self.running("prefect") is None:
             env = {"PREFECT_HOME": str(self.dir / "prefect"),
-                   "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url("prefect", "postgresql+asyncpg"), "PGPASSFILE": str(self.pgpass),
+                   "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url("prefect", "postgresql+asyncpg"),
+                   "PGPASSFILE": str(self.pgpass),
                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
             self.spawn("prefect", [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(self.ports["prefect"])],
                        env=env)

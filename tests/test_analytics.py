@@ -58,7 +58,8 @@ def _probe(mode: str, home: Path) -> dict[str, bool]:
 
 
 def test_the_project_files_turn_dvc_and_the_prefect_server_analytics_off(tmp_path):
-    assert _probe("files", tmp_path) == {"dvc analytics": False, "dvc update check": False, "prefect server analytics": False}
+    seen = _probe("files", tmp_path)
+    assert seen == {"dvc analytics": False, "dvc update check": False, "prefect server analytics": False}
 
 
 @pytest.mark.parametrize("entry_point", ["visionops", "pipelines"])

@@ -36,7 +36,8 @@ def test_compose_puts_no_credential_on_a_command_line():
         assert not re.search(r"PASSWORD|SECRET|ACCESS_KEY", str(spec.get("command", ""))), (name, spec.get("command"))
     for name, url in (("mlflow", "MLFLOW_BACKEND_STORE_URI"), ("prefect", "PREFECT_API_DATABASE_CONNECTION_URL")):
         env = services[name]["environment"]
-        assert env[url].startswith("postgresql+") and "@postgres/" in env[url] and ":" not in env[url].split("//")[1].split("@")[0]
+        user = env[url].split("//")[1].split("@")[0]
+        assert env[url].startswith("postgresql+") and "@postgres/" in env[url] and user == "visionops"
         assert env["PGPASSWORD"].startswith("${POSTGRES_PASSWORD:?")
 
 
@@ -92,8 +93,8 @@ def test_a_reused_pid_is_not_taken_for_the_recorded_process(services):
         proc.kill()
 
 
-SECRETS = {"POSTGRES_PASSWORD": "pg:sec\\ret-1", "AWS_ACCESS_KEY_ID": "key-id-2", "AWS_SECRET_ACCESS_KEY": "s3-secret-3",
-           "PGPASSWORD": "pg-secret-4"}
+SECRETS = {"POSTGRES_PASSWORD": "pg:sec\\ret-1", "AWS_ACCESS_KEY_ID": "key-id-2",
+           "AWS_SECRET_ACCESS_KEY": "s3-secret-3", "PGPASSWORD": "pg-secret-4"}
 
 
 def test_children_inherit_no_credential_and_run_with_analytics_off(services, monkeypatch):

@@ -290,9 +290,11 @@ def test_no_secret_in_process_lists_mlflow_records_prefect_logs_or_service_logs(
             offset += len(batch)
     places["prefect flow-run logs"] = "\n".join(logs)
     s3 = services.s3_client()
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow") for o in page.get("Contents", [])]
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     places |= {f"s3://mlflow/{k}": s3.get_object(Bucket="mlflow", Key=k)["Body"].read().decode("latin-1") for k in keys}
-    places |= {str(p): p.read_text(errors="replace") for p in [*services.logs.glob("*.log"), services.dir / "pg" / "postgres.log"]}
+    service_logs = [*services.logs.glob("*.log"), services.dir / "pg" / "postgres.log"]
+    places |= {str(p): p.read_text(errors="replace") for p in service_logs}
 
     # what was scanned holds what it should: the runs' tags, the stages' logs, the models, the servers' output
     assert ids and all(i in mlflow_rows["tags"] for i in ids) and "train.epochs" in mlflow_rows["params"]
