@@ -15,7 +15,10 @@ that `start` recorded in DIR/pids.json (checked by PID and start time), with the
 (PostgreSQL cluster, SeaweedFS volumes) stays in DIR, so a later `start` finds everything again.
 
 Credentials are generated once into DIR/credentials.env (mode 600) unless POSTGRES_PASSWORD,
-AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set; nothing has a default password.
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set; nothing has a default password. No credential is ever
+on a command line (`ps` shows every argument to every user): the servers find the database password in
+DIR/pgpass (mode 600, libpq's and asyncpg's PGPASSFILE; their database URLs hold none), and the S3 keys in
+their environment, which only the processes that use them get. Every child runs with analytics off.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import psutil
 
+from visionops.process_settings import ANALYTICS_OFF
 from visionops.tracking.faults import process_start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +54,7 @@ START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CREDENTIAL_KEYS = ("POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_KEYS = CREDENTIAL_KEYS[1:]
 WEED_PORTS = ("master", "volume", "filer", "s3", "admin")
 
 
@@ -114,6 +119,17 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child, less the credentials (each child is given the ones it uses),
+    analytics off unless the user chose otherwise, then `extra`."""
+    inherited = {k: v for k, v in os.environ.items() if k not in (*CREDENTIAL_KEYS, "PGPASSWORD", "PGPASSFILE")}
+    return {**ANALYTICS_OFF, **inherited, **(extra or {})}
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -139,6 +155,7 @@ class Services:
         self.logs = self.dir / "logs"
         self.pid_file = self.dir / "pids.json"
         self.env_file = self.dir / "env"
+        self.pgpass = self.dir / "pgpass"
 
     # -- configuration kept between starts
     def load_config(self) -> None:
@@ -172,6 +189,8 @@ class Services:
             self.ports[name] = port
             taken.add(port)
         port_file.write_text(json.dumps(self.ports, indent=1))
+        password = _pgpass_field(self.creds["POSTGRES_PASSWORD"])
+        _write_private(self.pgpass, f"{HOST}:{self.ports['postgres']}:*:{DB_USER}:{password}\n")
 
     @property
     def urls(self) -> dict[str, str]:
@@ -183,7 +202,13 @@ class Services:
         }
 
     def db_url(self, db: str, driver: str = "postgresql") -> str:
-        return f"{driver}://{DB_USER}:{self.creds['POSTGRES_PASSWORD']}@{HOST}:{self.ports['postgres']}/{db}"
+        """The database's URL, without the password: clients read it from DIR/pgpass (PGPASSFILE)."""
+        return f"{driver}://{DB_USER}@{HOST}:{self.ports['postgres']}/{db}"
+
+    def pg_connect(self, db: str):
+        import psycopg2
+
+        return psycopg2.connect(self.db_url(db), passfile=str(self.pgpass))
 
     def client_env(self) -> dict[str, str]:
         """What clients (and workers) need: the servers' URLs, and the S3 keys for DVC."""
@@ -224,7 +249,7 @@ class Services:
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> psutil.Process:
         log = self.logs / f"{name}.log"
         with open(log, "ab") as out:
-            popen = subprocess.Popen(cmd, cwd=cwd or self.project, env={**os.environ, **(env or {})},
+            popen = subprocess.Popen(cmd, cwd=cwd or self.project, env=_child_env(env),
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return self._record(name, popen.pid)
@@ -244,11 +269,10 @@ class Services:
                 raise ServiceError(f"the user postgres cannot enter {self.dir}: PostgreSQL refuses root, so its cluster "
                                    "must be reachable by postgres (put the services directory where every parent is o+x)")
             pwfile = pg / "pwfile"
-            pwfile.write_text(self.creds["POSTGRES_PASSWORD"] + "\n")
+            _write_private(pwfile, self.creds["POSTGRES_PASSWORD"] + "\n")
             if os.geteuid() == 0:
                 shutil.chown(pg, "postgres", "postgres")
                 shutil.chown(pwfile, "postgres", "postgres")
-            pwfile.chmod(0o600)
             try:
                 subprocess.run(self._as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", DB_USER, "--pwfile", str(pwfile),
                                                   "--auth=scram-sha-256", "-E", "UTF8", "--locale=C"]),
@@ -269,13 +293,13 @@ class Services:
 
         def connects() -> bool:
             try:
-                psycopg2.connect(self.db_url("postgres")).close()
+                self.pg_connect("postgres").close()
                 return True
             except psycopg2.OperationalError:
                 return False
 
         wait_until("PostgreSQL", connects, self.running("postgres"), log)
-        conn = psycopg2.connect(self.db_url("postgres"))
+        conn = self.pg_connect("postgres")
         conn.autocommit = True
         with conn.cursor() as cur:
             for db in ("mlflow", "prefect"):
@@ -305,7 +329,7 @@ class Services:
                    "-webdav=false", "-admin.ui=false", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                    *[f"-{n}.port={p['weed_' + n]}" for n in WEED_PORTS],
                    *[f"-{n}.port.grpc={p['weed_' + n + '_grpc']}" for n in WEED_PORTS]]
-            self.spawn("seaweedfs", cmd, env={k: self.creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}, cwd=data)
+            self.spawn("seaweedfs", cmd, env={k: self.creds[k] for k in S3_KEYS}, cwd=data)
 
         def buckets_ready() -> bool:
             if not _http_ok(self.urls["s3"] + "/healthz"):
@@ -321,9 +345,11 @@ class Services:
     def start_mlflow(self) -> None:
         if self.running("mlflow") is None:
             cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(self.ports["mlflow"]), "--workers", "1",
-                   "--backend-store-uri", self.db_url("mlflow", "postgresql+psycopg2"), "--artifacts-destination", f"s3://{BUCKETS[0]}"]
-            env = {"MLFLOW_S3_ENDPOINT_URL": self.urls["s3"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                   **{k: self.creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
+                   "--artifacts-destination", f"s3://{BUCKETS[0]}"]
+            env = {"MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow", "postgresql+psycopg2"),
+                   "PGPASSFILE": str(self.pgpass), "MLFLOW_S3_ENDPOINT_URL": self.urls["s3"],
+                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                   **{k: self.creds[k] for k in S3_KEYS}}
             self.spawn("mlflow", cmd, env=env)
         wait_until("MLflow server", lambda: _http_ok(self.urls["mlflow"] + "/health"), self.running("mlflow"),
                    self.logs / "mlflow.log")
@@ -332,6 +358,7 @@ class Services:
         if self.running("prefect") is None:
             env = {"PREFECT_HOME": str(self.dir / "prefect"),
                    "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url("prefect", "postgresql+asyncpg"),
+                   "PGPASSFILE": str(self.pgpass),
                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
             self.spawn("prefect", [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(self.ports["prefect"])],
                        env=env)
@@ -344,7 +371,8 @@ class Services:
                 "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
 
     def _run(self, what: str, cmd: list[str]) -> str:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **self.prefect_env()}, capture_output=True, text=True)
+        env = _child_env({k: v for k, v in self.prefect_env().items() if k not in S3_KEYS})  # no S3 for these
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ServiceError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc.stdout
@@ -379,7 +407,7 @@ class Services:
         for args in (["remote", "add", "--local", "-d", "-f", DVC_REMOTE, env["VISIONOPS_DVC_REMOTE"]],
                      ["remote", "modify", "--local", DVC_REMOTE, "endpointurl", env["VISIONOPS_DVC_ENDPOINTURL"]]):
             proc = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True,
-                                  env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+                                  env=_child_env())
             if proc.returncode != 0:
                 raise ServiceError(f"dvc {' '.join(args)} failed in {project}:\n{proc.stderr}")
 

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from visionops.process_settings import no_analytics
+
+    no_analytics()  # before Prefect, MLflow, DVC or GX is imported: none of them phones home
     if args.command == "stop":
         import os
 

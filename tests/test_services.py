@@ -31,6 +31,7 @@ from test_flows import FAST, STAGES  # noqa: E402
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 TEACHER = "visionops-classifier"
 RUN_TIMEOUT_S = 900
+PS_LINES: set[str] = set()  # every command line `ps` showed while the tests waited on flow runs
 
 
 def _need(*modules: str) -> None:
@@ -96,9 +97,15 @@ def _flow_run(flow_run_id: str):
         return client.read_flow_run(flow_run_id)
 
 
+def _ps_args() -> list[str]:
+    """Every process's full command line, as `ps` shows it to anyone (-ww: not cut at the terminal's width)."""
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
 def _wait_final(ids: list[str]) -> list:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while True:
+        PS_LINES.update(_ps_args())  # the stages' processes (dvc, visionops, the tracking helper) live only now
         runs = [_flow_run(i) for i in ids]
         if all(r.state and r.state.is_final() for r in runs):
             return runs
@@ -162,9 +169,7 @@ def test_mlflow_on_postgres_has_every_stage_and_both_models(stack):
     assert len(versions) == 2 and {v.run_id for v in versions} <= set(run_ids)
 
     # the store is PostgreSQL: the rows are in the `mlflow` database
-    import psycopg2
-
-    with psycopg2.connect(services.db_url("mlflow")) as conn, conn.cursor() as cur:
+    with services.pg_connect("mlflow") as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM model_versions WHERE name = %s", (TEACHER,))
         assert cur.fetchone()[0] == 2
 
@@ -244,6 +249,60 @@ def test_killing_the_mlflow_server_mid_run_leaves_the_store_consistent(stack):
         assert client.get_run(v.run_id).info.status == "FINISHED" or not v.aliases, v
     champion = client.get_model_version_by_alias(TEACHER, "champion")
     assert champion.status == "READY"
+
+
+def _table_rows(services: svc.Services, db: str) -> dict[str, str]:
+    """Every row of every table of a service's database, as text: what the service keeps."""
+    with services.pg_connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+        tables = [t for (t,) in cur.fetchall()]
+        out = {}
+        for table in tables:
+            cur.execute(f'SELECT t::text FROM "{table}" t')
+            out[table] = "\n".join(row for (row,) in cur.fetchall())
+    return out
+
+
+def test_no_secret_in_process_lists_mlflow_records_prefect_logs_or_service_logs(stack):
+    """The database password and the S3 keys (every credential; `.services/env` holds the S3 keys, the rest
+    of it is addresses) appear in no command line `ps` showed while the flows ran or shows now, in no MLflow
+    record (every row of its database: params, tags, model versions; every object in its artifact bucket),
+    in no Prefect record (every row of its database: flow runs, their logs, events) and in no service's log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    services, _ = stack
+    creds = svc._read_env_file(services.dir / "credentials.env")
+    secrets = {k: creds[k] for k in svc.CREDENTIAL_KEYS}
+    env_file = svc._read_env_file(services.env_file)
+    assert {k: env_file[k] for k in svc.S3_KEYS} == {k: secrets[k] for k in svc.S3_KEYS}
+    assert all(len(v) >= 16 for v in secrets.values())
+
+    places: dict[str, str] = {"ps now": "\n".join(_ps_args()), "ps while the flows ran": "\n".join(PS_LINES)}
+    mlflow_rows, prefect_rows = _table_rows(services, "mlflow"), _table_rows(services, "prefect")
+    places |= {f"mlflow table {t}": rows for t, rows in mlflow_rows.items()}
+    places |= {f"prefect table {t}": rows for t, rows in prefect_rows.items()}
+    ids = getattr(services, "flow_run_ids", [])
+    with get_client(sync_client=True) as client:
+        logs, offset = [], 0
+        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), offset=offset):
+            logs += [log.message for log in batch]
+            offset += len(batch)
+    places["prefect flow-run logs"] = "\n".join(logs)
+    s3 = services.s3_client()
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    places |= {f"s3://mlflow/{k}": s3.get_object(Bucket="mlflow", Key=k)["Body"].read().decode("latin-1") for k in keys}
+    service_logs = [*services.logs.glob("*.log"), services.dir / "pg" / "postgres.log"]
+    places |= {str(p): p.read_text(errors="replace") for p in service_logs}
+
+    # what was scanned holds what it should: the runs' tags, the stages' logs, the models, the servers' output
+    assert ids and all(i in mlflow_rows["tags"] for i in ids) and "train.epochs" in mlflow_rows["params"]
+    assert "$ dvc repro" in places["prefect flow-run logs"] and "$ dvc repro" in "\n".join(prefect_rows.values())
+    assert any(k.endswith("/MLmodel") for k in keys) and any("dvc repro" in line for line in PS_LINES)
+    assert any("bin/mlflow server " in line and "s3://mlflow" in line for line in PS_LINES)  # whole command lines
+    leaks = [(name, where) for where, text in places.items() for name, value in secrets.items() if value in text]
+    assert not leaks, leaks
 
 
 def test_schedules_stay_active_stop_leaves_no_process_and_data_survives_a_restart(stack):

@@ -509,8 +509,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from visionops.errors import VisionopsError
-    from visionops.process_settings import tune_gc, tune_malloc
+    from visionops.process_settings import no_analytics, tune_gc, tune_malloc
 
+    no_analytics()
     tune_gc()
     tune_malloc()
 

@@ -1,5 +1,5 @@
-"""Process-wide settings for the short-lived command-line processes (a stage, its tracking helper): the
-garbage collector's and the C allocator's."""
+"""Process-wide settings for the command-line processes (a stage, its tracking helper, a flow): the garbage
+collector's, the C allocator's, and the libraries' analytics, off."""
 
 from __future__ import annotations
 
@@ -12,6 +12,24 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own adaptive threshold on 64-bit
 TRIM_THRESHOLD = 1 << 30
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # or glibc.malloc.* in GLIBC_TUNABLES
+
+# What only the environment turns off (the project's files turn off the rest: .dvc/config core.analytics,
+# prefect.toml server.analytics_enabled). MLflow 3 reads its switch once, at `import mlflow`; Prefect's SDK
+# events stop at DO_NOT_TRACK (1/true/yes), MLflow's at DO_NOT_TRACK=true; GX 1.x reads GX_ANALYTICS_ENABLED.
+ANALYTICS_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+}
+
+
+def no_analytics() -> None:
+    """Turn every library's analytics off for this process and its children, before any of them is imported
+    (a value the user set is kept)."""
+    for key, value in ANALYTICS_OFF.items():
+        os.environ.setdefault(key, value)
 
 
 def tune_gc() -> None:

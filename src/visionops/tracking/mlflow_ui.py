@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--print-only", action="store_true", help="print the link and the command, start nothing")
     args = parser.parse_args(argv)
+    from visionops.process_settings import no_analytics
 
+    no_analytics()  # before `import mlflow`, which reads it; the server below inherits it
     import mlflow
 
     from visionops.config import load_params
