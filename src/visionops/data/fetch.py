@@ -52,12 +52,9 @@ _DECOMPRESS = {".gz": gzip.open, ".tgz": gzip.open, ".bz2": bz2.open, ".xz": lzm
 
 
 def file_md5(path: Path | str) -> str:
-    """The hex MD5 of a file, read in chunks."""
-    digest = hashlib.md5()
+    """The hex MD5 of a file (hashlib reads it in chunks)."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 class _Counted:

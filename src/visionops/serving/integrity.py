@@ -19,7 +19,6 @@ from visionops.errors import InvalidInputError
 from visionops.serving.registered import WEIGHTS_SHA256_TAG
 
 WEIGHTS_SHA256 = "weights_sha256"  # key of the digest in the logged model's metadata (MLmodel)
-CHUNK = 1 << 20
 
 
 class ChangedModelError(InvalidInputError):
@@ -27,12 +26,9 @@ class ChangedModelError(InvalidInputError):
 
 
 def file_sha256(path: Path | str) -> str:
-    """The hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+    """The hex SHA-256 of a file (hashlib reads it in chunks)."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _model_dir(weights: Path) -> Path | None:
