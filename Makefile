@@ -38,7 +38,8 @@ run: setup  ## run the DVC pipeline (dvc repro) on the data source in params.yam
 # One thread per test process (multi-threaded CPU backward in distill aborted twice in torch 2.14.1: see
 # the note on issue 3), and TEST_WORKERS test processes side by side (pytest-xdist), each taking whole
 # test files in turn, so a module's shared fixtures (a pipeline run, a set of servers) are built once.
-# In CI on 2 cores the tests took 1,023 s with 2 workers, against 1,450 s in one process.
+# In CI on 2 cores 444 tests took 1,023 s with 2 workers, against 1,450 s in one process; 529 tests took 1,315 s
+# with 2 workers at c17549f (the slowest: bench/README.md, "The test suite").
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 pytest -n $(TEST_WORKERS) --dist loadfile
 
