@@ -196,19 +196,17 @@ def dvc_command(env: dict[str, str]) -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "dvc"]
 
 
-def changed_stages(project_dir: Path | str, env: dict[str, str] | None = None) -> set[str] | None:
-    """The stages `dvc status` lists (None when it cannot tell), for `nothing_to_do`: the flow itself
-    asks `dvc repro` of every stage, since a stage restored from the run cache changes what follows it."""
+def stage_status(project_dir: Path | str, env: dict[str, str] | None = None) -> dict[str, list] | None:
+    """`dvc status --json` as stage -> what changed (None when it cannot tell), for `nothing_to_do`: the flow
+    itself asks `dvc repro` of every stage, since a stage restored from the run cache changes what follows it."""
     env = env if env is not None else stage_env(project_dir)
     proc = subprocess.run([*dvc_command(env), "status", "--json"], cwd=project_dir, env=env, capture_output=True,
                           text=True, check=False, stdin=subprocess.DEVNULL)
     try:
         status = json.loads(proc.stdout) if proc.returncode == 0 else None
     except ValueError:
-        status = None
-    if not isinstance(status, dict):
         return None
-    return {name.rsplit(":", 1)[-1] for name in status}
+    return {name.rsplit(":", 1)[-1]: entries for name, entries in status.items()} if isinstance(status, dict) else None
 
 
 def _default_logger():

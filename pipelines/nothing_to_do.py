@@ -13,25 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from pipelines import dvc_stages
 
 ALWAYS = "always changed"  # what `dvc status` says of an always_changed stage whose deps and outs are unchanged
 REGISTER = "register"
-
-
-def _stage_status(root: Path) -> dict[str, list] | None:
-    """`dvc status --json`: stage -> what changed (None when it cannot tell)."""
-    env = dvc_stages.stage_env(root)
-    proc = subprocess.run([*dvc_stages.dvc_command(env), "status", "--json"], cwd=root, env=env, capture_output=True,
-                          text=True, check=False, stdin=subprocess.DEVNULL)
-    try:
-        status = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except ValueError:
-        return None
-    return {name.rsplit(":", 1)[-1]: entries for name, entries in status.items()} if isinstance(status, dict) else None
 
 
 def _registered(root: Path) -> list[str] | None:
@@ -94,7 +81,7 @@ def nothing_to_do(project_dir: str | Path, promote: bool, env: dict | None = Non
     if env.get("PREFECT_API_URL"):
         return None  # a server is configured: run, so the run is visible in its UI
     root = Path(project_dir).resolve()
-    status = _stage_status(root)
+    status = dvc_stages.stage_status(root)
     if status is None or any(entries != [ALWAYS] or name != REGISTER for name, entries in status.items()):
         return None  # a stage has work for the data (or an always-changed stage other than register would run)
     lines = ["nothing to do: `dvc status` says every stage is up to date"]
