@@ -87,3 +87,36 @@ def test_no_holdout_gives_no_figures():
     result, curves = membership.audit_splits(lambda split, i: (None, None), object(), None)
     assert result["mia_auc"] is None and curves == {}
     assert "Not run" in "\n".join(membership.report_section(result, None))
+
+
+def test_found_confidence_matches_true_boxes_by_class_and_iou():
+    from visionops.tasks.detection.membership import found_confidence
+
+    true = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), "labels": np.array([1, 2])}
+    pred = {"boxes": np.array([[0, 0, 10, 11], [0, 0, 10, 10], [20, 20, 30, 30]], np.float32),
+            "scores": np.array([0.9, 0.6, 0.4]), "labels": np.array([1, 1, 3])}
+    assert found_confidence(pred, true) == pytest.approx((0.9 + 0.0) / 2)  # box 2's only overlap is of class 3
+    empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+    assert found_confidence(pred, empty) == pytest.approx(0.1)  # nothing there: 1 - the best score
+    assert found_confidence({**empty, "scores": np.zeros(0)}, true) == 0.0
+
+
+def test_classifier_signals_are_its_cross_entropy_and_stable_logit_confidence():
+    import torch
+
+    from visionops.data.dataset import Split
+    from visionops.tasks.classification import classifier
+    from visionops.tasks.classification.membership import signals
+
+    torch.manual_seed(0)
+    model = classifier.build("lenet", ["a", "b", "c"], (16, 16, 1), [0.5], [0.25])
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
+    split = Split(images, np.array([0, 1, 2, 0, 1, 2]), [str(i) for i in range(6)])
+    index = np.array([1, 4, 5])
+    loss, phi = signals(model, torch.device("cpu"), 2)(split, index)
+    logits = classifier.predict_logits(model, images[index], torch.device("cpu"))
+    y = torch.tensor([1, 1, 2])
+    ce = torch.nn.functional.cross_entropy(logits.double(), y, reduction="none").numpy()
+    p = np.exp(-ce)
+    assert loss == pytest.approx(ce) and phi == pytest.approx(np.log(p / (1 - p)))
+    assert membership.logit(np.array([1.0]))[0] == pytest.approx(np.log(1e12), rel=1e-3)  # clipped, finite

@@ -168,7 +168,7 @@ def _train(params, args, run) -> dict:
 def _evaluate(params, args, run) -> dict:
     if run is not None:
         run.wait_open()  # the latency measurement must not share the CPU with the tracking helper
-    result = _task(params).evaluate(params, layout.DATASET, layout.TEACHER, layout.EVALUATE_REPORTS)
+    result = _task(params).evaluate(params, layout.DATASET, layout.TEACHER, layout.EVALUATE_REPORTS, layout.HOLDOUT)
     return _finish(run, result, layout.EVALUATE_REPORTS)
 
 
@@ -223,6 +223,7 @@ def _distill(params, args, run) -> dict:
         layout.CHECKPOINTS,
         layout.BASELINE_REPORTS / "baseline.json",
         on_epoch=run.log_epoch if run else None,
+        holdout_dir=layout.HOLDOUT,
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.DISTILL_REPORTS)
