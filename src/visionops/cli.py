@@ -266,9 +266,11 @@ def _register_models(params, args, run) -> dict:
     if run is None:
         return {"registered": [], "note": "mlflow.enabled is false: nothing registered"}
     experiment = experiment_name()
-    teacher = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name, experiment=experiment)
+    teacher = _register(params, run, layout.TEACHER, layout.EVALUATE_REPORTS, params.mlflow.teacher_model_name,
+                        experiment=experiment)
     link = {"visionops.teacher_version": teacher["version"]}
-    student = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, link, experiment)
+    student = _register(params, run, layout.STUDENT, layout.DISTILL_REPORTS, params.mlflow.student_model_name, link,
+                        experiment)
     result = {"registered": [teacher, student]}
     if experiment:
         result["experiment"] = experiment
@@ -277,9 +279,11 @@ def _register_models(params, args, run) -> dict:
 
 
 def _register(
-    params, run, model_path: Path, name: str, extra_tags: dict[str, str] | None = None, experiment: str | None = None
+    params, run, model_path: Path, reports_dir: Path, name: str, extra_tags: dict[str, str] | None = None,
+    experiment: str | None = None,
 ) -> dict:
-    """Register `model_path` unless a version with its content exists.
+    """Register `model_path` unless a version with its content exists; a new version carries the
+    membership-inference audit of `reports_dir`'s details.json (the stage that measured the file).
 
     On the main line (`experiment` None) the version gets the alias challenger (unless it is the
     champion), and a model without a champion has it judged by the gates once (on the holdout) and made
@@ -290,6 +294,7 @@ def _register(
         find_version_by_file,
         has_champion,
         promote,
+        record_audit,
     )
     from visionops.serving.pyfunc import CHALLENGER, EXPERIMENT_TAG, RegistryError
 
@@ -302,6 +307,9 @@ def _register(
         if experiment:
             tags[EXPERIMENT_TAG] = experiment
         version = _task(params).log_model(model_path, name, tags, None if experiment else CHALLENGER)
+        details = Path(reports_dir) / "details.json"
+        if details.is_file():
+            record_audit(name, str(version.version), json.loads(details.read_text()))
     registered = {"name": name, "version": str(version.version), "created": created}
     if experiment:
         return registered
