@@ -558,8 +558,9 @@ HEADLINES = {
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
                  "map_50", "map", "image_accuracy",  # detection
                  "miou", "pixel_accuracy", "dice",  # segmentation
+                 "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
-    "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "cpu_speedup"),
+    "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,
            "evaluate": layout.EVALUATE_REPORTS, "distill": layout.DISTILL_REPORTS}

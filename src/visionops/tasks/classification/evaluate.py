@@ -2,11 +2,12 @@
 
 Writes to `reports_dir` (each file atomically; metrics.json last, so its presence means a full run):
 
-    metrics.json            the DVC metrics (`HEADLINE`): accuracy, balanced accuracy, macro F1, and
-                            the ECE of the served (temperature-scaled) model
+    metrics.json            the DVC metrics (`HEADLINE`): accuracy, balanced accuracy, macro F1, the
+                            ECE of the served (temperature-scaled) model, and the membership-inference
+                            audit's AUC and TPR at 1% FPR (`evaluation.membership`, its stronger attack)
     details.json            every figure but the timings: also top-k accuracy, ECE before temperature
-                            scaling, the temperature and test-time augmentation, NLL, size, device
-                            (timings go to measured.json)
+                            scaling, the temperature and test-time augmentation, NLL, size, device,
+                            each membership attack's figures (timings go to measured.json)
     per_class.json          precision, recall, F1, support, accuracy per class
     predictions.csv         path, actual, predicted (class names), confidence (DVC confusion plot)
 
