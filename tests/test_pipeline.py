@@ -53,10 +53,13 @@ def _membership_audit_reached_the_registry(project) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("visionops").experiment_id
     for name, stage in (("visionops-classifier", "evaluate"), ("visionops-student", "distill")):
         metrics = json.loads((project.path / f"reports/{stage}/metrics.json").read_text())
         details = json.loads((project.path / f"reports/{stage}/details.json").read_text())
         assert metrics["mia_auc"] == details["mia_auc"] == max(details["mia_loss_auc"], details["mia_lira_auc"])
+        (run,) = client.search_runs([experiment], f"tags.`visionops.stage` = '{stage}'")
+        assert run.data.metrics["mia_lira_tpr_at_1pct_fpr"] == pytest.approx(details["mia_lira_tpr_at_1pct_fpr"])
         assert details["mia_members"] == details["mia_nonmembers"] > 100 and 0 <= metrics["mia_tpr_at_1pct_fpr"] <= 1
         (version,) = client.search_model_versions(f"name = '{name}'")
         assert float(version.tags["visionops.mia_auc"]) == pytest.approx(details["mia_auc"]), name
