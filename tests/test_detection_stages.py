@@ -57,8 +57,10 @@ def pipeline(tmp_path_factory):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("det")
     ds = write_detection_dataset(root / "ds", (("train", 240), ("val", 40), ("test", 40)))
+    holdout = write_detection_dataset(root / "holdout", (("holdout", 40),), seed=7)  # the audit's non-members
     p = parse_params(PARAMS)
-    paths = {"root": root, "ds": ds, "prep": root / "prep", "model": root / "models" / "teacher.pt", "params": p}
+    paths = {"root": root, "ds": ds, "prep": root / "prep", "model": root / "models" / "teacher.pt", "params": p,
+             "holdout": holdout}
     paths["prepare"] = TASK.prepare(p, ds, paths["prep"], root / "reports" / "prepare")
     paths["train"] = TASK.train(p, ds, paths["prep"], paths["model"], root / "reports" / "train", root / "ck" / "train.pt")
     return paths
@@ -99,11 +101,12 @@ def test_evaluate_writes_the_fixed_outputs(pipeline):
     from visionops.tasks.detection.task import TASK
 
     rep = pipeline["root"] / "reports" / "evaluate"
-    m = TASK.evaluate(pipeline["params"], pipeline["ds"], pipeline["model"], rep)
+    m = TASK.evaluate(pipeline["params"], pipeline["ds"], pipeline["model"], rep, pipeline["holdout"])
     assert 0.0 <= m["map"] <= m["map_50"] <= 1.0 and m["map_50"] > 0.1  # see test_train_writes_a_model_that_detects
-    assert set(json.loads((rep / "metrics.json").read_text())) == {"map_50", "map"}
+    assert set(json.loads((rep / "metrics.json").read_text())) == {"map_50", "map", "mia_auc", "mia_tpr_at_1pct_fpr"}
+    assert m["mia_members"] == m["mia_nonmembers"] == 40 and 0 <= m["mia_loss_auc"] <= 1 and 0 <= m["mia_lira_auc"] <= 1
     for f in ("details.json", "per_class.json", "predictions.csv", "report.md", "report.html",
-              "figures/pr_curves.png", "figures/detections.png", "figures/eigencam.png"):
+              "figures/pr_curves.png", "figures/detections.png", "figures/eigencam.png", "figures/membership_roc.png"):
         assert (rep / f).stat().st_size > 0, f
     assert "latency_batch_ms" not in json.loads((rep / "details.json").read_text())
     per_class = json.loads((rep / "per_class.json").read_text())  # AP@.5 (promotion's floor) and COCO's AP per class
@@ -127,7 +130,10 @@ def test_baseline_and_distill(pipeline):
     base = TASK.baseline(p, pipeline["ds"], pipeline["prep"], pipeline["model"], root / "reports" / "baseline", root / "ck")
     assert base["student"] == "centernet_tiny" and 0.0 <= base["test_map_50"] <= 1.0
     m = TASK.distill(p, pipeline["ds"], pipeline["prep"], pipeline["model"], root / "models" / "student.pt",
-                     root / "reports" / "distill", root / "ck", root / "reports" / "baseline" / "baseline.json")
+                     root / "reports" / "distill", root / "ck", root / "reports" / "baseline" / "baseline.json",
+                     holdout_dir=pipeline["holdout"])
+    assert m["mia_members"] == 40 and 0 <= m["mia_auc"] <= 1
+    assert "mia_auc" in json.loads((root / "reports" / "distill" / "metrics.json").read_text())
     assert m["onnx_parity"] is True and m["student_parameters"] < m["teacher_parameters"]
     assert m["kd_gain"] == pytest.approx(m["student_map_50"] - base["test_map_50"])
     for f in ("metrics.json", "details.json", "student.onnx", "student.int8.onnx", "report.md", "report.html",

@@ -135,7 +135,7 @@ def digits(tmp_path_factory):
     """Real digits at 16x16: the dataset, the prepared split and a 3-epoch lenet teacher (selected,
     and so served, with mirrored test-time augmentation)."""
     root = tmp_path_factory.mktemp("distill")
-    run_download(DataConfig(image_size=16), root / "dataset")
+    run_download(DataConfig(image_size=16), root / "dataset", root / "holdout")
     run_prepare(root / "dataset", BalanceConfig(), AugmentConfig(), root / "prepared", root / "reports_prepare")
     train_cfg = TrainConfig(model="lenet", epochs=3, batch_size=32, device="cpu", tta="flip")
     run_train(root / "dataset", root / "prepared", train_cfg, AugmentConfig(), root / "teacher.pt", root / "reports_train", root / "ck.pt")
@@ -186,7 +186,7 @@ def test_run_distill_end_to_end(digits, tmp_path):
     logged = []
     m = run_distill(root / "dataset", root / "prepared", root / "teacher.pt", cfg, train_cfg, AugmentConfig(), student_path, reports, ckpts,
                     on_epoch=lambda desc, row: logged.append(row) if desc == "distill" else None,
-                    baseline_path=tmp_path / "baseline" / "baseline.json")
+                    baseline_path=tmp_path / "baseline" / "baseline.json", holdout_dir=root / "holdout")
 
     for name in ("metrics.json", "details.json", "history.csv", "student.onnx", "student.int8.onnx", "report.md", "report.html"):
         assert (reports / name).exists(), name
@@ -195,7 +195,10 @@ def test_run_distill_end_to_end(digits, tmp_path):
     on_disk, speeds = json.loads((reports / "details.json").read_text()), json.loads((reports / "measured.json").read_text())
     assert on_disk == pytest.approx({k: v for k, v in m.items() if k not in speeds})
     headline = json.loads((reports / "metrics.json").read_text())  # the DVC metrics: a few numbers
-    assert headline == pytest.approx({k: m[k] for k in ("student_acc", "kd_gain", "student_gap", "int8_acc")})
+    assert headline == pytest.approx({k: m[k] for k in ("student_acc", "kd_gain", "student_gap", "int8_acc", "mia_auc",
+                                                        "mia_tpr_at_1pct_fpr")})
+    assert m["mia_members"] == m["mia_nonmembers"] > 100 and 0 <= m["mia_auc"] <= 1  # the student's audit
+    assert "## Membership-inference audit" in (reports / "report.md").read_text()
     assert m["baseline_acc"] == base["test_acc"] and m["baseline_best_val_acc"] == base["best_val_acc"]
     assert m["student_gap"] == pytest.approx(m["teacher_acc"] - m["student_acc"])
     assert {"train_seconds", "cpu_speedup", "int8_speedup", "student_cpu_images_per_second"} <= set(speeds)

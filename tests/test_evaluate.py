@@ -11,12 +11,13 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from visionops.config import EvaluateConfig
+from visionops.config import EvaluateConfig, PromoteConfig
 from visionops.data import dataset
-from visionops.evaluation import calibration
+from visionops.evaluation import calibration, membership
 from visionops.models import list_models
 from visionops.tasks.classification import classifier, explain
 from visionops.tasks.classification.evaluate import (
+    HEADLINE,
     OUTPUTS,
     EvaluationError,
     run_evaluate,
@@ -187,6 +188,9 @@ def tiny_dataset(tmp_path_factory):
         splits[name] = dataset.Split(images, labels, [f"{name}/{i:03d},x.png" for i in range(n)])
     root = tmp_path_factory.mktemp("data") / "dataset"
     dataset.save(dataset.Dataset(NAMES, splits, "synthetic"), root)
+    images, labels = _bars(30, rng)  # the frozen holdout beside it: the membership audit's non-members
+    holdout = dataset.Split(images, labels, [f"holdout/{i:03d},x.png" for i in range(30)])
+    dataset.save(dataset.Dataset(NAMES, {"holdout": holdout}, "synthetic"), root.parent / "holdout")
     return root
 
 
@@ -215,8 +219,9 @@ CFG = EvaluateConfig(top_k=2, calibration_bins=10, gradcam_samples=3, gallery_si
 
 def test_run_evaluate_writes_every_output(tiny_dataset, tmp_path):
     reports = tmp_path / "reports"
-    metrics = run_evaluate(tiny_dataset, _model(tiny_dataset, tmp_path), CFG, reports, eval_batch_size=7, device="cpu")
-    for name in OUTPUTS:
+    metrics = run_evaluate(tiny_dataset, _model(tiny_dataset, tmp_path), CFG, reports, eval_batch_size=7, device="cpu",
+                           holdout_dir=tiny_dataset.parent / "holdout")
+    for name in (*OUTPUTS, f"figures/{membership.FIGURE}"):
         assert (reports / name).stat().st_size > 0, name
     assert not list(reports.glob(".*.tmp"))  # no leftovers of the atomic writes
     on_disk = json.loads((reports / "details.json").read_text())
@@ -224,7 +229,11 @@ def test_run_evaluate_writes_every_output(tiny_dataset, tmp_path):
     assert set(speeds) == {"latency_batch_ms", "latency_single_image_ms", "images_per_second"}
     assert on_disk == pytest.approx({k: v for k, v in metrics.items() if k not in speeds})
     headline = json.loads((reports / "metrics.json").read_text())  # the DVC metrics: a few numbers
-    assert headline == pytest.approx({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated")})
+    assert set(HEADLINE) == {"accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated", "mia_auc", "mia_tpr_at_1pct_fpr"}
+    assert headline == pytest.approx({k: metrics[k] for k in HEADLINE})
+    assert on_disk["mia_members"] == on_disk["mia_nonmembers"] == 30  # balanced: 30 of the 60 train images
+    for key in ("mia_loss_auc", "mia_lira_auc", "mia_loss_tpr_at_1pct_fpr", "mia_lira_tpr_at_1pct_fpr"):
+        assert 0 <= on_disk[key] <= 1, key
     assert speeds == pytest.approx({k: metrics[k] for k in speeds}) and speeds["latency_batch_ms"] > 0
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "top_k_accuracy", "ece", "ece_calibrated",
                 "temperature", "nll", "parameters", "model_size_bytes"):  # fmt: skip
@@ -240,7 +249,8 @@ def test_run_evaluate_writes_every_output(tiny_dataset, tmp_path):
     assert all(1 / 3 - 1e-6 <= float(r["confidence"]) <= 1 for r in rows)
     report = (reports / "report.md").read_text()
     linked = set(re.findall(r"\]\(([^)]+\.png)\)", report))
-    assert linked == {n for n in OUTPUTS if n.endswith(".png")}
+    assert linked == {n for n in OUTPUTS if n.endswith(".png")} | {f"figures/{membership.FIGURE}"}
+    assert "## Membership-inference audit" in report
     assert all((reports / link).exists() for link in linked)
     for name in NAMES:
         assert f"| {name} |" in report
@@ -277,3 +287,26 @@ def test_run_evaluate_rejects_mismatched_model(tiny_dataset, tmp_path):
     classifier.save(path, model, "lenet", ["x", "y"], (16, 16, 1))
     with pytest.raises(EvaluationError, match="trained on classes"):
         run_evaluate(tiny_dataset, path, CFG, tmp_path / "reports", device="cpu")
+
+
+@pytest.mark.slow
+def test_membership_audit_catches_an_overfitted_model_and_the_gate_refuses_it(tmp_path):
+    """A real lenet trained to memorise 30 noise images with random labels tells them from 30 unseen ones."""
+    from visionops.serving.promotion import _gates
+
+    rng = np.random.default_rng(5)
+    images, labels = rng.integers(0, 256, (60, 16, 16, 1), dtype=np.uint8), np.arange(60) % 3
+    root = tmp_path / "dataset"
+    splits = {"train": dataset.Split(images[:30], labels[:30], [f"t{i}" for i in range(30)]),
+              "test": dataset.Split(images[30:], labels[30:], [f"s{i}" for i in range(30)])}
+    dataset.save(dataset.Dataset(NAMES, splits, "synthetic"), root)
+    dataset.save(dataset.Dataset(NAMES, {"holdout": splits["test"]}, "synthetic"), tmp_path / "holdout")
+    m = run_evaluate(root, _model(root, tmp_path, train_steps=300), CFG, tmp_path / "reports", device="cpu",
+                     holdout_dir=tmp_path / "holdout")
+    assert m["mia_members"] == m["mia_nonmembers"] == 30
+    assert m["mia_loss_auc"] > 0.8 and m["mia_lira_auc"] > 0.7, m
+    challenger = {"headline": "accuracy", "per_class_metric": "per_class_recall", "paired": "accuracy",
+                  "accuracy": 1.0, "per_class_recall": {"a": 1.0}, "latency_ms": 1.0, "latency_batch_size": 8,
+                  "mia_auc": m["mia_auc"]}
+    failures, checks = _gates(challenger, None, PromoteConfig(max_membership_auc=0.6))
+    assert failures == [f"membership-inference AUC {m['mia_auc']:.4f} vs max_membership_auc 0.6000"]

@@ -40,9 +40,32 @@ def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
     for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.csv",
                 "models/teacher.pt", "reports/evaluate/report.md", "models/student.pt", "reports/distill/student.onnx"):
         assert (project.path / out).exists(), out
+    assert (project.path / "reports/evaluate/figures/membership_roc.png").exists()
+    _membership_audit_reached_the_registry(project)
     second = project.repro()  # every stage's data is up to date; register (always_changed) asks the registry itself
     assert [line for line in second.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'register':"]
     assert "register: nothing to register" in second.stdout and "didn't change, skipping" in second.stdout
+
+
+def _membership_audit_reached_the_registry(project) -> None:
+    """Each model's audit (evaluate's for the teacher, distill's for the student) is in its DVC metrics, tagged and
+    described on its registry version, and among the figures its promotion judged."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("visionops").experiment_id
+    for name, stage in (("visionops-classifier", "evaluate"), ("visionops-student", "distill")):
+        metrics = json.loads((project.path / f"reports/{stage}/metrics.json").read_text())
+        details = json.loads((project.path / f"reports/{stage}/details.json").read_text())
+        assert metrics["mia_auc"] == details["mia_auc"] == max(details["mia_loss_auc"], details["mia_lira_auc"])
+        (run,) = client.search_runs([experiment], f"tags.`visionops.stage` = '{stage}'")
+        assert run.data.metrics["mia_lira_tpr_at_1pct_fpr"] == pytest.approx(details["mia_lira_tpr_at_1pct_fpr"])
+        assert details["mia_members"] == details["mia_nonmembers"] > 100 and 0 <= metrics["mia_tpr_at_1pct_fpr"] <= 1
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        assert float(version.tags["visionops.mia_auc"]) == pytest.approx(details["mia_auc"]), name
+        assert f"AUC {details['mia_auc']:.4f}" in version.description
+        judged = json.loads(version.tags["promotion.metrics"])["challenger"]
+        assert judged["mia_auc"] == pytest.approx(details["mia_auc"])
 
 
 def _changed_code(status: dict) -> dict[str, set[str]]:

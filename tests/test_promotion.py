@@ -35,6 +35,7 @@ from visionops.serving.promotion import (
     evaluate_version,
     mcnemar,
     promote,
+    record_audit,
     rollback,
     wilcoxon,
 )
@@ -201,7 +202,7 @@ def test_first_version_faces_only_the_absolute_gates(store, models, holdouts):
     assert (d.challenger_version, d.champion_version, d.holdout_n) == ("1", None, 300)
     assert d.comparison is None and d.latency is None and d.champion_metrics is None
     skipped = [c.split(":")[0] for c in d.checks if c.startswith("SKIP")]
-    assert skipped == ["SKIP min_gain", "SKIP significance", "SKIP max_latency_ratio"]
+    assert skipped == ["SKIP min_gain", "SKIP significance", "SKIP max_membership_auc", "SKIP max_latency_ratio"]
     assert "no champion to time against" in d.checks[-1]
     assert d.challenger_metrics["n"] == 300 and d.challenger_metrics["accuracy"] >= 0.95
     assert _aliases() == {"champion": "1"}
@@ -211,6 +212,36 @@ def test_first_version_faces_only_the_absolute_gates(store, models, holdouts):
     assert "PROMOTED" in mv.description and "300 holdout images" in mv.description
     with pytest.raises(NoChallengerError, match="no version with alias 'challenger'"):
         promote(NAME, holdouts["balanced"], strict, EVAL)
+
+
+def _audit(auc: float) -> dict:
+    return {"mia_members": 300, "mia_nonmembers": 300, "mia_loss_auc": auc, "mia_loss_tpr_at_1pct_fpr": 0.02,
+            "mia_lira_auc": auc - 0.01, "mia_lira_tpr_at_1pct_fpr": 0.03, "mia_auc": auc, "mia_tpr_at_1pct_fpr": 0.03}
+
+
+def test_membership_gate_reads_the_audit_recorded_at_registration(store, models, holdouts):
+    """The audit's figures reach the version's tags and description; the gate refuses a leaky version, passes a
+    tight one, and skips (says so) a version that carries none."""
+    client = MlflowClient()
+    leaky = _log(models["good"])
+    record_audit(NAME, leaky, _audit(0.81))
+    mv = client.get_model_version(NAME, leaky)
+    assert mv.tags["visionops.mia_auc"] == "0.81" and mv.tags["visionops.mia_members"] == "300"
+    assert "membership-inference audit (300 train images against 300 holdout images): AUC 0.8100" in mv.description
+    d = promote(NAME, holdouts["balanced"], gates(max_membership_auc=0.6), EVAL)
+    assert not d.promoted
+    assert d.reasons == ["membership-inference AUC 0.8100 vs max_membership_auc 0.6000"]
+    assert d.challenger_metrics["mia_auc"] == 0.81
+
+    record_audit(NAME, leaky, {**_audit(0.5), "mia_auc": None})  # no audit figures: nothing recorded
+    assert client.get_model_version(NAME, leaky).tags["visionops.mia_auc"] == "0.81"
+    tight = _log(models["no_bottom"])
+    record_audit(NAME, tight, _audit(0.52))
+    d = promote(NAME, holdouts["balanced"], gates(max_membership_auc=0.6), EVAL, version=tight)
+    assert d.promoted and "PASS membership-inference AUC 0.5200 vs max_membership_auc 0.6000" in d.checks
+    _log(models["good"])
+    d = promote(NAME, holdouts["balanced"], gates(max_membership_auc=0.6), EVAL)
+    assert any(c.startswith("SKIP max_membership_auc: the version carries no membership-inference audit") for c in d.checks)
 
 
 def test_small_gain_is_refused_as_not_significant(store, models, holdouts, tmp_path, monkeypatch, capsys):

@@ -52,16 +52,19 @@ def pipeline(tmp_path_factory):
     """prepare → train → evaluate → baseline → distill on 60 canvases."""
     root = tmp_path_factory.mktemp("seg")
     ds_dir = canvases_dataset(root / "dataset")
+    holdout = dataset.load(canvases_dataset(root / "other", n=30, seed=9)).splits["train"]  # 21 unseen canvases
+    dataset.save(dataset.Dataset(CLASS_NAMES, {"holdout": holdout}, "canvases", task="segmentation"), root / "holdout")
     p, task = params(), get_task("segmentation")
     out = {"root": root, "ds": ds_dir, "params": p}
     for name in ("prepare", "train", "evaluate", "baseline", "distill"):
         (root / "reports" / name).mkdir(parents=True)
     out["prepare"] = task.prepare(p, ds_dir, root / "prepared", root / "reports/prepare")
     out["train"] = task.train(p, ds_dir, root / "prepared", root / "teacher.pt", root / "reports/train", root / "ckpt.pt")
-    out["evaluate"] = task.evaluate(p, ds_dir, root / "teacher.pt", root / "reports/evaluate")
+    out["evaluate"] = task.evaluate(p, ds_dir, root / "teacher.pt", root / "reports/evaluate", root / "holdout")
     out["baseline"] = task.baseline(p, ds_dir, root / "prepared", root / "teacher.pt", root / "reports/baseline", root)
     out["distill"] = task.distill(p, ds_dir, root / "prepared", root / "teacher.pt", root / "student.pt",
-                                  root / "reports/distill", root, root / "reports/baseline/baseline.json")
+                                  root / "reports/distill", root, root / "reports/baseline/baseline.json",
+                                  holdout_dir=root / "holdout")
     return out
 
 
@@ -93,16 +96,20 @@ def test_train_writes_a_weights_only_model_and_reports(pipeline):
 def test_evaluate_reports_miou_per_class_and_sampled_pixels(pipeline):
     rep = pipeline["root"] / "reports/evaluate"
     metrics = json.loads((rep / "metrics.json").read_text())
-    assert set(metrics) == {"miou", "pixel_accuracy", "dice"}
+    assert set(metrics) == {"miou", "pixel_accuracy", "dice", "mia_auc", "mia_tpr_at_1pct_fpr"}
+    assert 0 <= metrics["mia_auc"] <= 1 and pipeline["evaluate"]["mia_members"] == pipeline["evaluate"]["mia_nonmembers"] == 21
     per_class = json.loads((rep / "per_class.json").read_text())
     assert list(per_class) == CLASS_NAMES
     rows = list(csv.DictReader((rep / "predictions.csv").open()))
     assert 1000 < len(rows) <= 4000 and set(rows[0]) == {"actual", "predicted"}
     assert {r["actual"] for r in rows} <= set(CLASS_NAMES)
-    for fig in ("overlays.png", "per_class_iou.png", "eigencam.png"):
+    for fig in ("overlays.png", "per_class_iou.png", "eigencam.png", "membership_roc.png"):
         assert (rep / "figures" / fig).stat().st_size > 0
     assert "figures/overlays.png" in (rep / "report.md").read_text() and (rep / "report.html").exists()
     assert "figures/eigencam.png" in (rep / "report.md").read_text()
+    assert "## Membership-inference audit" in (rep / "report.md").read_text()
+    student = json.loads((pipeline["root"] / "reports/distill/metrics.json").read_text())
+    assert 0 <= student["mia_auc"] <= 1 and "## Membership-inference audit" in (pipeline["root"] / "reports/distill/report.md").read_text()
     assert "latency_batch_ms" not in json.loads((rep / "details.json").read_text())
 
 

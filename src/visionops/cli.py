@@ -168,7 +168,7 @@ def _train(params, args, run) -> dict:
 def _evaluate(params, args, run) -> dict:
     if run is not None:
         run.wait_open()  # the latency measurement must not share the CPU with the tracking helper
-    result = _task(params).evaluate(params, layout.DATASET, layout.TEACHER, layout.EVALUATE_REPORTS)
+    result = _task(params).evaluate(params, layout.DATASET, layout.TEACHER, layout.EVALUATE_REPORTS, layout.HOLDOUT)
     return _finish(run, result, layout.EVALUATE_REPORTS)
 
 
@@ -223,6 +223,7 @@ def _distill(params, args, run) -> dict:
         layout.CHECKPOINTS,
         layout.BASELINE_REPORTS / "baseline.json",
         on_epoch=run.log_epoch if run else None,
+        holdout_dir=layout.HOLDOUT,
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
         _finish(run, result, layout.DISTILL_REPORTS)
@@ -265,9 +266,11 @@ def _register_models(params, args, run) -> dict:
     if run is None:
         return {"registered": [], "note": "mlflow.enabled is false: nothing registered"}
     experiment = experiment_name()
-    teacher = _register(params, run, layout.TEACHER, params.mlflow.teacher_model_name, experiment=experiment)
+    teacher = _register(params, run, layout.TEACHER, layout.EVALUATE_REPORTS, params.mlflow.teacher_model_name,
+                        experiment=experiment)
     link = {"visionops.teacher_version": teacher["version"]}
-    student = _register(params, run, layout.STUDENT, params.mlflow.student_model_name, link, experiment)
+    student = _register(params, run, layout.STUDENT, layout.DISTILL_REPORTS, params.mlflow.student_model_name, link,
+                        experiment)
     result = {"registered": [teacher, student]}
     if experiment:
         result["experiment"] = experiment
@@ -276,9 +279,11 @@ def _register_models(params, args, run) -> dict:
 
 
 def _register(
-    params, run, model_path: Path, name: str, extra_tags: dict[str, str] | None = None, experiment: str | None = None
+    params, run, model_path: Path, reports_dir: Path, name: str, extra_tags: dict[str, str] | None = None,
+    experiment: str | None = None,
 ) -> dict:
-    """Register `model_path` unless a version with its content exists.
+    """Register `model_path` unless a version with its content exists; a new version carries the
+    membership-inference audit of `reports_dir`'s details.json (the stage that measured the file).
 
     On the main line (`experiment` None) the version gets the alias challenger (unless it is the
     champion), and a model without a champion has it judged by the gates once (on the holdout) and made
@@ -289,6 +294,7 @@ def _register(
         find_version_by_file,
         has_champion,
         promote,
+        record_audit,
     )
     from visionops.serving.pyfunc import CHALLENGER, EXPERIMENT_TAG, RegistryError
 
@@ -301,6 +307,9 @@ def _register(
         if experiment:
             tags[EXPERIMENT_TAG] = experiment
         version = _task(params).log_model(model_path, name, tags, None if experiment else CHALLENGER)
+        details = Path(reports_dir) / "details.json"
+        if details.is_file():
+            record_audit(name, str(version.version), json.loads(details.read_text()))
     registered = {"name": name, "version": str(version.version), "created": created}
     if experiment:
         return registered
@@ -549,8 +558,9 @@ HEADLINES = {
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
                  "map_50", "map", "image_accuracy",  # detection
                  "miou", "pixel_accuracy", "dice",  # segmentation
+                 "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
-    "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "cpu_speedup"),
+    "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,
            "evaluate": layout.EVALUATE_REPORTS, "distill": layout.DISTILL_REPORTS}

@@ -273,6 +273,7 @@ class PromoteConfig(Section):
     min_class_score: float = Field(0.8, ge=0.0, le=1.0)  # each class's recall, AP@.5 or IoU
     max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns
+    max_membership_auc: float | None = Field(0.6, ge=0.5, le=1.0)  # the stronger membership attack's AUC; None = off
 
 
 class MonitorConfig(Section):

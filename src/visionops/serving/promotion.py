@@ -43,6 +43,7 @@ from visionops.serving.pyfunc import (
 from visionops.tasks import get_task
 
 HOLDOUT_SPLIT = "holdout"  # the one split of the frozen holdout dataset (layout.HOLDOUT)
+AUDIT_TAG_PREFIX = "visionops."  # + each mia_* figure of the stage that measured the model (evaluate, distill)
 MAX_TAG_CHARS = 4900  # stay under the registry's tag value limit (5000 on some stores)
 
 
@@ -122,6 +123,30 @@ def _tag(client: MlflowClient, name: str, version: str, key: str, value) -> None
     if len(text) > MAX_TAG_CHARS:
         text = text[: MAX_TAG_CHARS - 3] + "..."
     client.set_model_version_tag(name, version, key, text)
+
+
+def record_audit(name: str, version: str, audit: dict, client: MlflowClient | None = None) -> None:
+    """A version's membership-inference audit (the `mia_*` figures of the stage that measured its file) as
+    tags `visionops.mia_*` and a line of its description, where `promote.max_membership_auc` reads it."""
+    if audit.get("mia_auc") is None:
+        return
+    figures = {k: v for k, v in audit.items() if k.startswith("mia_")}
+    client = client or MlflowClient()
+    for key, value in figures.items():
+        _tag(client, name, version, AUDIT_TAG_PREFIX + key, str(value))
+    _append_description(
+        client, name, version,
+        f"membership-inference audit ({figures['mia_members']} train images against {figures['mia_nonmembers']} holdout "
+        f"images): AUC {figures['mia_auc']:.4f} (loss threshold {figures['mia_loss_auc']:.4f}, calibrated "
+        f"{figures['mia_lira_auc']:.4f}), TPR at 1% FPR {figures['mia_tpr_at_1pct_fpr']:.4f}",
+    )  # fmt: skip
+
+
+def recorded_audit(version: ModelVersion) -> dict:
+    """The `mia_*` figures `record_audit` put on `version` (none for a version registered without them)."""
+    tags = version.tags or {}
+    return {k.removeprefix(AUDIT_TAG_PREFIX): float(v) for k, v in tags.items()
+            if k.startswith(AUDIT_TAG_PREFIX + "mia_")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,6 +308,14 @@ def _gates(
         check(ch["ece"] <= gates.max_ece, f"ECE {ch['ece']:.4f} vs max_ece {gates.max_ece:.4f}")
     else:
         checks.append(f"SKIP max_ece: a {key} model serves no class probabilities to calibrate")
+    if gates.max_membership_auc is None:
+        checks.append("SKIP max_membership_auc: off (null)")
+    elif "mia_auc" not in ch:
+        checks.append("SKIP max_membership_auc: the version carries no membership-inference audit (registered "
+                      "without evaluate's or distill's figures)")
+    else:
+        check(ch["mia_auc"] <= gates.max_membership_auc,
+              f"membership-inference AUC {ch['mia_auc']:.4f} vs max_membership_auc {gates.max_membership_auc:.4f}")
     if latency is None:
         checks.append(
             "SKIP max_latency_ratio: there is no champion to time against (latency depends on the machine and "
@@ -345,6 +378,7 @@ def promote(
     ch_uri = f"models:/{registered_name}/{challenger.version}"
     ch_model = load_served(ch_uri, ds, holdout_dir)
     ch_metrics, ch_scores = _score(ch_model, split, ds, eval_cfg)
+    ch_metrics.update(recorded_audit(challenger))
     champ_metrics = paired = latency = None
     if champion is None:
         ch_metrics["latency_ms"] = call_latency_ms(_batch_call(ch_model, eval_cfg.latency_batch_size))

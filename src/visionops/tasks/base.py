@@ -37,7 +37,11 @@ class Task(Protocol):
     def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
               checkpoint: Path, on_epoch: EpochCallback = None) -> dict: ...
 
-    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path) -> dict: ...
+    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path,
+                 holdout_dir: Path | None = None) -> dict:
+        """Measure the model on the test split, and audit it for membership inference against the frozen
+        holdout in `holdout_dir` (none: no audit)."""
+        ...
 
     def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, reports_dir: Path,
                  checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
@@ -45,7 +49,10 @@ class Task(Protocol):
         ...
 
     def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
-                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict: ...
+                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None,
+                holdout_dir: Path | None = None) -> dict:
+        """Distil, measure and export the student; its membership audit uses `holdout_dir` as `evaluate`'s does."""
+        ...
 
     def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
         """Register the model file as a new version of `name` (an MLflow pyfunc serving raw images) with

@@ -5,7 +5,8 @@ teacher's augmentation policy and normalisation. With `distill.baseline` the `ba
 same student alone (plain CE; same init, seed and settings) and this stage reads its result, so the
 report shows what distillation gained without retraining the baseline whenever the teacher changes.
 Then, on the test split: accuracy, parameter/size/CPU-latency ratios, ONNX export with an
-onnxruntime parity check, and (with `distill.quantize`) static int8 quantization.
+onnxruntime parity check, (with `distill.quantize`) static int8 quantization, and the student's
+membership-inference audit against the frozen holdout (`evaluation.membership`).
 
 Writes the student to `student_path` and, to `reports_dir`: metrics.json (DVC metrics: `HEADLINE`),
 details.json, history.csv, student.onnx, student.int8.onnx and report.md/.html, which DVC hashes, and
@@ -26,11 +27,12 @@ from torch import Tensor, nn
 from visionops import atomic, measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
 from visionops.errors import VisionopsError
-from visionops.evaluation import report_html
+from visionops.evaluation import membership, report_html
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.serving import export
 from visionops.tasks.classification import classifier
+from visionops.tasks.classification import membership as member_signals
 from visionops.tasks.classification.baseline import accuracy, student_setup, train_student
 from visionops.tasks.classification.losses import kd_loss
 from visionops.tasks.classification.train import set_served_rule
@@ -40,7 +42,7 @@ from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import EpochCallback
 
 # what `dvc metrics show` shows (it must fit a terminal); the baseline's accuracy is student_acc - kd_gain
-HEADLINE = ("student_acc", "kd_gain", "student_gap", "int8_acc")
+HEADLINE = ("student_acc", "kd_gain", "student_gap", "int8_acc", *membership.HEADLINE)
 SPEED_REPORT = "speed.md"
 
 
@@ -108,9 +110,10 @@ def run_distill(
     checkpoint_dir: Path,
     on_epoch: EpochCallback | None = None,
     baseline_path: Path | None = None,
+    holdout_dir: Path | None = None,
 ) -> dict:
-    """Distil, compare and export; the student-alone figures come from the `baseline` stage's
-    `baseline_path` (required when distill.baseline is true)."""
+    """Distil, compare, audit (against the frozen holdout in `holdout_dir`) and export; the student-alone
+    figures come from the `baseline` stage's `baseline_path` (required when distill.baseline is true)."""
     teacher_path, student_path = Path(teacher_path), Path(student_path)
     reports_dir, checkpoint_dir = Path(reports_dir), Path(checkpoint_dir)
     base = read_baseline(baseline_path, cfg)
@@ -141,6 +144,8 @@ def run_distill(
     # --- evaluation on the test split ---------------------------------------------------------
     teacher_acc = accuracy(teacher, test.images, test.labels, device)
     student_acc = accuracy(student, test.images, test.labels, device)
+    audit, _ = membership.audit_splits(member_signals.signals(student, device, train_cfg.eval_batch_size),
+                                       ds.splits["train"], membership.load_nonmembers(holdout_dir, class_names, image_shape))
     baseline_acc = base["test_acc"] if base is not None else None
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     teacher_bytes, student_bytes = model_size_bytes(teacher), model_size_bytes(student)
@@ -213,6 +218,7 @@ def run_distill(
         "fp32_ort_images_per_second": int8["fp32_ort"]["images_per_second"] if int8 else None,
         "int8_ort_images_per_second": int8["int8_ort"]["images_per_second"] if int8 else None,
         "int8_speedup": int8["speedup"] if int8 else None,
+        **audit,
     }
 
     extra = {
@@ -299,6 +305,7 @@ def _report(m: dict, int8: dict | None, cfg: dict) -> str:
             "",
             f"- int8 argmax agreement with fp32: {_fmt(int8['agreement_with_fp32'])}",
         ]
+    lines += ["", *membership.report_section(m, None)]
     return "\n".join(lines) + "\n"
 
 

@@ -2,11 +2,12 @@
 
 Writes to `reports_dir` (each file atomically; metrics.json last, so its presence means a full run):
 
-    metrics.json            the DVC metrics (`HEADLINE`): accuracy, balanced accuracy, macro F1, and
-                            the ECE of the served (temperature-scaled) model
+    metrics.json            the DVC metrics (`HEADLINE`): accuracy, balanced accuracy, macro F1, the
+                            ECE of the served (temperature-scaled) model, and the membership-inference
+                            audit's AUC and TPR at 1% FPR (`evaluation.membership`, its stronger attack)
     details.json            every figure but the timings: also top-k accuracy, ECE before temperature
-                            scaling, the temperature and test-time augmentation, NLL, size, device
-                            (timings go to measured.json)
+                            scaling, the temperature and test-time augmentation, NLL, size, device,
+                            each membership attack's figures (timings go to measured.json)
     per_class.json          precision, recall, F1, support, accuracy per class
     predictions.csv         path, actual, predicted (class names), confidence (DVC confusion plot)
 
@@ -15,6 +16,7 @@ test-time augmentation and temperature, fitted on val where the model was made);
 NLL are the same predictions without the temperature.
     figures/                (a DVC plots directory; DVC draws the confusion matrix from predictions.csv)
       reliability.png         reliability diagrams before / after temperature scaling
+      membership_roc.png      the membership-inference attacks' ROC (train members against the holdout)
       per_class_accuracy.png  bar chart
       gradcam_correct.png     Grad-CAM overlays of correctly classified test images
       gradcam_wrong.png       Grad-CAM overlays of the most confident mistakes
@@ -36,10 +38,11 @@ from visionops import atomic, measured
 from visionops.config import EvaluateConfig
 from visionops.data import dataset
 from visionops.errors import VisionopsError
-from visionops.evaluation import calibration, report_html
+from visionops.evaluation import calibration, membership, report_html
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.classification import classifier, eval_plots, explain
+from visionops.tasks.classification import membership as member_signals
 from visionops.tasks.classification.metrics import classification_metrics, confusion
 from visionops.training.device import select_device
 
@@ -51,7 +54,7 @@ FIGURES = {
     "misclassified.png": "Misclassified gallery",
 }
 # what `dvc metrics show` shows (it must fit a terminal): ece_calibrated is the served model's ECE
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated")
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated", *membership.HEADLINE)
 OUTPUTS = ("metrics.json", "details.json", "per_class.json", "predictions.csv", *(f"figures/{f}" for f in FIGURES),
            "report.md", "report.html")
 TOP_CONFUSIONS = 10
@@ -96,7 +99,7 @@ def top_confusions(cm: np.ndarray, class_names: list[str], limit: int = TOP_CONF
     return [{"actual": class_names[i], "predicted": class_names[j], "count": c} for c, i, j in pairs[:limit]]
 
 
-PHASES = ("predicting", "latency", "plots", "Grad-CAM", "report")
+PHASES = ("predicting", "membership", "latency", "plots", "Grad-CAM", "report")
 
 
 class _Phases:
@@ -160,7 +163,8 @@ def _fmt(x, digits: int = 4) -> str:
     return str(x)
 
 
-def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str, ece_noise: dict | None = None) -> str:
+def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: str, ece_noise: dict | None = None,
+                  roc_figure: str | None = None) -> str:
     m = metrics
     lines = [
         f"# Evaluation report: `{arch}` on the test split",
@@ -212,6 +216,7 @@ def render_report(metrics: dict, per_class: dict, confusions: list[dict], arch: 
         *([calibration_sentence(ece_noise, m["test_images"]), ""] if ece_noise else []),
         "![Reliability diagram](figures/reliability.png)",
         "",
+        *membership.report_section(metrics, roc_figure),
         "## Size",
         "",
         "| | |",
@@ -253,8 +258,10 @@ def run_evaluate(
     reports_dir: Path,
     eval_batch_size: int = 1024,
     device: str = "auto",
+    holdout_dir: Path | None = None,
 ) -> dict:
-    """Evaluate the model at `model_path` on the test split of `dataset_dir`; returns metrics.json's content."""
+    """Evaluate the model at `model_path` on the test split of `dataset_dir`, and audit it for membership
+    inference (its train split against the frozen holdout in `holdout_dir`); returns the stage's result."""
     dataset_dir, model_path, reports_dir = Path(dataset_dir), Path(model_path), Path(reports_dir)
     dev = select_device(device)
     model, info = classifier.load(model_path, dev)
@@ -277,6 +284,11 @@ def run_evaluate(
     per_class = cls.pop("per_class")
     bins = cfg.calibration_bins
     ece, ece_cal = (calibration.expected_calibration_error(p, y, bins) for p in (probs_raw, probs))
+    phase("membership")
+    audit, curves = membership.audit_splits(
+        member_signals.signals(model, dev, eval_batch_size), ds.splits["train"],
+        membership.load_nonmembers(holdout_dir, names, ds.image_shape),
+    )  # fmt: skip
     phase("latency")
     latency = measure_latency(classifier.Served(model), ds.image_shape, dev, batch_size=cfg.latency_batch_size)
     metrics = {
@@ -302,6 +314,7 @@ def run_evaluate(
         "images_per_second": latency["images_per_second"],
         "parameters": count_parameters(model),
         "model_size_bytes": model_size_bytes(model),
+        **audit,
     }
 
     phase("plots")
@@ -319,6 +332,8 @@ def run_evaluate(
         names, [r["accuracy"] for r in per_class.values()], [r["support"] for r in per_class.values()],
         figures / "per_class_accuracy.png", overall=metrics["accuracy"],
     )  # fmt: skip
+    if curves:
+        membership.roc_figure(curves, audit, figures / membership.FIGURE, f"Membership inference: {info['arch']}")
     phase("Grad-CAM")
     explain.explain_predictions(
         model, test.images, y, probs, names, figures, cfg.gradcam_samples, cfg.gallery_size, dev
@@ -326,7 +341,8 @@ def run_evaluate(
     phase("report")
     atomic.write_text(
         reports_dir / "report.md",
-        render_report(metrics, per_class, top_confusions(cm, names), info["arch"], ece_change(probs_raw, probs, y, bins)),
+        render_report(metrics, per_class, top_confusions(cm, names), info["arch"], ece_change(probs_raw, probs, y, bins),
+                      membership.FIGURE if curves else None),
     )
     report_html.write(reports_dir / "report.md", f"Evaluation: {info['arch']}")
     measured.write_reports(reports_dir, metrics, HEADLINE)

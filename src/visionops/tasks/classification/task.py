@@ -40,11 +40,12 @@ class Classification:
         return run_train(dataset_dir, prepared_dir, params.train, recorded_augment(prepared_dir), model_path,
                          reports_dir, checkpoint, on_epoch=on_epoch)
 
-    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path) -> dict:
+    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path,
+                 holdout_dir: Path | None = None) -> dict:
         from visionops.tasks.classification.evaluate import run_evaluate
 
         return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size,
-                            params.train.device)
+                            params.train.device, holdout_dir)
 
     def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, reports_dir: Path,
                  checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
@@ -55,13 +56,14 @@ class Classification:
                             reports_dir, checkpoints_dir, on_epoch=on_epoch)
 
     def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
-                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:
+                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None,
+                holdout_dir: Path | None = None) -> dict:
         from visionops.tasks.classification.distill import run_distill
         from visionops.tasks.classification.train import recorded_augment
 
         return run_distill(dataset_dir, prepared_dir, teacher_path, params.distill, params.train,
                            recorded_augment(prepared_dir), student_path, reports_dir, checkpoints_dir,
-                           on_epoch=on_epoch, baseline_path=baseline_path)
+                           on_epoch=on_epoch, baseline_path=baseline_path, holdout_dir=holdout_dir)
 
     def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
         from visionops.serving.pyfunc import log_classifier

@@ -1,7 +1,8 @@
 """Stage `distill` for detection: dense KD (`kd.py`) of the small student from the trained teacher, then
 teacher vs student on the test split (mAP@.5, mAP, parameters, CPU latency), ONNX Runtime parity of
 the student's raw maps and (with `distill.quantize`) the static int8 quantization of its ONNX model, whose
-maps the same rule decodes into the detections its test mAP is scored on.
+maps the same rule decodes into the detections its test mAP is scored on, and the student's
+membership-inference audit against the frozen holdout (`evaluation.membership`).
 
 Writes the student to `student_path` and, to `reports_dir`: metrics.json (`HEADLINE`), details.json,
 measured.json (timings), history.csv, student.onnx, student.int8.onnx (with `distill.quantize`),
@@ -18,11 +19,12 @@ import torch
 from visionops import atomic, measured
 from visionops.config import AugmentConfig, DetectionConfig, DistillConfig, TrainConfig
 from visionops.data.fetch import file_md5
-from visionops.evaluation import report_html
+from visionops.evaluation import membership, report_html
 from visionops.evaluation.latency import measure_latency
 from visionops.models import count_parameters
 from visionops.serving import export
 from visionops.tasks.detection import detector
+from visionops.tasks.detection import membership as member_signals
 from visionops.data import dataset
 from visionops.tasks.detection.evaluate import score_detections, score_split
 from visionops.tasks.detection.kd import check_pair, kd_criterion
@@ -31,7 +33,7 @@ from visionops.training.baseline_record import read_baseline
 from visionops.training.outputs import run_seconds, write_history
 from visionops.training.trainer import EpochCallback
 
-HEADLINE = ("student_map_50", "teacher_map_50", "kd_gain")
+HEADLINE = ("student_map_50", "teacher_map_50", "kd_gain", *membership.HEADLINE)
 CHECKPOINT = "student_kd.pt"
 
 
@@ -87,13 +89,15 @@ def _report(m: dict) -> str:
                    f"maps on the test images, max |Δ| = {m['onnx_max_abs_diff']:.3g} — parity {'passed' if m['onnx_parity'] else 'FAILED'}."),
               "CPU latency (forward + decoding + NMS) is in measured.json (machine-dependent).",
               _int8_line(m), "",
-              "Per-epoch loss and val mAP@.5: history.csv (`dvc plots show`, and the stage's MLflow run).", ""]
+              "Per-epoch loss and val mAP@.5: history.csv (`dvc plots show`, and the stage's MLflow run).", "",
+              *membership.report_section(m, None)]
     return "\n".join(lines)
 
 
 def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: DistillConfig, train_cfg: TrainConfig,
                 augment_cfg: AugmentConfig, rule: DetectionConfig, student_path: Path, reports_dir: Path,
-                checkpoints_dir: Path, on_epoch: EpochCallback | None = None, baseline_path: Path | None = None) -> dict:
+                checkpoints_dir: Path, on_epoch: EpochCallback | None = None, baseline_path: Path | None = None,
+                holdout_dir: Path | None = None) -> dict:
     base = read_baseline(baseline_path, cfg)
     teacher, tinfo = detector.load(teacher_path)
     for p in teacher.parameters():
@@ -110,6 +114,8 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     teacher = teacher.cpu()
     test = ds.splits["test"]
     t_score, s_score = score_split(teacher, test, ds.class_names), score_split(student, test, ds.class_names)
+    audit, _ = membership.audit_splits(member_signals.signals(student, train_cfg.eval_batch_size), ds.splits["train"],
+                                       membership.load_nonmembers(holdout_dir, ds.class_names, ds.image_shape))
     cpu = torch.device("cpu")
     t_lat = measure_latency(detector.Detect(teacher), ds.image_shape, cpu, batch_size=64, repeats=10)
     s_lat = measure_latency(detector.Detect(student), ds.image_shape, cpu, batch_size=64, repeats=10)
@@ -150,6 +156,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
         "student_latency_single_image_ms": s_lat["single_image_ms"],
         **int8,
         **run_seconds(state.history, len(images)),
+        **audit,
     }
     if facts["is_main"]:
         history = [measured.pure(row) for row in state.history]

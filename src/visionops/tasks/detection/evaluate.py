@@ -3,7 +3,8 @@
 Writes to `reports_dir`: metrics.json (`HEADLINE`: mAP@.5, mAP@[.5:.95]), details.json, measured.json
 (latency), per_class.json (per class: `ap50` AP@.5, `ap` AP@[.5:.95]), predictions.csv (actual,predicted
 per box, `metrics.confusion_rows`, for DVC's confusion plot), figures/ (precision-recall curves, test
-images with boxes, EigenCAM), report.md and report.html.
+images with boxes, EigenCAM, the membership-inference ROC), report.md and report.html. The membership
+audit (`evaluation.membership`) reads each image's found confidence (`detection.membership`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 from visionops import atomic, measured
 from visionops.config import DetectionConfig, EvaluateConfig
 from visionops.data import dataset
-from visionops.evaluation import report_html
+from visionops.evaluation import membership, report_html
 from visionops.evaluation.eigencam import eigencam
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.detection import detector, figures
+from visionops.tasks.detection import membership as member_signals
 from visionops.tasks.detection.metrics import (
     MAP_MAX_DETECTIONS,
     confusion_rows,
@@ -31,7 +33,7 @@ from visionops.tasks.detection.metrics import (
     truths,
 )
 
-HEADLINE = ("map_50", "map")
+HEADLINE = ("map_50", "map", *membership.HEADLINE)
 
 
 def score_split(model: detector.Detector, split: dataset.Split, class_names: list[str], batch_size: int = 256) -> dict:
@@ -63,7 +65,7 @@ def _predictions_csv(rows: list[tuple[str, str]]) -> str:
     return buf.getvalue()
 
 
-def _report(m: dict, class_names: list[str], has_cam: bool) -> str:
+def _report(m: dict, class_names: list[str], has_cam: bool, roc_figure: str | None) -> str:
     lines = [
         f"# Evaluation: {m['model']} on the test split ({m['test_images']} images, {m['test_objects']} objects)", "",
         "| metric | value |", "|---|---|",
@@ -85,15 +87,19 @@ def _report(m: dict, class_names: list[str], has_cam: bool) -> str:
     ]
     if has_cam:
         lines += ["## Explanations (EigenCAM)", "", "![EigenCAM on the stride-4 features](figures/eigencam.png)", ""]
+    lines += membership.report_section(m, roc_figure)
     return "\n".join(lines)
 
 
-def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, reports_dir: Path, batch_size: int = 256) -> dict:
+def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, reports_dir: Path, batch_size: int = 256,
+                 holdout_dir: Path | None = None) -> dict:
     ds = dataset.load(dataset_dir)
     test = ds.splits["test"]
     model, info = detector.load(model_path)
     names = info["class_names"]
     scored = score_split(model, test, names, batch_size)
+    audit, curves = membership.audit_splits(member_signals.signals(model, batch_size), ds.splits["train"],
+                                            membership.load_nonmembers(holdout_dir, names, ds.image_shape))
     latency = measure_latency(detector.Detect(model), ds.image_shape, torch.device("cpu"), batch_size=cfg.latency_batch_size)
     rule = model.rule
     metrics = {
@@ -108,8 +114,11 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
         "latency_batch_ms": latency["batch_ms"],
         "latency_single_image_ms": latency["single_image_ms"],
         "images_per_second": latency["images_per_second"],
+        **audit,
     }
     fig_dir = reports_dir / "figures"
+    if curves:
+        membership.roc_figure(curves, audit, fig_dir / membership.FIGURE, f"Membership inference: {info['arch']}")
     figures.pr_curves(scored["pr_curves"], scored["per_class_ap50"], fig_dir / "pr_curves.png",
                       f"Precision-recall at IoU .5: {info['arch']}")
     shown = np.arange(min(cfg.gallery_size, len(test), 24))
@@ -123,7 +132,7 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     per_class = {c: {"ap50": scored["per_class_ap50"][c], "ap": scored["per_class_ap"][c]} for c in scored["per_class_ap"]}
     atomic.write_json(reports_dir / "per_class.json", per_class)
     atomic.write_text(reports_dir / "predictions.csv", _predictions_csv(confusion_rows(scored["served"], scored["true"], names)))
-    atomic.write_text(reports_dir / "report.md", _report(metrics, names, has_cam))
+    atomic.write_text(reports_dir / "report.md", _report(metrics, names, has_cam, membership.FIGURE if curves else None))
     report_html.write(reports_dir / "report.md", f"Evaluation: {info['arch']}")
     measured.write_reports(reports_dir, metrics, HEADLINE)
     return metrics

@@ -40,10 +40,11 @@ class Detection:
         return run_train(dataset_dir, prepared_dir, params.train, recorded_augment(prepared_dir), params.detection,
                          model_path, reports_dir, checkpoint, on_epoch=on_epoch)
 
-    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path) -> dict:
+    def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path,
+                 holdout_dir: Path | None = None) -> dict:
         from visionops.tasks.detection.evaluate import run_evaluate
 
-        return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size)
+        return run_evaluate(dataset_dir, model_path, params.evaluate, reports_dir, params.train.eval_batch_size, holdout_dir)
 
     def baseline(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, reports_dir: Path,
                  checkpoints_dir: Path, on_epoch: EpochCallback = None) -> dict:
@@ -54,13 +55,14 @@ class Detection:
                             params.detection, reports_dir, checkpoints_dir, on_epoch=on_epoch, teacher_path=teacher_path)
 
     def distill(self, params: Params, dataset_dir: Path, prepared_dir: Path, teacher_path: Path, student_path: Path,
-                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None) -> dict:
+                reports_dir: Path, checkpoints_dir: Path, baseline_path: Path, on_epoch: EpochCallback = None,
+                holdout_dir: Path | None = None) -> dict:
         from visionops.tasks.detection.distill import run_distill
         from visionops.tasks.detection.train import recorded_augment
 
         return run_distill(dataset_dir, prepared_dir, teacher_path, params.distill, params.train,
                            recorded_augment(prepared_dir), params.detection, student_path, reports_dir,
-                           checkpoints_dir, on_epoch=on_epoch, baseline_path=baseline_path)
+                           checkpoints_dir, on_epoch=on_epoch, baseline_path=baseline_path, holdout_dir=holdout_dir)
 
     def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
         """Register `model_path` as a new version of `name` (models-from-code: served.py)."""

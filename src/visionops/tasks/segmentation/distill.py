@@ -4,7 +4,8 @@ The student is trained with `alpha * T^2 * KL(teacher_T || student_T)` per pixel
 weighted pixel CE (`losses.PixelDistillationLoss`), on the teacher's augmentation and normalisation. Then
 on the test split: teacher vs student mIoU and pixel accuracy, parameters, CPU latency, the student's
 ONNX export with an onnxruntime parity check of its raw per-pixel logits, and (with `distill.quantize`)
-its static int8 quantization with the int8 model's test mIoU and ONNX Runtime speed.
+its static int8 quantization with the int8 model's test mIoU and ONNX Runtime speed, and the student's
+membership-inference audit against the frozen holdout (`evaluation.membership`).
 
 Writes the student to `student_path`, and to `reports_dir`: metrics.json (`HEADLINE`), details.json,
 history.csv, student.onnx, student.int8.onnx (with `distill.quantize`), report.md/.html (timings in
@@ -20,10 +21,11 @@ import torch
 
 from visionops import atomic, measured
 from visionops.config import AugmentConfig, DistillConfig, TrainConfig
-from visionops.evaluation import report_html
+from visionops.evaluation import membership, report_html
 from visionops.evaluation.latency import measure_latency
 from visionops.models import count_parameters
 from visionops.serving import export
+from visionops.tasks.segmentation import membership as member_signals
 from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.baseline import split_scores, student_config
 from visionops.tasks.segmentation.losses import PixelDistillationLoss
@@ -32,7 +34,7 @@ from visionops.tasks.segmentation.train import load_teacher, setup
 from visionops.training.baseline_record import read_baseline
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 
-HEADLINE = ("student_miou", "teacher_miou", "kd_gain")
+HEADLINE = ("student_miou", "teacher_miou", "kd_gain", *membership.HEADLINE)
 PARITY_IMAGES = 64
 
 
@@ -93,12 +95,13 @@ def _report(m: dict) -> str:
         f"images, argmax agreement {m['onnx_argmax_agreement']:.4f}",
         *_int8_lines(m), "",
         "Per-epoch loss and val mIoU: history.csv (`dvc plots show`, and the stage's MLflow run).", "",
+        *membership.report_section(m, None),
     ])  # fmt: skip
 
 
 def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: DistillConfig, train_cfg: TrainConfig,
                 augment_cfg: AugmentConfig, student_path: Path, reports_dir: Path, checkpoint_dir: Path,
-                on_epoch=None, baseline_path: Path | None = None) -> dict:
+                on_epoch=None, baseline_path: Path | None = None, holdout_dir: Path | None = None) -> dict:
     reports_dir = Path(reports_dir)
     baseline = read_baseline(baseline_path, cfg)
     student_cfg = student_config(cfg, train_cfg)
@@ -113,6 +116,8 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
         return {"rank": s.dist_info.rank}
     t_scores = split_scores(s, teacher, train_cfg.eval_batch_size)
     st_scores = split_scores(s, student, train_cfg.eval_batch_size)
+    audit, _ = membership.audit_splits(member_signals.signals(student, s.device, train_cfg.eval_batch_size),
+                                       s.ds.splits["train"], membership.load_nonmembers(holdout_dir, s.ds.class_names, s.ds.image_shape))
     test_images = np.asarray(s.ds.splits["test"].images)[:PARITY_IMAGES]
     student = student.cpu().eval()
     segmenter.save(student_path, student, cfg.student, s.ds.class_names, s.ds.image_shape,
@@ -142,7 +147,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
         "epochs_run": state.epoch, "best_val_miou": state.best_acc,
         "teacher_cpu_batch_ms": t_lat["batch_ms"], "student_cpu_batch_ms": s_lat["batch_ms"],
         "cpu_speedup": t_lat["batch_ms"] / s_lat["batch_ms"], "int8_miou": None, **int8,
-        **run_seconds(state.history, len(s.arrays[0])),
+        **run_seconds(state.history, len(s.arrays[0])), **audit,
     }  # fmt: skip
     write_history([measured.pure(r) for r in state.history], reports_dir)
     measured.write_reports(reports_dir, m, HEADLINE)

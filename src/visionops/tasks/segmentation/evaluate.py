@@ -2,8 +2,9 @@
 
 Writes to `reports_dir`: metrics.json (`HEADLINE`), details.json, per_class.json (IoU, Dice, pixels per
 class), predictions.csv (`actual,predicted` class names of a seeded sample of test pixels, for DVC's
-confusion plot), figures/overlays.png, figures/per_class_iou.png and figures/eigencam.png (EigenCAM, for the U-Nets),
-report.md/.html; timings (latency) go to measured.json.
+confusion plot), figures/overlays.png, figures/per_class_iou.png, figures/eigencam.png (EigenCAM, for the U-Nets)
+and figures/membership_roc.png (the membership audit, `evaluation.membership`, on `segmentation.membership`'s
+per-image signals), report.md/.html; timings (latency) go to measured.json.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from visionops import atomic, measured
 from visionops.config import EvaluateConfig, SegmentationConfig
 from visionops.data import dataset
 from visionops.errors import InvalidInputError
-from visionops.evaluation import report_html
+from visionops.evaluation import membership, report_html
 from visionops.evaluation.eigencam import eigencam
 from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
+from visionops.tasks.segmentation import membership as member_signals
 from visionops.tasks.segmentation import plots, segmenter
 from visionops.tasks.segmentation.metrics import image_miou, segmentation_metrics
 from visionops.training.device import select_device
 
-HEADLINE = ("miou", "pixel_accuracy", "dice")
+HEADLINE = ("miou", "pixel_accuracy", "dice", *membership.HEADLINE)
 SAMPLE_PIXELS = 4000
 SEED = 0
 
@@ -61,7 +63,7 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def render_report(m: dict, arch: str, correct_miou: float, has_cam: bool) -> str:
+def render_report(m: dict, arch: str, correct_miou: float, has_cam: bool, roc_figure: str | None = None) -> str:
     lines = [
         f"# Evaluation of `{arch}` (segmentation, test split)", "",
         f"- mIoU (mean over classes, background included): **{m['miou']:.4f}**",
@@ -77,11 +79,12 @@ def render_report(m: dict, arch: str, correct_miou: float, has_cam: bool) -> str
         lines += ["## Explanations (EigenCAM)", "",
                   "The first principal component of the decoder's stride-4 features (no gradients): where the network looks.",
                   "", "![EigenCAM on the stride-4 decoder features](figures/eigencam.png)", ""]
+    lines += membership.report_section(m, roc_figure)
     return "\n".join(lines)
 
 
 def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, reports_dir: Path, batch_size: int,
-                 device_name: str, seg: SegmentationConfig) -> dict:
+                 device_name: str, seg: SegmentationConfig, holdout_dir: Path | None = None) -> dict:
     correct_miou = CORRECT_MIOU
     reports_dir = Path(reports_dir)
     device = select_device(device_name)
@@ -97,14 +100,18 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     per_class = m.pop("per_class")
     m.pop("image_miou")
     correct = m.pop("correct")
+    audit, curves = membership.audit_splits(member_signals.signals(model, device, batch_size), ds.splits["train"],
+                                            membership.load_nonmembers(holdout_dir, ds.class_names, ds.image_shape))
     latency = measure_latency(model, ds.image_shape, device, cfg.latency_batch_size)
     result = {
         "model": info["arch"], **m, "images": len(correct), "images_correct": int(sum(correct)),
         "parameters": count_parameters(model), "size_bytes": model_size_bytes(model),
-        "latency_batch_ms": latency["batch_ms"], "latency_single_image_ms": latency["single_image_ms"],
+        "latency_batch_ms": latency["batch_ms"], "latency_single_image_ms": latency["single_image_ms"], **audit,
     }  # fmt: skip
     figures = reports_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    if curves:
+        membership.roc_figure(curves, audit, figures / membership.FIGURE, f"Membership inference: {info['arch']}")
     shown = np.random.default_rng(SEED).choice(len(truth), size=min(seg.overlay_images, len(truth)), replace=False)
     plots.overlays(np.asarray(test.images)[np.sort(shown)], truth[np.sort(shown)], pred[np.sort(shown)], ds.class_names, figures / "overlays.png")
     plots.per_class_iou(per_class, figures / "per_class_iou.png", f"{info['arch']}: test IoU per class")
@@ -116,6 +123,7 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     atomic.write_text(reports_dir / "predictions.csv", sample_pixels(truth, pred, ds.class_names))
     atomic.write_json(reports_dir / "per_class.json", per_class)
     measured.write_reports(reports_dir, {**result, "per_class": per_class}, HEADLINE)
-    atomic.write_text(reports_dir / "report.md", render_report({**result, "per_class": per_class}, info["arch"], correct_miou, has_cam))
+    atomic.write_text(reports_dir / "report.md", render_report({**result, "per_class": per_class}, info["arch"], correct_miou, has_cam,
+                                                                 membership.FIGURE if curves else None))
     report_html.write(reports_dir / "report.md", "visionops evaluation")
     return result
