@@ -51,8 +51,7 @@ def write_reports(reports_dir: Path, result: dict) -> dict:
 
 def not_listed(reports_dir: Path, train_images: int, note: str) -> dict:
     """The report of a run that lists no image (a task without label-issue detection, or label_issues.enabled
-    false): an empty issues.csv, a gallery that says why, and the note in details.json."""
-    print(f"label_issues: {note}")
+    false): an empty issues.csv, a gallery that says why, and the note in details.json (the CLI prints it)."""
     write_issues_csv(reports_dir / ISSUES_CSV, [])
     note_figure(reports_dir / GALLERY, "Likely label errors", note)
     return write_reports(reports_dir, {"train_images": train_images, "label_issues": None,
