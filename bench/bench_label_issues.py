@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--archive", type=Path, default=common.CIFAR_JPEG, help="the CIFAR-10 JPEG archive")
     ap.add_argument("--flip", type=float, default=0.05)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--augment", choices=("params", "mirror"),
+                    help="params.yaml's augment, or mirror: the fastnet preset's (mirror, 2-pixel shift); default: "
+                    "mirror for cifar10, params for digits")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="label_issues overrides, e.g. epochs=30")
     args = ap.parse_args()
 
@@ -74,7 +77,10 @@ def main() -> None:
     overrides = dict(s.split("=", 1) for s in args.set)  # validated (and converted) by the schema
     cfg = LabelIssuesConfig.model_validate({**params.label_issues.model_dump(), **overrides})
     params = params.model_copy(update={"label_issues": cfg})
-    print(f"label_issues: {params.label_issues.model_dump()}")
+    if (args.augment or ("mirror" if args.data == "cifar10" else "params")) == "mirror":  # the fastnet preset's aug
+        params = params.model_copy(update={"augment": params.augment.model_copy(
+            update={"hflip": True, "rotate_degrees": 0.0, "crop_padding": 2})})
+    print(f"label_issues: {params.label_issues.model_dump()}; augment: {params.augment.classification_policy()}")
     with tempfile.TemporaryDirectory(prefix="bench_label_issues.") as tmp:
         tmp = Path(tmp)
         clean = clean_dataset(args, tmp / "clean")
