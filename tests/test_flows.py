@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 from pipelines import dvc_stages, flows
 from visionops.tracking import faults
 
-STAGES = ["download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register"]
+STAGES = ["download", "validate", "label_issues", "prepare", "train", "evaluate", "baseline", "distill", "register"]
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
 # passes the promotion gates and becomes the champion the monitoring tests watch.
 FAST = {

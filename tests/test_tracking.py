@@ -24,7 +24,7 @@ from visionops.tracking.stage_run import DEPS_ARTIFACT
 from visionops.tracking.store import project_root
 
 FAST = dict(train={"epochs": 2}, distill={"epochs": 1, "baseline": False}, evaluate={"gradcam_samples": 2})
-STAGES = ("download", "validate", "prepare", "train", "evaluate", "baseline", "distill", "register")
+STAGES = ("download", "validate", "label_issues", "prepare", "train", "evaluate", "baseline", "distill", "register")
 
 
 def _client(project) -> mlflow.MlflowClient:
@@ -128,6 +128,9 @@ def test_curves_metrics_artifacts_and_dataset(tracked):
     assert {"evaluate/report.md", "evaluate/report.html", "evaluate/figures"} <= evaluate_files
     figures = {f.path for f in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate/figures")}
     assert {f"evaluate/figures/{n}.png" for n in ("per_class_accuracy", "gradcam_correct", "reliability")} <= figures
+    label_files = {f.path for f in client.list_artifacts(by_stage["label_issues"].info.run_id, "label_issues")}
+    assert {"label_issues/issues.csv", "label_issues/gallery.png", "label_issues/metrics.json"} <= label_files
+    assert by_stage["label_issues"].data.metrics["train_images"] > 0 and "label_issues" in by_stage["label_issues"].data.metrics
     validate_files = {f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validate")}
     assert {"validate/summary.json", "validate/data_docs"} <= validate_files
     inputs = train.inputs.dataset_inputs

@@ -110,11 +110,29 @@ def _validate(params, args, run) -> dict:
 
 
 @command(
+    "label_issues",
+    "list the train images whose labels are likely wrong (confident learning)",
+    "Classification: cross-train label_issues.model on label_issues.folds stratified folds of the train split, so "
+    "that every image gets predicted probabilities from a model that never saw its label, and hand them to "
+    "cleanlab's confident learning (label_issues.filter_by). Writes issues.csv (rank, train index, path as in the "
+    "manifest, given and suggested class, label quality: the out-of-fold probability of the given class), "
+    f"gallery.png of the worst, details.json and metrics.json to {layout.LABEL_ISSUES_REPORTS}/; "
+    "balance.drop_label_issues makes prepare leave them out of training. Detection and segmentation list no image "
+    "yet, and say why in one line.",
+    sections=("label_issues", "augment"),
+)
+def _label_issues(params, args, run) -> dict:
+    result = _task(params).label_issues(params, layout.DATASET, layout.LABEL_ISSUES_REPORTS)
+    return _finish(run, result, layout.LABEL_ISSUES_REPORTS)
+
+
+@command(
     "prepare",
     "apply the class-balance strategy and record the augmentation policy",
     "Apply balance.strategy to the train split (classification: none, oversample, undersample, class_weights, "
     "logit_adjust, after balance.simulate_imbalance_factor; detection: repeat_factor sampling as in LVIS; "
-    "segmentation: class_weights, per-pixel weights from class frequencies), record the augmentation policy "
+    "segmentation: class_weights, per-pixel weights from class frequencies), leave out the train images label_issues "
+    "listed when balance.drop_label_issues is set, record the augmentation policy "
     f"for training, and count the class distribution before and after. Writes {layout.PREPARED}/ and "
     f"{layout.PREPARE_REPORTS}/.",
     sections=("balance", "augment"),
@@ -548,12 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-TORCH_COMMANDS = ("train", "evaluate", "distill")  # the commands that apply train.threads
+TORCH_COMMANDS = ("label_issues", "train", "evaluate", "distill")  # the commands that apply train.threads
 
 # The headline values of each command's result, in the order the summary shows them.
 HEADLINES = {
     "download": ("source", "classes", "image_shape", "splits", "rejected"),
     "validate": ("success", "images", "warnings"),
+    "label_issues": ("train_images", "label_issues", "label_issue_fraction", "out_of_fold_accuracy", "note"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
                  "map_50", "map", "image_accuracy",  # detection
@@ -562,7 +581,7 @@ HEADLINES = {
                  "latency_batch_ms"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
-REPORTS = {"validate": layout.VALIDATE_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,
+REPORTS = {"validate": layout.VALIDATE_REPORTS, "label_issues": layout.LABEL_ISSUES_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,
            "evaluate": layout.EVALUATE_REPORTS, "distill": layout.DISTILL_REPORTS}
 
 

@@ -115,12 +115,30 @@ class BalanceConfig(Section):
     simulate_imbalance_factor: float = Field(1.0, ge=1.0)
     offline: bool = False
     seed: int = 0
+    drop_label_issues: bool = False  # classification: leave out the train images label_issues lists
 
     @model_validator(mode="after")
     def _offline_needs_oversample(self) -> BalanceConfig:
         if self.offline and self.strategy != "oversample":
             raise ValueError("balance.offline is only valid with balance.strategy 'oversample'")
         return self
+
+
+class LabelIssuesConfig(Section):
+    """Stage `label_issues`: confident learning (cleanlab) on out-of-fold probabilities of the train split."""
+
+    enabled: bool = True  # false: nothing is trained and the report lists no image
+    model: ModelName = "lenet"  # the small classifier cross-trained once per fold
+    folds: int = Field(5, ge=2, le=20)
+    epochs: int = Field(15, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(0.003, gt=0.0)
+    # cleanlab's filter_by: which images count as issues (the report ranks them by self-confidence)
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = (
+        "prune_by_noise_rate")
+    gallery_size: int = Field(36, ge=0, le=400)
+    seed: int = 0
 
 
 class AugmentConfig(Section):
@@ -299,6 +317,7 @@ class Params(Section):
     task: TaskName = "classification"
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    label_issues: LabelIssuesConfig = LabelIssuesConfig()
     balance: BalanceConfig = BalanceConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
@@ -319,6 +338,13 @@ class Params(Section):
             readable = [s for s, tasks in SOURCE_TASKS.items() if self.task in tasks]
             raise ValueError(f"data.source: {self.data.source!r} cannot be read for task {self.task!r}; "
                              f"{self.task} reads: {', '.join(readable)}")
+        return self
+
+    @model_validator(mode="after")
+    def _label_issues_fit_the_task(self) -> Params:
+        if self.balance.drop_label_issues and not (self.task == "classification" and self.label_issues.enabled):
+            raise ValueError("balance.drop_label_issues needs task classification and label_issues.enabled "
+                             f"(task is {self.task!r}, label_issues.enabled is {self.label_issues.enabled})")
         return self
 
     @model_validator(mode="after")
@@ -351,7 +377,10 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _models_fit_the_task_and_images(self) -> Params:
-        for key, name in (("train.model", self.train.model), ("distill.student", self.distill.student)):
+        keys = [("train.model", self.train.model), ("distill.student", self.distill.student)]
+        if self.task == "classification" and self.label_issues.enabled:
+            keys.append(("label_issues.model", self.label_issues.model))
+        for key, name in keys:
             if MODEL_TASKS[name] != self.task:
                 raise ValueError(f"{key}: {name} is a {MODEL_TASKS[name]} model but task is {self.task!r}; "
                                  f"{self.task} models: {', '.join(models_for(self.task))}")

@@ -7,6 +7,7 @@ HOLDOUT = Path("data/holdout")  # frozen split for promotion and monitoring only
 PREPARED = Path("data/prepared")
 REPORTS = Path("reports")
 VALIDATE_REPORTS = REPORTS / "validate"
+LABEL_ISSUES_REPORTS = REPORTS / "label_issues"
 PREPARE_REPORTS = REPORTS / "prepare"
 MODELS = Path("models")
 TEACHER = MODELS / "teacher.pt"

@@ -32,6 +32,11 @@ class Task(Protocol):
 
     def validate(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict: ...
 
+    def label_issues(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
+        """List the train images whose labels are likely wrong (issues.csv, gallery.png, metrics.json in
+        `reports_dir`; `visionops.tasks.label_issues_report`), or say why this task lists none."""
+        ...
+
     def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict: ...
 
     def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,

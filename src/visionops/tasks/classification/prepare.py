@@ -5,6 +5,8 @@ oversampled), loss.json (class weights or priors for the loss), policy.json (the
 balance and augmentation policy), and with `balance.offline` an offline/ folder of augmented
 minority images. Writes to `reports_dir`: summary.json, class_distribution.csv (no DVC
 metrics: validate's imbalance ratio and evaluate's balanced accuracy are the headline numbers).
+With `balance.drop_label_issues`, the train images that stage `label_issues` listed are left out first
+(val, test and the holdout keep theirs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from visionops import atomic
 from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
+from visionops.errors import InvalidInputError, MissingInputError
 from visionops.tasks.classification.balance import (
     class_counts,
     class_priors,
@@ -43,6 +46,21 @@ def select_train(labels: np.ndarray, num_classes: int, cfg: BalanceConfig) -> tu
     return base, chosen
 
 
+def label_issue_rows(issues_csv: Path, split: dataset.Split) -> np.ndarray:
+    """The train rows `issues_csv` (stage label_issues' report) lists, checked against the split's paths."""
+    if not Path(issues_csv).is_file():
+        raise MissingInputError(f"{issues_csv}: no label-issue report for balance.drop_label_issues "
+                                "(run `visionops label_issues`)")
+    with Path(issues_csv).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        index = int(row["index"])
+        if index >= len(split) or split.paths[index] != row["path"]:
+            raise InvalidInputError(f"{issues_csv}: row {row['rank']} names {row['path']!r} at train index {index}, which "
+                                    "the dataset does not hold there (a report of other data: rerun `visionops label_issues`)")
+    return np.array([int(r["index"]) for r in rows], dtype=np.int64)
+
+
 def augmented_copies(images: np.ndarray, labels: np.ndarray, augment: AugmentConfig, seed: int) -> np.ndarray:
     """Augment uint8 NHWC images once with the policy, without MixUp/CutMix (for offline oversampling)."""
     import torch
@@ -57,12 +75,16 @@ def augmented_copies(images: np.ndarray, labels: np.ndarray, augment: AugmentCon
 
 
 def run_prepare(
-    dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path
+    dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path,
+    label_issues_csv: Path | None = None,
 ) -> dict:
+    """`label_issues_csv`: stage label_issues' report, whose train images are left out (None: keep all)."""
     ds = dataset.load(dataset_dir)
     labels = ds.splits["train"].labels
     n = len(ds.class_names)
-    base, chosen = select_train(labels, n, balance)
+    dropped = label_issue_rows(label_issues_csv, ds.splits["train"]) if label_issues_csv else np.empty(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), dropped)
+    base, chosen = (kept[i] for i in select_train(labels[kept], n, balance))
     before, after = class_counts(labels, n), class_counts(labels[chosen], n)
     loss = {
         "class_weights": class_weights(after).tolist() if balance.strategy == "class_weights" else None,
@@ -83,6 +105,7 @@ def run_prepare(
     summary = {
         "strategy": balance.strategy,
         "train_images_source": int(len(labels)),
+        "label_issues_dropped": int(len(labels) - len(kept)),
         "train_images_long_tail": int(len(base)),
         "train_images_after": int(after.sum()),
         "imbalance_ratio_before": _imbalance(class_counts(labels[base], n)),

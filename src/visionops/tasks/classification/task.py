@@ -28,10 +28,17 @@ class Classification:
 
         return run_validate(dataset_dir, params.validate_, reports_dir)
 
+    def label_issues(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.classification.label_report import run_label_issues
+
+        return run_label_issues(params, dataset_dir, reports_dir)
+
     def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
+        from visionops import layout
         from visionops.tasks.classification.prepare import run_prepare
 
-        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir)
+        issues = layout.LABEL_ISSUES_REPORTS / "issues.csv" if params.balance.drop_label_issues else None
+        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir, issues)
 
     def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
               checkpoint: Path, on_epoch: EpochCallback = None) -> dict:

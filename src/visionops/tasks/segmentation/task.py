@@ -28,6 +28,11 @@ class Segmentation:
 
         return run_validate(dataset_dir, params.validate_, reports_dir)
 
+    def label_issues(self, params: Params, dataset_dir: Path, reports_dir: Path) -> dict:
+        from visionops.tasks.label_issues_report import classification_only
+
+        return classification_only(dataset_dir, reports_dir)
+
     def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.segmentation.prepare import run_prepare
 
