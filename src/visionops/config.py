@@ -162,6 +162,17 @@ def _speed_switch(value: object) -> object:
 SpeedSwitch = Annotated[Literal["cuda", "always", "off"], BeforeValidator(_speed_switch)]
 
 
+class PrivacyConfig(Section):
+    """DP-SGD (Opacus): per-image gradient clipping and Gaussian noise on Poisson-sampled batches, with an (ε, δ)
+    budget on the train split. The noise is set so that train.epochs epochs spend `target_epsilon`."""
+
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: the largest power of ten <= 1 / (train images)
+    max_grad_norm: float = Field(1.0, gt=0.0)  # each image's gradient is clipped to this L2 norm
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
 class TrainConfig(Section):
     """The teacher's training run."""
 
@@ -193,6 +204,18 @@ class TrainConfig(Section):
     # torch's intra-op CPU threads in train, evaluate and distill: "auto" keeps torch's default (the cores
     # it sees, or OMP_NUM_THREADS). Lower it to 1 on a machine shared with other busy processes.
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _dp_sgd_settings(self) -> TrainConfig:
+        if self.privacy.enabled:
+            if self.amp == "always":
+                raise ValueError("train.amp: 'always' (bf16 autocast) cannot be used with train.privacy.enabled "
+                                 "(Opacus clips per-image gradients in float32); set train.amp to false")
+            if self.compile:
+                raise ValueError("train.compile cannot be used with train.privacy.enabled (Opacus's per-image "
+                                 "gradient hooks); set train.compile to false")
+        return self
 
     @model_validator(mode="after")
     def _last_epochs_at_full_size(self) -> TrainConfig:
@@ -273,6 +296,7 @@ class PromoteConfig(Section):
     min_class_score: float = Field(0.8, ge=0.0, le=1.0)  # each class's recall, AP@.5 or IoU
     max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns
+    max_epsilon: float | None = Field(None, gt=0.0)  # the DP-SGD ε the challenger spent; None = off (a non-private model: inf)
 
 
 class MonitorConfig(Section):
@@ -337,6 +361,25 @@ class Params(Section):
     def _progressive_resizing_fits_the_task(self) -> Params:
         if self.task != "segmentation" and self.train.progressive_start < 1 and self.train.progressive_epochs > 0:
             raise ValueError(f"train.progressive_start applies to segmentation only (task is {self.task}); set it to 1.0")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_task_and_data(self) -> Params:
+        if not self.train.privacy.enabled:
+            return self
+        if self.task != "classification":
+            raise ValueError(f"train.privacy applies to classification only (task is {self.task}): {self.task}'s "
+                             "losses are not checked to be a mean of per-image terms, which DP-SGD's per-image "
+                             "clipping needs")
+        mixing = [k for k in ("mixup_alpha", "cutmix_alpha") if getattr(self.augment, k) > 0]
+        if mixing:
+            raise ValueError(f"augment.{mixing[0]} mixes images across the batch, so one image's gradient depends on "
+                             "others and DP-SGD's per-image clipping no longer bounds it; set it to 0 with "
+                             "train.privacy.enabled")
+        if self.balance.strategy != "none":
+            raise ValueError(f"balance.strategy {self.balance.strategy!r} repeats, drops or weights images by their "
+                             "class counts, which DP-SGD's per-image guarantee does not cover; use 'none' with "
+                             "train.privacy.enabled")
         return self
 
     @model_validator(mode="after")

@@ -71,7 +71,7 @@ def student_setup(
         device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
     ds, images, labels, loss_opts = load_train_data(Path(dataset_dir), Path(prepared_dir))
     if mean is None or std is None:
-        mean, std = classifier.channel_stats(images)
+        mean, std = classifier.normalisation(images, train_cfg.privacy.enabled)
     student_cfg = train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "lr": cfg.lr})
     hard = ClassificationLoss(
         train_cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], train_cfg.logit_adjust_tau
