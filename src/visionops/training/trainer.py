@@ -191,10 +191,10 @@ def fit(
     model by `evaluate(model)[metric]`, the validation score (higher is better).
 
     History rows hold train_loss, val_loss and val_<metric> (and train_<metric>, the fraction
-    `train_correct` counts, when given). With `cfg.privacy.enabled` it trains with DP-SGD (`privacy`): batch
-    norm becomes group norm, batches are Poisson-sampled, rows hold the ε spent, and training stops before an
-    epoch that would pass the budget; `state.privacy` holds the final (ε, δ). Every epoch ends with an atomic checkpoint; a rerun with the
-    same `fingerprint` resumes from it.
+    `train_correct` counts, when given). Every epoch ends with an atomic checkpoint; a rerun with the
+    same `fingerprint` resumes from it. With `cfg.privacy.enabled` it trains with DP-SGD (`privacy`): batch
+    norm becomes group norm, batches are Poisson-sampled, rows hold the ε spent, training stops before an
+    epoch that would pass the budget, and `state.privacy` holds the final (ε, δ).
     Under torchrun each rank trains on its shard of every epoch's permutation. `on_epoch` lets a
     caller (experiment tracking) see each epoch's metrics as they happen; `on_epoch_start` lets the
     augmentation follow a per-epoch schedule (progressive resizing). On CUDA the random
@@ -299,7 +299,7 @@ def fit(
                 on_epoch(desc, row)
             bar.update(1)
             bar.set_postfix({"loss": f"{row['train_loss']:.3f}", val_key: f"{row[val_key]:.4f}"})
-            shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and "seconds" not in k)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_", "epsilon")) and "seconds" not in k)
             tqdm.write(f"{desc} epoch {state.epoch}/{cfg.epochs}: {shown} ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
     bar.close()
     if dp is not None:
