@@ -378,8 +378,9 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def pip_requirements() -> list[str]:
-    """Pinned, minimal requirements of the served model (local version labels such as +cpu dropped)."""
+def pip_requirements(opacus: bool = False) -> list[str]:
+    """Pinned, minimal requirements of the served model (local version labels such as +cpu dropped); with
+    `opacus`, Opacus too (a DP-SGD model whose batch norms became group norms is rebuilt with it)."""
     from importlib.metadata import version
 
     import PIL
@@ -395,6 +396,7 @@ def pip_requirements() -> list[str]:
         f"pillow=={PIL.__version__}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
+        *([f"opacus=={version('opacus')}"] if opacus else []),
     ]
 
 
@@ -467,7 +469,7 @@ def log_pyfunc(
             code_paths=[str(_package_copy(Path(tmp)))],
             signature=signature,
             input_example=example,
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(opacus=bool(privacy and privacy["group_norm"])),
             registered_model_name=registered_name,
             metadata={**metadata, WEIGHTS_SHA256: sha256},  # checked on load (`integrity`)
         )

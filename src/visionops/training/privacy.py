@@ -41,6 +41,8 @@ def group_norm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     replaced = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if replaced:
         model = ModuleValidator.fix(model)
+        print(f"train: DP-SGD: {len(replaced)} batch norm layers trained as group norm (Opacus ModuleValidator.fix)",
+              file=sys.stderr)
     for m in model.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
