@@ -8,6 +8,9 @@ multiplier is the smallest that keeps `train.epochs` epochs of ceil(N / batch_si
 when it would not. Batch norm mixes images within a batch, so models are converted to group norm first
 (Opacus's `ModuleValidator.fix`); the model file records it, so loading rebuilds the same layers.
 The guarantee covers the train split: val (model selection, the temperature) and test are treated as public.
+The noise comes from torch's seeded generator (checkpointed, so a resumed run is exact), not from a
+cryptographically secure one (Opacus's `secure_mode`): fine for research and audits, not for a deployment
+facing an attacker who could predict the generator.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class PrivacySettingsError(InvalidInputError):
 
 
 def default_delta(n: int) -> float:
-    """The largest power of ten at most 1 / n (n train images): 1e-5 for CIFAR-10's 35,000."""
+    """The largest power of ten at most 1 / n (n train images): 1e-5 for CIFAR-10's 40,053."""
     return 10.0 ** -math.ceil(math.log10(max(n, 1)))
 
 
@@ -60,7 +63,7 @@ def check_settings(cfg: TrainConfig, model: nn.Module, device: torch.device, wor
         raise PrivacySettingsError("train.amp: bf16 autocast cannot be used with train.privacy.enabled (Opacus clips "
                                    "per-image gradients in float32); set train.amp to false")
     if any(hasattr(m, "init_from_data") for m in model.modules()):
-        raise PrivacySettingsError("train.model: this model initialises layers from the training images' statistics, "
+        raise PrivacySettingsError(f"train.model: {cfg.model} initialises layers from the training images' statistics, "
                                    "which DP-SGD does not account for; pick another model with train.privacy.enabled")
 
 
