@@ -150,6 +150,13 @@ def test_the_frozen_front_is_computed_once_only_when_nothing_changes_the_images(
     assert frozen_front(lenet, AugmentConfig(), cfg) is None
 
 
+def test_scatternet_serves_rgb_images():
+    """NHWC uint8 images, permuted to NCHW as served: kymatio refuses a strided tensor unless made contiguous."""
+    model = classifier.build("scatternet", [str(i) for i in range(10)], (32, 32, 3), [0.5] * 3, [0.25] * 3)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert classifier.predict_logits(model, images, torch.device("cpu")).shape == (4, 10)
+
+
 def test_a_killed_private_run_resumes_to_the_same_weights_and_epsilon(digits, tmp_path):
     ds, images, labels, _ = load_train_data(digits / "ds", digits / "prepared")
     x, y = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)

@@ -24,7 +24,7 @@ class Scattering(nn.Module):
         self.scattering = ScatteringTorch2D(J=J, shape=(image_size, image_size), L=L)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.scattering(x.float())
+        out = self.scattering(x.float().contiguous())  # kymatio refuses strided inputs (NHWC images permuted)
         return out.flatten(1, 2)
 
 
