@@ -73,6 +73,14 @@ def test_params_refuse_what_dp_sgd_cannot_account_for(params, expect):
     parse_params({**params, "train": {**train, "privacy": {**PRIVATE, "enabled": False}}})  # fine without DP
 
 
+def test_params_refuse_scatternet_where_it_cannot_go():
+    with pytest.raises(VisionopsError, match="evaluate.gradcam_samples: scatternet has no convolution for Grad-CAM"):
+        parse_params({"train": {"model": "scatternet"}})
+    with pytest.raises(VisionopsError, match=r"distill\.student: scatternet cannot be exported to ONNX"):
+        parse_params({"distill": {"student": "scatternet"}})
+    parse_params({"train": {"model": "scatternet"}, "evaluate": {"gradcam_samples": 0}})
+
+
 def test_the_stage_refuses_settings_it_meets_at_run_time():
     cfg = TrainConfig(privacy=PRIVATE)
     lenet = create_model("lenet", in_channels=1, num_classes=10, image_size=16)

@@ -10,7 +10,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
-from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, check_model_name, models_for
+from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, NO_CONV, check_model_name, models_for
 
 DEFAULT_PARAMS = Path("params.yaml")
 ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
@@ -393,6 +393,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _models_fit_the_task_and_images(self) -> Params:
+        if self.train.model in NO_CONV and self.evaluate.gradcam_samples > 0:
+            raise ValueError(f"evaluate.gradcam_samples: {self.train.model} has no convolution for Grad-CAM to explain; set it to 0")
+        if self.distill.student in NO_CONV:
+            raise ValueError(f"distill.student: {self.distill.student} cannot be exported to ONNX (its scattering transform "
+                             "uses complex tensors), which distill does; pick another student")
         for key, name in (("train.model", self.train.model), ("distill.student", self.distill.student)):
             if MODEL_TASKS[name] != self.task:
                 raise ValueError(f"{key}: {name} is a {MODEL_TASKS[name]} model but task is {self.task!r}; "
