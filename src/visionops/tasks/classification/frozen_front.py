@@ -4,7 +4,7 @@ A network with a `front` that has no trainable weights (scatternet's scattering 
 gives the same outputs whether its front runs on every batch or once on every image up front, as long as
 nothing changes the images between epochs (no augmentation) or at scoring time (no test-time
 augmentation). On CIFAR-10 with 2 busy CPU threads the scattering transform took 8.2 s per 1,000 32x32 RGB
-images (370 s for the 45,053 train and val images), and a DP-SGD epoch of the linear head 1.4 s per 1,000
+images (370 s for the 45,108 train and val images), and a DP-SGD epoch of the linear head 1.4 s per 1,000
 (55 s for 40,053 at batch 4,096), so running the front in every epoch would make each about 7x slower.
 """
 
