@@ -10,7 +10,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
-from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, check_model_name, models_for
+from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, NO_CONV, check_model_name, models_for
 
 DEFAULT_PARAMS = Path("params.yaml")
 ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
@@ -180,6 +180,17 @@ def _speed_switch(value: object) -> object:
 SpeedSwitch = Annotated[Literal["cuda", "always", "off"], BeforeValidator(_speed_switch)]
 
 
+class PrivacyConfig(Section):
+    """DP-SGD (Opacus): per-image gradient clipping and Gaussian noise on Poisson-sampled batches, with an (ε, δ)
+    budget on the train split. The noise is set so that train.epochs epochs spend `target_epsilon`."""
+
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: the largest power of ten <= 1 / (train images)
+    max_grad_norm: float = Field(1.0, gt=0.0)  # each image's gradient is clipped to this L2 norm
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
 class TrainConfig(Section):
     """The teacher's training run."""
 
@@ -211,6 +222,18 @@ class TrainConfig(Section):
     # torch's intra-op CPU threads in train, evaluate and distill: "auto" keeps torch's default (the cores
     # it sees, or OMP_NUM_THREADS). Lower it to 1 on a machine shared with other busy processes.
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _dp_sgd_settings(self) -> TrainConfig:
+        if self.privacy.enabled:
+            if self.amp == "always":
+                raise ValueError("train.amp: 'always' (bf16 autocast) cannot be used with train.privacy.enabled "
+                                 "(Opacus clips per-image gradients in float32); set train.amp to false")
+            if self.compile:
+                raise ValueError("train.compile cannot be used with train.privacy.enabled (Opacus's per-image "
+                                 "gradient hooks); set train.compile to false")
+        return self
 
     @model_validator(mode="after")
     def _last_epochs_at_full_size(self) -> TrainConfig:
@@ -292,6 +315,7 @@ class PromoteConfig(Section):
     max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns
     max_membership_auc: float | None = Field(0.6, ge=0.5, le=1.0)  # the stronger membership attack's AUC; None = off
+    max_epsilon: float | None = Field(None, gt=0.0)  # the DP-SGD ε the challenger spent; None = off (a non-private model: inf)
 
 
 class MonitorConfig(Section):
@@ -367,6 +391,25 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _privacy_fits_the_task_and_data(self) -> Params:
+        if not self.train.privacy.enabled:
+            return self
+        if self.task != "classification":
+            raise ValueError(f"train.privacy applies to classification only (task is {self.task}): {self.task}'s "
+                             "losses are not checked to be a mean of per-image terms, which DP-SGD's per-image "
+                             "clipping needs")
+        mixing = [k for k in ("mixup_alpha", "cutmix_alpha") if getattr(self.augment, k) > 0]
+        if mixing:
+            raise ValueError(f"augment.{mixing[0]} mixes images across the batch, so one image's gradient depends on "
+                             "others and DP-SGD's per-image clipping no longer bounds it; set it to 0 with "
+                             "train.privacy.enabled")
+        if self.balance.strategy != "none":
+            raise ValueError(f"balance.strategy {self.balance.strategy!r} repeats, drops or weights images by their "
+                             "class counts, which DP-SGD's per-image guarantee does not cover; use 'none' with "
+                             "train.privacy.enabled")
+        return self
+
+    @model_validator(mode="after")
     def _student_can_start_from_the_teacher(self) -> Params:
         if self.distill.init == "teacher" and NARROWS.get(self.distill.student) != self.train.model:
             pairs = ", ".join(f"{t} -> {s}" for s, t in NARROWS.items())
@@ -377,6 +420,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _models_fit_the_task_and_images(self) -> Params:
+        if self.train.model in NO_CONV and self.evaluate.gradcam_samples > 0:
+            raise ValueError(f"evaluate.gradcam_samples: {self.train.model} has no convolution for Grad-CAM to explain; set it to 0")
+        if self.distill.student in NO_CONV:
+            raise ValueError(f"distill.student: {self.distill.student} cannot be exported to ONNX (its scattering transform "
+                             "uses complex tensors), which distill does; pick another student")
         keys = [("train.model", self.train.model), ("distill.student", self.distill.student)]
         if self.task == "classification" and self.label_issues.enabled:
             keys.append(("label_issues.model", self.label_issues.model))

@@ -17,6 +17,7 @@ MODEL_TASKS = {  # model name -> the task it solves (sorted, as list_models)
     "resnet18": "classification",
     "resnet20": "classification",
     "resnet8": "classification",
+    "scatternet": "classification",
     "slim_resnet": "classification",
     "ssdlite320_mobilenet_v3_large": "detection",
     "unet": "segmentation",
@@ -26,7 +27,8 @@ MODEL_NAMES = tuple(MODEL_TASKS)
 # student -> the teacher it can start from with `distill.init: teacher`: the same network at a larger width,
 # which lists its channel groups (`models.narrow`)
 NARROWS = {"centernet_tiny": "centernet", "unet_small": "unet"}
-MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16}  # others work from the schema's floor, 8
+MIN_IMAGE_SIZE = {"fastnet": 9, "fastnet_tiny": 9, "lenet": 16, "scatternet": 16}
+NO_CONV = ("scatternet",)  # no nn.Conv2d for evaluate's Grad-CAM, and complex tensors ONNX cannot export (distill)  # others work from the schema's floor, 8
 
 
 def check_model_name(name: str) -> str:

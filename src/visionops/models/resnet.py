@@ -39,7 +39,7 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out += identity
+        out = out + identity  # not in place: Opacus (DP-SGD) hooks the norm layer that made `out`
         return self.relu(out)
 
 

@@ -33,6 +33,7 @@ from visionops.data.fetch import file_md5
 from visionops.data.images import IMAGE_SUFFIXES
 from visionops.errors import InvalidInputError, MissingInputError
 from visionops.evaluation.latency import call_latency_ms, paired_latency
+from visionops.serving import privacy_record
 from visionops.serving.pyfunc import (
     CHALLENGER,
     CHAMPION,
@@ -316,6 +317,10 @@ def _gates(
     else:
         check(ch["mia_auc"] <= gates.max_membership_auc,
               f"membership-inference AUC {ch['mia_auc']:.4f} vs max_membership_auc {gates.max_membership_auc:.4f}")
+    if gates.max_epsilon is not None:
+        eps = ch.get("epsilon")
+        spent = f"ε {eps:.4g}" if eps is not None else "ε inf (not trained with DP-SGD)"
+        check(eps is not None and eps <= gates.max_epsilon, f"{spent} vs max_epsilon {gates.max_epsilon:g}")
     if latency is None:
         checks.append(
             "SKIP max_latency_ratio: there is no champion to time against (latency depends on the machine and "
@@ -393,6 +398,7 @@ def promote(
         ch_metrics["latency_ms"], champ_metrics["latency_ms"] = latency["challenger_ms"], latency["champion_ms"]
         champ_metrics["model_uri"] = champ_uri
     ch_metrics["model_uri"] = ch_uri
+    ch_metrics["epsilon"] = privacy_record.recorded_epsilon(challenger.tags or {})
     failures, checks = _gates(ch_metrics, champ_metrics, gates, paired, latency)
     promoted = not failures
     stamp = _now()

@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 import visionops
 from visionops.data.images import array_to_canonical, to_canonical
 from visionops.errors import VisionopsError
+from visionops.serving import privacy_record
 from visionops.serving.integrity import WEIGHTS_SHA256, file_sha256, verify_weights
 from visionops.serving.registered import (  # noqa: F401
     CHALLENGER,
@@ -377,8 +378,9 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def pip_requirements() -> list[str]:
-    """Pinned, minimal requirements of the served model (local version labels such as +cpu dropped)."""
+def pip_requirements(opacus: bool = False) -> list[str]:
+    """Pinned, minimal requirements of the served model (local version labels such as +cpu dropped); with
+    `opacus`, Opacus too (a DP-SGD model whose batch norms became group norms is rebuilt with it)."""
     from importlib.metadata import version
 
     import PIL
@@ -394,6 +396,7 @@ def pip_requirements() -> list[str]:
         f"pillow=={PIL.__version__}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
+        *([f"opacus=={version('opacus')}"] if opacus else []),
     ]
 
 
@@ -429,7 +432,8 @@ def log_classifier(
         "tta": info["tta"],
     }
     return log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature_for(class_names),
-                      metadata=metadata, tags=tags, example_image=example_image, client=client, alias=alias)
+                      metadata=metadata, tags=tags, example_image=example_image, client=client, alias=alias,
+                      privacy=info.get("privacy"))
 
 
 def log_pyfunc(
@@ -443,9 +447,11 @@ def log_pyfunc(
     example_image: np.ndarray | None = None,
     client: MlflowClient | None = None,
     alias: str | None = CHALLENGER,
+    privacy: dict | None = None,
 ) -> ModelVersion:
     """Log `model_path` as pyfunc model "model" of the models-from-code file `code` (any task's) in the
-    active run, register it as a new version of `registered_name`, point `alias` at it and tag it."""
+    active run, register it as a new version of `registered_name`, point `alias` at it and tag it; a model
+    trained with DP-SGD (`privacy`, from its file) gets its (ε, δ) in the tags and the description."""
     run = mlflow.active_run()
     if run is None:
         raise RegistryError("logging a model needs an active MLflow run (wrap it in mlflow.start_run())")
@@ -463,7 +469,7 @@ def log_pyfunc(
             code_paths=[str(_package_copy(Path(tmp)))],
             signature=signature,
             input_example=example,
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(opacus=bool(privacy and privacy["group_norm"])),
             registered_model_name=registered_name,
             metadata={**metadata, WEIGHTS_SHA256: sha256},  # checked on load (`integrity`)
         )
@@ -474,6 +480,9 @@ def log_pyfunc(
     from visionops.data.fetch import file_md5
 
     recorded = {MODEL_MD5_TAG: file_md5(model_path), WEIGHTS_SHA256_TAG: sha256}
+    if privacy:
+        recorded |= privacy_record.tags(privacy)
+        client.update_model_version(registered_name, version, description=privacy_record.description(privacy))
     for key, value in {**tags, "run_id": run.info.run_id, **recorded}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return client.get_model_version(registered_name, version)

@@ -25,6 +25,7 @@ from visionops.config import TrainConfig
 from visionops.models.model_file import load_weights_only
 from visionops.training.device import autocast, memory_format
 from visionops.training.lookahead import Lookahead
+from visionops.training.privacy import DPSGD, check_settings, group_norm, unwrap
 
 Targets = Tensor | tuple[Tensor, ...]  # per-image targets, indexed by image on the first axis
 Criterion = Callable[[object, Targets, Tensor], Tensor]  # (model output, targets, inputs) -> loss
@@ -65,6 +66,8 @@ class TrainState:
     best_epoch: int = 0
     best_state: dict | None = None
     stale_epochs: int = 0
+    accountant: list = field(default_factory=list)  # DP-SGD: the accountant's (noise multiplier, sample rate, steps)
+    privacy: dict | None = None  # DP-SGD: the run's (ε, δ) and settings (`DPSGD.record`), set when it ends
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -158,6 +161,11 @@ def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, sched, gen
     return state
 
 
+def to_inputs(x: Tensor) -> Tensor:
+    """uint8 images as floats in [0, 1]; float inputs (precomputed features) as they are."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
 def _take(targets: Targets, idx: Tensor) -> Targets:
     return tuple(t[idx] for t in targets) if isinstance(targets, tuple) else targets[idx]
 
@@ -184,7 +192,9 @@ def fit(
 
     History rows hold train_loss, val_loss and val_<metric> (and train_<metric>, the fraction
     `train_correct` counts, when given). Every epoch ends with an atomic checkpoint; a rerun with the
-    same `fingerprint` resumes from it.
+    same `fingerprint` resumes from it. With `cfg.privacy.enabled` it trains with DP-SGD (`privacy`): batch
+    norm becomes group norm, batches are Poisson-sampled, rows hold the ε spent, training stops before an
+    epoch that would pass the budget, and `state.privacy` holds the final (ε, δ).
     Under torchrun each rank trains on its shard of every epoch's permutation. `on_epoch` lets a
     caller (experiment tracking) see each epoch's metrics as they happen; `on_epoch_start` lets the
     augmentation follow a per-epoch schedule (progressive resizing). On CUDA the random
@@ -194,6 +204,11 @@ def fit(
     torch.manual_seed(cfg.seed)
     train_x, train_y = train
     fmt = memory_format(device, cfg.channels_last)
+    dp = converted = None
+    if cfg.privacy.enabled:
+        check_settings(cfg, model, device, dist_info.world_size)
+        model, converted = group_norm(model)
+        dp = DPSGD(cfg.privacy, len(train_x), cfg.batch_size, cfg.epochs)
     model = model.to(device, memory_format=fmt)
     shard = len(train_x) // dist_info.world_size
     steps = max(math.ceil(shard / cfg.batch_size), 1)
@@ -210,32 +225,39 @@ def fit(
         lookahead.resume(state.epoch * steps)
     ddp = nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
     step_model = torch.compile(ddp) if cfg.compile and device.type == "cuda" else ddp
+    step_opt = opt
+    if dp is not None:
+        dp.accountant.history = [tuple(h) for h in state.accountant]
+        step_model, step_opt = dp.wrap(model, opt, gen)
 
     train_key, val_key = f"train_{metric}", f"val_{metric}"
     quiet = None if dist_info.is_main else True  # tqdm: None = off when stderr is not a terminal
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
-    while state.epoch < cfg.epochs and not _should_stop(state, cfg):
+    while state.epoch < cfg.epochs and not _should_stop(state, cfg) and (dp is None or dp.next_epoch_fits()):
         t0 = time.perf_counter()
         if on_epoch_start is not None:
             on_epoch_start(state.epoch)
         step_model.train()
-        perm = torch.randperm(len(train_x), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
+        if dp is not None:
+            batches_idx = dp.batches(gen, device)
+        else:
+            perm = torch.randperm(len(train_x), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
+            batches_idx = (perm[start : start + cfg.batch_size] for start in range(0, shard, cfg.batch_size))
         seen, loss_sum = 0, torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         batches = tqdm(total=steps, desc=f"{desc} epoch {state.epoch + 1}", unit="batch", leave=False, disable=quiet,
                        file=sys.stderr)  # within the epoch (no loss shown: that would wait for the device each step)
-        for step, start in enumerate(range(0, shard, cfg.batch_size), start=state.epoch * steps + 1):
-            idx = perm[start : start + cfg.batch_size]
-            xb = train_x[idx].float().div_(255)
+        for step, idx in enumerate(batches_idx, start=state.epoch * steps + 1):
+            xb = to_inputs(train_x[idx])
             yb = _take(train_y, idx)
             xb, targets = augment(xb, yb, gen)
             xb = xb.contiguous(memory_format=fmt)
             with autocast(device, cfg.amp):
                 logits = step_model(xb)
                 loss = criterion(logits, targets, xb)
-            opt.zero_grad(set_to_none=True)
+            step_opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            step_opt.step()
             sched.step()
             if lookahead is not None:
                 lookahead.step(step)
@@ -258,6 +280,7 @@ def fit(
             "val_loss": val_metrics["loss"],
             val_key: val_metrics[metric],
             "lr": opt.param_groups[0]["lr"],
+            **({"epsilon": dp.epsilon()} if dp is not None else {}),
             "epoch_train_seconds": train_seconds,  # the optimisation steps alone
             "epoch_seconds": time.perf_counter() - t0,  # with the val pass
         }
@@ -267,6 +290,8 @@ def fit(
             state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             state.stale_epochs += 1
+        if dp is not None:
+            state.accountant = list(dp.accountant.history)
         if dist_info.is_main:
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, fingerprint, state, model, opt, sched, gen)
@@ -274,9 +299,12 @@ def fit(
                 on_epoch(desc, row)
             bar.update(1)
             bar.set_postfix({"loss": f"{row['train_loss']:.3f}", val_key: f"{row[val_key]:.4f}"})
-            shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and "seconds" not in k)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_", "epsilon")) and "seconds" not in k)
             tqdm.write(f"{desc} epoch {state.epoch}/{cfg.epochs}: {shown} ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
     bar.close()
+    if dp is not None:
+        unwrap(step_model)
+        state.privacy = dp.record(converted)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     return model.eval(), state

@@ -28,7 +28,7 @@ from visionops.tasks.classification import classifier
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.objective import train_correct, val_scorer
-from visionops.tasks.classification.train import load_train_data, set_served_rule
+from visionops.tasks.classification.train import load_train_data, privacy_metrics, set_served_rule
 from visionops.training.baseline_record import CHECKPOINT, write_result, write_skipped
 from visionops.training.device import select_device, to_device
 from visionops.training.outputs import fingerprint, run_seconds
@@ -71,7 +71,7 @@ def student_setup(
         device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
     ds, images, labels, loss_opts = load_train_data(Path(dataset_dir), Path(prepared_dir))
     if mean is None or std is None:
-        mean, std = classifier.channel_stats(images)
+        mean, std = classifier.normalisation(images, train_cfg.privacy.enabled)
     student_cfg = train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "lr": cfg.lr})
     hard = ClassificationLoss(
         train_cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], train_cfg.logit_adjust_tau
@@ -135,6 +135,7 @@ def run_baseline(
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         **run_seconds(state.history, len(s.labels)),
+        **privacy_metrics(state.privacy),
     }
     write_result(reports_dir, result, [measured.pure(r) for r in state.history])
     (checkpoint_dir / CHECKPOINT).unlink(missing_ok=True)

@@ -68,6 +68,15 @@ def channel_stats(images_nhwc) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+def normalisation(images_nhwc, private: bool) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std the model normalises with: the train images' (`channel_stats`), or under
+    DP-SGD fixed values (0.5, 0.25), since statistics of the train images would leak outside the (ε, δ) budget."""
+    if private:
+        c = images_nhwc.shape[-1]
+        return [0.5] * c, [0.25] * c
+    return channel_stats(images_nhwc)
+
+
 def save(path: Path, model: Classifier, arch: str, class_names: list[str], image_shape, **extra) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
@@ -91,6 +100,10 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> tuple[Classifi
     if info["tta"] not in TTA_LEVELS or not float(info["temperature"]) > 0:
         raise ValueError(f"{path}: bad served rule (tta {info['tta']!r}, temperature {info['temperature']!r})")
     model = build(info["arch"], info["class_names"], tuple(info["image_shape"]), state["mean"].flatten(), state["std"].flatten())
+    if info.get("privacy", {}).get("group_norm"):  # trained with DP-SGD: its batch norms became group norms
+        from opacus.validators import ModuleValidator
+
+        model = ModuleValidator.fix(model)
     model.load_state_dict(state)
     model.temperature, model.tta = float(info["temperature"]), info["tta"]
     return model.to(device).eval(), info

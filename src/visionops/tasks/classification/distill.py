@@ -39,6 +39,7 @@ from visionops.tasks.classification.train import set_served_rule
 from visionops.training.baseline_record import read_baseline
 from visionops.training.device import memory_format, select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
+from visionops.training.privacy import PrivacySettingsError, compose
 from visionops.training.trainer import EpochCallback
 
 # what `dvc metrics show` shows (it must fit a terminal); the baseline's accuracy is student_acc - kd_gain
@@ -119,6 +120,10 @@ def run_distill(
     base = read_baseline(baseline_path, cfg)
     device = select_device(train_cfg.device)
     teacher, teacher_info = classifier.load(teacher_path, device)
+    if train_cfg.privacy.enabled and not teacher_info.get("privacy"):
+        raise PrivacySettingsError(f"{teacher_path}: distill with train.privacy.enabled needs a teacher trained with "
+                                   "DP-SGD: a non-private teacher's soft labels leak the train images to the student; "
+                                   "retrain the teacher with train.privacy.enabled")
     mean, std = teacher.mean.flatten().tolist(), teacher.std.flatten().tolist()
     s = student_setup(dataset_dir, prepared_dir, cfg, train_cfg, augment_cfg, mean, std)
     device, dist_info, ds = s.device, s.dist_info, s.ds
@@ -229,6 +234,10 @@ def run_distill(
         },
         "distill": cfg.model_dump(),
     }
+    if state.privacy:
+        extra["privacy"] = compose(state.privacy, teacher_info["privacy"])
+        metrics |= {"dp_epsilon": extra["privacy"]["epsilon"], "dp_delta": extra["privacy"]["delta"],
+                    "dp_student_epsilon": state.privacy["epsilon"], "dp_teacher_epsilon": teacher_info["privacy"]["epsilon"]}
     classifier.save(student_path, student_cpu, cfg.student, class_names, image_shape, **extra)
     write_history(extra["history"], reports_dir)
     measured.write_reports(reports_dir, metrics, HEADLINE)

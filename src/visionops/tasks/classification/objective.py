@@ -8,17 +8,17 @@ from torch import Tensor, nn
 from visionops.config import TrainConfig
 from visionops.tasks.classification.tta import tta_logits
 from visionops.training.device import autocast, memory_format
-from visionops.training.trainer import Evaluate
+from visionops.training.trainer import Evaluate, to_inputs
 
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, device: torch.device) -> dict:
-    """Loss and accuracy of `model` (with `cfg.tta`) on uint8 NCHW images already on the device."""
+    """Loss and accuracy of `model` (with `cfg.tta`) on uint8 NCHW images (or precomputed float features) on the device."""
     model.eval()
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for start in range(0, len(y), cfg.eval_batch_size):
-        xb = x[start : start + cfg.eval_batch_size].float().div_(255)
+        xb = to_inputs(x[start : start + cfg.eval_batch_size])
         yb = y[start : start + cfg.eval_batch_size]
         with autocast(device, cfg.amp):
             logits = tta_logits(model, xb.contiguous(memory_format=memory_format(device, cfg.channels_last)), cfg.tta).float()

@@ -20,7 +20,7 @@ from visionops.config import AugmentConfig, TrainConfig
 from visionops.data import dataset
 from visionops.evaluation import calibration
 from visionops.models import count_parameters
-from visionops.tasks.classification import classifier
+from visionops.tasks.classification import classifier, frozen_front
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.objective import train_correct, val_scorer
@@ -59,6 +59,14 @@ def set_served_rule(model: classifier.Classifier, tta: str, val: dataset.Split, 
     model.temperature = calibration.fit_temperature(logits, val.labels)
 
 
+def privacy_metrics(privacy: dict | None) -> dict:
+    """The DP-SGD run's figures for the reports (none without train.privacy)."""
+    if not privacy:
+        return {}
+    return {"dp_epsilon": privacy["epsilon"], "dp_delta": privacy["delta"], "dp_noise_multiplier": privacy["noise_multiplier"],
+            "dp_steps": privacy["steps"], "dp_group_norm_layers": len(privacy["group_norm"])}
+
+
 def run_train(
     dataset_dir: Path,
     prepared_dir: Path,
@@ -74,7 +82,7 @@ def run_train(
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
     ds, images, labels, loss_opts = load_train_data(dataset_dir, prepared_dir)
-    mean, std = classifier.channel_stats(images)
+    mean, std = classifier.normalisation(images, cfg.privacy.enabled)
     torch.manual_seed(cfg.seed)
     model = classifier.build(cfg.model, ds.class_names, ds.image_shape, mean, std)
     criterion_fn = ClassificationLoss(
@@ -83,10 +91,18 @@ def run_train(
     augment = BatchAugment.from_config(augment_cfg, num_classes=len(ds.class_names))
     val = ds.splits["val"]
     digest = fingerprint(cfg.model_dump(), augment_cfg.model_dump(), ds.class_names, dist_info.world_size, arrays=(images, labels, val.labels))
-    model, state = fit(
-        model,
-        to_device(images, labels, device),
-        val_scorer(to_device(val.images, val.labels, device), cfg, device),
+    train_data, val_data = to_device(images, labels, device), to_device(val.images, val.labels, device)
+    front = frozen_front.frozen_front(model, augment_cfg, cfg)
+    trained = model
+    if front is not None:  # the front's features once, not every epoch: the head trains on them
+        model = model.to(device)
+        train_data = (frozen_front.features(model, train_data[0], cfg.eval_batch_size), train_data[1])
+        val_data = (frozen_front.features(model, val_data[0], cfg.eval_batch_size), val_data[1])
+        trained = frozen_front.Head(model.net.head)
+    trained, state = fit(
+        trained,
+        train_data,
+        val_scorer(val_data, cfg, device),
         cfg,
         augment,
         lambda logits, targets, _x: criterion_fn(logits, targets),
@@ -97,6 +113,10 @@ def run_train(
         on_epoch=on_epoch,
         train_correct=train_correct,
     )
+    if front is not None:
+        model.net.head = trained.head
+    else:
+        model = trained
     set_served_rule(model, cfg.tta, val, device, cfg.eval_batch_size)
     metrics = {
         "model": cfg.model,
@@ -110,10 +130,12 @@ def run_train(
         "train_images": int(len(labels)),
         "parameters": count_parameters(model),
         **run_seconds(state.history, len(labels)),
+        **privacy_metrics(state.privacy),
     }
     if dist_info.is_main:
         history = [measured.pure(row) for row in state.history]
-        classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history)
+        classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history,
+                        **({"privacy": state.privacy} if state.privacy else {}))
         write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)
