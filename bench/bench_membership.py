@@ -26,8 +26,9 @@ from visionops.tasks.classification.prepare import run_prepare
 from visionops.tasks.classification.train import run_train
 
 
-def audit(model_path: Path, dataset_dir: Path, holdout_dir: Path) -> dict:
-    """Both attacks on the model's train split against the holdout, and its test accuracy."""
+def audit(model_path: Path, dataset_dir: Path, holdout_dir: Path | None) -> dict:
+    """Both attacks on the model's train split against the holdout (None: the dataset's test split, for a
+    model that never saw it, such as bench_dp.py's), and its test accuracy."""
     import torch
 
     from visionops.data import dataset
@@ -38,7 +39,8 @@ def audit(model_path: Path, dataset_dir: Path, holdout_dir: Path) -> dict:
     cpu = torch.device("cpu")
     model, info = classifier.load(model_path, cpu)
     ds = dataset.load(dataset_dir)
-    holdout = membership.load_nonmembers(holdout_dir, ds.class_names, ds.image_shape)
+    holdout = (ds.splits["test"] if holdout_dir is None
+               else membership.load_nonmembers(holdout_dir, ds.class_names, ds.image_shape))
     result, _ = membership.audit_splits(signals.signals(model, cpu, 512), ds.splits["train"], holdout)
     test = ds.splits["test"]
     acc = float((classifier.predict_logits(model, test.images, cpu).argmax(1).numpy() == test.labels).mean())
@@ -75,10 +77,10 @@ def main() -> None:
     parser.add_argument("--jpeg", type=Path, help="overfit: extracted CIFAR-10 JPEGs, <class>/*.jpg (default: the archive)")
     parser.add_argument("--model", type=Path, help="model: a classifier file")
     parser.add_argument("--dataset", type=Path, default=Path("data/dataset"), help="model: the data it was trained on")
-    parser.add_argument("--holdout", type=Path, default=Path("data/holdout"), help="model: the frozen holdout")
+    parser.add_argument("--holdout", type=Path, default=Path("data/holdout"), help="model: the frozen holdout; 'test': the dataset's test split (never trained on)")
     args = parser.parse_args()
     if args.what == "model":
-        print(json.dumps(audit(args.model, args.dataset, args.holdout), indent=2))
+        print(json.dumps(audit(args.model, args.dataset, None if str(args.holdout) == "test" else args.holdout), indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
