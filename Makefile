@@ -59,8 +59,8 @@ bench: setup  ## benchmarks (see bench/README.md)
 	cd bench && python bench_validate.py && python bench_train_throughput.py && python bench_make_run.py
 
 # Only what differs between the experiments (--only-changed), without the dependency hashes
-# (paths without a `file:` metric prefix), the creation time and two secondary metrics: fits ~120 columns
-EXPS_DROP ?= Created|(data|models|reports|src)/[^:]*$$|balanced_accuracy|macro_f1|student_gap
+# (paths without a `file:` metric prefix), the creation time, two secondary metrics and the membership audit (`dvc exp show` has all): fits ~120 columns
+EXPS_DROP ?= Created|(data|models|reports|src)/[^:]*$$|balanced_accuracy|macro_f1|student_gap|(.*:)?mia_
 exps:  ## DVC experiments side by side: the params and metrics that differ (dvc exp show, readable)
 	@dvc exp show --no-pager --only-changed --drop '$(EXPS_DROP)'
 

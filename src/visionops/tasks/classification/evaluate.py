@@ -56,7 +56,7 @@ FIGURES = {
 # what `dvc metrics show` shows (it must fit a terminal): ece_calibrated is the served model's ECE
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "ece_calibrated", *membership.HEADLINE)
 OUTPUTS = ("metrics.json", "details.json", "per_class.json", "predictions.csv", *(f"figures/{f}" for f in FIGURES),
-           "report.md", "report.html")
+           f"figures/{membership.FIGURE}", "report.md", "report.html")
 TOP_CONFUSIONS = 10
 BOOTSTRAP_RESAMPLES = 200  # paired bootstrap of the ECE change (seeded: the report is the same every run)
 NOISE_SE = 2.0  # a change within this many standard errors is reported as within noise
