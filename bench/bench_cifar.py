@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import extract_cifar
+from common import extract_cifar, test_accuracy
 
 from visionops.config import (
     AugmentConfig,
@@ -48,18 +48,6 @@ def train(tmp: Path, ds: Path, prepared: Path, model: str, epochs: int, **kw) ->
     metrics = run_train(ds, prepared, cfg, AUGMENT, out, tmp / f"{model}_reports", tmp / f"{model}.ckpt")
     metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics, out
-
-
-def test_accuracy(model_path: Path, ds: Path) -> float:
-    import torch
-
-    from visionops.data import dataset
-    from visionops.tasks.classification import classifier
-
-    model, _ = classifier.load(model_path)
-    test = dataset.load(ds).splits["test"]
-    logits = classifier.predict_logits(model, test.images, torch.device("cpu"))
-    return float((logits.argmax(1).numpy() == test.labels).mean())
 
 
 def main() -> None:

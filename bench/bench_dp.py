@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import CIFAR_JPEG, ROOT, extract_cifar
+from common import CIFAR_JPEG, ROOT, extract_cifar, test_accuracy
 
 from visionops.config import AugmentConfig, BalanceConfig, DataConfig, TrainConfig, apply_threads
 
@@ -44,18 +44,6 @@ def dataset(work: Path, archive: Path) -> tuple[Path, Path]:
 
 def preset() -> dict:
     return yaml.safe_load(PRESET.read_text())
-
-
-def test_accuracy(model_path: Path, ds: Path) -> float:
-    import torch
-
-    from visionops.data import dataset as data
-    from visionops.tasks.classification import classifier
-
-    model, _ = classifier.load(model_path)
-    test = data.load(ds).splits["test"]
-    logits = classifier.predict_logits(model, test.images, torch.device("cpu"))
-    return float((logits.argmax(1).numpy() == test.labels).mean())
 
 
 def main() -> None:

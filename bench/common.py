@@ -70,3 +70,16 @@ def train_step(model, batch, loss_fn):
         loss.backward()
         opt.step()
     return run
+
+
+def test_accuracy(model_path: Path, ds: Path) -> float:
+    """Accuracy of a classifier file on the test split of the dataset folder `ds`, on the CPU."""
+    import torch
+
+    from visionops.data import dataset
+    from visionops.tasks.classification import classifier
+
+    model, _ = classifier.load(model_path)
+    test = dataset.load(ds).splits["test"]
+    logits = classifier.predict_logits(model, test.images, torch.device("cpu"))
+    return float((logits.argmax(1).numpy() == test.labels).mean())
