@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import linear_sum_assignment
 
 from visionops.data.dataset import Dataset
 
@@ -37,16 +38,18 @@ def same_labels(ds: Dataset, tolerance: float) -> Callable[[Member, Member], boo
             (box_a, cls_a), (box_b, cls_b) = boxes(a), boxes(b)
             if len(box_a) != len(box_b) or sorted(cls_a) != sorted(cls_b):
                 return False
-            from scipy.optimize import linear_sum_assignment
-
-            cost = np.abs(box_a[:, None] - box_b[None]).max(-1) + np.where(cls_a[:, None] != cls_b[None], np.inf, 0)
-            cost = np.where(np.isfinite(cost), cost, 1e9)
+            # boxes of other classes never pair (a cost beyond any tolerance: tolerance < 1)
+            far = np.abs(box_a[:, None] - box_b[None]).max(-1, initial=0.0)
+            cost = np.where(cls_a[:, None] == cls_b[None], far, 2.0 * side)
             i, j = linear_sum_assignment(cost)
             return bool((cost[i, j] <= tolerance * side).all())
 
         return same
     if "masks" in next(iter(splits.values())).targets:
-        return lambda a, b: np.mean(splits[a[0]].targets["masks"][a[1]] != splits[b[0]].targets["masks"][b[1]]) <= tolerance
+        def mask(m: Member) -> np.ndarray:
+            return splits[m[0]].targets["masks"][m[1]]
+
+        return lambda a, b: np.mean(mask(a) != mask(b)) <= tolerance
     return lambda a, b: splits[a[0]].labels[a[1]] == splits[b[0]].labels[b[1]]
 
 
