@@ -18,6 +18,7 @@ from visionops.data.dataset import Dataset, Split
 from visionops.data.download import run_download
 from visionops.data.dup_groups import same_labels
 from visionops.data.neardup import BLOCK, group_identities, pairs
+from visionops.data.sources import load_source
 from visionops.data.splits import hash_split
 from visionops.errors import ValidationFailed
 from visionops.tasks.classification.validate import run_validate
@@ -161,12 +162,17 @@ def test_generated_sources_keep_their_identity_splits(tmp_path):
     ds, holdout = dataset.load(tmp_path / "ds"), dataset.load(tmp_path / "holdout")
     assert not any(s.groups for s in [*ds.splits.values(), *holdout.splits.values()])
     assert "group" not in (tmp_path / "ds" / "train" / "manifest.csv").read_text().splitlines()[0]
-    from visionops.data.sources import load_source
-
     source = load_source(cfg).splits["train"]
     parts = hash_split(source.identities, {"holdout": 0.1, "val": 0.1, "test": 0.2}, cfg.seed)
     got = {**{n: s.paths for n, s in ds.splits.items()}, "holdout": holdout.splits["holdout"].paths}
     assert {n: [source.paths[i] for i in idx] for n, idx in parts.items()} == got
+
+
+def test_canvases_are_not_perceptually_hashed(tmp_path):
+    cfg = DataConfig(source="canvases", cache_dir=str(tmp_path / "cache"), canvases={"count": 30})
+    for targets in ("boxes", "masks"):
+        split = load_source(cfg, targets).splits["train"]
+        assert len(split) == 30 and not any(split.near_hashes)
 
 
 @pytest.mark.shared_data
