@@ -73,10 +73,10 @@ def add_group_columns(manifest: pd.DataFrame, ds: Dataset, same: Callable[[Membe
     for rows in by_group.indices.values():
         if len(rows) < 2:
             continue
-        labels = manifest.index[stored][rows]
-        first = labels[0]
+        members = manifest.index[stored][rows]
+        first = members[0]
         a = (manifest.at[first, "split"], int(manifest.at[first, "index"]))
-        for r in labels[1:]:
+        for r in members[1:]:
             if same(a, (manifest.at[r, "split"], int(manifest.at[r, "index"]))):
                 continue
             manifest.loc[[first, r], "label_conflict"] = True

@@ -80,7 +80,7 @@ class SourceImage:
 def read_source_image(path: Path | str, image_size: int, channels: int, near_hash: str = "none") -> SourceImage:
     """Read `path` once, take its digests, decode it (errors as `decode_bytes`) and hash it with `near_hash`
     (`visionops.data.neardup.HASHES`) before resizing."""
-    from visionops.data.neardup import perceptual_hash
+    from visionops.data.neardup import perceptual_hash  # (with scipy: only sources of files need it)
 
     data = Path(path).read_bytes()
     with open_image(data, path) as img:
