@@ -85,6 +85,11 @@ class DataConfig(Section):
     allowed_roots: list[str] = []
     # a file read before whose bytes changed under the same name: "error" fails download, "warn" goes on
     on_changed_file: Literal["error", "warn"] = "error"
+    # sources of files (folder, coco, voc, yolo, masks): images whose perceptual hashes (of the source pixels)
+    # differ in at most near_duplicate_max_distance of 64 bits are grouped, transitively, and a group is split as
+    # one image (visionops.data.neardup); "none" groups exact copies only. Generated sources are never hashed.
+    near_duplicate_hash: Literal["phash", "dhash", "none"] = "phash"
+    near_duplicate_max_distance: int = Field(4, ge=0, le=32)
 
     @model_validator(mode="after")
     def _folder_needs_root(self) -> DataConfig:
@@ -105,6 +110,11 @@ class ValidateConfig(Section):
     pixel_mean_range: tuple[float, float] = (1.0, 254.0)
     min_pixel_std: float = Field(1.0, ge=0.0)
     max_image_size: int = Field(4096, ge=1)
+    # images of one near-duplicate group (data.near_duplicate_*) or exact copies whose labels differ: "warn" or
+    # "error". Detection: box coordinates may differ by label_conflict_tolerance of the image side; segmentation:
+    # that fraction of mask pixels may differ; classification: the class must agree.
+    on_label_conflict: Literal["warn", "error"] = "warn"
+    label_conflict_tolerance: float = Field(0.02, ge=0.0, lt=1.0)
 
 
 class BalanceConfig(Section):

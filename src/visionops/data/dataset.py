@@ -8,7 +8,8 @@ dataset directory of the same format whose only split is "holdout". Layout of a 
     <split>/labels.npy      int64 array, N
     <split>/manifest.csv    index, path (the file relative to data.root, or the source's name for the image),
                             orig_height, orig_width, orig_channels, and for a source of user files
-                            (folder, coco, voc, yolo, masks) sha256, the file's (see `visionops.data.changes`)
+                            (folder, coco, voc, yolo, masks) sha256, the file's (see `visionops.data.changes`),
+                            and where download grouped near duplicates, group (`Split.groups`)
     <split>/<target>.npy    detection and segmentation only: per-image targets, first axis N (see `Split`)
     rejected.csv            files the source could not decode: split, label, path, error
 """
@@ -39,6 +40,8 @@ class Split:
     `identities` (not stored) name each image independently of every setting: a digest of the source
     file's bytes, or of the source's own pixels at source resolution. `download` hashes them into the
     splits (`visionops.data.splits`), so that data.image_size and data.channels move no image.
+    `near_hashes` (not stored) are the sources' perceptual hashes (`visionops.data.neardup`), "" for none;
+    `groups`, where download grouped near duplicates, each image's group identity (stored), else empty.
     """
 
     images: np.ndarray
@@ -48,6 +51,8 @@ class Split:
     targets: dict[str, np.ndarray] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
     sha256: list[str] = field(default_factory=list)  # each source file's SHA-256; empty for a source of no files
+    near_hashes: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,9 +102,10 @@ def save(ds: Dataset, out: Path) -> None:
         np.save(d / "labels.npy", np.asarray(split.labels, dtype=np.int64))
         shapes = split.orig_shapes or [split.images.shape[1:]] * len(split)
         rows = [[i, p, *s] for i, (p, s) in enumerate(zip(split.paths, shapes))]
-        if split.sha256:
-            rows = [[*row, digest] for row, digest in zip(rows, split.sha256, strict=True)]
-        _write_csv(d / "manifest.csv", MANIFEST_FIELDS + ["sha256"] * bool(split.sha256), rows)
+        extra = [(name, values) for name, values in (("sha256", split.sha256), ("group", split.groups)) if values]
+        for _, values in extra:
+            rows = [[*row, value] for row, value in zip(rows, values, strict=True)]
+        _write_csv(d / "manifest.csv", MANIFEST_FIELDS + [name for name, _ in extra], rows)
         for key, array in split.targets.items():
             np.save(d / f"{key}.npy", np.ascontiguousarray(array))
     _write_csv(
@@ -146,6 +152,7 @@ def load(root: Path | str, mmap: bool = True) -> Dataset:
             orig_shapes=[(int(r["orig_height"]), int(r["orig_width"]), int(r["orig_channels"])) for r in rows],
             targets={key: np.load(d / f"{key}.npy") for key in meta.get("targets", ())},
             sha256=[r["sha256"] for r in rows] if rows and "sha256" in rows[0] else [],
+            groups=[r["group"] for r in rows] if rows and "group" in rows[0] else [],
         )
     rejected = [
         Rejected(r["split"], int(r["label"]), r["path"], r["error"]) for r in _read_csv(root / "rejected.csv")

@@ -52,10 +52,12 @@ class DenseImage:
     error: str = ""  # why the image (or its mask) could not be read
     identity: str = ""  # a digest of the source file's bytes (`Split.identities`)
     sha256: str = ""  # the source file's SHA-256 (`Split.sha256`)
+    near_hash: str = ""  # its perceptual hash (`Split.near_hashes`)
 
     def take(self, source: SourceImage) -> None:
         """Keep what `read_source_image` read of this image's file."""
         self.image, self.orig, self.identity, self.sha256 = source.image, source.orig, source.identity, source.sha256
+        self.near_hash = source.near_hash
 
 
 @dataclass
@@ -127,7 +129,7 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
             facts[r.path] = ImageFacts(r.objects, tuple(r.mask.shape[:2]), unknown)
         arrays = {"masks": masks}
     split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays,
-                  [r.identity for r in stored], [r.sha256 for r in stored])
+                  [r.identity for r in stored], [r.sha256 for r in stored], [r.near_hash for r in stored])
     return split, facts
 
 

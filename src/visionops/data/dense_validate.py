@@ -1,7 +1,8 @@
 """The `validate` stage for per-object datasets (detection, segmentation), run with Great Expectations.
 
 Three frames are validated: the per-image manifest (one row per stored image and per rejected file:
-decodable, not duplicated across splits, not blank, the mask's size and values), the per-object
+decodable, not duplicated across splits, not blank, the mask's size and values, duplicates' labels agree
+(`visionops.data.dup_groups`)), the per-object
 manifest (from each split's objects.csv: class in the class set, and for detection the box inside the
 image with positive area) and the train instance counts per class (imbalance, empty classes: warnings).
 A task supplies its own expectations (`Checks`); each carries `meta.check` (the rule, for the reports)
@@ -25,6 +26,7 @@ import pandas as pd
 from visionops.atomic import atomic_dir, atomic_path, write_json
 from visionops.config import ValidateConfig
 from visionops.data import dataset as dsmod
+from visionops.data import dup_groups
 from visionops.data.expectations import SUMMARY_PATHS, describe, failures, image_stats, import_gx, run_gx
 from visionops.errors import MissingInputError, ValidationFailed
 
@@ -46,6 +48,8 @@ PROBLEMS: dict[str, Callable] = {
     "mask_values": lambda r: f"mask values {r.mask_unknown_values.replace(';', ', ')} are not in the class set (or 255)",
     "empty": lambda r: "has no objects",
     "pixels": lambda r: f"pixel mean {r.pixel_mean:.1f}, std {r.pixel_std:.1f} (blank or saturated)",
+    "conflict": lambda r: f"labels differ from its duplicate {r.conflicts_with}",
+    "spans": lambda r: f"in a group of {r.group_size} near duplicates across splits",
 }
 
 
@@ -187,6 +191,7 @@ def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, ob
     ds = dsmod.load(dataset_dir)
     names = list(ds.class_names)
     manifest, objects = build_frames(dataset_dir, ds)
+    dup_groups.add_group_columns(manifest, ds, dup_groups.same_labels(ds, cfg.label_conflict_tolerance))
     counts = instance_counts(objects, names, list(ds.splits), first_class)
     train = counts[counts["split"] == "train"]
     smallest = train["instances"].min() if len(train) else 0
@@ -197,7 +202,8 @@ def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, ob
 
     gx, ProgressBarsConfig = import_gx()
     frames = {"images": manifest, "objects": objects, "class_counts": count_frame}
-    suites = _merge(image_checks(gx, cfg), object_checks(gx, cfg, names), class_count_checks(gx, cfg))
+    suites = _merge(image_checks(gx, cfg), object_checks(gx, cfg, names), class_count_checks(gx, cfg),
+                    dup_groups.checks(gx, cfg.on_label_conflict, meta))
     with atomic_dir(out_dir / "data_docs") as docs_tmp:
         results = run_gx(gx, ProgressBarsConfig, suites, frames, docs_tmp)
     critical, warnings = failures(results, manifest)
@@ -221,6 +227,7 @@ def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, ob
         "n_classes": len(names),
         "n_unknown_class_objects": int((~known).sum()),
         "n_leaking_images": int(manifest["leaks_across_splits"].sum()),
+        "near_duplicates": dup_groups.summary(manifest),
         "class_counts": {s: dict(zip(g["class_name"], g["instances"].astype(int).tolist()))
                          for s, g in counts.groupby("split", sort=False)},
         "critical_failures": [{k: v for k, v in e.items() if not k.startswith("_")} for e in critical],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from visionops.atomic import atomic_dir
 from visionops.config import DataConfig, ParamsError
 from visionops.data import changes, dataset
 from visionops.data.dataset import Dataset, Split
+from visionops.data.neardup import group_identities
 from visionops.data.sources import load_source
 from visionops.data.splits import hash_split
 
@@ -33,15 +35,29 @@ def _take(split: Split, idx: np.ndarray) -> Split:
         targets={key: array[idx] for key, array in split.targets.items()},
         identities=[split.identities[i] for i in idx],
         sha256=[split.sha256[i] for i in idx] if split.sha256 else [],
+        groups=[split.groups[i] for i in idx] if split.groups else [],
     )
+
+
+def group_near_duplicates(splits: dict[str, Split], max_distance: int) -> None:
+    """Set every split's `groups` over all of the source's images, where the source gave perceptual hashes
+    (`visionops.data.neardup`); a source that gave none keeps `groups` empty (it splits by identity)."""
+    hashes = [h for split in splits.values() for h in split.near_hashes]
+    if not any(hashes):
+        return
+    identities = [i for split in splits.values() for i in split.identities]
+    groups = group_identities(identities, hashes, max_distance)
+    start = 0
+    for split in splits.values():
+        split.groups, start = groups[start : start + len(split)], start + len(split)
 
 
 def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
     """train, val, test and holdout: the holdout, then val and test unless the source has them, hashed out of train.
 
     The holdout comes first so that its membership depends on the seed and `holdout_fraction` only;
-    each image's part is hashed from its identity (`Split.identities`), never from its resized pixels
-    (see `visionops.data.splits`).
+    each image's part is hashed from its group's identity (`group_near_duplicates`), or its own identity where
+    the source gave no perceptual hashes, never from its resized pixels (see `visionops.data.splits`).
     """
     fractions = {HOLDOUT: cfg.holdout_fraction}
     fractions |= {name: getattr(cfg, f"{name}_fraction") for name in ("val", "test") if name not in splits}
@@ -51,7 +67,8 @@ def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
     train = splits["train"]
     if len(train.identities) != len(train):
         raise ValueError(f"data.source {cfg.source!r} gave {len(train.identities)} identities for {len(train)} images")
-    parts = hash_split(train.identities, fractions, cfg.seed)
+    group_near_duplicates(splits, cfg.near_duplicate_max_distance)
+    parts = hash_split(train.groups or train.identities, fractions, cfg.seed)
     carved = {**splits, **{name: _take(train, idx) for name, idx in parts.items()}}
     return {name: carved[name] for name in (*dataset.SPLITS, HOLDOUT)}
 
@@ -96,4 +113,5 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
         "splits": {name: len(s) for name, s in parts.items()},
         "rejected": len(src.rejected),
         "ignored_non_images": len(src.ignored),
+        "near_duplicate_groups": sum(n > 1 for n in Counter(g for s in parts.values() for g in s.groups).values()),
     }

@@ -67,19 +67,28 @@ def decode_file(path: Path | str, image_size: int, channels: int) -> tuple[np.nd
 
 @dataclass(frozen=True)
 class SourceImage:
-    """A source file read once: its canonical pixels and source shape, and two digests of the same bytes."""
+    """A source file read once: its canonical pixels and source shape, two digests of the same bytes and the
+    perceptual hash of its source pixels."""
 
     image: np.ndarray
     orig: tuple[int, int, int]
     identity: str  # `bytes_hash`: where the split puts the image (`Split.identities`)
     sha256: str  # recorded in the manifest, so that a file changed under its name is found (`data.changes`)
+    near_hash: str = ""  # data.near_duplicate_hash of the image at source resolution ("" for "none")
 
 
-def read_source_image(path: Path | str, image_size: int, channels: int) -> SourceImage:
-    """Read `path` once, take its digests and decode it (errors as `decode_bytes`)."""
+def read_source_image(path: Path | str, image_size: int, channels: int, near_hash: str = "none") -> SourceImage:
+    """Read `path` once, take its digests, decode it (errors as `decode_bytes`) and hash it with `near_hash`
+    (`visionops.data.neardup.HASHES`) before resizing."""
+    from visionops.data.neardup import perceptual_hash  # (with scipy: only sources of files need it)
+
     data = Path(path).read_bytes()
-    image, orig = decode_bytes(data, path, image_size, channels)
-    return SourceImage(image, orig, bytes_hash(data), hashlib.sha256(data).hexdigest())
+    with open_image(data, path) as img:
+        img.load()
+        orig = (img.height, img.width, len(img.getbands()))
+        image = to_canonical(img, image_size, channels)
+        near = perceptual_hash(img, near_hash)
+    return SourceImage(image, orig, bytes_hash(data), hashlib.sha256(data).hexdigest(), near)
 
 
 def bytes_hash(data: bytes) -> str:

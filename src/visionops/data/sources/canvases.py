@@ -55,8 +55,9 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
         canv = make_canvases(c.count, c.size, cfg.seed, tuple(c.digits), tuple(c.digit_size))
         with atomic_dir(where) as tmp:
             write(tmp, [f"canvas_{i:05d}" for i in range(len(canv))], canv)
+    # generated images are split by identity alone, never grouped by perceptual hash (`visionops.data.neardup`)
     as_user_data = cfg.model_copy(update={"source": reader.__name__.rsplit(".", 1)[-1], "root": str(where),
-                                          "annotations": None})
+                                          "annotations": None, "near_duplicate_hash": "none"})
     src = reader.load(as_user_data, targets)
     for split in src.splits.values():
         split.identities = [content_hash(_pixels(where / path)) for path in split.paths]

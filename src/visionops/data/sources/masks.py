@@ -54,7 +54,7 @@ def _read_split(folder: Path, prefix: str, class_names: list[str], cfg: DataConf
         file = resolve_inside(roots, f, "data.root")
         mask_path = resolve_inside(roots, folder / "masks" / f"{f.stem}.png", f"mask of {prefix}images/{f.name}")
         try:
-            rec.take(read_source_image(file, cfg.image_size, cfg.channels))
+            rec.take(read_source_image(file, cfg.image_size, cfg.channels, cfg.near_duplicate_hash))
             rec.mask = _read_mask(mask_path)
             masks.append(mask_path)
             rec.objects = _objects(rec.mask, class_names)

@@ -8,7 +8,11 @@ from the memory-mapped arrays, derives the cross-row facts a row-wise expectatio
   between splits, no blank/constant images, no class without train images. A failure raises
   `ValidationFailed`, whose message names each failed check and the offending files.
 * warning (`warning_*`): class imbalance above `max_imbalance_ratio`, source images larger than
-  `max_image_size`. Recorded in `summary.json`, never fatal.
+  `max_image_size`, near-duplicate groups spanning the source's own splits. Recorded in `summary.json`, never
+  fatal.
+
+Duplicates whose classes differ warn, or fail with validate.on_label_conflict "error"
+(`visionops.data.dup_groups`); summary.json's `near_duplicates` counts the groups and lists the largest.
 
 Everything is written to `out_dir` whether or not the checks pass: `metrics.json` (the DVC metrics:
 success and imbalance ratio), `summary.json` (the details: counts, failed checks, warnings),
@@ -30,6 +34,7 @@ import pandas as pd
 from visionops.atomic import atomic_dir, atomic_path, write_json
 from visionops.config import ValidateConfig
 from visionops.data import dataset as dsmod
+from visionops.data import dup_groups
 from visionops.data.expectations import describe, failures, image_stats, import_gx, run_gx
 from visionops.errors import ValidationFailed
 
@@ -244,6 +249,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
     shape = _expected_shape(dataset_dir, ds)
 
     manifest = build_manifest(ds)
+    dup_groups.add_group_columns(manifest, ds, dup_groups.same_labels(ds, cfg.label_conflict_tolerance))
     manifest_seconds = time.perf_counter() - t0
 
     split_names = list(ds.splits)
@@ -263,6 +269,8 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
 
     gx, ProgressBarsConfig = import_gx()
     suites = _suites(gx, cfg, len(names), shape)
+    for name, expectations in dup_groups.checks(gx, cfg.on_label_conflict).items():
+        suites[name] += expectations
     with atomic_dir(out_dir / "data_docs") as docs_tmp:
         results = run_gx(
             gx, ProgressBarsConfig, suites, {"images": manifest, "class_counts": train_frame}, docs_tmp
@@ -283,6 +291,7 @@ def run_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path) -> dict:
             s: {c: int(n) for c, n in zip(g["class_name"], g["count"])} for s, g in counts.groupby("split", sort=False)
         },
         "n_leaking_images": int(manifest["leaks_across_splits"].sum()),
+        "near_duplicates": dup_groups.summary(manifest),
         "critical_failures": [{k: v for k, v in e.items() if not k.startswith("_")} for e in critical],
         "warnings": [{k: v for k, v in e.items() if not k.startswith("_")} for e in warnings],
     }
