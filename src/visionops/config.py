@@ -196,6 +196,9 @@ class TrainConfig(Section):
 
     model: ModelName = "lenet"
     epochs: int = Field(15, ge=1, le=10_000)
+    # None: train `epochs` whole epochs; N: exactly N optimiser steps (the lr schedule spans them) in
+    # ceil(N / steps per epoch) epochs, the last one stopping when they are done (for small data sets)
+    steps: int | None = Field(None, ge=1, le=10_000_000)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
@@ -233,11 +236,14 @@ class TrainConfig(Section):
             if self.compile:
                 raise ValueError("train.compile cannot be used with train.privacy.enabled (Opacus's per-image "
                                  "gradient hooks); set train.compile to false")
+            if self.steps is not None:
+                raise ValueError("train.steps cannot be used with train.privacy.enabled (the noise is set for whole "
+                                 "epochs of Poisson-sampled batches); set train.steps to null and use train.epochs")
         return self
 
     @model_validator(mode="after")
     def _last_epochs_at_full_size(self) -> TrainConfig:
-        if self.progressive_start < 1 and self.progressive_epochs >= self.epochs:
+        if self.progressive_start < 1 and self.steps is None and self.progressive_epochs >= self.epochs:
             raise ValueError(f"train.progressive_epochs ({self.progressive_epochs}) must be below train.epochs "
                              f"({self.epochs}): the last epochs train at the full size")
         return self
@@ -269,6 +275,7 @@ class DistillConfig(Section):
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)  # weight of the KD term; 1 - alpha on the hard labels
     epochs: int = Field(15, ge=1, le=10_000)
+    steps: int | None = Field(None, ge=1, le=10_000_000)  # None: `epochs`; N: exactly N optimiser steps (as train.steps)
     lr: float = Field(0.05, gt=0.0)
     baseline: bool = True  # also train the student alone, to show what distillation gained
     # scratch: the student starts from random weights; teacher: from the teacher's strongest channels (the same
@@ -394,6 +401,9 @@ class Params(Section):
     def _privacy_fits_the_task_and_data(self) -> Params:
         if not self.train.privacy.enabled:
             return self
+        if self.distill.steps is not None:
+            raise ValueError("distill.steps cannot be used with train.privacy.enabled (the noise is set for whole "
+                             "epochs of Poisson-sampled batches); set distill.steps to null and use distill.epochs")
         if self.task != "classification":
             raise ValueError(f"train.privacy applies to classification only (task is {self.task}): {self.task}'s "
                              "losses are not checked to be a mean of per-image terms, which DP-SGD's per-image "
