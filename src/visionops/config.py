@@ -312,13 +312,21 @@ class MlflowConfig(Section):
     student_model_name: str = "visionops-student"
 
 
-class PromoteConfig(Section):
-    """Gates a challenger must pass to become champion, judged on the frozen holdout (data/holdout)."""
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
-    min_score: float = Field(0.9, ge=0.0, le=1.0)  # the task's headline metric: accuracy, mAP@.5, mIoU
+
+class PromoteConfig(Section):
+    """Gates a challenger must pass to become champion, judged on the frozen holdout (data/holdout).
+
+    `auto` floors fit the data: what a predictor that learnt nothing scores on the same holdout (the task's
+    `trivial_scores`: the most frequent class, no box, every pixel the most frequent class) plus `auto_margin`
+    of the gap from there to 1."""
+
+    min_score: Literal["auto"] | Fraction = "auto"  # the task's headline metric: accuracy, mAP@.5, mIoU
     min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # gain in the task's per-image measure (accuracy, F1, mIoU), same images
     significance: float = Field(0.05, gt=0.0, le=1.0)  # the task's one-sided paired test's p-value needed; 1.0 = no test
-    min_class_score: float = Field(0.8, ge=0.0, le=1.0)  # each class's recall, AP@.5 or IoU
+    min_class_score: Literal["auto"] | Fraction = "auto"  # each class's recall, AP@.5 or IoU
+    auto_margin: float = Field(0.25, ge=0.0, lt=1.0)  # auto = trivial + auto_margin x (1 - trivial)
     max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns
     max_membership_auc: float | None = Field(0.6, ge=0.5, le=1.0)  # the stronger membership attack's AUC; None = off
