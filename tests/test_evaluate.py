@@ -309,5 +309,6 @@ def test_membership_audit_catches_an_overfitted_model_and_the_gate_refuses_it(tm
     challenger = {"headline": "accuracy", "per_class_metric": "per_class_recall", "paired": "accuracy",
                   "accuracy": 1.0, "per_class_recall": {"a": 1.0}, "latency_ms": 1.0, "latency_batch_size": 8,
                   "mia_auc": m["mia_auc"]}
-    failures, checks = _gates(challenger, None, PromoteConfig(max_membership_auc=0.6))
-    assert failures == [f"membership-inference AUC {m['mia_auc']:.4f} vs max_membership_auc 0.6000"]
+    failures, checks = _gates(challenger, None, PromoteConfig(min_score=0.9, min_class_score=0.8, max_membership_auc=0.6))
+    assert failures == [f"membership-inference AUC {m['mia_auc']:.4f} vs max_membership_auc 0.6000 (set "
+                        "promote.max_membership_auc in params.yaml)"]

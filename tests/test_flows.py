@@ -37,6 +37,7 @@ FAST = {
     "train": {"model": "lenet", "epochs": 40, "optimizer": "adamw", "lr": 0.003},
     "distill": {"epochs": 1, "baseline": False},
     "evaluate": {"gradcam_samples": 2},
+    "promote": {"min_score": 0.9, "min_class_score": 0.8},  # fixed floors: the 1-epoch student stays a rejected challenger
 }
 
 

@@ -215,7 +215,8 @@ def test_registry_holds_epsilon_delta_and_max_epsilon_gates_on_it(store, digits,
     assert float(mv.tags[DELTA_TAG]) == 1e-4
     assert mv.description.startswith(f"DP-SGD: ({metrics['dp_epsilon']:.4g}, 0.0001)-differentially private")
     d = promote(NAME, tmp_path / "holdout", PromoteConfig(**loose, max_epsilon=1.0), evaluate, version=v)
-    assert not d.promoted and d.reasons == [f"ε {metrics['dp_epsilon']:.4g} vs max_epsilon 1"]
+    assert not d.promoted and d.reasons == [f"ε {metrics['dp_epsilon']:.4g} vs max_epsilon 1 (set promote.max_epsilon in "
+                                            "params.yaml)"]
     d = promote(NAME, tmp_path / "holdout", PromoteConfig(**loose, max_epsilon=8.0), evaluate, version=v)
     assert d.promoted and f"PASS ε {metrics['dp_epsilon']:.4g} vs max_epsilon 8" in d.checks
 
@@ -224,7 +225,7 @@ def test_registry_holds_epsilon_delta_and_max_epsilon_gates_on_it(store, digits,
     v2 = _log(tmp_path / "plain.pt")
     assert EPSILON_TAG not in MlflowClient().get_model_version(NAME, v2).tags
     d = promote(NAME, tmp_path / "holdout", PromoteConfig(**loose, max_epsilon=8.0), evaluate, version=v2)
-    assert "ε inf (not trained with DP-SGD) vs max_epsilon 8" in d.reasons
+    assert "ε inf (not trained with DP-SGD) vs max_epsilon 8 (set promote.max_epsilon in params.yaml)" in d.reasons
     assert not any("max_epsilon" in c for c in promote(NAME, tmp_path / "holdout", PromoteConfig(**loose), evaluate,
                                                          version=v2).checks)  # off by default
 

@@ -230,7 +230,8 @@ def test_membership_gate_reads_the_audit_recorded_at_registration(store, models,
     assert "membership-inference audit (300 train images against 300 holdout images): AUC 0.8100" in mv.description
     d = promote(NAME, holdouts["balanced"], gates(max_membership_auc=0.6), EVAL)
     assert not d.promoted
-    assert d.reasons == ["membership-inference AUC 0.8100 vs max_membership_auc 0.6000"]
+    assert d.reasons == ["membership-inference AUC 0.8100 vs max_membership_auc 0.6000 (set promote.max_membership_auc in "
+                         "params.yaml)"]
     assert d.challenger_metrics["mia_auc"] == 0.81
 
     record_audit(NAME, leaky, {**_audit(0.5), "mia_auc": None})  # no audit figures: nothing recorded
@@ -328,7 +329,7 @@ def test_latency_is_judged_against_the_champion(store, models, holdouts):
     "model, tight, expect",
     [
         ("no_bottom", {"min_score": 0.9}, r"accuracy 0\.\d+ vs min_score 0\.9"),
-        ("no_bottom", {"min_class_score": 0.5}, r"class recall below min_class_score 0\.500: bottom \(0\.000\)$"),
+        ("no_bottom", {"min_class_score": 0.5}, r"class recall below min_class_score 0\.500: bottom \(0\.000\) \("),
         ("underconfident", {"max_ece": 0.1}, r"ECE 0\.\d+ vs max_ece 0\.1"),
         ("good", {"min_gain": 0.01}, r"accuracy gain \+0\.0000 over champion .* vs min_gain \+0\.0100 on the same 300"),
     ],
@@ -342,7 +343,65 @@ def test_each_gate_rejects_alone(store, models, holdouts, model, tight, expect):
     d = promote(NAME, holdouts["balanced"], gates(**tight), EVAL)
     assert not d.promoted
     assert len(d.reasons) == 1 and re.search(expect, d.reasons[0]), d.reasons
+    assert d.reasons[0].endswith(f" (set promote.{next(iter(tight))} in params.yaml)")  # the key that changes it
     assert json.loads(MlflowClient().get_model_version(NAME, v).tags["promotion.reasons"]) == d.reasons
+
+
+
+def _noisy_holdout(root: Path, wrong: int, n: int = 300, seed: int = 2) -> Path:
+    """Balanced 3-class holdout where `wrong` images (every third from the start, so each class loses
+    wrong / 3) are labelled as the next class: a model that reads the images perfectly scores 1 - wrong / n."""
+    rng = np.random.default_rng(seed)
+    drawn = np.arange(n) % 3
+    labels = drawn.copy()
+    labels[:wrong] = (drawn[:wrong] + 1) % 3
+    split = dataset.Split(corner_images(drawn, rng), labels.astype(np.int64), [f"holdout/{i}.png" for i in range(n)])
+    dataset.save(dataset.Dataset(CLASSES, {"holdout": split}, "synthetic"), root)
+    return root
+
+
+AUTO = {**LOOSE, "min_score": "auto", "min_class_score": "auto"}
+
+
+def test_auto_gates_make_a_first_champion_of_a_model_that_beats_the_trivial_one(store, models, tmp_path):
+    """A model at 0.80 on a balanced holdout (the most frequent class: 1/3) is refused by min_score 0.9, and made
+    champion by the auto floors: 1/3 + 0.25 x 2/3 = 0.5 on accuracy and on each class's recall (1/3 by chance)."""
+    holdout = _noisy_holdout(tmp_path / "noisy", wrong=60)
+    right = _correct(models["good"], holdout).mean()
+    assert right == pytest.approx(0.8)  # the good model reads every image; 60 of 300 labels disagree
+    _log(models["good"])
+    d = promote(NAME, holdout, PromoteConfig(**{**LOOSE, "min_score": 0.9}), EVAL, version="1")
+    assert not d.promoted and d.reasons == [
+        "accuracy 0.8000 vs min_score 0.9000 (set promote.min_score in params.yaml)"]
+    _log(models["good"])
+    d = promote(NAME, holdout, PromoteConfig(**AUTO), EVAL)
+    assert d.promoted, d.reasons
+    assert d.trivial == {"predictor": "the most frequent class", "score": pytest.approx(1 / 3)}
+    assert ("PASS accuracy 0.8000 vs min_score auto 0.5000 (the most frequent class scores 0.3333 on this holdout, "
+            "+ auto_margin 0.25 of the gap to 1)") in d.checks
+    assert any(c.startswith("PASS every class recall >= min_class_score auto (each class's recall under a uniform "
+                            "guess, + auto_margin 0.25 of the gap to 1) (lowest 0.8") for c in d.checks), d.checks
+    assert json.loads(MlflowClient().get_model_version(NAME, "2").tags["promotion.trivial"])["score"] == pytest.approx(1 / 3)
+    assert _aliases() == {"champion": "2"}
+
+
+def test_auto_gates_refuse_a_model_that_does_not_beat_the_trivial_one(store, models, holdouts, tmp_path):
+    """Where `bottom` is 200 of 300 images, always answering it scores 0.667: a model that never predicts it
+    (0.333) is refused by both auto floors, each failure naming its keys; auto_margin moves the floor."""
+    holdout = _holdout(tmp_path / "bottom_heavy", bottoms=200)
+    _log(models["no_bottom"])
+    d = promote(NAME, holdout, PromoteConfig(**AUTO), EVAL)
+    assert not d.promoted
+    score, cls = d.reasons
+    assert score == ("accuracy 0.3333 vs min_score auto 0.7500 (the most frequent class scores 0.6667 on this holdout, "
+                     "+ auto_margin 0.25 of the gap to 1) (set promote.min_score, or promote.auto_margin, in params.yaml)")
+    assert cls.startswith("class recall below min_class_score auto (each class's recall under a uniform guess, "
+                          "+ auto_margin 0.25 of the gap to 1): bottom (0.000 < 0.500)")
+    assert cls.endswith("(set promote.min_class_score, or promote.auto_margin, in params.yaml)")
+    d = promote(NAME, holdouts["balanced"], PromoteConfig(**{**AUTO, "auto_margin": 0.0}), EVAL, version="1")
+    assert d.reasons == ["class recall below min_class_score auto (each class's recall under a uniform guess, + "
+                         "auto_margin 0 of the gap to 1): bottom (0.000 < 0.333) (set promote.min_class_score, or "
+                         "promote.auto_margin, in params.yaml)"]
 
 
 def test_an_explicit_version_is_judged_not_the_alias(store, models, holdouts):
@@ -550,3 +609,20 @@ def test_a_better_detector_on_dense_images_is_promoted_by_a_per_image_test(store
     assert any(re.match(r"Wilcoxon signed-rank p=(1|0\.9\d*) on per-image F1", r) for r in d.reasons), d.reasons
     assert any(r.startswith("class AP@.5 below min_class_score 0.050:") and all(f"{k} (0.000)" in r for k in SUPPRESSED)
                for r in d.reasons), d.reasons
+
+
+def test_trivial_scores_are_what_a_predictor_that_learnt_nothing_scores():
+    """Segmentation: every pixel the most frequent class (IGNORE pixels uncounted); detection: no box (0)."""
+    from visionops.tasks import get_task
+    from visionops.tasks.segmentation.segmenter import IGNORE
+
+    masks = np.zeros((2, 4, 4), np.uint8)
+    masks[0, :, :1] = 1  # 4 of 32 pixels cell, 4 IGNORE, 24 background
+    masks[1, :1, :] = IGNORE
+    split = dataset.Split(np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int64), ["a", "b"], targets={"masks": masks})
+    seg = get_task("segmentation").trivial_scores(split, dataset.Dataset(["background", "cell"], {}, "x", task="segmentation"))
+    assert seg["predictor"] == seg["per_class_predictor"] == "every pixel background"
+    assert seg["per_class"] == pytest.approx({"background": 24 / 28, "cell": 0.0})
+    assert seg["score"] == pytest.approx(24 / 28 / 2)
+    det = get_task("detection").trivial_scores(split, dataset.Dataset(["a", "b"], {}, "x", task="detection"))
+    assert det == {"predictor": "no box", "score": 0.0, "per_class_predictor": "no box", "per_class": {"a": 0.0, "b": 0.0}}

@@ -201,11 +201,30 @@ def test_register_prints_why_a_first_version_is_not_champion(project, capsys):
     _untrained_teacher(project)
     assert main(["register"]) == 0
     teacher, student = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(rf"{TEACHER} v1: registered; not champion after the gates: accuracy 0\.\d+ vs min_score 0\.9000"
-                        r"(; class recall below min_class_score 0\.500: .*)?", teacher), teacher
+    assert re.fullmatch(rf"{TEACHER} v1: registered; not champion after the gates: accuracy 0\.\d+ vs min_score 0\.9000 "
+                        r"\(set promote\.min_score in params\.yaml\)"
+                        r"(; class recall below min_class_score 0\.500: .* \(set promote\.min_class_score in params\.yaml\))?",
+                        teacher), teacher
     assert student == f"{STUDENT} v1: registered; champion after the gates"
     assert main(["register"]) == 0  # judged once: a rerun registers and judges nothing
     assert capsys.readouterr().out.startswith("register: nothing to register")
+
+
+
+def test_register_names_the_auto_gate_that_refused_and_its_keys(project, capsys):
+    """Under the shipped `auto` floors an untrained teacher does no better than always answering the holdout's
+    most frequent class: the line names the gate, the score, the floor, how it was set and the keys to change."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["promote"].update(min_score="auto", min_class_score="auto", auto_margin=0.25)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _untrained_teacher(project)
+    assert main(["register"]) == 0
+    teacher = capsys.readouterr().out.splitlines()[0]
+    assert re.fullmatch(rf"{TEACHER} v1: registered; not champion after the gates: accuracy 0\.\d+ vs min_score auto "
+                        r"0\.\d+ \(the most frequent class scores 0\.\d+ on this holdout, \+ auto_margin 0\.25 of the gap to 1\) "
+                        r"\(set promote\.min_score, or promote\.auto_margin, in params\.yaml\)(; class recall below "
+                        r"min_class_score auto .*\(set promote\.min_class_score, or promote\.auto_margin, in params\.yaml\))?",
+                        teacher), teacher
 
 
 def test_missing_champion_messages_say_what_helps(project, capsys):

@@ -254,6 +254,35 @@ def test_progressive_resizing_trains_the_teacher_small_first_and_the_students_at
     assert student_config(p.distill, p.train).progressive_start == 1.0
 
 
+
+def test_train_steps_ramps_progressive_resizing_over_the_epochs_it_makes(pipeline, monkeypatch):
+    """train.steps two epochs and one step: 3 epochs (32, 48, then 64 px for the last, partial one); two
+    epochs' steps leave none at the full size, which is refused naming both keys."""
+    from visionops.errors import InvalidInputError
+    from visionops.tasks.segmentation import segmenter
+    from visionops.tasks.segmentation.train import recorded_augment, setup
+
+    seen: list[int] = []  # the side of every training forward pass
+    build = segmenter.build
+
+    def watched_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape[-1]) if m.training else None)
+        return model
+
+    monkeypatch.setattr(segmenter, "build", watched_build)
+    root = pipeline["root"]
+    s = setup(pipeline["ds"], root / "prepared", params().train, recorded_augment(root / "prepared"))
+    per_epoch = -(-len(s.train_data[0]) // 16)
+    hard = s.hard
+    p = params(train={"steps": 2 * per_epoch + 1, "progressive_start": 0.5, "progressive_epochs": 2})
+    _, state = s.fit("unet_small", p.train, lambda logits, masks, _x: hard(logits, masks), None, "x", "teacher", None)
+    assert seen == [32] * per_epoch + [48] * per_epoch + [64] and (state.epoch, state.steps) == (3, 2 * per_epoch + 1)
+    p = params(train={"steps": 2 * per_epoch, "progressive_start": 0.5, "progressive_epochs": 2})
+    with pytest.raises(InvalidInputError, match=r"train.progressive_epochs \(2\) must be below the 2 epochs train.steps"):
+        s.fit("unet_small", p.train, lambda logits, masks, _x: hard(logits, masks), None, "x", "teacher", None)
+
+
 def test_baseline_and_distill_report_teacher_vs_student(pipeline):
     root = pipeline["root"]
     base = json.loads((root / "reports/baseline/baseline.json").read_text())

@@ -291,3 +291,74 @@ def test_kill_9_in_train_and_distill_then_repro_writes_the_uninterrupted_bytes(t
     assert "register: nothing to register" in out.stdout + out.stderr
     assert whole.run("git", "diff", "HEAD", "--quiet", "dvc.lock", check=False).returncode == 0
     assert sorted((v.name, v.version) for v in client.search_model_versions("")) == versions
+
+
+def test_train_steps_runs_exactly_that_many_steps_and_resumes_to_the_same_bytes(tmp_path):
+    """train.steps 10 at 4 steps an epoch: 3 epochs, the last of 2 steps; the lr schedule ends at the 10th
+    step; killed after epoch 2 and resumed, the model file is the uninterrupted run's."""
+    from visionops.tasks.classification.augment import BatchAugment
+    from visionops.tasks.classification.objective import train_correct, val_scorer
+    from visionops.training.trainer import fit, triangle
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=gen), torch.arange(64) % 10
+    cfg = TrainConfig(model="lenet", epochs=50, steps=10, batch_size=16, schedule="triangle", lr=0.05)
+    augment, cpu = BatchAugment.from_config(AugmentConfig(), num_classes=10), torch.device("cpu")
+    scorer = val_scorer((x, y), cfg, cpu)
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_epoch_2(_desc, row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    def criterion(logits, targets, _x):
+        calls.append(len(targets))
+        return F.cross_entropy(logits, targets)
+
+    def run(name: str, **kw):
+        torch.manual_seed(0)
+        model = classifier.build("lenet", list("0123456789"), (16, 16, 1), [0.5], [0.5])
+        model, state = fit(model, (x, y), scorer, cfg, augment, criterion, cpu, tmp_path / f"{name}.ck", "fp",
+                           train_correct=train_correct, **kw)
+        history = [measured.pure(row) for row in state.history]
+        classifier.save(tmp_path / f"{name}.pt", model, "lenet", list("0123456789"), (16, 16, 1), history=history)
+        return state, (tmp_path / f"{name}.pt").read_bytes()
+
+    state, whole = run("whole")
+    assert len(calls) == 10 and state.steps == 10 and state.epoch == 3 and len(state.history) == 3
+    assert state.history[-1]["lr"] == pytest.approx(0.05 * triangle(10, 10)) and triangle(10, 10) == pytest.approx(0.07)
+    assert state.history[-2]["lr"] == pytest.approx(0.05 * triangle(8, 10))  # 8 steps after 2 whole epochs
+    calls.clear()
+    with pytest.raises(Killed):
+        run("resumed", on_epoch=killed_after_epoch_2)
+    assert len(calls) == 8 and torch.load(tmp_path / "resumed.ck", weights_only=True)["state"]["steps"] == 8
+    calls.clear()
+    resumed, resumed_bytes = run("resumed")
+    assert len(calls) == 2 and resumed.steps == 10 and resumed_bytes == whole
+
+
+def test_train_and_baseline_report_steps_and_epochs_run(digits16, tmp_path):
+    from visionops.config import DistillConfig
+    from visionops.tasks.classification.baseline import run_baseline
+
+    metrics, _ = _train(digits16, tmp_path, steps=25)
+    per_epoch = metrics["train_images"] // 64 + bool(metrics["train_images"] % 64)
+    assert 25 < 2 * per_epoch and per_epoch < 25  # the second epoch is partial
+    on_disk = json.loads((tmp_path / "r" / "details.json").read_text())
+    assert (on_disk["steps_run"], on_disk["epochs_run"]) == (metrics["steps_run"], metrics["epochs_run"]) == (25, 2)
+    cfg = DistillConfig(student="lenet", epochs=9, steps=7)
+    base = run_baseline(digits16, tmp_path / "prepared", cfg, TrainConfig(**FAST), AugmentConfig(), tmp_path / "b",
+                        tmp_path / "bck")
+    assert (base["steps_run"], base["epochs_run"]) == (7, 1)
+
+
+def test_steps_with_dp_sgd_is_refused():
+    from visionops.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match="train.steps cannot be used with train.privacy.enabled"):
+        parse_params({"train": {"steps": 100, "privacy": {"enabled": True}, "amp": False}})
+    with pytest.raises(ParamsError, match="distill.steps cannot be used with train.privacy.enabled"):
+        parse_params({"train": {"privacy": {"enabled": True}, "amp": False}, "distill": {"steps": 100}})

@@ -206,6 +206,9 @@ class TrainConfig(Section):
 
     model: ModelName = "lenet"
     epochs: int = Field(15, ge=1, le=10_000)
+    # None: train `epochs` whole epochs; N: exactly N optimiser steps (the lr schedule spans them) in
+    # ceil(N / steps per epoch) epochs, the last one stopping when they are done (for small data sets)
+    steps: int | None = Field(None, ge=1, le=10_000_000)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
@@ -243,11 +246,14 @@ class TrainConfig(Section):
             if self.compile:
                 raise ValueError("train.compile cannot be used with train.privacy.enabled (Opacus's per-image "
                                  "gradient hooks); set train.compile to false")
+            if self.steps is not None:
+                raise ValueError("train.steps cannot be used with train.privacy.enabled (the noise is set for whole "
+                                 "epochs of Poisson-sampled batches); set train.steps to null and use train.epochs")
         return self
 
     @model_validator(mode="after")
     def _last_epochs_at_full_size(self) -> TrainConfig:
-        if self.progressive_start < 1 and self.progressive_epochs >= self.epochs:
+        if self.progressive_start < 1 and self.steps is None and self.progressive_epochs >= self.epochs:
             raise ValueError(f"train.progressive_epochs ({self.progressive_epochs}) must be below train.epochs "
                              f"({self.epochs}): the last epochs train at the full size")
         return self
@@ -279,6 +285,7 @@ class DistillConfig(Section):
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)  # weight of the KD term; 1 - alpha on the hard labels
     epochs: int = Field(15, ge=1, le=10_000)
+    steps: int | None = Field(None, ge=1, le=10_000_000)  # None: `epochs`; N: exactly N optimiser steps (as train.steps)
     lr: float = Field(0.05, gt=0.0)
     baseline: bool = True  # also train the student alone, to show what distillation gained
     # scratch: the student starts from random weights; teacher: from the teacher's strongest channels (the same
@@ -315,13 +322,21 @@ class MlflowConfig(Section):
     student_model_name: str = "visionops-student"
 
 
-class PromoteConfig(Section):
-    """Gates a challenger must pass to become champion, judged on the frozen holdout (data/holdout)."""
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
-    min_score: float = Field(0.9, ge=0.0, le=1.0)  # the task's headline metric: accuracy, mAP@.5, mIoU
+
+class PromoteConfig(Section):
+    """Gates a challenger must pass to become champion, judged on the frozen holdout (data/holdout).
+
+    `auto` floors fit the data: what a predictor that learnt nothing scores on the same holdout (the task's
+    `trivial_scores`: the most frequent class, no box, every pixel the most frequent class) plus `auto_margin`
+    of the gap from there to 1."""
+
+    min_score: Literal["auto"] | Fraction = "auto"  # the task's headline metric: accuracy, mAP@.5, mIoU
     min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # gain in the task's per-image measure (accuracy, F1, mIoU), same images
     significance: float = Field(0.05, gt=0.0, le=1.0)  # the task's one-sided paired test's p-value needed; 1.0 = no test
-    min_class_score: float = Field(0.8, ge=0.0, le=1.0)  # each class's recall, AP@.5 or IoU
+    min_class_score: Literal["auto"] | Fraction = "auto"  # each class's recall, AP@.5 or IoU
+    auto_margin: float = Field(0.25, ge=0.0, lt=1.0)  # auto = trivial + auto_margin x (1 - trivial)
     max_ece: float = Field(0.1, ge=0.0, le=1.0)  # classification only (the others serve no probabilities)
     max_latency_ratio: float = Field(1.5, gt=0.0)  # challenger / champion time per batch, measured in turns
     max_membership_auc: float | None = Field(0.6, ge=0.5, le=1.0)  # the stronger membership attack's AUC; None = off
@@ -404,6 +419,9 @@ class Params(Section):
     def _privacy_fits_the_task_and_data(self) -> Params:
         if not self.train.privacy.enabled:
             return self
+        if self.distill.steps is not None:
+            raise ValueError("distill.steps cannot be used with train.privacy.enabled (the noise is set for whole "
+                             "epochs of Poisson-sampled batches); set distill.steps to null and use distill.epochs")
         if self.task != "classification":
             raise ValueError(f"train.privacy applies to classification only (task is {self.task}): {self.task}'s "
                              "losses are not checked to be a mean of per-image terms, which DP-SGD's per-image "

@@ -80,6 +80,7 @@ class Decision:
     comparison: dict | None = None  # the paired test: test, measure, n, challenger_better, champion_better, gain,
     # champion_mean, p_value (None: no champion)
     latency: dict | None = None  # challenger_ms, champion_ms, ratio, rounds (None: no champion)
+    trivial: dict | None = None  # predictor, score: what a predictor that learnt nothing scores on the same holdout
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,20 +266,35 @@ def _metrics_record(ch: dict, champ: dict | None, gates: PromoteConfig) -> dict:
     return record
 
 
+def auto_floor(trivial: float, margin: float) -> float:
+    """An `auto` gate's floor: the trivial predictor's score plus `margin` of the gap from it to 1."""
+    return trivial + margin * (1 - trivial)
+
+
 def _gates(
-    ch: dict, champ: dict | None, gates: PromoteConfig, paired: dict | None = None, latency: dict | None = None
+    ch: dict, champ: dict | None, gates: PromoteConfig, paired: dict | None = None, latency: dict | None = None,
+    trivial: dict | None = None,
 ) -> tuple[list[str], list[str]]:
     """(failures, checks) of the challenger against the gates; `paired` (the task's paired test) and
-    `latency` (challenger vs champion in turns) exist when there is a champion."""
+    `latency` (challenger vs champion in turns) exist when there is a champion; `trivial` (the task's
+    `trivial_scores` on the same holdout) sets the `auto` floors. Each failure names the params.yaml key
+    that changes it."""
     failures, checks = [], []
+    margin = f"auto_margin {gates.auto_margin:g} of the gap to 1"
 
-    def check(ok: bool, text: str) -> None:
-        checks.append(("PASS " if ok else "FAIL ") + text)
+    def check(ok: bool, text: str, gate: str) -> None:
+        keys = f"promote.{gate}, or promote.auto_margin," if getattr(gates, gate) == "auto" else f"promote.{gate}"
+        checks.append("PASS " + text if ok else f"FAIL {text} (set {keys} in params.yaml)")
         if not ok:
-            failures.append(text)
+            failures.append(checks[-1].removeprefix("FAIL "))
 
     key, per_class, paired_name = ch["headline"], ch["per_class_metric"], ch["paired"]
-    check(ch[key] >= gates.min_score, f"{key} {ch[key]:.4f} vs min_score {gates.min_score:.4f}")
+    if gates.min_score == "auto":
+        floor = auto_floor(trivial["score"], gates.auto_margin)
+        shown = f"auto {floor:.4f} ({trivial['predictor']} scores {trivial['score']:.4f} on this holdout, + {margin})"
+    else:
+        floor, shown = gates.min_score, f"{gates.min_score:.4f}"
+    check(ch[key] >= floor, f"{key} {ch[key]:.4f} vs min_score {shown}", "min_score")
     if champ is None or paired is None:
         checks.append("SKIP min_gain: there is no champion yet")
         checks.append("SKIP significance: there is no champion to compare with")
@@ -287,7 +303,7 @@ def _gates(
         check(
             paired["gain"] >= gates.min_gain - 1e-12,
             f"{paired_name} gain {paired['gain']:+.4f} over champion ({paired['champion_mean']:.4f}) vs min_gain "
-            f"{gates.min_gain:+.4f} on the same {n} holdout images",
+            f"{gates.min_gain:+.4f} on the same {n} holdout images", "min_gain",
         )
         b, c = paired["challenger_better"], paired["champion_better"]
         counts = (f"{b} right only by the challenger, {c} only by the champion" if paired["test"] == "McNemar exact"
@@ -295,18 +311,24 @@ def _gates(
         check(
             paired["p_value"] <= gates.significance,
             f"{paired['test']} p={paired['p_value']:.4g} on {paired_name} vs significance {gates.significance:g} "
-            f"(n={n} holdout images: {counts})",
+            f"(n={n} holdout images: {counts})", "significance",
         )
     what = {"per_class_recall": "recall", "per_class_ap50": "AP@.5", "per_class_iou": "IoU"}.get(per_class, per_class)
-    low = {c: r for c, r in ch[per_class].items() if r < gates.min_class_score}
-    if low:
-        listed = ", ".join(f"{c} ({r:.3f})" for c, r in sorted(low.items(), key=lambda kv: kv[1]))
-        check(False, f"class {what} below min_class_score {gates.min_class_score:.3f}: {listed}")
+    auto = gates.min_class_score == "auto"
+    if auto:
+        floors = {c: auto_floor(trivial["per_class"].get(c, 0.0), gates.auto_margin) for c in ch[per_class]}
+        shown = f"auto (each class's {what} under {trivial['per_class_predictor']}, + {margin})"
+    else:
+        floors, shown = dict.fromkeys(ch[per_class], gates.min_class_score), f"{gates.min_class_score:.3f}"
+    listed = ", ".join(f"{c} ({r:.3f}{f' < {floors[c]:.3f}' if auto else ''})"
+                       for c, r in sorted(ch[per_class].items(), key=lambda kv: kv[1]) if r < floors[c])
+    if listed:
+        check(False, f"class {what} below min_class_score {shown}: {listed}", "min_class_score")
     else:
         worst = min(ch[per_class].values(), default=float("nan"))
-        check(True, f"every class {what} >= min_class_score {gates.min_class_score:.3f} (lowest {worst:.3f})")
+        check(True, f"every class {what} >= min_class_score {shown} (lowest {worst:.3f})", "min_class_score")
     if "ece" in ch:
-        check(ch["ece"] <= gates.max_ece, f"ECE {ch['ece']:.4f} vs max_ece {gates.max_ece:.4f}")
+        check(ch["ece"] <= gates.max_ece, f"ECE {ch['ece']:.4f} vs max_ece {gates.max_ece:.4f}", "max_ece")
     else:
         checks.append(f"SKIP max_ece: a {key} model serves no class probabilities to calibrate")
     if gates.max_membership_auc is None:
@@ -316,11 +338,12 @@ def _gates(
                       "without evaluate's or distill's figures)")
     else:
         check(ch["mia_auc"] <= gates.max_membership_auc,
-              f"membership-inference AUC {ch['mia_auc']:.4f} vs max_membership_auc {gates.max_membership_auc:.4f}")
+              f"membership-inference AUC {ch['mia_auc']:.4f} vs max_membership_auc {gates.max_membership_auc:.4f}",
+              "max_membership_auc")
     if gates.max_epsilon is not None:
         eps = ch.get("epsilon")
         spent = f"ε {eps:.4g}" if eps is not None else "ε inf (not trained with DP-SGD)"
-        check(eps is not None and eps <= gates.max_epsilon, f"{spent} vs max_epsilon {gates.max_epsilon:g}")
+        check(eps is not None and eps <= gates.max_epsilon, f"{spent} vs max_epsilon {gates.max_epsilon:g}", "max_epsilon")
     if latency is None:
         checks.append(
             "SKIP max_latency_ratio: there is no champion to time against (latency depends on the machine and "
@@ -332,7 +355,7 @@ def _gates(
             latency["ratio"] <= gates.max_latency_ratio,
             f"latency ratio {latency['ratio']:.2f} (challenger {latency['challenger_ms']:.2f} ms vs champion "
             f"{latency['champion_ms']:.2f} ms per batch of {ch['latency_batch_size']}, median of {latency['rounds']} "
-            f"alternating rounds) vs max_latency_ratio {gates.max_latency_ratio:.2f}",
+            f"alternating rounds) vs max_latency_ratio {gates.max_latency_ratio:.2f}", "max_latency_ratio",
         )
     return failures, checks
 
@@ -399,7 +422,8 @@ def promote(
         champ_metrics["model_uri"] = champ_uri
     ch_metrics["model_uri"] = ch_uri
     ch_metrics["epsilon"] = privacy_record.recorded_epsilon(challenger.tags or {})
-    failures, checks = _gates(ch_metrics, champ_metrics, gates, paired, latency)
+    trivial = get_task(ds.task).trivial_scores(split, ds)
+    failures, checks = _gates(ch_metrics, champ_metrics, gates, paired, latency, trivial)
     promoted = not failures
     stamp = _now()
     decision = Decision(
@@ -414,6 +438,7 @@ def promote(
         holdout_n=len(split),
         comparison=paired,
         latency=latency,
+        trivial={k: trivial[k] for k in ("predictor", "score")},
     )
     v = decision.challenger_version
     old = decision.champion_version
@@ -448,6 +473,7 @@ def _record(client: MlflowClient, name: str, d: Decision, gates: PromoteConfig) 
             if paired else "n/a (no champion)"
         ),
         "promotion.latency_ratio": f"{d.latency['ratio']:.4f}" if d.latency else "n/a (no champion)",
+        "promotion.trivial": d.trivial,
         "promotion.metrics": _metrics_record(d.challenger_metrics, d.champion_metrics, gates),
     }
     for key, value in tags.items():

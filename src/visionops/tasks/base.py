@@ -69,3 +69,9 @@ class Task(Protocol):
         mcnemar, a score in [0, 1] for wilcoxon) of a served model (the registered pyfunc's Python model) on
         a split: what promotion and monitoring judge."""
         ...
+
+    def trivial_scores(self, split: Split, ds: Dataset) -> dict:
+        """What a predictor that learnt nothing scores on `split`: {"predictor": what it answers, "score": its
+        `headline` metric, "per_class_predictor", "per_class": {class: that one's `per_class` metric}}; promotion's
+        `auto` gates start from them."""
+        ...

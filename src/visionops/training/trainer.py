@@ -7,6 +7,7 @@ augmentation, the loss and the validation score the loop selects by.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import sys
@@ -61,6 +62,7 @@ class TrainState:
     """Everything a checkpoint holds, so a killed run resumes exactly where it stopped."""
 
     epoch: int = 0
+    steps: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
     best_acc: float = -1.0
     best_epoch: int = 0
@@ -99,8 +101,17 @@ def triangle(step: int, total: int, start: float = 0.2, peak_at: float = 0.23, e
     return 1 - (1 - end) * min((step - peak) / max(total - peak, 1), 1.0)
 
 
-def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
+def plan(cfg: TrainConfig, n_train: int, world_size: int = 1) -> tuple[int, int, int]:
+    """(steps per epoch, epochs, optimiser steps) of a run on `n_train` images: with `cfg.steps` set, exactly
+    that many steps in ceil(steps / steps per epoch) epochs, the last one stopping when they are done;
+    else `cfg.epochs` whole epochs."""
+    per_epoch = max(math.ceil(n_train // world_size / cfg.batch_size), 1)
+    total = cfg.steps or cfg.epochs * per_epoch
+    return per_epoch, math.ceil(total / per_epoch), total
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
+    """The learning-rate schedule over `total` optimiser steps."""
     if cfg.schedule == "onecycle":
         max_lr = [group["lr"] for group in opt.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=0.25)
@@ -211,16 +222,16 @@ def fit(
         dp = DPSGD(cfg.privacy, len(train_x), cfg.batch_size, cfg.epochs)
     model = model.to(device, memory_format=fmt)
     shard = len(train_x) // dist_info.world_size
-    steps = max(math.ceil(shard / cfg.batch_size), 1)
+    steps, epochs, total = plan(cfg, len(train_x), dist_info.world_size)
     opt = _optimizer(model, cfg)
-    sched = _scheduler(opt, cfg, steps)
+    sched = _scheduler(opt, cfg, total)
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     state = _load_checkpoint(checkpoint, fingerprint, model, opt, sched, gen)
     if state.epoch == 0:
         init_from_data(model, train_x, seed=cfg.seed)
-    lookahead = Lookahead(model, cfg.epochs * steps) if cfg.lookahead else None
+    lookahead = Lookahead(model, total) if cfg.lookahead else None
     if lookahead is not None:
         lookahead.resume(state.epoch * steps)
     ddp = nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
@@ -232,8 +243,8 @@ def fit(
 
     train_key, val_key = f"train_{metric}", f"val_{metric}"
     quiet = None if dist_info.is_main else True  # tqdm: None = off when stderr is not a terminal
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
-    while state.epoch < cfg.epochs and not _should_stop(state, cfg) and (dp is None or dp.next_epoch_fits()):
+    bar = tqdm(total=epochs, initial=state.epoch, desc=desc, unit="epoch", disable=quiet, file=sys.stderr)
+    while state.epoch < epochs and not _should_stop(state, cfg) and (dp is None or dp.next_epoch_fits()):
         t0 = time.perf_counter()
         if on_epoch_start is not None:
             on_epoch_start(state.epoch)
@@ -243,6 +254,7 @@ def fit(
         else:
             perm = torch.randperm(len(train_x), generator=gen, device=gen.device)[dist_info.rank :: dist_info.world_size][:shard].to(device)
             batches_idx = (perm[start : start + cfg.batch_size] for start in range(0, shard, cfg.batch_size))
+        batches_idx = itertools.islice(batches_idx, min(steps, total - state.steps))  # train.steps: a partial last epoch
         seen, loss_sum = 0, torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         batches = tqdm(total=steps, desc=f"{desc} epoch {state.epoch + 1}", unit="batch", leave=False, disable=quiet,
@@ -259,6 +271,7 @@ def fit(
             loss.backward()
             step_opt.step()
             sched.step()
+            state.steps += 1
             if lookahead is not None:
                 lookahead.step(step)
             seen += len(idx)
@@ -300,7 +313,7 @@ def fit(
             bar.update(1)
             bar.set_postfix({"loss": f"{row['train_loss']:.3f}", val_key: f"{row[val_key]:.4f}"})
             shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_", "epsilon")) and "seconds" not in k)
-            tqdm.write(f"{desc} epoch {state.epoch}/{cfg.epochs}: {shown} ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
+            tqdm.write(f"{desc} epoch {state.epoch}/{epochs}: {shown} ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
     bar.close()
     if dp is not None:
         unwrap(step_model)

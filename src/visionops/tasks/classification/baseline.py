@@ -72,7 +72,7 @@ def student_setup(
     ds, images, labels, loss_opts = load_train_data(Path(dataset_dir), Path(prepared_dir))
     if mean is None or std is None:
         mean, std = classifier.normalisation(images, train_cfg.privacy.enabled)
-    student_cfg = train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "lr": cfg.lr})
+    student_cfg = train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "steps": cfg.steps, "lr": cfg.lr})
     hard = ClassificationLoss(
         train_cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], train_cfg.logit_adjust_tau
     ).to(device)
@@ -132,7 +132,7 @@ def run_baseline(
         "device": str(s.device),
         "test_acc": accuracy(model, test.images, test.labels, s.device),
         "best_val_acc": state.best_acc,
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "best_epoch": state.best_epoch,
         **run_seconds(state.history, len(s.labels)),
         **privacy_metrics(state.privacy),

@@ -194,7 +194,7 @@ def run_distill(
         "student_tta": student.tta,
         "student_temperature": student.temperature,
         "baseline_best_val_acc": base["best_val_acc"] if base is not None else None,
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "best_epoch": state.best_epoch,
         **run_seconds(state.history, len(labels)),
         "teacher_parameters": teacher_params,

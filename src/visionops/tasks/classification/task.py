@@ -82,5 +82,13 @@ class Classification:
 
         return score_served(model, split, ds, cfg)
 
+    def trivial_scores(self, split, ds) -> dict:
+        """The accuracy of answering the split's most frequent class; per class, a uniform guess's recall (1/K)
+        (the constant answer's recall is 1 on its class and 0 on the others: no floor to set)."""
+        labels = np.asarray(split.labels)
+        top = np.bincount(labels, minlength=len(ds.class_names)).max() if len(labels) else 0
+        return {"predictor": "the most frequent class", "score": float(top / max(len(labels), 1)),
+                "per_class_predictor": "a uniform guess", "per_class": dict.fromkeys(ds.class_names, 1 / len(ds.class_names))}
+
 
 TASK = Classification()

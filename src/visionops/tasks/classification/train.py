@@ -122,7 +122,7 @@ def run_train(
         "model": cfg.model,
         "device": str(device),
         "world_size": dist_info.world_size,
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "best_epoch": state.best_epoch,
         "best_val_acc": state.best_acc,
         "tta": cfg.tta,

@@ -43,7 +43,7 @@ def run_baseline(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, trai
         "test_map": test["map"],
         "best_val_map_50": state.best_acc,
         "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "init": cfg.init,
         **run_seconds(state.history, len(images)),
     }

@@ -145,7 +145,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(student),
         "best_val_map_50": state.best_acc,
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "onnx_exporter": onnx_info["exporter"],
         "onnx_opset": onnx_info["opset"],
         "onnx_max_abs_diff": parity["max_abs_diff"],

@@ -13,7 +13,7 @@ from visionops.training.trainer import EpochCallback
 
 
 def student_config(cfg: DistillConfig, train_cfg: TrainConfig) -> TrainConfig:
-    return train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "lr": cfg.lr})
+    return train_cfg.model_copy(update={"model": cfg.student, "epochs": cfg.epochs, "steps": cfg.steps, "lr": cfg.lr})
 
 
 def train_student(dataset_dir: Path, prepared_dir: Path, cfg: DistillConfig, train_cfg: TrainConfig,

@@ -112,7 +112,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
         "model": cfg.model,
         "device": facts["device"],
         "world_size": facts["world_size"],
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "best_epoch": state.best_epoch,
         "best_val_map_50": state.best_acc,
         "train_images": len(images),

@@ -144,7 +144,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
         "teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student),
         "onnx_exporter": onnx_info["exporter"], "onnx_max_abs_diff": parity["max_abs_diff"],
         "onnx_argmax_agreement": parity["argmax_agreement"], "onnx_images": parity["images"], "onnx_parity": parity["passed"],
-        "epochs_run": state.epoch, "best_val_miou": state.best_acc,
+        "epochs_run": state.epoch, "steps_run": state.steps, "best_val_miou": state.best_acc,
         "teacher_cpu_batch_ms": t_lat["batch_ms"], "student_cpu_batch_ms": s_lat["batch_ms"],
         "cpu_speedup": t_lat["batch_ms"] / s_lat["batch_ms"], "int8_miou": None, **int8,
         **run_seconds(state.history, len(s.arrays[0])), **audit,

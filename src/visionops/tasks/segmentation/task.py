@@ -89,4 +89,16 @@ class Segmentation:
                    "latency_batch_size": cfg.latency_batch_size}
         return metrics, np.asarray(m["image_miou"], dtype=float)
 
+    def trivial_scores(self, split, ds) -> dict:
+        """Every pixel the split's most frequent class: its mIoU and per-class IoU."""
+        from visionops.tasks.segmentation.evaluate import CORRECT_MIOU, score_masks
+        from visionops.tasks.segmentation.segmenter import IGNORE
+
+        truth = np.asarray(split.targets["masks"])
+        counts = np.bincount(truth[truth != IGNORE].ravel(), minlength=len(ds.class_names))
+        m = score_masks(np.full_like(truth, counts.argmax()), truth, ds.class_names, CORRECT_MIOU)
+        predictor = f"every pixel {ds.class_names[counts.argmax()]}"
+        return {"predictor": predictor, "score": m["miou"], "per_class_predictor": predictor,
+                "per_class": {c: v["iou"] for c, v in m["per_class"].items() if v["iou"] is not None}}
+
 TASK = Segmentation()

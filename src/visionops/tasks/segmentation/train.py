@@ -27,7 +27,7 @@ from visionops.tasks.segmentation.objective import METRIC, fit_prior_correction,
 from visionops.training import progressive
 from visionops.training.device import memory_format, select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
-from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed
+from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed, plan
 
 HEADLINE = ("best_val_miou",)
 
@@ -72,7 +72,11 @@ class Setup:
         if start is not None:
             narrow_into(start.net, model.net)
         augment = self.augment.to(self.device)
-        sides = progressive.epoch_sides(cfg.progressive_start, cfg.progressive_epochs, cfg.epochs, *self.ds.image_shape[:2])
+        epochs = plan(cfg, len(self.train_data[0]), self.dist_info.world_size)[1]
+        if cfg.progressive_start < 1 and cfg.progressive_epochs >= epochs:
+            raise InvalidInputError(f"train.progressive_epochs ({cfg.progressive_epochs}) must be below the {epochs} "
+                                    f"epochs train.steps ({cfg.steps}) makes: the last epochs train at the full size")
+        sides = progressive.epoch_sides(cfg.progressive_start, cfg.progressive_epochs, epochs, *self.ds.image_shape[:2])
         model, state = fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
                            lambda x, masks, gen: augment(x, masks, gen), criterion, self.device, checkpoint=checkpoint,
                            fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC,
@@ -123,7 +127,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
         "model": cfg.model,
         "device": str(s.device),
         "world_size": s.dist_info.world_size,
-        "epochs_run": state.epoch,
+        "epochs_run": state.epoch, "steps_run": state.steps,
         "best_epoch": state.best_epoch,
         "best_val_miou": state.best_acc,
         "prior_correction": s.prior_strength,
