@@ -72,9 +72,10 @@ def _wide_masks_folder(root, n=4, width=120, height=40):
     return root, masks, boxes
 
 
-def _cfg(root, **kw) -> DataConfig:
-    return DataConfig(source="masks", root=str(root), image_size=48, resize="letterbox", val_fraction=0.0,
-                      test_fraction=0.0, holdout_fraction=0.0, cache_dir=str(root / "cache"), **kw)
+def _cfg(root, resize: str = "letterbox") -> DataConfig:
+    """Everything in train (no carving): image i of the folder is train image i."""
+    return DataConfig(source="masks", root=str(root), image_size=48, resize=resize, val_fraction=0.0,
+                      test_fraction=0.0, holdout_fraction=0.0, cache_dir=str(root / "cache"))
 
 
 def test_masks_are_letterboxed_with_the_padding_ignored_and_map_back_within_a_pixel(tmp_path):
