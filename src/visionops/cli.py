@@ -69,9 +69,9 @@ def _check(params, args, run) -> dict:
 @command(
     "download",
     "fetch the data source and write the canonical dataset",
-    "Read data.source, resize to data.image_size and data.channels, and assign each image to holdout, val, "
-    "test or train by a seeded hash of its file's bytes or source pixels (adding images or changing the size or "
-    "channels never moves one; duplicates stay together). "
+    "Read data.source, resize to data.image_size (data.resize: squash or letterbox) and data.channels, and "
+    "assign each image to holdout, val, test or train by a seeded hash of its file's bytes or source pixels "
+    "(adding images or changing the size or channels never moves one; duplicates stay together). "
     "Classification: digits (embedded, no network), cifar10 (the official archive from data.url, MD5-verified, "
     "retried) or folder (an ImageFolder tree at data.root). Detection: canvases (embedded digits composed on "
     "larger images, written as COCO and read back), coco, voc or yolo at data.root. Segmentation: canvases "
@@ -94,7 +94,8 @@ def _download(params, args, run) -> dict:
     "suite on it: labels in the class set, consistent shapes, no unreadable files, no exact duplicates across "
     "splits, pixel statistics in range; boxes inside their image with positive area; masks of their image's "
     "size with values in the class set; images without objects counted. Critical failures exit non-zero "
-    "naming the files (and objects); imbalance above validate.max_imbalance_ratio is a warning. Writes "
+    "naming the files (and objects); imbalance above validate.max_imbalance_ratio (segmentation: train pixels "
+    "above validate.max_pixel_imbalance_ratio too) is a warning. Writes "
     f"summary.json, manifest.csv, class_counts.csv and data_docs/ to {layout.VALIDATE_REPORTS}/.",
     sections=("validate",),
 )

@@ -3,9 +3,9 @@
 A dense source (coco, voc, yolo, masks, canvases) reads each image into a `DenseImage`: the canonical
 pixels, the source size, its objects (source category, class index or -1 when unknown, box in source
 pixels) and, for segmentation, its class mask at the source size. `to_source_data` turns them into
-canonical `Split`s (boxes and masks placed as the image, `images.placement`: scaled, and for letterbox shifted,
-masks resized nearest with the padding IGNORE; the masks at source size kept as `Split.source_masks`) and keeps the raw facts the
-validate stage checks; `write_tables` stores those facts beside the split's arrays:
+canonical `Split`s (boxes and masks placed in the square as their image, `images.placement`: scaled, and for
+letterbox shifted, masks resized nearest and padded IGNORE; the source-size masks kept as `Split.source_masks`) and
+keeps the raw facts the validate stage checks; `write_tables` stores those facts beside the split's arrays:
 
     <split>/objects.csv   per object: index (image), path, object, category, category_name, class_index,
                           x0, y0, x1, y1 (xyxy in source pixels)
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from visionops.data.dataset import Rejected, Split
-from visionops.data.images import Placement, SourceImage, place, placement
+from visionops.data.images import SourceImage, place, placement
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError
 
@@ -99,11 +99,6 @@ def _canonical_mask(mask: np.ndarray, n_classes: int, size: int, resize: str) ->
     return out, unknown
 
 
-def image_placement(orig: tuple[int, int, int], size: int, resize: str) -> Placement:
-    """The `Placement` of an image of source shape `orig` (height, width, channels)."""
-    return placement(orig[1], orig[0], size, resize)
-
-
 def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int, channels: int,
              resize: str = "squash", background: bool = True) -> tuple[Split, dict]:
     """The canonical split of the decoded `records`, and {path: ImageFacts} for its tables; an image's class is its
@@ -119,7 +114,7 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
         boxes = np.zeros((n, m, 4), np.float32)
         box_labels = np.full((n, m), -1, np.int64)
         for i, (r, objs) in enumerate(zip(stored, kept)):
-            where = image_placement(r.orig, size, resize)
+            where = placement(r.orig[1], r.orig[0], size, resize)
             for k, o in enumerate(objs):
                 boxes[i, k] = where.boxes_to_canonical(o.box)
                 box_labels[i, k] = o.class_index

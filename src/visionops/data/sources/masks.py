@@ -6,8 +6,8 @@ data.root/{train,val,test}/ (the splits are kept; only train is required); and d
 has no background (class 0 is a class like the others, e.g. CamVid's sky), `# background: first` is the
 default, and any other line starting with `#` is a comment. A mask is a single-channel PNG (mode P or
 L) whose value is the class index of each pixel, 255 = ignore (unlabelled or border). Each class present
-in a mask counts as one object (semantic masks have no instances; background is none), its box the class's
-pixels' extent. An
+in a mask counts as one object (semantic masks have no instances; background, when the list has one, is no
+object), its box the class's pixels' extent. An
 image, mask or class list that resolves outside data.root is refused by name (`visionops.data.roots`).
 """
 
