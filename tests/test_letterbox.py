@@ -171,3 +171,24 @@ def test_registered_segmenter_letterboxes_and_answers_a_mask_of_the_input_size(t
     # the padded rows (a third of the square above and below the image) are never part of the answer
     squashed = torch.nn.functional.interpolate(logits[None], size=(30, 90), mode="bilinear").argmax(1)[0].numpy()
     assert not np.array_equal(mask, squashed)
+
+
+def test_folder_images_are_letterboxed_and_the_classifier_serves_them_so(tmp_path):
+    from visionops.serving.pyfunc import ImageClassifierModel
+    from visionops.tasks.classification import classifier
+
+    for c, cls in enumerate(("a", "b")):
+        for i in range(3):
+            write_png(tmp_path / "tree" / cls / f"{i}.png", np.full((20, 60, 3), 100 + 50 * c + i, np.uint8))
+    cfg = DataConfig(source="folder", root=str(tmp_path / "tree"), image_size=30, channels=3, resize="letterbox",
+                     val_fraction=0.0, test_fraction=0.0, holdout_fraction=0.0)
+    run_download(cfg, tmp_path / "ds", None)
+    ds = dataset.load(tmp_path / "ds")
+    images = np.asarray(ds.splits["train"].images)
+    assert ds.resize == "letterbox" and (images[:, :10] == 0).all() and (images[:, 20:] == 0).all()
+    assert (images[:, 10:20] >= 100).all()
+    model = classifier.build("lenet", ["a", "b"], (30, 30, 3), [0.5] * 3, [0.25] * 3)
+    classifier.save(tmp_path / "m.pt", model, "lenet", ["a", "b"], (30, 30, 3), **ds.model_record())
+    served = ImageClassifierModel().load(tmp_path / "m.pt")
+    wide = np.full((20, 60, 3), 120, np.uint8)
+    np.testing.assert_array_equal(served.canonical(wide), to_canonical(Image.fromarray(wide), 30, 3, "letterbox"))
