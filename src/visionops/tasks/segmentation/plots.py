@@ -14,13 +14,13 @@ ALPHA = 0.55
 
 
 def class_colours(k: int) -> list[tuple[float, float, float]]:
-    """A distinct colour per class index: tab20 without its greys (which an image's own grey would hide), then
-    evenly spaced hues beyond its 18."""
+    """A distinct colour per class index: tab20's strong colours, then its light ones, without its greys (which an
+    image's own grey would hide); golden-ratio hues beyond those 18."""
     import colorsys
 
     from matplotlib import colormaps
 
-    tab20 = [colormaps["tab20"](i)[:3] for i in range(20) if i not in (14, 15)]
+    tab20 = [colormaps["tab20"](i)[:3] for i in (*range(0, 20, 2), *range(1, 20, 2)) if i not in (14, 15)]
     return [tab20[c] if c < len(tab20) else colorsys.hsv_to_rgb((c * 0.618034) % 1, 0.85, 0.9) for c in range(k)]
 
 
