@@ -576,8 +576,8 @@ HEADLINES = {
     "label_issues": ("train_images", "label_issues", "label_issue_fraction", "out_of_fold_accuracy", "note"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
-                 "map_50", "map", "image_accuracy",  # detection
-                 "miou", "pixel_accuracy", "dice",  # segmentation
+                 "map_50", "map", "source_map_50", "image_accuracy",  # detection
+                 "miou", "pixel_accuracy", "dice", "source_miou",  # segmentation
                  "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
