@@ -132,7 +132,7 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
         arrays = {"masks": masks}
     source_masks = [_source_mask(r.mask, n_classes) for r in stored] if targets == "masks" else []
     split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays,
-                  [r.identity for r in stored], [r.sha256 for r in stored], source_masks)
+                  [r.identity for r in stored], [r.sha256 for r in stored], source_masks=source_masks)
     return split, facts
 
 
