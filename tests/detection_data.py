@@ -8,6 +8,7 @@ import numpy as np
 
 from visionops.data import dataset
 from visionops.data.canvases import make_canvases
+from visionops.data.dense import DenseObject, ImageFacts, write_tables
 
 
 def dominant(labels: np.ndarray) -> np.ndarray:
@@ -21,7 +22,8 @@ def dominant(labels: np.ndarray) -> np.ndarray:
 
 
 def write_detection_dataset(root: Path, sizes=(("train", 200), ("val", 40), ("test", 60)), seed: int = 0) -> Path:
-    """A canvases detection dataset at `root` (64 x 64 greyscale, classes "0".."9")."""
+    """A canvases detection dataset at `root` (64 x 64 greyscale, classes "0".."9"), with the objects.csv and
+    targets.csv download writes (the canvases are their own source, so source boxes are the canonical ones)."""
     splits = {}
     for k, (name, n) in enumerate(sizes):
         c = make_canvases(n, 64, seed=seed + 1000 * k)
@@ -29,4 +31,9 @@ def write_detection_dataset(root: Path, sizes=(("train", 200), ("val", 40), ("te
                                      targets={"boxes": c.boxes, "box_labels": c.labels})
     ds = dataset.Dataset([str(d) for d in range(10)], splits, "canvases", task="detection")
     dataset.save(ds, root)
+    for name, split in splits.items():
+        facts = {path: ImageFacts([DenseObject(str(c), str(c), int(c), tuple(map(float, b)))
+                                   for b, c in zip(boxes, labels) if c >= 0], None, [])
+                 for path, boxes, labels in zip(split.paths, split.targets["boxes"], split.targets["box_labels"])}
+        write_tables(root / name, split, facts)
     return root

@@ -96,7 +96,10 @@ def test_train_writes_a_weights_only_model_and_reports(pipeline):
 def test_evaluate_reports_miou_per_class_and_sampled_pixels(pipeline):
     rep = pipeline["root"] / "reports/evaluate"
     metrics = json.loads((rep / "metrics.json").read_text())
-    assert set(metrics) == {"miou", "pixel_accuracy", "dice", "mia_auc", "mia_tpr_at_1pct_fpr"}
+    assert set(metrics) == {"miou", "pixel_accuracy", "dice", "source_miou", "mia_auc", "mia_tpr_at_1pct_fpr"}
+    # the canvases are stored at their source size: the source-resolution scores are the training-size ones
+    assert metrics["source_miou"] == pytest.approx(metrics["miou"], abs=1e-12)
+    assert pipeline["evaluate"]["source_images"] == pipeline["evaluate"]["images"]
     assert 0 <= metrics["mia_auc"] <= 1 and pipeline["evaluate"]["mia_members"] == pipeline["evaluate"]["mia_nonmembers"] == 21
     per_class = json.loads((rep / "per_class.json").read_text())
     assert list(per_class) == CLASS_NAMES

@@ -69,10 +69,10 @@ def _check(params, args, run) -> dict:
 @command(
     "download",
     "fetch the data source and write the canonical dataset",
-    "Read data.source, resize to data.image_size and data.channels, and assign each image to holdout, val, "
-    "test or train by a seeded hash of its file's bytes or source pixels (adding images or changing the size or "
-    "channels never moves one; duplicates, and for files near duplicates within data.near_duplicate_max_distance "
-    "bits of perceptual hash (data.near_duplicate_hash), stay together). "
+    "Read data.source, resize to data.image_size (data.resize: squash or letterbox) and data.channels, and "
+    "assign each image to holdout, val, test or train by a seeded hash of its file's bytes or source pixels "
+    "(adding images or changing the size or channels never moves one; duplicates, and for files near duplicates "
+    "within data.near_duplicate_max_distance bits of perceptual hash (data.near_duplicate_hash), stay together). "
     "Classification: digits (embedded, no network), cifar10 (the official archive from data.url, MD5-verified, "
     "retried) or folder (an ImageFolder tree at data.root). Detection: canvases (embedded digits composed on "
     "larger images, written as COCO and read back), coco, voc or yolo at data.root. Segmentation: canvases "
@@ -95,8 +95,9 @@ def _download(params, args, run) -> dict:
     "suite on it: labels in the class set, consistent shapes, no unreadable files, no exact duplicates across "
     "splits, pixel statistics in range; boxes inside their image with positive area; masks of their image's "
     "size with values in the class set; images without objects counted. Critical failures exit non-zero "
-    "naming the files (and objects); imbalance above validate.max_imbalance_ratio is a warning, and so are "
-    "duplicates whose labels differ unless validate.on_label_conflict is error. Writes "
+    "naming the files (and objects); imbalance above validate.max_imbalance_ratio (segmentation: train pixels "
+    "above validate.max_pixel_imbalance_ratio too) is a warning, and so are duplicates whose labels differ "
+    "unless validate.on_label_conflict is error. Writes "
     f"summary.json, manifest.csv, class_counts.csv and data_docs/ to {layout.VALIDATE_REPORTS}/.",
     sections=("validate",),
 )
@@ -580,8 +581,8 @@ HEADLINES = {
     "label_issues": ("train_images", "label_issues", "label_issue_fraction", "out_of_fold_accuracy", "note"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
-                 "map_50", "map", "image_accuracy",  # detection
-                 "miou", "pixel_accuracy", "dice",  # segmentation
+                 "map_50", "map", "source_map_50", "image_accuracy",  # detection
+                 "miou", "pixel_accuracy", "dice", "source_miou",  # segmentation
                  "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),

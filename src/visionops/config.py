@@ -74,6 +74,9 @@ class DataConfig(Section):
     annotations: str | None = None
     canvases: CanvasConfig = CanvasConfig()  # canvases only
     image_size: int = Field(32, ge=8, le=1024)
+    # how a source image becomes the image_size square: squash (stretched) or letterbox (aspect ratio kept, centred,
+    # padded black; padded mask pixels ignored). Stored with the dataset and the model, which serves it the same way
+    resize: Literal["squash", "letterbox"] = "squash"
     channels: Literal[1, 3] = 1
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
@@ -107,6 +110,8 @@ class ValidateConfig(Section):
     """Thresholds of the data checks."""
 
     max_imbalance_ratio: float = Field(10.0, ge=1.0)
+    # segmentation: train pixels of the largest class / of the smallest present one, above this is a warning
+    max_pixel_imbalance_ratio: float = Field(100.0, ge=1.0)
     pixel_mean_range: tuple[float, float] = (1.0, 254.0)
     min_pixel_std: float = Field(1.0, ge=0.0)
     max_image_size: int = Field(4096, ge=1)

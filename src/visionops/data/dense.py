@@ -3,8 +3,9 @@
 A dense source (coco, voc, yolo, masks, canvases) reads each image into a `DenseImage`: the canonical
 pixels, the source size, its objects (source category, class index or -1 when unknown, box in source
 pixels) and, for segmentation, its class mask at the source size. `to_source_data` turns them into
-canonical `Split`s (boxes scaled to data.image_size, masks resized nearest) and keeps the raw facts the
-validate stage checks; `write_tables` stores those facts beside the split's arrays:
+canonical `Split`s (boxes and masks placed in the square as their image, `images.placement`: scaled, and for
+letterbox shifted, masks resized nearest and padded IGNORE; the source-size masks kept as `Split.source_masks`) and
+keeps the raw facts the validate stage checks; `write_tables` stores those facts beside the split's arrays:
 
     <split>/objects.csv   per object: index (image), path, object, category, category_name, class_index,
                           x0, y0, x1, y1 (xyxy in source pixels)
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from visionops.data.dataset import Rejected, Split
-from visionops.data.images import SourceImage
+from visionops.data.images import SourceImage, place, placement
 from visionops.data.sources import SourceData
 from visionops.errors import InvalidInputError
 
@@ -87,20 +88,23 @@ def _dominant(classes: np.ndarray, counts: np.ndarray | None = None) -> int:
     return int(np.argmax(tally))
 
 
-def _canonical_mask(mask: np.ndarray, n_classes: int, size: int) -> tuple[np.ndarray, list[int]]:
-    """The mask resized (nearest) to size x size, values outside the class set set to IGNORE; and those values."""
+def _canonical_mask(mask: np.ndarray, n_classes: int, size: int, resize: str) -> tuple[np.ndarray, list[int]]:
+    """The mask placed (nearest) in the size x size square as its image (`images.place`; padding IGNORE), values
+    outside the class set set to IGNORE; and those values."""
     values = np.unique(mask)
     unknown = [int(v) for v in values if v >= n_classes and v != IGNORE]
     out = mask.astype(np.uint8, copy=True)
     if unknown:
         out[np.isin(mask, unknown)] = IGNORE
     if out.shape != (size, size):
-        out = np.asarray(Image.fromarray(out).resize((size, size), Image.Resampling.NEAREST))
+        out = np.asarray(place(Image.fromarray(out), size, Image.Resampling.NEAREST, resize, IGNORE))
     return out, unknown
 
 
-def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int, channels: int) -> tuple[Split, dict]:
-    """The canonical split of the decoded `records`, and {path: ImageFacts} for its tables."""
+def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int, channels: int,
+             resize: str = "squash", background: bool = True) -> tuple[Split, dict]:
+    """The canonical split of the decoded `records`, and {path: ImageFacts} for its tables; an image's class is its
+    most frequent object class, or (masks) pixel class with background, when there is one, left out."""
     stored = [r for r in records if r.image is not None and not r.error]
     n = len(stored)
     images = np.stack([r.image for r in stored]) if n else np.zeros((0, size, size, channels), np.uint8)
@@ -112,25 +116,34 @@ def to_split(records: list[DenseImage], n_classes: int, targets: str, size: int,
         boxes = np.zeros((n, m, 4), np.float32)
         box_labels = np.full((n, m), -1, np.int64)
         for i, (r, objs) in enumerate(zip(stored, kept)):
-            h, w = r.orig[:2]
-            scale = np.array([size / w, size / h, size / w, size / h], np.float64)
+            where = placement(r.orig[1], r.orig[0], size, resize)
             for k, o in enumerate(objs):
-                boxes[i, k] = np.asarray(o.box, np.float64) * scale
+                boxes[i, k] = where.boxes_to_canonical(o.box)
                 box_labels[i, k] = o.class_index
             labels[i] = _dominant(box_labels[i, : len(objs)])
             facts[r.path] = ImageFacts(r.objects, None, [])
         arrays = {"boxes": boxes, "box_labels": box_labels}
     else:
         masks = np.zeros((n, size, size), np.uint8)
+        first = int(background)
         for i, r in enumerate(stored):
-            masks[i], unknown = _canonical_mask(r.mask, n_classes, size)
-            tally = np.bincount(masks[i].ravel(), minlength=IGNORE + 1)[1:n_classes]
-            labels[i] = 1 + int(np.argmax(tally)) if tally.sum() else 0
+            masks[i], unknown = _canonical_mask(r.mask, n_classes, size, resize)
+            tally = np.bincount(masks[i].ravel(), minlength=IGNORE + 1)[first:n_classes]
+            labels[i] = first + int(np.argmax(tally)) if tally.sum() else 0
             facts[r.path] = ImageFacts(r.objects, tuple(r.mask.shape[:2]), unknown)
         arrays = {"masks": masks}
+    source_masks = [_source_mask(r.mask, n_classes) for r in stored] if targets == "masks" else []
     split = Split(images, labels, [r.path for r in stored], [r.orig for r in stored], arrays,
-                  [r.identity for r in stored], [r.sha256 for r in stored], [r.near_hash for r in stored])
+                  [r.identity for r in stored], [r.sha256 for r in stored],
+                  [r.near_hash for r in stored], source_masks=source_masks)
     return split, facts
+
+
+def _source_mask(mask: np.ndarray, n_classes: int) -> np.ndarray:
+    """The mask at its source size as uint8, values outside the class set IGNORE (as in the canonical one)."""
+    out = mask.astype(np.uint8, copy=True)
+    out[(mask >= n_classes) & (mask != IGNORE)] = IGNORE
+    return out
 
 
 def rejected(split: str, records: list[DenseImage], root: str) -> list[Rejected]:
@@ -168,14 +181,17 @@ def write_tables(split_dir: Path, split: Split, facts: dict[str, ImageFacts]) ->
             writer.writerow([i, path, len(f.objects), mh, mw, ";".join(map(str, f.unknown_values))])
 
 
-def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str], targets: str, cfg) -> SourceData:
-    """SourceData of a dense source's records per split, with `targets` (`TARGETS`) in each (cfg: the DataConfig)."""
+def to_source_data(records: dict[str, list[DenseImage]], class_names: list[str], targets: str, cfg,
+                   background: bool = True) -> SourceData:
+    """SourceData of a dense source's records per split, with `targets` (`TARGETS`) in each (cfg: the DataConfig;
+    `background`: whether class 0 of masks is background)."""
     splits, facts, rejects = {}, {}, []
     for name, recs in records.items():
-        splits[name], split_facts = to_split(recs, len(class_names), targets, cfg.image_size, cfg.channels)
+        splits[name], split_facts = to_split(recs, len(class_names), targets, cfg.image_size, cfg.channels,
+                                             cfg.resize, background)
         clash = facts.keys() & split_facts.keys()
         if clash:
             raise InvalidInputError(f"data.root: file {min(clash)} is listed twice (each image once, please)")
         facts |= split_facts
         rejects += rejected(name, recs, cfg.root)
-    return SourceData(class_names, splits, rejects, facts=facts)
+    return SourceData(class_names, splits, rejects, facts=facts, background=background)

@@ -4,7 +4,8 @@ Three frames are validated: the per-image manifest (one row per stored image and
 decodable, not duplicated across splits, not blank, the mask's size and values, duplicates' labels agree
 (`visionops.data.dup_groups`)), the per-object
 manifest (from each split's objects.csv: class in the class set, and for detection the box inside the
-image with positive area) and the train instance counts per class (imbalance, empty classes: warnings).
+image with positive area), the train instance counts per class (imbalance, empty classes: warnings) and, for
+segmentation, the train pixels per class (pixel imbalance: a warning above validate.max_pixel_imbalance_ratio).
 A task supplies its own expectations (`Checks`); each carries `meta.check` (the rule, for the reports)
 and `meta.problem` (how one offending row is phrased, see `PROBLEMS`), so a failure names the file and
 the object: `train/images/a.png object 2: box [10, 5, 90, 40] outside the 64x48 image`.
@@ -31,6 +32,7 @@ from visionops.data.expectations import SUMMARY_PATHS, describe, failures, image
 from visionops.errors import MissingInputError, ValidationFailed
 
 HEADLINE = ("success", "images", "objects", "empty_images", "imbalance_ratio")
+PIXEL_HEADLINE = ("pixel_imbalance_ratio",)  # segmentation's, beside the instance one
 
 
 def _box(r) -> str:
@@ -113,6 +115,15 @@ def instance_counts(objects: pd.DataFrame, class_names: list[str], splits: list[
     return pd.DataFrame(rows, columns=["split", "class_name", "instances"])
 
 
+def pixel_frame(masks: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Train pixels per class (IGNORE left out) and each present class's ratio to the smallest present one."""
+    pixels = np.bincount(np.asarray(masks).ravel(), minlength=256)[: len(class_names)]
+    present = pixels > 0
+    smallest = pixels[present].min() if present.any() else 1
+    return pd.DataFrame({"path": class_names, "pixels": pixels.astype(np.int64),
+                         "ratio_to_smallest": np.where(present, pixels / smallest, np.nan)})
+
+
 def meta(check: str, problem: str) -> dict:
     """An expectation's meta: the rule as the reports word it, and the problem a failure names per file and object."""
     return {"check": check, "problem": problem}
@@ -156,6 +167,17 @@ def class_count_checks(gx, cfg: ValidateConfig) -> dict[str, list]:
     }  # fmt: skip
 
 
+def pixel_checks(gx, cfg: ValidateConfig) -> dict[str, list]:
+    limit = cfg.max_pixel_imbalance_ratio
+    return {
+        "warning_class_pixels": [
+            gx.expectations.ExpectColumnValuesToBeBetween(
+                column="ratio_to_smallest", max_value=limit,
+                meta={"check": f"train pixel imbalance (pixels / smallest present class's pixels) <= {limit}"}),
+        ]
+    }  # fmt: skip
+
+
 def _phrase(entries: list[dict], frames: dict[str, pd.DataFrame], suites: dict[str, list]) -> None:
     """Replace each entry's offending paths by `<path>: <problem>` where its expectation names a problem."""
     problems = {(name, (e.meta or {}).get("check")): (e.meta or {}).get("problem")
@@ -178,10 +200,17 @@ def _merge(*parts: dict[str, list]) -> dict[str, list]:
     return suites
 
 
+def _pixel_summary(frame: pd.DataFrame) -> dict:
+    ratio = frame["ratio_to_smallest"].max()
+    return {"pixel_imbalance_ratio": round(float(ratio), 4) if math.isfinite(ratio) else None,
+            "class_pixels": dict(zip(frame["path"], frame["pixels"].astype(int).tolist()))}
+
+
 def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, object_checks: Callable,
-                       first_class: int = 0) -> dict:
+                       first_class: int = 0, pixels: bool = False) -> dict:
     """Check a detection or segmentation dataset; `object_checks(gx, cfg, class_names)` gives the task's own
-    suites (added to the shared ones); instance counts cover the classes from `first_class` (1 skips segmentation's background).
+    suites (added to the shared ones); instance counts cover the classes from `first_class` (1 skips segmentation's
+    background); `pixels`: the train masks' pixels per class are counted and checked too.
 
     Raises ValidationFailed (after writing every output) when a critical check fails.
     """
@@ -204,6 +233,9 @@ def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, ob
     frames = {"images": manifest, "objects": objects, "class_counts": count_frame}
     suites = _merge(image_checks(gx, cfg), object_checks(gx, cfg, names), class_count_checks(gx, cfg),
                     dup_groups.checks(gx, cfg.on_label_conflict, meta))
+    if pixels:
+        frames["class_pixels"] = pixel_frame(ds.splits["train"].targets["masks"], names)
+        suites = _merge(suites, pixel_checks(gx, cfg))
     with atomic_dir(out_dir / "data_docs") as docs_tmp:
         results = run_gx(gx, ProgressBarsConfig, suites, frames, docs_tmp)
     critical, warnings = failures(results, manifest)
@@ -230,6 +262,7 @@ def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, ob
         "near_duplicates": dup_groups.summary(manifest),
         "class_counts": {s: dict(zip(g["class_name"], g["instances"].astype(int).tolist()))
                          for s, g in counts.groupby("split", sort=False)},
+        **(_pixel_summary(frames["class_pixels"]) if pixels else {}),
         "critical_failures": [{k: v for k, v in e.items() if not k.startswith("_")} for e in critical],
         "warnings": [{k: v for k, v in e.items() if not k.startswith("_")} for e in warnings],
     }  # fmt: skip
@@ -242,7 +275,7 @@ def run_dense_validate(dataset_dir: Path, cfg: ValidateConfig, out_dir: Path, ob
     with atomic_path(out_dir / "class_counts.csv") as tmp:
         counts.to_csv(tmp, index=False)
     write_json(out_dir / "summary.json", summary)  # DVC hashes it: no timings, no absolute paths
-    write_json(out_dir / "metrics.json", {k: summary[k] for k in HEADLINE})
+    write_json(out_dir / "metrics.json", {k: summary[k] for k in (*HEADLINE, *PIXEL_HEADLINE) if k in summary})
 
     if critical:
         message = (

@@ -36,6 +36,7 @@ def _take(split: Split, idx: np.ndarray) -> Split:
         identities=[split.identities[i] for i in idx],
         sha256=[split.sha256[i] for i in idx] if split.sha256 else [],
         groups=[split.groups[i] for i in idx] if split.groups else [],
+        source_masks=[split.source_masks[i] for i in idx] if split.source_masks else [],
     )
 
 
@@ -93,9 +94,10 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
               f"{cfg.holdout_fraction:g}); below {MIN_HOLDOUT} its scores are too uncertain for promote and "
               "monitoring to judge a model: add images or raise data.holdout_fraction", file=sys.stderr)
     splits = {n: parts[n] for n in dataset.SPLITS}
-    outputs = [(out_dir, Dataset(src.class_names, splits, cfg.source, src.rejected, task))]
+    kept = {"task": task, "resize": cfg.resize, "background": src.background}
+    outputs = [(out_dir, Dataset(src.class_names, splits, cfg.source, src.rejected, **kept))]
     if holdout_dir is not None:
-        outputs.append((holdout_dir, Dataset(src.class_names, {HOLDOUT: parts[HOLDOUT]}, cfg.source, task=task)))
+        outputs.append((holdout_dir, Dataset(src.class_names, {HOLDOUT: parts[HOLDOUT]}, cfg.source, **kept)))
     with contextlib.ExitStack() as stack:  # neither directory is replaced unless both were written
         for path, ds in outputs:
             tmp = stack.enter_context(atomic_dir(path))

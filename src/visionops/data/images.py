@@ -28,19 +28,76 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
-def to_canonical(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """Convert to greyscale or RGB (16-bit rescaled) and resize to a square `image_size` (antialiased)."""
-    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+RESIZES = ("squash", "letterbox")  # data.resize
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a source image of `source` (width, height) lies in the square canonical image: resized to
+    `size` (width, height) with its top-left corner at `offset` (x, y). squash fills the square; letterbox
+    keeps the aspect ratio and centres the image, the rest padded (black pixels; IGNORE in masks)."""
+
+    source: tuple[int, int]
+    size: tuple[int, int]
+    offset: tuple[int, int]
+
+    def boxes_to_canonical(self, boxes: np.ndarray) -> np.ndarray:
+        """xyxy boxes in source pixels -> canonical pixels."""
+        return np.asarray(boxes, np.float64) * self._scale() + self._shift()
+
+    def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
+        """xyxy boxes in canonical pixels -> source pixels (the inverse of `boxes_to_canonical`)."""
+        return (np.asarray(boxes, np.float64) - self._shift()) / self._scale()
+
+    def crop(self, canonical: np.ndarray) -> np.ndarray:
+        """The part of a canonical H x W (x ...) array that shows the source image (all of it for squash)."""
+        (x, y), (w, h) = self.offset, self.size
+        return canonical[y : y + h, x : x + w]
+
+    def _scale(self) -> np.ndarray:
+        sx, sy = self.size[0] / self.source[0], self.size[1] / self.source[1]
+        return np.array([sx, sy, sx, sy], np.float64)
+
+    def _shift(self) -> np.ndarray:
+        x, y = self.offset
+        return np.array([x, y, x, y], np.float64)
+
+
+def placement(width: int, height: int, image_size: int, resize: str = "squash") -> Placement:
+    """The `Placement` of a width x height source image in the image_size square under data.resize `resize`."""
+    if resize == "squash":
+        return Placement((width, height), (image_size, image_size), (0, 0))
+    if resize != "letterbox":
+        raise ValueError(f"data.resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+    scale = image_size / max(width, height)
+    w, h = max(1, min(image_size, round(width * scale))), max(1, min(image_size, round(height * scale)))
+    return Placement((width, height), (w, h), ((image_size - w) // 2, (image_size - h) // 2))
+
+
+def place(img: Image.Image, image_size: int, resample: Image.Resampling, resize: str, fill: int = 0) -> Image.Image:
+    """`img` resized (`resample`) into the image_size square as `placement` says, padded with `fill`."""
+    p = placement(img.width, img.height, image_size, resize)
+    if p.size != img.size:
+        img = img.resize(p.size, resample)
+    if p.size == (image_size, image_size):
+        return img
+    square = Image.new(img.mode, (image_size, image_size), fill)
+    square.paste(img, p.offset)
+    return square
+
+
+def to_canonical(img: Image.Image, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
+    """Convert to greyscale or RGB (16-bit rescaled) and resize to a square `image_size` (antialiased), squashed
+    or letterboxed (`placement`)."""
+    img = place(to_8bit(img).convert("L" if channels == 1 else "RGB"), image_size, Image.Resampling.BILINEAR, resize)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if channels == 1 else arr
 
 
-def array_to_canonical(arr: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+def array_to_canonical(arr: np.ndarray, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
     """Canonicalise an H x W (x C) uint8 array (or an H x W uint16 one, rescaled)."""
     img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-    return to_canonical(img, image_size, channels)
+    return to_canonical(img, image_size, channels, resize)
 
 
 def open_image(data: bytes, name: Path | str) -> Image.Image:
@@ -51,18 +108,23 @@ def open_image(data: bytes, name: Path | str) -> Image.Image:
         raise UnidentifiedImageError(f"cannot identify image file {str(name)!r}") from None
 
 
-def decode_bytes(data: bytes, name: Path | str, image_size: int,
-                 channels: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+def decode_bytes(data: bytes, name: Path | str, image_size: int, channels: int,
+                 resize: str = "squash") -> tuple[np.ndarray, tuple[int, int, int]]:
     """Fully decode the bytes of the image file `name`; raise OSError/ValueError for truncated or corrupt files."""
     with open_image(data, name) as img:
-        img.load()
-        orig = (img.height, img.width, len(img.getbands()))
-        return to_canonical(img, image_size, channels), orig
+        return decode_image(img, image_size, channels, resize)
 
 
-def decode_file(path: Path | str, image_size: int, channels: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+def decode_image(img: Image.Image, image_size: int, channels: int, resize: str = "squash") -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Load an opened image fully: its canonical pixels and its source shape (height, width, bands)."""
+    img.load()
+    return to_canonical(img, image_size, channels, resize), (img.height, img.width, len(img.getbands()))
+
+
+def decode_file(path: Path | str, image_size: int, channels: int,
+                resize: str = "squash") -> tuple[np.ndarray, tuple[int, int, int]]:
     """Fully decode an image file; raise OSError/ValueError for truncated or corrupt files."""
-    return decode_bytes(Path(path).read_bytes(), path, image_size, channels)
+    return decode_bytes(Path(path).read_bytes(), path, image_size, channels, resize)
 
 
 @dataclass(frozen=True)
@@ -77,16 +139,15 @@ class SourceImage:
     near_hash: str = ""  # data.near_duplicate_hash of the image at source resolution ("" for "none")
 
 
-def read_source_image(path: Path | str, image_size: int, channels: int, near_hash: str = "none") -> SourceImage:
+def read_source_image(path: Path | str, image_size: int, channels: int, resize: str = "squash",
+                      near_hash: str = "none") -> SourceImage:
     """Read `path` once, take its digests, decode it (errors as `decode_bytes`) and hash it with `near_hash`
-    (`visionops.data.neardup.HASHES`) before resizing."""
+    (`visionops.data.neardup.HASHES`) on its source pixels, before resizing."""
     from visionops.data.neardup import perceptual_hash  # (with scipy: only sources of files need it)
 
     data = Path(path).read_bytes()
     with open_image(data, path) as img:
-        img.load()
-        orig = (img.height, img.width, len(img.getbands()))
-        image = to_canonical(img, image_size, channels)
+        image, orig = decode_image(img, image_size, channels, resize)
         near = perceptual_hash(img, near_hash)
     return SourceImage(image, orig, bytes_hash(data), hashlib.sha256(data).hexdigest(), near)
 

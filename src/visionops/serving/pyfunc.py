@@ -1,5 +1,6 @@
 """A visionops classifier as an MLflow pyfunc model: images in (base64 PNG/JPEG, bytes or uint8
-arrays), labels and probabilities out, with the training data's resize/greyscale inside.
+arrays), labels and probabilities out, with the training data's resize (squash or letterbox, as stored in the
+model file)/greyscale inside.
 
 The model is logged as code (MLflow models-from-code): loading it runs `served_model.py`, which
 builds an `ImageClassifierModel`, and reads the weights with `torch.load(weights_only=True)`;
@@ -117,13 +118,13 @@ def check_image_size(width: int, height: int) -> None:
         )
 
 
-def decode_image_bytes(data: bytes, image_size: int, channels: int) -> np.ndarray:
+def decode_image_bytes(data: bytes, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
     """Decode PNG/JPEG bytes and canonicalise them exactly as `images.decode_file` does; an image
     over MAX_IMAGE_PIXELS is refused from its header (`Image.open` reads only that), before decoding."""
     with Image.open(io.BytesIO(data)) as img:
         check_image_size(*img.size)
         img.load()
-        return to_canonical(img, image_size, channels)
+        return to_canonical(img, image_size, channels, resize)
 
 
 def describe_decode_error(exc: BaseException) -> str:
@@ -145,7 +146,7 @@ def _b64decode(text: str) -> bytes:
         return base64.b64decode(text, altchars=b"-_", validate=True)  # URL-safe; binascii.Error if neither
 
 
-def _array_image(value, image_size: int, channels: int) -> np.ndarray:
+def _array_image(value, image_size: int, channels: int, resize: str) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except ValueError as exc:  # ragged nested lists
@@ -161,11 +162,12 @@ def _array_image(value, image_size: int, channels: int) -> np.ndarray:
         if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) and arr.min() >= 0 and arr.max() <= 255):
             raise ValueError("pixel values must be whole numbers in 0..255 (uint8)")
         arr = arr.astype(np.uint8)
-    return array_to_canonical(np.ascontiguousarray(arr), image_size, channels)
+    return array_to_canonical(np.ascontiguousarray(arr), image_size, channels, resize)
 
 
-def to_image(value, image_size: int, channels: int) -> np.ndarray:
-    """One input value (base64 string, encoded bytes, PIL image or pixel array) → canonical uint8 H x W x C."""
+def to_image(value, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
+    """One input value (base64 string, encoded bytes, PIL image or pixel array) → canonical uint8 H x W x C
+    (`resize`: data.resize, `images.placement`)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise ValueError("no image (empty value)")
     if isinstance(value, str):
@@ -175,15 +177,15 @@ def to_image(value, image_size: int, channels: int) -> np.ndarray:
             raise ValueError("string is not base64-encoded image data") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
-            return decode_image_bytes(bytes(value), image_size, channels)
+            return decode_image_bytes(bytes(value), image_size, channels, resize)
         except ImageTooLargeError:
             raise
         except Exception as exc:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
             raise ValueError(f"cannot decode image bytes: {describe_decode_error(exc)}") from None
     if isinstance(value, Image.Image):
         check_image_size(*value.size)
-        return to_canonical(value, image_size, channels)
-    return _array_image(value, image_size, channels)
+        return to_canonical(value, image_size, channels, resize)
+    return _array_image(value, image_size, channels, resize)
 
 
 def input_size(value) -> tuple[int, int] | None:
@@ -277,6 +279,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.class_names: list[str] = list(info["class_names"])
         self.image_shape: tuple[int, int, int] = tuple(int(s) for s in info["image_shape"])
         self.arch: str = info["arch"]
+        self.resize: str = info.get("resize", "squash")
         return self
 
     @property
@@ -285,7 +288,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def canonical(self, value) -> np.ndarray:
         """One input value → the canonical uint8 H x W x C array the network was trained on."""
-        return to_image(value, self.image_shape[0], self.image_shape[2])
+        return to_image(value, self.image_shape[0], self.image_shape[2], self.resize)
 
     def canonical_rows(self, values: list) -> tuple[np.ndarray, list[str]]:
         """(N x H x W x C uint8, per-row error): the error is "" or a one-line reason the value is not
@@ -430,6 +433,7 @@ def log_classifier(
         "arch": info["arch"],
         "temperature": float(info["temperature"]),
         "tta": info["tta"],
+        "resize": info.get("resize", "squash"),
     }
     return log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature_for(class_names),
                       metadata=metadata, tags=tags, example_image=example_image, client=client, alias=alias,

@@ -24,6 +24,7 @@ class SourceData:
     facts: dict = field(default_factory=dict)  # dense sources: {path: visionops.data.dense.ImageFacts}
     # dense sources: the annotation files read (json, xml, labels, masks, class lists), {path: SHA-256}
     annotations: dict[str, str] = field(default_factory=dict)
+    background: bool = True  # masks: whether class 0 is background (`masks.read_class_list`)
 
 
 _MODULES = {"digits": "digits", "cifar10": "cifar10", "folder": "folder"}

@@ -48,8 +48,7 @@ def _dataset(folder: Path, ann_file: Path, roots: tuple[Path, ...], cfg: DataCon
 
     class Coco(CocoDetection):
         def _load_image(self, id: int) -> Image.Image:
-            self.read[id] = read_source_image(self.files[id], cfg.image_size, cfg.channels,
-                                              cfg.near_duplicate_hash)
+            self.read[id] = read_source_image(self.files[id], cfg.image_size, cfg.channels, cfg.resize, cfg.near_duplicate_hash)
             return Image.new("1", self.read[id].orig[1::-1])  # the size the wrapper's masks need; pixels from `read`
 
     try:

@@ -44,17 +44,17 @@ def _class_names(split_root: Path) -> list[str]:
     return names
 
 
-def _decode(name: str, root: Path, image_size: int, channels: int, near_hash: str):
+def _decode(name: str, root: Path, image_size: int, channels: int, resize: str, near_hash: str):
     """(`SourceImage`, None) or (None, error) for the file `name` under `root`."""
     path = root / name
     try:
-        return read_source_image(path, image_size, channels, near_hash), None
+        return read_source_image(path, image_size, channels, resize, near_hash), None
     except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
         return None, f"{type(exc).__name__}: {exc}".replace(str(path), name)
 
 
 def _decode_all(paths: list[str], root: Path, cfg: DataConfig, desc: str) -> list:
-    work = partial(_decode, root=root, image_size=cfg.image_size, channels=cfg.channels,
+    work = partial(_decode, root=root, image_size=cfg.image_size, channels=cfg.channels, resize=cfg.resize,
                    near_hash=cfg.near_duplicate_hash)
     bar = dict(total=len(paths), desc=desc, unit="img", disable=None, file=sys.stderr)
     if len(paths) < PARALLEL_THRESHOLD or (os.cpu_count() or 1) == 1:

@@ -81,7 +81,7 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
             rec = DenseImage(path)
             file = resolve_inside(roots, root / path, f"Annotations/{image_id}.xml: <filename>")
             try:
-                rec.take(read_source_image(file, cfg.image_size, cfg.channels, cfg.near_duplicate_hash))
+                rec.take(read_source_image(file, cfg.image_size, cfg.channels, cfg.resize, cfg.near_duplicate_hash))
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
             names = [str(o.get("name")) for o in _objects(ann)]

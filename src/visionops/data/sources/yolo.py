@@ -94,7 +94,7 @@ def load(cfg: DataConfig, targets: str) -> SourceData:
                 continue
             rec = DenseImage((f.relative_to(root) if f.is_relative_to(root) else f).as_posix())
             try:
-                rec.take(read_source_image(file, cfg.image_size, cfg.channels, cfg.near_duplicate_hash))
+                rec.take(read_source_image(file, cfg.image_size, cfg.channels, cfg.resize, cfg.near_duplicate_hash))
             except Exception as exc:  # noqa: BLE001 - every decoder failure is reported per file
                 rec.error = decode_error(exc)
             label_file = _label_file(f)

@@ -233,6 +233,7 @@ def run_distill(
             "parameters": teacher_params, "test_acc": teacher_acc,
         },
         "distill": cfg.model_dump(),
+        **ds.model_record(),
     }
     if state.privacy:
         extra["privacy"] = compose(state.privacy, teacher_info["privacy"])

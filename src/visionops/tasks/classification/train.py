@@ -135,7 +135,7 @@ def run_train(
     if dist_info.is_main:
         history = [measured.pure(row) for row in state.history]
         classifier.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history,
-                        **({"privacy": state.privacy} if state.privacy else {}))
+                        **({"privacy": state.privacy} if state.privacy else {}), **ds.model_record())
         write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)

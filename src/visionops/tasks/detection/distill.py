@@ -160,7 +160,8 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     }
     if facts["is_main"]:
         history = [measured.pure(row) for row in state.history]
-        detector.save(student_path, student, cfg.student, ds.class_names, ds.image_shape, history=history)
+        detector.save(student_path, student, cfg.student, ds.class_names, ds.image_shape, history=history,
+                      **ds.model_record())
         write_history(history, reports_dir)
         atomic.write_text(reports_dir / "report.md", _report(metrics))
         report_html.write(reports_dir / "report.md", f"Distillation: {cfg.student}")

@@ -1,5 +1,10 @@
 """Stage `evaluate` for detection: the teacher on the test split.
 
+Scored at the training size (`map_50`, `map`: canonical boxes) and at the source resolution (`source_map_50`,
+`source_map`: the detections mapped back to each image's source pixels, as served, against the source boxes of
+objects.csv). IoU is unchanged by the per-axis scaling and shift either resize applies, so the two agree but for
+float rounding; a difference says a box was mapped wrongly.
+
 Writes to `reports_dir`: metrics.json (`HEADLINE`: mAP@.5, mAP@[.5:.95]), details.json, measured.json
 (latency), per_class.json (per class: `ap50` AP@.5, `ap` AP@[.5:.95]), predictions.csv (actual,predicted
 per box, `metrics.confusion_rows`, for DVC's confusion plot), figures/ (precision-recall curves, test
@@ -19,6 +24,7 @@ import torch
 from visionops import atomic, measured
 from visionops.config import DetectionConfig, EvaluateConfig
 from visionops.data import dataset
+from visionops.data.dense import box_is_sane
 from visionops.evaluation import membership, report_html
 from visionops.evaluation.eigencam import eigencam
 from visionops.evaluation.latency import measure_latency, model_size_bytes
@@ -33,7 +39,7 @@ from visionops.tasks.detection.metrics import (
     truths,
 )
 
-HEADLINE = ("map_50", "map", *membership.HEADLINE)
+HEADLINE = ("map_50", "map", "source_map_50", *membership.HEADLINE)
 
 
 def score_split(model: detector.Detector, split: dataset.Split, class_names: list[str], batch_size: int = 256) -> dict:
@@ -57,6 +63,30 @@ def score_detections(ranked: list[detector.Detection], split: dataset.Split, cla
     return {**result, "ranked": ranked, "served": served, "true": true, "correct": correct}
 
 
+def source_truths(split_dir: Path, split: dataset.Split) -> list[dict[str, np.ndarray]]:
+    """Per image of the stored split, its objects' boxes in source pixels and classes (objects.csv), those the
+    canonical boxes were made of: a known class and a sane box (`dense.box_is_sane`)."""
+    boxes: list[list] = [[] for _ in range(len(split))]
+    labels: list[list] = [[] for _ in range(len(split))]
+    with (split_dir / "objects.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            i, c = int(row["index"]), int(row["class_index"])
+            box = tuple(float(row[k] or "nan") for k in ("x0", "y0", "x1", "y1"))
+            if c >= 0 and box_is_sane(box, *split.orig_shapes[i][:2]):
+                boxes[i].append(box)
+                labels[i].append(c)
+    return [{"boxes": np.asarray(b, np.float32).reshape(-1, 4), "labels": np.asarray(lab, np.int64)}
+            for b, lab in zip(boxes, labels)]
+
+
+def score_at_source(ranked: list[detector.Detection], placements: list, true: list[dict], class_names: list[str]) -> dict:
+    """mAP@.5 and mAP@[.5:.95] of `ranked` (canonical pixels) mapped to source pixels (`Placement.boxes_to_source`)
+    against the source boxes `true`."""
+    mapped = [{**p, "boxes": w.boxes_to_source(p["boxes"]).astype(np.float32)} for p, w in zip(ranked, placements)]
+    r = mean_average_precision(mapped, true, class_names)
+    return {"source_map_50": r["map_50"], "source_map": r["map"]}
+
+
 def _predictions_csv(rows: list[tuple[str, str]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -70,13 +100,17 @@ def _report(m: dict, class_names: list[str], has_cam: bool, roc_figure: str | No
         f"# Evaluation: {m['model']} on the test split ({m['test_images']} images, {m['test_objects']} objects)", "",
         "| metric | value |", "|---|---|",
         f"| mAP@.5 | {m['map_50']:.4f} |", f"| mAP@[.5:.95] (COCO) | {m['map']:.4f} |",
+        f"| mAP@.5 at the source resolution | {m['source_map_50']:.4f} |",
+        f"| mAP@[.5:.95] at the source resolution | {m['source_map']:.4f} |",
         f"| mAP@.75 | {m['map_75']:.4f} |", f"| mAR@{MAP_MAX_DETECTIONS} | {m['mar_100']:.4f} |",
         f"| images fully right at score >= {m['score_threshold']} | {m['image_accuracy']:.4f} |",
         f"| parameters | {m['parameters']} |", f"| model size (state dict) | {m['model_size_bytes'] / 1024:.1f} KiB |",
         "", ("mAP from torchmetrics' `MeanAveragePrecision` (faster_coco_eval backend) on the detections scoring "
              f"at least {m['map_score_threshold']}, after batched NMS at IoU {m['iou_threshold']}, up to COCO's "
              f"{MAP_MAX_DETECTIONS} per image (the served cap, detection.max_detections = {m['max_detections']}, "
-             "applies to the served detections only). Latency: see measured.json (machine-dependent)."), "",
+             "applies to the served detections only). The first two rows are at the training size "
+             f"({m['image_size']}x{m['image_size']}, {m['resize']}); the source-resolution rows map the detections "
+             "back to each image's own pixels against its source boxes. Latency: see measured.json (machine-dependent)."), "",
         "## Per-class AP", "", "| class | AP@.5 | AP@[.5:.95] |", "|---|---|---|",
         *[f"| {c} | {m['per_class_ap50'].get(c, float('nan')):.4f} | {m['per_class_ap'].get(c, float('nan')):.4f} |"
           for c in class_names],
@@ -107,6 +141,9 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
         "test_images": len(test),
         "test_objects": int((test.targets["box_labels"] >= 0).sum()),
         **{k: scored[k] for k in ("map_50", "map", "map_75", "mar_100", "image_accuracy", "per_class_ap50", "per_class_ap")},
+        **score_at_source(scored["ranked"], ds.placements("test"), source_truths(Path(dataset_dir) / "test", test), names),
+        "image_size": ds.image_shape[0],
+        "resize": ds.resize,
         **rule.model_dump(),
         "parameters": count_parameters(model),
         "model_size_bytes": model_size_bytes(model),

@@ -14,6 +14,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from visionops.data.images import placement
 from visionops.serving.pyfunc import ERROR_COLUMN, IMAGE_COLUMN, PREDICT_BATCH, ImageClassifierModel
 from visionops.tasks.detection import detector
 
@@ -34,6 +35,7 @@ class ImageDetectorModel(ImageClassifierModel):
         self.class_names: list[str] = list(info["class_names"])
         self.image_shape: tuple[int, int, int] = tuple(int(s) for s in info["image_shape"])
         self.arch: str = info["arch"]
+        self.resize: str = info.get("resize", "squash")
         return self
 
     @property
@@ -41,15 +43,15 @@ class ImageDetectorModel(ImageClassifierModel):
         return [DETECTIONS_COLUMN, COUNT_COLUMN, ERROR_COLUMN]
 
     def predict_canonical(self, images: np.ndarray, index=None, sizes: list | None = None) -> pd.DataFrame:
-        """Detections for canonical uint8 N x H x W x C images; boxes scaled to `sizes` (width, height)
-        per image, or to the canonical size."""
+        """Detections for canonical uint8 N x H x W x C images; boxes mapped to `sizes` (width, height) per image
+        as the stored resize placed it (`images.placement`), or left at the canonical size."""
         h, w, _ = self.image_shape
         dets = detector.predict(self.model, images, batch_size=PREDICT_BATCH)
         sizes = sizes or [(w, h)] * len(dets)
         rows = []
         for d, size in zip(dets, sizes):
-            sx, sy = (size[0] / w, size[1] / h) if size else (1.0, 1.0)
-            boxes = (d["boxes"] * np.array([sx, sy, sx, sy], np.float32)).round(2)
+            boxes = placement(*size, w, self.resize).boxes_to_source(d["boxes"]) if size else d["boxes"]
+            boxes = boxes.astype(np.float32).round(2)
             rows.append(json.dumps({"boxes": boxes.tolist(), "labels": [self.class_names[c] for c in d["labels"]],
                                     "scores": [round(float(s), 4) for s in d["scores"]]}))
         return pd.DataFrame({DETECTIONS_COLUMN: rows, COUNT_COLUMN: np.array([len(d["labels"]) for d in dets], np.int64),

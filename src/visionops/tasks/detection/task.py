@@ -77,7 +77,8 @@ class Detection:
 
         _, info = detector.load(model_path)  # fails early and clearly on a missing/corrupt file
         metadata = {"task": self.name, "class_names": list(info["class_names"]), "arch": info["arch"],
-                    "image_shape": [int(s) for s in info["image_shape"]], "rule": info["rule"]}
+                    "image_shape": [int(s) for s in info["image_shape"]], "rule": info["rule"],
+                    "resize": info.get("resize", "squash")}
         return log_pyfunc(model_path, name, code=SERVED_MODEL_CODE, signature=signature(), metadata=metadata,
                           tags=tags, alias=alias)
 

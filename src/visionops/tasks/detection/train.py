@@ -121,7 +121,8 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
     }
     if facts["is_main"]:
         history = [measured.pure(row) for row in state.history]
-        detector.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history)
+        detector.save(model_path, model, cfg.model, ds.class_names, ds.image_shape, history=history,
+                      **ds.model_record())
         write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)

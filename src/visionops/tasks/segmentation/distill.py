@@ -121,7 +121,7 @@ def run_distill(dataset_dir: Path, prepared_dir: Path, teacher_path: Path, cfg: 
     test_images = np.asarray(s.ds.splits["test"].images)[:PARITY_IMAGES]
     student = student.cpu().eval()
     segmenter.save(student_path, student, cfg.student, s.ds.class_names, s.ds.image_shape,
-                   history=[measured.pure(r) for r in state.history])
+                   history=[measured.pure(r) for r in state.history], **s.ds.model_record())
     onnx_info = export.export_onnx(student, s.ds.image_shape, reports_dir / "student.onnx")
     parity = export.onnx_parity(student, reports_dir / "student.onnx", test_images, cfg.onnx_atol, cfg.onnx_rtol)
     int8_path = reports_dir / "student.int8.onnx"

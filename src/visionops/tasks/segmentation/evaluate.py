@@ -1,5 +1,9 @@
 """Stage `evaluate` for segmentation: the teacher on the test split.
 
+Scored twice: at the training size (`miou`, ...: the canonical masks) and at the source resolution (`source_miou`,
+`source_pixel_accuracy`: each image's logits cropped to where its image lies in the square, upsampled to its source
+mask's size, against the source mask, on the test images download kept it for, `source_images`).
+
 Writes to `reports_dir`: metrics.json (`HEADLINE`), details.json, per_class.json (IoU, Dice, pixels per
 class), predictions.csv (`actual,predicted` class names of a seeded sample of test pixels, for DVC's
 confusion plot), figures/overlays.png, figures/per_class_iou.png, figures/eigencam.png (EigenCAM, for the U-Nets)
@@ -26,10 +30,10 @@ from visionops.evaluation.latency import measure_latency, model_size_bytes
 from visionops.models import count_parameters
 from visionops.tasks.segmentation import membership as member_signals
 from visionops.tasks.segmentation import plots, segmenter
-from visionops.tasks.segmentation.metrics import image_miou, segmentation_metrics
+from visionops.tasks.segmentation.metrics import confusion, image_miou, miou_from_confusion, segmentation_metrics
 from visionops.training.device import select_device
 
-HEADLINE = ("miou", "pixel_accuracy", "dice", *membership.HEADLINE)
+HEADLINE = ("miou", "pixel_accuracy", "dice", "source_miou", *membership.HEADLINE)
 SAMPLE_PIXELS = 4000
 SEED = 0
 
@@ -59,6 +63,22 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, class_names: list[str], cor
     return m
 
 
+def score_at_source(model, images, placements: list, truths: list[np.ndarray], num_classes: int, device,
+                    batch_size: int) -> dict:
+    """mIoU and pixel accuracy at the source resolution of the first len(truths) `images`: each one's logits
+    mapped to its source size (`segmenter.source_mask`, as served) against its source mask `truths[i]`."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for start in range(0, len(truths), batch_size):
+        logits = segmenter.predict_logits(model, images[start : start + batch_size], device, batch_size)
+        for i, x in enumerate(logits, start):
+            pred = segmenter.source_mask(x, placements[i])
+            cm += confusion(torch.from_numpy(pred), torch.from_numpy(np.asarray(truths[i])), num_classes)
+    total = int(cm.sum())
+    return {"source_miou": miou_from_confusion(cm) if total else None,
+            "source_pixel_accuracy": float(cm.diagonal().sum() / total) if total else None,
+            "source_images": len(truths)}
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -69,6 +89,9 @@ def render_report(m: dict, arch: str, correct_miou: float, has_cam: bool, roc_fi
         f"- mIoU (mean over classes, background included): **{m['miou']:.4f}**",
         f"- pixel accuracy: {m['pixel_accuracy']:.4f}; Dice (mean over classes): {m['dice']:.4f}",
         f"- images whose own mIoU >= {correct_miou}: {m['images_correct']}/{m['images']}",
+        f"- at the source resolution ({m['source_images']} test images, predictions upsampled to each source mask): "
+        f"mIoU {_fmt(m['source_miou'])}, pixel accuracy {_fmt(m['source_pixel_accuracy'])}; the numbers above are "
+        "at the training size",
         f"- parameters: {m['parameters']}; size: {m['size_bytes']} bytes", "",
         "| class | IoU | Dice | pixels |", "|---|---|---|---|",
         *(f"| {c} | {_fmt(v['iou'])} | {_fmt(v['dice'])} | {v['pixels']} |" for c, v in m["per_class"].items()),
@@ -97,6 +120,8 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     truth = np.asarray(test.targets["masks"])
     pred = segmenter.predict_masks(model, test.images, device, batch_size)
     m = score_masks(pred, truth, ds.class_names, correct_miou)
+    at_source = score_at_source(model, test.images, ds.placements("test"), dataset.source_masks(dataset_dir),
+                                len(ds.class_names), device, batch_size)
     per_class = m.pop("per_class")
     m.pop("image_miou")
     correct = m.pop("correct")
@@ -104,7 +129,7 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
                                             membership.load_nonmembers(holdout_dir, ds.class_names, ds.image_shape))
     latency = measure_latency(model, ds.image_shape, device, cfg.latency_batch_size)
     result = {
-        "model": info["arch"], **m, "images": len(correct), "images_correct": int(sum(correct)),
+        "model": info["arch"], **m, "images": len(correct), "images_correct": int(sum(correct)), **at_source,
         "parameters": count_parameters(model), "size_bytes": model_size_bytes(model),
         "latency_batch_ms": latency["batch_ms"], "latency_single_image_ms": latency["single_image_ms"], **audit,
     }  # fmt: skip
@@ -113,7 +138,8 @@ def run_evaluate(dataset_dir: Path, model_path: Path, cfg: EvaluateConfig, repor
     if curves:
         membership.roc_figure(curves, audit, figures / membership.FIGURE, f"Membership inference: {info['arch']}")
     shown = np.random.default_rng(SEED).choice(len(truth), size=min(seg.overlay_images, len(truth)), replace=False)
-    plots.overlays(np.asarray(test.images)[np.sort(shown)], truth[np.sort(shown)], pred[np.sort(shown)], ds.class_names, figures / "overlays.png")
+    plots.overlays(np.asarray(test.images)[np.sort(shown)], truth[np.sort(shown)], pred[np.sort(shown)], ds.class_names, figures / "overlays.png",
+                  ds.background)
     plots.per_class_iou(per_class, figures / "per_class_iou.png", f"{info['arch']}: test IoU per class")
     layer = getattr(model.net, "up4", None)  # the U-Net's stride-4 decoder (torchvision's nets: none)
     has_cam = cfg.gradcam_samples > 0 and layer is not None

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from visionops.data.images import Placement
 from visionops.models import create_model, model_file
 
 IGNORE = 255  # mask value of pixels no loss or metric counts
@@ -78,6 +80,16 @@ def predict_logits(model: nn.Module, images_nhwc, device: torch.device | str = "
         chunk = torch.as_tensor(np.array(images_nhwc[start : start + batch_size])).to(device).permute(0, 3, 1, 2)
         out.append(model(chunk).float().cpu())
     return torch.cat(out)
+
+
+def source_mask(logits: Tensor, where: Placement) -> np.ndarray:
+    """The uint8 class mask at the source size of one image's K x H x W logits: the part of the square that shows
+    the image (`where`, its `images.Placement`), resized bilinearly to the source's height x width, then argmax."""
+    x = where.crop(logits.permute(1, 2, 0)).permute(2, 0, 1)[None]
+    width, height = where.source
+    if tuple(x.shape[2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return x[0].argmax(0).to(torch.uint8).numpy()
 
 
 @torch.no_grad()

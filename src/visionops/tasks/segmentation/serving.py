@@ -19,8 +19,8 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
-from torch.nn import functional as F
 
+from visionops.data.images import placement
 from visionops.serving import pyfunc
 from visionops.tasks.segmentation import segmenter
 
@@ -51,6 +51,7 @@ class SegmenterModel(pyfunc.ImageClassifierModel):
         self.class_names = list(info["class_names"])
         self.image_shape = tuple(int(s) for s in info["image_shape"])
         self.arch = info["arch"]
+        self.resize = info.get("resize", "squash")
         return self
 
     @property
@@ -59,17 +60,14 @@ class SegmenterModel(pyfunc.ImageClassifierModel):
 
     @torch.no_grad()
     def predict_canonical(self, images: np.ndarray, index=None, sizes: list | None = None) -> pd.DataFrame:
-        """Masks of canonical uint8 N x H x W x C images, each at its `sizes` entry (width, height; the
-        logits resized bilinearly) or at the canonical size."""
+        """Masks of canonical uint8 N x H x W x C images, each at its `sizes` entry (width, height; the logits of
+        the image's part of the square, as the stored resize placed it, resized bilinearly) or at the canonical size."""
         h, w, _ = self.image_shape
         logits = segmenter.predict_logits(self.model, images, "cpu", pyfunc.PREDICT_BATCH)
         rows = []
         for i, size in enumerate(sizes or [None] * len(images)):
             width, height = size or (w, h)
-            x = logits[i : i + 1]
-            if (height, width) != (h, w):
-                x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-            mask = x[0].argmax(0).to(torch.uint8).numpy()
+            mask = segmenter.source_mask(logits[i], placement(width, height, w, self.resize))
             rows.append([encode_mask(mask), " ".join(self.class_names[c] for c in np.unique(mask)), height, width, ""])
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, index=index, dtype=object)
 
@@ -87,6 +85,6 @@ def log_segmenter(model_path: Path, registered_name: str, *, tags: dict, alias: 
     `registered_name`, point `alias` at it and tag it (`pyfunc.log_pyfunc`, as for every task)."""
     _, info = segmenter.load(model_path)  # fails early and clearly on a missing or foreign file
     metadata = {"task": "segmentation", "class_names": list(info["class_names"]), "arch": info["arch"],
-                "image_shape": [int(s) for s in info["image_shape"]]}
+                "image_shape": [int(s) for s in info["image_shape"]], "resize": info.get("resize", "squash")}
     return pyfunc.log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature(),
                              metadata=metadata, tags=tags, alias=alias)

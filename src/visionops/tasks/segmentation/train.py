@@ -137,7 +137,8 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
     }
     if s.dist_info.is_main:
         history = [measured.pure(row) for row in state.history]
-        segmenter.save(model_path, model.cpu(), cfg.model, s.ds.class_names, s.ds.image_shape, history=history)
+        segmenter.save(model_path, model.cpu(), cfg.model, s.ds.class_names, s.ds.image_shape, history=history,
+                       **s.ds.model_record())
         write_history(history, reports_dir)
         measured.write_reports(reports_dir, metrics, HEADLINE)
         checkpoint.unlink(missing_ok=True)
