@@ -70,17 +70,11 @@ class StageRun:
     def log_init(self, init: dict) -> None:
         """The starting point (`training.starting_point`): tags `visionops.init` (what train.init named) and
         `visionops.init.source` (its identity: weights and file hash, registry version and run id, or file
-        hash); a registered one is also the run's model input."""
+        hash). Not a model input: MLflow accepts those only on Databricks."""
         import mlflow
 
         source = {k: v for k, v in init.items() if k in INIT_IDENTITY}
         mlflow.set_tags({INIT_TAG: init["init"], f"{INIT_TAG}.source": json.dumps(source, sort_keys=True)})
-        if "version" in init:
-            from mlflow.entities import LoggedModelInput
-
-            model_id = mlflow.MlflowClient().get_model_version(init["name"], init["version"]).model_id
-            if model_id:
-                mlflow.log_inputs(models=[LoggedModelInput(model_id)])
 
     def log_result(self, result: dict, reports_dir: Path | None = None) -> None:
         """Final metrics, and every file the stage wrote under `reports_dir` as artifacts."""

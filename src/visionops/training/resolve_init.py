@@ -29,7 +29,7 @@ def resolve(init: str, mlflow_cfg: MlflowConfig, data_root: str | None = None, r
     from visionops.serving.registered import MODEL_MD5_TAG, reader
 
     name, alias = found["name"], found["alias"]
-    read = reader(mlflow_cfg, Path(root))
+    read = reader(mlflow_cfg, Path(root).resolve())
     version = found["version"] if read is None or alias is None else read.alias(name, alias)
     tags = read.tags(name, version) if read is not None and version is not None else {}
     if not tags:

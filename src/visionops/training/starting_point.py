@@ -57,10 +57,13 @@ def _from_model_file(path: Path, record: dict) -> Start:
     return Start(state, info["arch"], task, list(info.get("class_names", [])) or None, False, record)
 
 
-def _registered(record: dict) -> Start:
+def _registered(record: dict, mlflow_cfg: MlflowConfig) -> Start:
     import mlflow
 
     from visionops.data.fetch import file_md5
+    from visionops.tracking.store import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg))
 
     with tempfile.TemporaryDirectory(prefix="visionops-init-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{record['name']}/{record['version']}", dst_path=tmp))
@@ -95,7 +98,7 @@ def load(cfg: TrainConfig, mlflow_cfg: MlflowConfig, data_root: str | None = Non
         record = {"init": init, "file": str(BACKBONE_FILE), "md5": file_md5(BACKBONE_FILE), "arch": info["arch"]}
         return Start(info["encoder"], info["arch"], "backbone", None, True, record)
     if REGISTERED_INIT.fullmatch(init):
-        return _registered(resolved(cfg.init, mlflow_cfg, data_root))
+        return _registered(resolved(cfg.init, mlflow_cfg, data_root), mlflow_cfg)
     path = model_path(init, ".", data_root)
     return _from_model_file(path, {"init": init, "md5": file_md5(path)})
 
