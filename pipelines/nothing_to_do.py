@@ -6,7 +6,9 @@ UI ever shows. So when `dvc status` reports every stage up to date, the registry
 already (the `register` stage is `always_changed`: `dvc status` lists it every time, because only the
 registry can say whether it has work), and, with promotion on, every challenger (teacher and student)
 was already judged against the champion it would face now, under the same gates (params.yaml `promote`,
-recorded in the version's `promotion.metrics` tag), there is nothing to do.
+recorded in the version's `promotion.metrics` tag), there is nothing to do. The `resolve_init` stage is
+`always_changed` too: it has work only when `train.init` resolves to something else than models/init.json
+holds (a registered alias moved).
 """
 
 from __future__ import annotations

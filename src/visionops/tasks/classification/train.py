@@ -24,8 +24,8 @@ from visionops.tasks.classification import classifier, frozen_front
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.objective import train_correct, val_scorer
-from visionops.training.device import select_device, to_device
 from visionops.training import starting_point
+from visionops.training.device import select_device, to_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import EpochCallback, fit, init_distributed
 

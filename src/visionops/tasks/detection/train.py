@@ -67,8 +67,9 @@ def fit_detector(
     init_from: starting_point.Start | None = None,
 ) -> tuple[detector.Detector, object, dict]:
     """Build `arch` (seeded by cfg.seed), or start it from the strongest channels of `start` (a wider network
-    of the same design: `models.narrow`), or from the starting point `init_from` (`starting_point.load`), and train it with the trainer's loop; returns (model, state, run facts, with the starting
-    point's record under "init"). `criterion_for(model)` replaces the model's own loss (distillation)."""
+    of the same design: `models.narrow`), or from the starting point `init_from` (`starting_point.load`), and
+    train it with the trainer's loop; returns (model, state, run facts, with the starting point's record under
+    "init"). `criterion_for(model)` replaces the model's own loss (distillation)."""
     device = select_device(cfg.device)
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.world_size > 1:
@@ -86,7 +87,8 @@ def fit_detector(
     val = ds.splits["val"]
     x, b, lab = to_device(images, boxes, labels, device)
     digest = fingerprint(arch, cfg.model_dump(), augment_cfg.model_dump(), rule.model_dump(), ds.class_names,
-                         dist_info.world_size, extra_fingerprint, *starting_point.identity(init_from), arrays=(boxes, labels, val.targets["box_labels"]))
+                         dist_info.world_size, extra_fingerprint, *starting_point.identity(init_from),
+                         arrays=(boxes, labels, val.targets["box_labels"]))
     model, state = fit(
         model,
         (x, (b, lab)),
