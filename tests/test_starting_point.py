@@ -7,6 +7,7 @@ import os
 import socket
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -206,6 +207,60 @@ def test_a_frozen_warm_up_leaves_the_loaded_layers_and_trains_the_head(digits, t
     details = json.loads((tmp_path / "r" / "details.json").read_text())
     assert details["init"]["init"] == "start.pt" and details["init"]["head_reinitialised"] == ["head.2"]
     assert metrics["init"]["tensors_loaded"] == len(details["init"]["tensors"]) > 0
+
+
+def _frozen_run(task_name: str, ds_dir, tmp_path, raw: dict) -> dict:
+    """prepare + train of `task_name` with a one-epoch frozen warm-up (the whole run): the trained model's bare state."""
+    from visionops.tasks import get_task
+
+    task, p = get_task(task_name), parse_params(raw)
+    task.prepare(p, ds_dir, tmp_path / "prep", tmp_path / "rp")
+    task.train(p, ds_dir, tmp_path / "prep", tmp_path / "teacher.pt", tmp_path / "r", tmp_path / "ck.pt")
+    return model_file.read(tmp_path / "teacher.pt", task_name)["state_dict"]
+
+
+def test_the_detection_and_segmentation_train_stages_honour_init(tmp_path, monkeypatch):
+    from detection_data import write_detection_dataset
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    train = {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.01, "device": "cpu", "freeze_epochs": 1}
+    source = _bare(_classifier_file(tmp_path / "enc.pt", "centernet_backbone", ["x", "y"], shape=(64, 64, 1)))
+    ds_dir = write_detection_dataset(tmp_path / "det", (("train", 48), ("val", 16), ("test", 16)))
+    raw = {"task": "detection", "data": {"source": "canvases", "image_size": 64},
+           "train": {**train, "model": "centernet", "init": "enc.pt"}, "distill": {"student": "centernet_tiny"}}
+    state = _frozen_run("detection", ds_dir, tmp_path / "d", raw)
+    encoder = [k for k, p in create_model("centernet_backbone", in_channels=1, num_classes=2, image_size=64).named_parameters()
+               if not k.startswith("head.")]
+    assert all(torch.equal(state["net." + k], source[k]) for k in encoder)
+    assert json.loads((tmp_path / "d" / "r" / "details.json").read_text())["init"]["loaded_from"].startswith("the encoder")
+
+    torch.manual_seed(3)
+    pretrained = create_model("unet_backbone", in_channels=1, num_classes=1, image_size=64)
+    (tmp_path / "models").mkdir()
+    model_file.save(tmp_path / "models" / "backbone.pt", {
+        "task": "backbone", "arch": "unet_backbone", "encoder": to_canonical(pretrained.state_dict(), "unet_backbone")})
+    raw = {"task": "segmentation", "data": {"source": "canvases", "image_size": 64}, "balance": {"strategy": "class_weights"},
+           "train": {**train, "model": "unet", "init": "pretrain"}, "distill": {"student": "unet_small"}}
+    seg = tmp_path / "seg"
+    state = _frozen_run("segmentation", _segmentation_canvases(seg / "ds"), seg, raw)
+    own = pretrained.state_dict()
+    encoder = [k for k, _ in pretrained.named_parameters() if not k.startswith("head.")]
+    assert encoder and all(torch.equal(state["net." + k], own[k]) for k in encoder)
+    assert json.loads((seg / "r" / "details.json").read_text())["init"]["init"] == "pretrain"
+
+
+def _segmentation_canvases(root, n: int = 60):
+    """Digit canvases with their masks (classes background and 0-9), 70/10/20 % train/val/test."""
+    from visionops.data import dataset
+    from visionops.data.canvases import make_canvases
+
+    c = make_canvases(n, 64, seed=0)
+    cuts = {"train": slice(0, 42), "val": slice(42, 48), "test": slice(48, n)}
+    splits = {k: dataset.Split(c.images[s], np.zeros(s.stop - s.start, np.int64), [f"{k}/{i}.png" for i in range(s.stop - s.start)],
+                               targets={"masks": c.masks[s]}) for k, s in cuts.items()}
+    dataset.save(dataset.Dataset(["background", *map(str, range(10))], splits, "canvases", task="segmentation"), root)
+    return root
 
 
 def test_backbone_lr_scale_gives_the_loaded_layers_their_own_rate():
