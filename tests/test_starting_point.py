@@ -113,6 +113,10 @@ def test_a_file_outside_the_project_and_a_file_with_code_are_refused(tmp_path, m
     _classifier_file(tmp_path / "outside.pt", "lenet", ["a", "b"])
     with pytest.raises(InvalidInputError, match="outside the project and data.root"):
         _start(project, monkeypatch, "../outside.pt", "lenet", ["a", "b"])
+    (project / "models").mkdir()
+    _classifier_file(project / "models" / "teacher.pt", "lenet", ["a", "b"])
+    with pytest.raises(InvalidInputError, match="an output of this pipeline"):
+        _start(project, monkeypatch, "models/teacher.pt", "lenet", ["a", "b"])
     torch.save({"arch": "lenet", "state_dict": {}, "f": print}, project / "code.pt")
     with pytest.raises(InvalidInputError, match="holds code"):
         _start(project, monkeypatch, "code.pt", "lenet", ["a", "b"])

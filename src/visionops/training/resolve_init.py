@@ -66,6 +66,10 @@ def model_path(init: str, root: Path | str, data_root: str | None = None) -> Pat
     if not any(full.is_relative_to(r) for r in inside):
         raise InvalidInputError(f"train.init: {init} resolves to {full}, outside the project and data.root: "
                                 "copy the model file into the project")
+    if full in ((Path(root) / layout.TEACHER).resolve(), (Path(root) / layout.STUDENT).resolve()):
+        raise InvalidInputError(f"train.init: {init} is an output of this pipeline (train would start from its own "
+                                "last result on every run); start from a registered version (models:/<name>@<alias>) "
+                                "or a copy of the file")
     if not full.is_file():
         raise MissingInputError(f"train.init: {init}: no such model file (scratch, imagenet, pretrain, "
                                 "models:/<name>@<alias> and models:/<name>/<version> are the other starting points)")

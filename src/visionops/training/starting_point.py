@@ -64,7 +64,6 @@ def _registered(record: dict, mlflow_cfg: MlflowConfig) -> Start:
     from visionops.tracking.store import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(mlflow_cfg))
-
     with tempfile.TemporaryDirectory(prefix="visionops-init-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{record['name']}/{record['version']}", dst_path=tmp))
         files = sorted((local / "artifacts").glob("*.pt"))
