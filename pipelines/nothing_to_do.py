@@ -6,7 +6,9 @@ UI ever shows. So when `dvc status` reports every stage up to date, the registry
 already (the `register` stage is `always_changed`: `dvc status` lists it every time, because only the
 registry can say whether it has work), and, with promotion on, every challenger (teacher and student)
 was already judged against the champion it would face now, under the same gates (params.yaml `promote`,
-recorded in the version's `promotion.metrics` tag), there is nothing to do.
+recorded in the version's `promotion.metrics` tag), there is nothing to do. The `resolve_init` stage is
+`always_changed` too: it has work only when `train.init` resolves to something else than models/init.json
+holds (a registered alias moved).
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from pipelines import dvc_stages
 
 ALWAYS = "always changed"  # what `dvc status` says of an always_changed stage whose deps and outs are unchanged
 REGISTER = "register"
+RESOLVE_INIT = "resolve_init"  # always_changed too: it would rewrite models/init.json only if train.init moved
+
+
+def _same_start(root: Path) -> bool:
+    """Whether train.init resolves now to what models/init.json holds (e.g. @champion has not moved)."""
+    from visionops.config import load_params
+    from visionops.training.resolve_init import INIT_FILE, resolve
+
+    params = load_params(root / "params.yaml")
+    path = root / INIT_FILE
+    try:
+        record = resolve(params.train.init, params.mlflow, params.data.root, root)
+    except (OSError, ValueError):
+        return False  # the stage itself says what is wrong
+    return path.is_file() and json.loads(path.read_text()) == record
 
 
 def _registered(root: Path) -> list[str] | None:
@@ -82,8 +99,11 @@ def nothing_to_do(project_dir: str | Path, promote: bool, env: dict | None = Non
         return None  # a server is configured: run, so the run is visible in its UI
     root = Path(project_dir).resolve()
     status = dvc_stages.stage_status(root)
-    if status is None or any(entries != [ALWAYS] or name != REGISTER for name, entries in status.items()):
-        return None  # a stage has work for the data (or an always-changed stage other than register would run)
+    if status is None or any(entries != [ALWAYS] or name not in (REGISTER, RESOLVE_INIT) for name, entries in status.items()):
+        return None  # a stage has work for the data (or an always-changed stage of ours would run)
+    if RESOLVE_INIT in status and not _same_start(root):
+        return None  # train.init moved (e.g. @champion): train has work
+    status.pop(RESOLVE_INIT, None)
     lines = ["nothing to do: `dvc status` says every stage is up to date"]
     if status:  # register: DVC reruns it every time; the registry says whether it has work
         registered = _registered(root)

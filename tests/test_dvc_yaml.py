@@ -47,11 +47,11 @@ def test_metrics_and_plot_data_are_committed_not_cached():
 
 def test_baseline_depends_on_the_student_settings_only():
     """Every train setting the student uses (all but model, epochs, steps and lr, which distill sets, and the
-    teacher's progressive resizing), and distill's student, epochs, steps, lr, baseline and init: not distill's KD
-    settings. The teacher's file, which the student starts from with distill.init: teacher."""
+    teacher's progressive resizing and starting point), and distill's student, epochs, steps, lr, baseline and
+    init: not distill's KD settings. The teacher's file, which the student starts from with distill.init: teacher."""
     baseline = DVC["stages"]["baseline"]
     teacher_only = {"train.model", "train.epochs", "train.steps", "train.lr", "train.progressive_start",
-                    "train.progressive_epochs"}
+                    "train.progressive_epochs", "train.init", "train.freeze_epochs", "train.backbone_lr_scale"}
     want = {f"train.{k}" for k in TrainConfig.model_fields} - teacher_only
     want |= {f"distill.{k}" for k in ("student", "epochs", "steps", "lr", "baseline", "init")}
     assert set(baseline["params"]) == want | {"task", "detection"}  # detection: the student's prediction rule

@@ -30,7 +30,10 @@ if str(ROOT) not in sys.path:
 from pipelines import dvc_stages, flows
 from visionops.tracking import faults
 
-STAGES = ["download", "validate", "label_issues", "prepare", "train", "evaluate", "baseline", "distill", "register"]
+STAGES = ["download", "validate", "label_issues", "prepare", "resolve_init", "train", "evaluate", "baseline", "distill",
+          "register"]
+WITH_RUNS = [s for s in STAGES if s != "resolve_init"]  # the stages with an MLflow run (resolve_init only writes a file)
+ALWAYS_RUN = ("resolve_init", "register")  # always_changed: DVC runs them on every `dvc repro`
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
 # passes the promotion gates and becomes the champion the monitoring tests watch.
 FAST = {
@@ -290,7 +293,7 @@ def test_training_flow_runs_every_stage_as_a_task_then_promotes(trained):
 
     # every MLflow stage run of this flow run carries its id and one pipeline id
     runs = _mlflow_runs(trained, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "stage"})
-    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(STAGES)
+    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(WITH_RUNS)
     assert {r.data.tags["visionops.pipeline_run_id"] for r in runs} == {f"prefect-{flow_run_id}"}
 
     # the teacher became champion when it was registered; the 1-epoch student is a rejected challenger
@@ -323,8 +326,8 @@ def test_a_stage_failing_once_is_retried(trained, no_retry_delays):
     assert runs["flaky"].run_count == 2 and runs["flaky"].state.is_completed()
     assert all(runs[s].run_count == 1 for s in STAGES)
     summary = state.result()
-    # register is always_changed (DVC cannot see the registry): it runs, and registers nothing new
-    assert [s["state"] for s in summary["stages"]] == ["up to date"] * (len(STAGES) - 1) + ["ran", "ran"]
+    # resolve_init and register are always_changed (DVC cannot see the registry): they run, and change nothing
+    assert [s["state"] for s in summary["stages"]] == ["ran" if s in ALWAYS_RUN else "up to date" for s in STAGES] + ["ran"]
     assert [s["attempt"] for s in summary["stages"]] == [1] * len(STAGES) + [2]
     assert "| flaky | ran (attempt 2) |" in _artifact(_flow_run_id(state), flows.TRAINING_ARTIFACT).data
     assert (project.path / "reports/flaky/ok.txt").read_text().strip() == "ok"
@@ -410,7 +413,7 @@ def test_overrides_reach_dvc_and_are_recorded(trained):
 
     assert state.is_completed(), state.message
     ran = {s["stage"]: s["state"] for s in state.result()["stages"]}
-    rerun = {"distill": "ran", "register": "ran"}  # a new student file is registered
+    rerun = {"distill": "ran", "resolve_init": "ran", "register": "ran"}  # a new student file is registered
     assert ran == {**{s: "up to date" for s in STAGES}, **rerun, **({"flaky": "up to date"} if "flaky" in ran else {})}
     assert json.loads((project.path / "reports/distill/details.json").read_text())["temperature"] == 2.0
     lock = yaml.safe_load((project.path / "dvc.lock").read_text())
@@ -725,7 +728,7 @@ def test_training_flow_runs_detection_and_segmentation_end_to_end(task, tmp_path
     summary = state.result()
     assert [s["state"] for s in summary["stages"]] == ["ran"] * len(STAGES)
     runs = _mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "stage"})
-    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(STAGES)
+    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(WITH_RUNS)
     assert {r.data.params["task"] for r in runs} == {task}
     assert {r.data.tags["visionops.pipeline_run_id"] for r in runs} == {f"prefect-{flow_run_id}"}
     headline = {"detection": "map_50", "segmentation": "miou"}[task]
@@ -755,13 +758,13 @@ EQUIVALENCE = {
     "distill": {"epochs": 1, "baseline": False},
     "evaluate": {"gradcam_samples": 2},
 }
-# Another helper makes `register` `always_changed: true` (its result is the registry, which DVC cannot see), so
-# `dvc status` then lists it as "always changed" even right after `dvc repro`: that one entry is expected.
-ALWAYS_CHANGED = {"register": ["always changed"]}
+# `register` and `resolve_init` are `always_changed: true` (they read the registry, which DVC cannot see), so
+# `dvc status` lists them as "always changed" even right after `dvc repro`: those entries are expected.
+ALWAYS_CHANGED = {"register": ["always changed"], "resolve_init": ["always changed"]}
 
 
 def _status(project: Project) -> dict:
-    """`dvc status --json` by stage name, less register's "always changed" (see ALWAYS_CHANGED)."""
+    """`dvc status --json` by stage name, less the "always changed" of ALWAYS_CHANGED."""
     status = json.loads(project.run("dvc", "status", "--json").stdout)
     by_stage = {name.rsplit(":", 1)[-1]: entries for name, entries in status.items()}
     return {name: entries for name, entries in by_stage.items() if ALWAYS_CHANGED.get(name) != entries}

@@ -34,7 +34,8 @@ def ran_project(tmp_path_factory):
 
 def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
     project = ran_project
-    for stage in ("download", "validate", "label_issues", "prepare", "train", "evaluate", "baseline", "distill", "register"):
+    for stage in ("download", "validate", "label_issues", "prepare", "resolve_init", "train", "evaluate", "baseline",
+                  "distill", "register"):
         assert f"Running stage '{stage}'" in project.first_run.stdout
     assert json.loads((project.path / "reports/validate/summary.json").read_text())["success"] is True
     for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.csv",
@@ -42,8 +43,10 @@ def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
         assert (project.path / out).exists(), out
     assert (project.path / "reports/evaluate/figures/membership_roc.png").exists()
     _membership_audit_reached_the_registry(project)
-    second = project.repro()  # every stage's data is up to date; register (always_changed) asks the registry itself
-    assert [line for line in second.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'register':"]
+    second = project.repro()  # every stage's data is up to date; register and resolve_init (always_changed) ask the registry
+    assert [line for line in second.stdout.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'resolve_init':", "Running stage 'register':"]
+    assert "Running stage 'train'" not in second.stdout  # models/init.json kept its bytes
     assert "register: nothing to register" in second.stdout and "didn't change, skipping" in second.stdout
 
 

@@ -146,6 +146,20 @@ def _prepare(params, args, run) -> dict:
 
 
 @command(
+    "resolve_init",
+    "resolve train.init to what it names now (a registered alias to its version)",
+    "Write models/init.json: train.init, and for models:/<name>@<alias> or models:/<name>/<version> the version "
+    "it resolves to now, its run id and file MD5; for a model file's path, the file's MD5. The file is rewritten "
+    "only when that changes, and train depends on it: DVC cannot see the registry, so this stage runs on every "
+    "`dvc repro` (always_changed), and train reruns exactly when the starting point moved (e.g. @champion).",
+)
+def _resolve_init(params, args, run) -> dict:
+    from visionops.training.resolve_init import write_resolved
+
+    return write_resolved(params.train.init, params.mlflow, params.data.root)
+
+
+@command(
     "train",
     "train the teacher model (GPU when there is one)",
     "Train train.model on the prepared train split with the augmentation policy applied on the fly, "
@@ -153,6 +167,8 @@ def _prepare(params, args, run) -> dict:
     "(train.amp, train.channels_last: on CUDA, or `always` for the CPU too) and "
     "optional torch.compile on CUDA. A checkpoint is written every epoch: rerunning after a crash resumes. "
     "For several GPUs: torchrun --nproc_per_node N -m visionops train. "
+    "train.init picks the starting weights (scratch, imagenet, pretrain, models:/<name>@<alias>, a model file); "
+    "what was loaded, new or skipped is printed and recorded in details.json and the MLflow run. "
     "At the end it stores the served rule in the model file (classification: the test-time augmentation "
     "train.tta that selected it and the temperature fitted on val; detection: the NMS thresholds). "
     f"Writes {layout.TEACHER} and {layout.TRAIN_REPORTS}/ (metrics.json, history.csv); "
@@ -171,6 +187,7 @@ def _train(params, args, run) -> dict:
         on_epoch=run.log_epoch if run else None,
     )
     if run is not None:  # None when tracking is off, and on every DDP rank but 0
+        run.log_init(result["init"])
         _finish(run, result, layout.TRAIN_REPORTS)
     return result
 
@@ -288,7 +305,7 @@ def _register_models(params, args, run) -> dict:
         return {"registered": [], "note": "mlflow.enabled is false: nothing registered"}
     experiment = experiment_name()
     teacher = _register(params, run, layout.TEACHER, layout.EVALUATE_REPORTS, params.mlflow.teacher_model_name,
-                        experiment=experiment)
+                        experiment=experiment, started=layout.TRAIN_REPORTS / "details.json")
     link = {"visionops.teacher_version": teacher["version"]}
     student = _register(params, run, layout.STUDENT, layout.DISTILL_REPORTS, params.mlflow.student_model_name, link,
                         experiment)
@@ -301,10 +318,11 @@ def _register_models(params, args, run) -> dict:
 
 def _register(
     params, run, model_path: Path, reports_dir: Path, name: str, extra_tags: dict[str, str] | None = None,
-    experiment: str | None = None,
+    experiment: str | None = None, started: Path | None = None,
 ) -> dict:
     """Register `model_path` unless a version with its content exists; a new version carries the
-    membership-inference audit of `reports_dir`'s details.json (the stage that measured the file).
+    membership-inference audit of `reports_dir`'s details.json (the stage that measured the file), and the
+    starting point recorded in `started` (the train stage's details.json).
 
     On the main line (`experiment` None) the version gets the alias challenger (unless it is the
     champion), and a model without a champion has it judged by the gates once (on the holdout) and made
@@ -316,6 +334,7 @@ def _register(
         has_champion,
         promote,
         record_audit,
+        record_init,
     )
     from visionops.serving.pyfunc import CHALLENGER, EXPERIMENT_TAG, RegistryError
 
@@ -331,6 +350,8 @@ def _register(
         details = Path(reports_dir) / "details.json"
         if details.is_file():
             record_audit(name, str(version.version), json.loads(details.read_text()))
+        if started is not None and started.is_file():
+            record_init(name, str(version.version), json.loads(started.read_text()).get("init"))
     registered = {"name": name, "version": str(version.version), "created": created}
     if experiment:
         return registered
@@ -580,6 +601,7 @@ HEADLINES = {
     "validate": ("success", "images", "warnings"),
     "label_issues": ("train_images", "label_issues", "label_issue_fraction", "out_of_fold_accuracy", "note"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
+    "resolve_init": ("init", "version", "run_id", "md5"),
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
                  "map_50", "map", "source_map_50", "image_accuracy",  # detection
                  "miou", "pixel_accuracy", "dice", "source_miou",  # segmentation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,7 +11,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from visionops.errors import VisionopsError
-from visionops.model_names import MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, NO_CONV, check_model_name, models_for
+from visionops.model_names import IMAGENET, MIN_IMAGE_SIZE, MODEL_TASKS, NARROWS, NO_CONV, check_model_name, models_for
 
 DEFAULT_PARAMS = Path("params.yaml")
 ModelName = Annotated[str, AfterValidator(check_model_name)]  # a name in the model registry
@@ -206,6 +207,19 @@ class PrivacyConfig(Section):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+REGISTERED_INIT = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))")
+
+
+def check_init(value: str) -> str:
+    """`train.init`: scratch, imagenet, pretrain, models:/<name>@<alias>, models:/<name>/<version> or a file's path."""
+    if value.startswith("models:/") and not REGISTERED_INIT.fullmatch(value):
+        raise ValueError(f"{value!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+    if not value.strip():
+        raise ValueError("empty; use scratch, imagenet, pretrain, models:/<name>@<alias>, models:/<name>/<version> "
+                         "or the path of a visionops model file")
+    return value
+
+
 class TrainConfig(Section):
     """The teacher's training run."""
 
@@ -241,6 +255,22 @@ class TrainConfig(Section):
     # it sees, or OMP_NUM_THREADS). Lower it to 1 on a machine shared with other busy processes.
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
     privacy: PrivacyConfig = PrivacyConfig()
+    # the starting weights: scratch (random) | imagenet (torchvision's, models.IMAGENET) | pretrain (the encoder
+    # in models/backbone.pt) | models:/<name>@<alias> or models:/<name>/<version> (this project's registry) |
+    # the path of a visionops model file inside the project or data.root (README "Starting points")
+    init: Annotated[str, AfterValidator(check_init)] = "scratch"
+    freeze_epochs: int = Field(0, ge=0)  # the first epochs train only the layers the starting point did not give
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)  # lr multiplier of the layers the starting point gave
+
+    @model_validator(mode="after")
+    def _fine_tuning_needs_a_start(self) -> TrainConfig:
+        if self.init == "scratch" and (self.freeze_epochs or self.backbone_lr_scale != 1.0):
+            key = "freeze_epochs" if self.freeze_epochs else "backbone_lr_scale"
+            raise ValueError(f"train.{key} applies to the layers a starting point gives, and train.init is scratch")
+        if self.privacy.enabled and self.freeze_epochs:
+            raise ValueError("train.freeze_epochs cannot be used with train.privacy.enabled (Opacus clips the "
+                             "per-image gradients of every trainable layer); set it to 0")
+        return self
 
     @model_validator(mode="after")
     def _dp_sgd_settings(self) -> TrainConfig:
@@ -461,6 +491,9 @@ class Params(Section):
         keys = [("train.model", self.train.model), ("distill.student", self.distill.student)]
         if self.task == "classification" and self.label_issues.enabled:
             keys.append(("label_issues.model", self.label_issues.model))
+        if self.train.init == "imagenet" and self.train.model not in IMAGENET:
+            raise ValueError(f"train.init: imagenet: torchvision has no ImageNet weights for {self.train.model}; models "
+                             f"with them: {', '.join(IMAGENET)}")
         for key, name in keys:
             if MODEL_TASKS[name] != self.task:
                 raise ValueError(f"{key}: {name} is a {MODEL_TASKS[name]} model but task is {self.task!r}; "

@@ -32,6 +32,10 @@ ENCODERS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+_RGB_ONLY = ("fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large",
+             "resnet18_tv", "mobilenet_v3_large")
+
+
 def encoder_prefixes(arch: str) -> tuple[tuple[str, str], ...]:
     """The (network prefix, canonical prefix) pairs of `arch`'s encoder; an InvalidInputError names an
     architecture that has none to transfer or pretrain."""
@@ -48,10 +52,10 @@ def encoder(net: nn.Module, arch: str) -> nn.Sequential:
     for prefix, _ in encoder_prefixes(arch):
         module = net.get_submodule(prefix.rstrip("."))
         parts += list(module.children()) if isinstance(module, nn.ModuleDict) else [module]  # torchvision's layer getters
-    if arch in ("fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"):
-        parts = [_Rgb(), *parts]  # their backbones take three channels (see models.detection._three_channels)
-    elif arch == "resnet18_tv":
+    if arch == "resnet18_tv":
         parts = [parts[0], parts[1], nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1), *parts[2:]]
+    if arch in _RGB_ONLY:  # torchvision's networks take three channels (models.detection._three_channels, models.backbones)
+        parts = [_Rgb(), *parts]
     return nn.Sequential(*parts)
 
 

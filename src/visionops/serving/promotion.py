@@ -144,6 +144,26 @@ def record_audit(name: str, version: str, audit: dict, client: MlflowClient | No
     )  # fmt: skip
 
 
+def record_init(name: str, version: str, init: dict | None, client: MlflowClient | None = None) -> None:
+    """A version's starting point (train's `init` record) as tags `visionops.init*` and a line of its description."""
+    if not init or init.get("init", "scratch") == "scratch":
+        return
+    client = client or MlflowClient()
+    _tag(client, name, version, "visionops.init", init["init"])
+    if "version" in init:
+        what = f"version {init['version']} of {init['name']} (run {init.get('run_id')}, file MD5 {init.get('md5')})"
+    elif "weights" in init:
+        what = f"torchvision {init['weights']} ({init['file']}, SHA-256 {init['sha256']})"
+    else:
+        what = f"{init.get('file', init['init'])} (MD5 {init.get('md5')})"
+    _tag(client, name, version, "visionops.init.source", what)
+    _append_description(
+        client, name, version,
+        f"started from {init['init']}: {what}; {init.get('loaded_from', '')}: {len(init.get('loaded', []))} layers loaded, "
+        f"{len(init.get('new', []))} new, {len(init.get('skipped', {}))} skipped for their shapes",
+    )  # fmt: skip
+
+
 def recorded_audit(version: ModelVersion) -> dict:
     """The `mia_*` figures `record_audit` put on `version` (none for a version registered without them)."""
     tags = version.tags or {}

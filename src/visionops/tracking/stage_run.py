@@ -24,6 +24,8 @@ from visionops.tracking.store import configure, project_root
 
 ROLE_TAG, PIPELINE_TAG = "visionops.role", "visionops.pipeline_run_id"
 PIPELINE_NAME_TAG, EXPERIMENT_TAG = "visionops.pipeline_name", "visionops.experiment"
+INIT_TAG = "visionops.init"  # the train run's starting point (`StageRun.log_init`)
+INIT_IDENTITY = ("init", "weights", "file", "sha256", "name", "version", "run_id", "md5", "arch", "task")
 DEPS_ARTIFACT = "dvc_deps.json"  # each dependency's hash as DVC sees it
 # MLflow has no metric descriptions: a training stage's run says in its description what its timings measure
 TIMING_NOTE = (
@@ -64,6 +66,15 @@ class StageRun:
             self.resume.on_epoch(desc, int(row["epoch"]))
         prefix = "" if desc == "train" else desc.replace(" ", "_") + "/"
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    def log_init(self, init: dict) -> None:
+        """The starting point (`training.starting_point`): tags `visionops.init` (what train.init named) and
+        `visionops.init.source` (its identity: weights and file hash, registry version and run id, or file
+        hash). Not a model input: MLflow accepts those only on Databricks."""
+        import mlflow
+
+        source = {k: v for k, v in init.items() if k in INIT_IDENTITY}
+        mlflow.set_tags({INIT_TAG: init["init"], f"{INIT_TAG}.source": json.dumps(source, sort_keys=True)})
 
     def log_result(self, result: dict, reports_dir: Path | None = None) -> None:
         """Final metrics, and every file the stage wrote under `reports_dir` as artifacts."""

@@ -45,7 +45,7 @@ class Classification:
         from visionops.tasks.classification.train import recorded_augment, run_train
 
         return run_train(dataset_dir, prepared_dir, params.train, recorded_augment(prepared_dir), model_path,
-                         reports_dir, checkpoint, on_epoch=on_epoch)
+                         reports_dir, checkpoint, on_epoch=on_epoch, mlflow_cfg=params.mlflow, data_root=params.data.root)
 
     def evaluate(self, params: Params, dataset_dir: Path, model_path: Path, reports_dir: Path,
                  holdout_dir: Path | None = None) -> dict:

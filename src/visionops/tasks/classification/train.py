@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from visionops import measured
-from visionops.config import AugmentConfig, TrainConfig
+from visionops.config import AugmentConfig, MlflowConfig, TrainConfig
 from visionops.data import dataset
 from visionops.evaluation import calibration
 from visionops.models import count_parameters
@@ -24,6 +24,7 @@ from visionops.tasks.classification import classifier, frozen_front
 from visionops.tasks.classification.augment import BatchAugment
 from visionops.tasks.classification.losses import ClassificationLoss
 from visionops.tasks.classification.objective import train_correct, val_scorer
+from visionops.training import starting_point
 from visionops.training.device import select_device, to_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import EpochCallback, fit, init_distributed
@@ -76,21 +77,26 @@ def run_train(
     reports_dir: Path,
     checkpoint: Path,
     on_epoch: EpochCallback | None = None,
+    mlflow_cfg: MlflowConfig = MlflowConfig(),
+    data_root: str | None = None,
 ) -> dict:
     device = select_device(cfg.device)
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
     ds, images, labels, loss_opts = load_train_data(dataset_dir, prepared_dir)
-    mean, std = classifier.normalisation(images, cfg.privacy.enabled)
+    start = starting_point.load(cfg, mlflow_cfg, data_root)
+    mean, std = starting_point.normalisation(start, ds.image_shape[2]) or classifier.normalisation(images, cfg.privacy.enabled)
     torch.manual_seed(cfg.seed)
     model = classifier.build(cfg.model, ds.class_names, ds.image_shape, mean, std)
+    init = starting_point.start_network(model.net, cfg.model, "classification", ds.class_names, ds.image_shape, start)
     criterion_fn = ClassificationLoss(
         cfg.label_smoothing, loss_opts["class_weights"], loss_opts["class_priors"], cfg.logit_adjust_tau
     ).to(device)
     augment = BatchAugment.from_config(augment_cfg, num_classes=len(ds.class_names))
     val = ds.splits["val"]
-    digest = fingerprint(cfg.model_dump(), augment_cfg.model_dump(), ds.class_names, dist_info.world_size, arrays=(images, labels, val.labels))
+    digest = fingerprint(cfg.model_dump(), augment_cfg.model_dump(), ds.class_names, dist_info.world_size,
+                         *starting_point.identity(start), arrays=(images, labels, val.labels))
     train_data, val_data = to_device(images, labels, device), to_device(val.images, val.labels, device)
     front = frozen_front.frozen_front(model, augment_cfg, cfg)
     trained = model
@@ -112,6 +118,7 @@ def run_train(
         dist_info=dist_info,
         on_epoch=on_epoch,
         train_correct=train_correct,
+        transferred=starting_point.transferred(init),
     )
     if front is not None:
         model.net.head = trained.head
@@ -131,6 +138,7 @@ def run_train(
         "parameters": count_parameters(model),
         **run_seconds(state.history, len(labels)),
         **privacy_metrics(state.privacy),
+        "init": init,
     }
     if dist_info.is_main:
         history = [measured.pure(row) for row in state.history]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from visionops import measured
-from visionops.config import AugmentConfig, DetectionConfig, TrainConfig
+from visionops.config import AugmentConfig, DetectionConfig, MlflowConfig, TrainConfig
 from visionops.data import dataset
 from visionops.errors import InvalidInputError
 from visionops.models import count_parameters
@@ -24,6 +24,7 @@ from visionops.models.narrow import narrow_into
 from visionops.tasks.detection import detector
 from visionops.tasks.detection.augment import BoxAugment
 from visionops.tasks.detection.objective import METRIC, to_device, val_scorer
+from visionops.training import starting_point
 from visionops.training.device import select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import Criterion, EpochCallback, fit, init_distributed
@@ -63,18 +64,21 @@ def fit_detector(
     criterion_for: Callable[[detector.Detector], Criterion] | None = None,
     extra_fingerprint: object = None,
     start: detector.Detector | None = None,
+    init_from: starting_point.Start | None = None,
 ) -> tuple[detector.Detector, object, dict]:
     """Build `arch` (seeded by cfg.seed), or start it from the strongest channels of `start` (a wider network
-    of the same design: `models.narrow`), and train it with the trainer's loop; returns (model, state, run
-    facts). `criterion_for(model)` replaces the model's own loss (distillation)."""
+    of the same design: `models.narrow`), or from the starting point `init_from` (`starting_point.load`), and
+    train it with the trainer's loop; returns (model, state, run facts, with the starting point's record under
+    "init"). `criterion_for(model)` replaces the model's own loss (distillation)."""
     device = select_device(cfg.device)
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.rank % torch.cuda.device_count())
     images, boxes, labels = train
-    mean, std = pixel_stats(images)
+    mean, std = starting_point.normalisation(init_from, ds.image_shape[2]) or pixel_stats(images)
     torch.manual_seed(cfg.seed)
     model = detector.build(arch, ds.class_names, ds.image_shape, mean, std, rule)
+    init = starting_point.start_network(model.net, arch, "detection", ds.class_names, ds.image_shape, init_from)
     if start is not None:
         try:
             narrow_into(start.net, model.net)
@@ -83,7 +87,8 @@ def fit_detector(
     val = ds.splits["val"]
     x, b, lab = to_device(images, boxes, labels, device)
     digest = fingerprint(arch, cfg.model_dump(), augment_cfg.model_dump(), rule.model_dump(), ds.class_names,
-                         dist_info.world_size, extra_fingerprint, arrays=(boxes, labels, val.targets["box_labels"]))
+                         dist_info.world_size, extra_fingerprint, *starting_point.identity(init_from),
+                         arrays=(boxes, labels, val.targets["box_labels"]))
     model, state = fit(
         model,
         (x, (b, lab)),
@@ -98,16 +103,19 @@ def fit_detector(
         desc=desc,
         on_epoch=on_epoch,
         metric=METRIC,
+        transferred=starting_point.transferred(init),
     )
-    facts = {"device": str(device), "world_size": dist_info.world_size, "is_main": dist_info.is_main}
+    facts = {"device": str(device), "world_size": dist_info.world_size, "is_main": dist_info.is_main, "init": init}
     return model.cpu().eval(), state, facts
 
 
 def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: AugmentConfig, rule: DetectionConfig,
-              model_path: Path, reports_dir: Path, checkpoint: Path, on_epoch: EpochCallback | None = None) -> dict:
+              model_path: Path, reports_dir: Path, checkpoint: Path, on_epoch: EpochCallback | None = None,
+              mlflow_cfg: MlflowConfig = MlflowConfig(), data_root: str | None = None) -> dict:
     ds, images, boxes, labels = load_train_data(dataset_dir, prepared_dir)
     model, state, facts = fit_detector(cfg.model, ds, (images, boxes, labels), cfg, augment_cfg, rule, checkpoint,
-                                       "train", on_epoch)
+                                       "train", on_epoch,
+                                       init_from=starting_point.load(cfg, mlflow_cfg, data_root))
     metrics = {
         "model": cfg.model,
         "device": facts["device"],
@@ -118,6 +126,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
         "train_images": len(images),
         "parameters": count_parameters(model),
         **run_seconds(state.history, len(images)),
+        "init": facts["init"],
     }
     if facts["is_main"]:
         history = [measured.pure(row) for row in state.history]

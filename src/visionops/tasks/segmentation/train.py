@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from visionops import measured
-from visionops.config import AugmentConfig, TrainConfig
+from visionops.config import AugmentConfig, MlflowConfig, TrainConfig
 from visionops.data import dataset
 from visionops.errors import InvalidInputError
 from visionops.models import count_parameters
@@ -24,7 +24,7 @@ from visionops.tasks.segmentation import segmenter
 from visionops.tasks.segmentation.augment import MaskAugment
 from visionops.tasks.segmentation.losses import PixelLoss
 from visionops.tasks.segmentation.objective import METRIC, fit_prior_correction, val_scorer
-from visionops.training import progressive
+from visionops.training import progressive, starting_point
 from visionops.training.device import memory_format, select_device
 from visionops.training.outputs import fingerprint, run_seconds, write_history
 from visionops.training.trainer import DistInfo, EpochCallback, fit, init_distributed, plan
@@ -62,15 +62,20 @@ class Setup:
     arrays: tuple
     weights: list[float]
     prior_strength: float = 0.0  # of the last fit: see objective.fit_prior_correction
+    init: dict | None = None  # of the last fit: its starting point's record (`starting_point.start_network`)
 
     def fit(self, arch: str, cfg: TrainConfig, criterion, checkpoint: Path | None, digest: str, desc: str,
-            on_epoch: EpochCallback | None, start: segmenter.Segmenter | None = None):
+            on_epoch: EpochCallback | None, start: segmenter.Segmenter | None = None,
+            init: starting_point.Start | None = None):
         """Train `arch` from random weights, or from the strongest channels of `start` (a wider network of
-        the same design: `models.narrow`)."""
+        the same design: `models.narrow`), or from the starting point `init` (`starting_point.load`)."""
         torch.manual_seed(cfg.seed)  # the same initial weights for the same arch and seed
-        model = segmenter.build(arch, self.ds.class_names, self.ds.image_shape, self.mean, self.std)
+        mean, std = starting_point.normalisation(init, self.ds.image_shape[2]) or (self.mean, self.std)
+        model = segmenter.build(arch, self.ds.class_names, self.ds.image_shape, mean, std)
         if start is not None:
             narrow_into(start.net, model.net)
+        self.init = starting_point.start_network(model.net, arch, "segmentation", self.ds.class_names,
+                                                 self.ds.image_shape, init)
         augment = self.augment.to(self.device)
         epochs = plan(cfg, len(self.train_data[0]), self.dist_info.world_size)[1]
         if cfg.progressive_start < 1 and cfg.progressive_epochs >= epochs:
@@ -80,7 +85,8 @@ class Setup:
         model, state = fit(model, self.train_data, val_scorer(self.val_data, self.hard, cfg, self.device), cfg,
                            lambda x, masks, gen: augment(x, masks, gen), criterion, self.device, checkpoint=checkpoint,
                            fingerprint=digest, dist_info=self.dist_info, desc=desc, on_epoch=on_epoch, metric=METRIC,
-                           on_epoch_start=lambda epoch: setattr(augment, "size", sides[epoch]))
+                           on_epoch_start=lambda epoch: setattr(augment, "size", sides[epoch]),
+                           transferred=starting_point.transferred(self.init))
         self.prior_strength = fit_prior_correction(model, *self.val_data, self.weights, cfg, self.device)
         return model, state
 
@@ -117,11 +123,14 @@ def setup(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: 
 
 
 def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_cfg: AugmentConfig, model_path: Path,
-              reports_dir: Path, checkpoint: Path, on_epoch: EpochCallback | None = None) -> dict:
+              reports_dir: Path, checkpoint: Path, on_epoch: EpochCallback | None = None,
+              mlflow_cfg: MlflowConfig = MlflowConfig(), data_root: str | None = None) -> dict:
     s = setup(dataset_dir, prepared_dir, cfg, augment_cfg)
-    digest = fingerprint("teacher", cfg.model_dump(), *s.digest_parts, arrays=s.arrays)
+    start = starting_point.load(cfg, mlflow_cfg, data_root)
+    digest = fingerprint("teacher", cfg.model_dump(), *s.digest_parts, *starting_point.identity(start), arrays=s.arrays)
     hard = s.hard
-    model, state = s.fit(cfg.model, cfg, lambda logits, masks, _x: hard(logits, masks), checkpoint, digest, "train", on_epoch)
+    model, state = s.fit(cfg.model, cfg, lambda logits, masks, _x: hard(logits, masks), checkpoint, digest, "train",
+                         on_epoch, init=start)
     n = len(s.arrays[0])
     metrics = {
         "model": cfg.model,
@@ -134,6 +143,7 @@ def run_train(dataset_dir: Path, prepared_dir: Path, cfg: TrainConfig, augment_c
         "train_images": int(n),
         "parameters": count_parameters(model),
         **run_seconds(state.history, n),
+        "init": s.init,
     }
     if s.dist_info.is_main:
         history = [measured.pure(row) for row in state.history]
