@@ -80,9 +80,9 @@ def probe(tmp: Path, args) -> dict:
     download = stage(proj, "download")
     prepare = stage(proj, "prepare")
     result = stage(proj, "pretrain")
-    keys = ("images", "epochs_run", "final_loss", "final_output_std", "knn_acc", "knn_acc_random_init",
+    keys = ("epochs_run", "final_loss", "final_output_std", "knn_acc", "knn_acc_random_init",
             "knn_memory_images", "train_seconds", "train_images_per_second", "wall_seconds")
-    return {"splits": download["splits"], "labelled_images": prepare["labelled_images"],
+    return {"splits": download["splits"], "pretrain_images": result["images"], "labelled_images": prepare["labelled_images"],
             "unlabelled_images": prepare["unlabelled_images"], **{k: result.get(k) for k in keys}}
 
 
