@@ -32,7 +32,7 @@ from visionops.tracking import faults
 
 STAGES = ["download", "validate", "label_issues", "prepare", "pretrain", "train", "evaluate", "baseline", "distill",
           "register"]
-TRACKED = [s for s in STAGES if s != "pretrain"]  # the stages with an MLflow run (pretrain disabled opens none)
+WITH_RUNS = [s for s in STAGES if s != "pretrain"]  # the stages with an MLflow run (pretrain disabled opens none)
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
 # passes the promotion gates and becomes the champion the monitoring tests watch.
 FAST = {
@@ -291,7 +291,7 @@ def test_training_flow_runs_every_stage_as_a_task_then_promotes(trained):
 
     # every MLflow stage run of this flow run carries its id and one pipeline id
     runs = _mlflow_runs(trained, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "stage"})
-    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(TRACKED)
+    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(WITH_RUNS)
     assert {r.data.tags["visionops.pipeline_run_id"] for r in runs} == {f"prefect-{flow_run_id}"}
 
     # the teacher became champion when it was registered; the 1-epoch student is a rejected challenger
@@ -726,7 +726,7 @@ def test_training_flow_runs_detection_and_segmentation_end_to_end(task, tmp_path
     summary = state.result()
     assert [s["state"] for s in summary["stages"]] == ["ran"] * len(STAGES)
     runs = _mlflow_runs(project, **{"prefect.flow_run_id": flow_run_id, "visionops.role": "stage"})
-    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(TRACKED)
+    assert sorted(r.data.tags["visionops.stage"] for r in runs) == sorted(WITH_RUNS)
     assert {r.data.params["task"] for r in runs} == {task}
     assert {r.data.tags["visionops.pipeline_run_id"] for r in runs} == {f"prefect-{flow_run_id}"}
     headline = {"detection": "map_50", "segmentation": "miou"}[task]
