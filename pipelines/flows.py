@@ -74,7 +74,7 @@ DOWNLOAD_BACKOFF_S = 10.0  # exponential backoff: 10 s, 20 s, 40 s (+ jitter)
 STAGE_RETRIES = 1  # every other stage
 STAGE_RETRY_DELAY_S = 30.0
 RETRY_JITTER_FACTOR = 0.2
-LONG_STAGES = ("label_issues", "train", "evaluate", "baseline", "distill")
+LONG_STAGES = ("label_issues", "pretrain", "train", "evaluate", "baseline", "distill")
 LONG_STAGE_TIMEOUT_S = 2 * 60 * 60  # a task timeout terminates the stage's dvc process group
 
 PARAMS_FILE = "params.yaml"

@@ -30,9 +30,10 @@ if str(ROOT) not in sys.path:
 from pipelines import dvc_stages, flows
 from visionops.tracking import faults
 
-STAGES = ["download", "validate", "label_issues", "prepare", "resolve_init", "train", "evaluate", "baseline", "distill",
-          "register"]
-WITH_RUNS = [s for s in STAGES if s != "resolve_init"]  # the stages with an MLflow run (resolve_init only writes a file)
+STAGES = ["download", "validate", "label_issues", "prepare", "pretrain", "resolve_init", "train", "evaluate", "baseline",
+          "distill", "register"]
+WITH_RUNS = [s for s in STAGES if s not in ("pretrain", "resolve_init")]  # the stages with an MLflow run (pretrain disabled
+# opens none; resolve_init only writes a file)
 ALWAYS_RUN = ("resolve_init", "register")  # always_changed: DVC runs them on every `dvc repro`
 # tests/test_pipeline.py's FAST, with a LeNet teacher that reaches ~98% holdout accuracy in seconds, so it
 # passes the promotion gates and becomes the champion the monitoring tests watch.

@@ -34,8 +34,8 @@ def ran_project(tmp_path_factory):
 
 def test_full_pipeline_runs_every_stage_then_is_up_to_date(ran_project):
     project = ran_project
-    for stage in ("download", "validate", "label_issues", "prepare", "resolve_init", "train", "evaluate", "baseline",
-                  "distill", "register"):
+    for stage in ("download", "validate", "label_issues", "prepare", "pretrain", "resolve_init", "train", "evaluate",
+                  "baseline", "distill", "register"):
         assert f"Running stage '{stage}'" in project.first_run.stdout
     assert json.loads((project.path / "reports/validate/summary.json").read_text())["success"] is True
     for out in ("reports/validate/data_docs/index.html", "reports/prepare/class_distribution.csv",
@@ -185,7 +185,7 @@ def test_dvc_metrics_and_plots_in_a_fresh_clone(ran_project, tmp_path):
     project.set_params(distill={"temperature": 2.0})
     out = project.repro().stdout
     assert "Running stage 'distill'" in out
-    for stage in ("download", "validate", "label_issues", "prepare", "train", "evaluate", "baseline"):
+    for stage in ("download", "validate", "label_issues", "prepare", "pretrain", "train", "evaluate", "baseline"):
         assert f"Running stage '{stage}'" not in out, stage
     _commit(project, "distill at T=2")
 

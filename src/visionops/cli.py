@@ -145,6 +145,41 @@ def _prepare(params, args, run) -> dict:
     return _finish(run, result, layout.PREPARE_REPORTS)
 
 
+def _pretrain_disabled(params) -> dict | None:
+    """With pretrain.enabled false: the stub backbone written (no MLflow run opens), else None."""
+    if params.pretrain.enabled:
+        return None
+    from visionops.training.pretrain import run_pretrain
+
+    return run_pretrain(params, layout.DATASET, layout.BACKBONE, layout.PRETRAIN_REPORTS, None)
+
+
+@command(
+    "pretrain",
+    "pretrain train.model's encoder on unlabelled images (SimSiam), when pretrain.enabled",
+    "SimSiam (Chen & He, CVPR 2021): train train.model's encoder, without labels, to map two strong views of an "
+    "image (random resized crop, flip, colour jitter, greyscale, blur; pretrain.*) to the same point, on every "
+    "train image (those data.label_fraction leaves unlabelled too) and the images under pretrain.unlabelled_root "
+    "(inside data.root or data.allowed_roots). Logs each epoch's loss and output_std (about 1 while the outputs "
+    "spread, 0 when they collapse); resumes from its checkpoint after a crash. For classification it scores a kNN "
+    "probe on val against the same encoder untrained (knn_acc, knn_acc_random_init). Writes "
+    f"{layout.BACKBONE} (the encoder under canonical names, for train.init: pretrain) and "
+    f"{layout.PRETRAIN_REPORTS}/details.json, and registers the file as mlflow.backbone_model_name. With "
+    "pretrain.enabled false it writes a stub backbone saying so, trains nothing and opens no MLflow run.",
+    sections=("pretrain",),
+    tracked_in_process=True,
+    up_to_date=_pretrain_disabled,
+)
+def _pretrain(params, args, run) -> dict:
+    from visionops.training.pretrain import register, run_pretrain
+
+    result = run_pretrain(params, layout.DATASET, layout.BACKBONE, layout.PRETRAIN_REPORTS,
+                          layout.CHECKPOINTS / "pretrain.pt", on_epoch=run.log_epoch if run else None)
+    if run is not None:
+        result["registered"] = register(layout.BACKBONE, params.mlflow.backbone_model_name, run.lineage_tags)
+    return _finish(run, result, layout.PRETRAIN_REPORTS)
+
+
 @command(
     "resolve_init",
     "resolve train.init to what it names now (a registered alias to its version)",
@@ -593,13 +628,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-TORCH_COMMANDS = ("label_issues", "train", "evaluate", "distill")  # the commands that apply train.threads
+TORCH_COMMANDS = ("label_issues", "pretrain", "train", "evaluate", "distill")  # the commands that apply train.threads
 
 # The headline values of each command's result, in the order the summary shows them.
 HEADLINES = {
     "download": ("source", "classes", "image_shape", "splits", "rejected"),
     "validate": ("success", "images", "warnings"),
     "label_issues": ("train_images", "label_issues", "label_issue_fraction", "out_of_fold_accuracy", "note"),
+    "pretrain": ("note", "images", "epochs_run", "final_loss", "final_output_std", "knn_acc", "knn_acc_random_init",
+                 "train_seconds", "registered"),
     "train": ("epochs_run", "best_val_acc", "train_seconds", "train_images_per_second"),
     "resolve_init": ("init", "version", "run_id", "md5"),
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",  # classification
@@ -609,7 +646,8 @@ HEADLINES = {
                  "latency_batch_ms"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
-REPORTS = {"validate": layout.VALIDATE_REPORTS, "label_issues": layout.LABEL_ISSUES_REPORTS, "prepare": layout.PREPARE_REPORTS, "train": layout.TRAIN_REPORTS,
+REPORTS = {"validate": layout.VALIDATE_REPORTS, "label_issues": layout.LABEL_ISSUES_REPORTS, "prepare": layout.PREPARE_REPORTS,
+           "pretrain": layout.PRETRAIN_REPORTS, "train": layout.TRAIN_REPORTS,
            "evaluate": layout.EVALUATE_REPORTS, "distill": layout.DISTILL_REPORTS}
 
 

@@ -83,6 +83,9 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
     holdout_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # frozen; used only by promote and monitoring
     seed: int = 0
+    # the share of train images whose labels training sees, hash-chosen per image (`data.labelled`); the rest
+    # are unlabelled images only `pretrain` uses
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     download_retries: int = Field(5, ge=0, le=20)
     cache_dir: str = "data/cache"  # downloaded archives, the canvases written in their standard format, file digests
     # folders outside data.root that a reader may also read (an annotation's path, a symlink, a YOLO folder)
@@ -303,6 +306,30 @@ def apply_threads(threads: str | int) -> int:
     return torch.get_num_threads()
 
 
+class PretrainConfig(Section):
+    """Stage `pretrain`: SimSiam (Chen & He, CVPR 2021) self-supervised training of train.model's encoder on the
+    train images without labels (and `unlabelled_root`'s); `train.init: pretrain` starts from it."""
+
+    enabled: bool = False  # false: write a stub models/backbone.pt saying so, and train nothing
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=2)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.03, gt=0.0)  # SimSiam on CIFAR-10: 0.03 x batch / 256 (SGD, momentum 0.9, cosine)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    projection_dim: int = Field(512, ge=8)  # the projector's hidden and output width (the paper: 2048 on ImageNet)
+    prediction_dim: int = Field(128, ge=4)  # the predictor's bottleneck (the paper: a quarter of projection_dim)
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)  # random resized crop keeps [crop_min_scale, 1] of the area
+    hflip: bool = True
+    jitter: float = Field(0.4, ge=0.0, le=1.0)  # brightness, contrast and saturation factors in [1 - j, 1 + j]
+    jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
+    grey_prob: float = Field(0.2, ge=0.0, le=1.0)  # RGB only
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0)  # Gaussian blur, sigma in [0.1, 2] x image_size / 224 (ImageNet: 0.5)
+    knn_k: int = Field(20, ge=1)  # kNN probe on val (classification): cosine neighbours among the labelled train images
+    seed: int = 0
+    unlabelled_root: str | None = None  # a folder of more images (any depth) inside data.root or data.allowed_roots
+
+
 class EvaluateConfig(Section):
     """Test-split evaluation of the trained teacher."""
 
@@ -355,6 +382,7 @@ class MlflowConfig(Section):
     tracking_uri: str | None = None  # default sqlite:///<project>/mlflow.db; MLFLOW_TRACKING_URI overrides
     teacher_model_name: str = "visionops-classifier"
     student_model_name: str = "visionops-student"
+    backbone_model_name: str = "visionops-backbone"  # stage pretrain's encoder (an artifact, not a served model)
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -404,6 +432,7 @@ class Params(Section):
     label_issues: LabelIssuesConfig = LabelIssuesConfig()
     balance: BalanceConfig = BalanceConfig()
     augment: AugmentConfig = AugmentConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distill: DistillConfig = DistillConfig()

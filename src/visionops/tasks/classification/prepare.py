@@ -5,8 +5,9 @@ oversampled), loss.json (class weights or priors for the loss), policy.json (the
 balance and augmentation policy), and with `balance.offline` an offline/ folder of augmented
 minority images. Writes to `reports_dir`: summary.json, class_distribution.csv (no DVC
 metrics: validate's imbalance ratio and evaluate's balanced accuracy are the headline numbers).
-With `balance.drop_label_issues`, the train images that stage `label_issues` listed are left out first
-(val, test and the holdout keep theirs).
+Only the train images `data.label_fraction` keeps labelled are trained on (`visionops.data.labelled`); with
+`balance.drop_label_issues`, the train images that stage `label_issues` listed are left out too (val, test
+and the holdout keep theirs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from visionops import atomic
 from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
+from visionops.data.labelled import labelled_rows
 from visionops.errors import InvalidInputError, MissingInputError
 from visionops.tasks.classification.balance import (
     class_counts,
@@ -76,14 +78,16 @@ def augmented_copies(images: np.ndarray, labels: np.ndarray, augment: AugmentCon
 
 def run_prepare(
     dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path,
-    label_issues_csv: Path | None = None,
+    label_issues_csv: Path | None = None, label_fraction: float = 1.0, label_seed: int = 0,
 ) -> dict:
-    """`label_issues_csv`: stage label_issues' report, whose train images are left out (None: keep all)."""
+    """`label_issues_csv`: stage label_issues' report, whose train images are left out (None: keep all);
+    `label_fraction` and `label_seed`: data.label_fraction and data.seed."""
     ds = dataset.load(dataset_dir)
     labels = ds.splits["train"].labels
     n = len(ds.class_names)
+    labelled = labelled_rows(ds.splits["train"], label_fraction, label_seed)
     dropped = label_issue_rows(label_issues_csv, ds.splits["train"]) if label_issues_csv else np.empty(0, np.int64)
-    kept = np.setdiff1d(np.arange(len(labels)), dropped)
+    kept = np.setdiff1d(labelled, dropped)
     base, chosen = (kept[i] for i in select_train(labels[kept], n, balance))
     before, after = class_counts(labels, n), class_counts(labels[chosen], n)
     loss = {
@@ -105,7 +109,9 @@ def run_prepare(
     summary = {
         "strategy": balance.strategy,
         "train_images_source": int(len(labels)),
-        "label_issues_dropped": int(len(labels) - len(kept)),
+        "labelled_images": int(len(labelled)),
+        "unlabelled_images": int(len(labels) - len(labelled)),
+        "label_issues_dropped": int(len(labelled) - len(kept)),
         "train_images_long_tail": int(len(base)),
         "train_images_after": int(after.sum()),
         "imbalance_ratio_before": _imbalance(class_counts(labels[base], n)),

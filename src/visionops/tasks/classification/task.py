@@ -38,7 +38,8 @@ class Classification:
         from visionops.tasks.classification.prepare import run_prepare
 
         issues = layout.LABEL_ISSUES_REPORTS / "issues.csv" if params.balance.drop_label_issues else None
-        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir, issues)
+        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir, issues,
+                           params.data.label_fraction, params.data.seed)
 
     def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
               checkpoint: Path, on_epoch: EpochCallback = None) -> dict:

@@ -3,7 +3,8 @@ augmentation policy `train` applies.
 
 Repeat factor of class c: r(c) = max(1, sqrt(t / f(c))), f(c) the fraction of train images holding at
 least one instance of c and t = balance.repeat_threshold; an image repeats r(i) = max over its classes
-times, rounded stochastically (seeded by balance.seed) so the expected count is exact.
+times, rounded stochastically (seeded by balance.seed) so the expected count is exact. Only the train images
+`data.label_fraction` keeps labelled are sampled (`visionops.data.labelled`).
 
 Writes to `out_dir`: train_indices.npy (train rows, repeated), repeat_factors.json (per class and per
 image), policy.json (balance and augmentation). To `reports_dir`: summary.json and
@@ -22,6 +23,7 @@ from visionops import atomic
 from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
+from visionops.data.labelled import labelled_rows
 from visionops.errors import InvalidInputError
 
 STRATEGIES = ("none", "repeat_factor")
@@ -50,12 +52,15 @@ def instance_counts(box_labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(box_labels[box_labels >= 0], minlength=num_classes)
 
 
-def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path) -> dict:
+def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path,
+                label_fraction: float = 1.0, label_seed: int = 0) -> dict:
+    """`label_fraction` and `label_seed`: data.label_fraction and data.seed."""
     if balance.strategy not in STRATEGIES:
         raise InvalidInputError(f"balance.strategy: {balance.strategy!r} does not apply to detection; "
                                 f"use one of {', '.join(STRATEGIES)}")
     ds = dataset.load(dataset_dir)
-    box_labels = ds.splits["train"].targets["box_labels"]
+    labelled = labelled_rows(ds.splits["train"], label_fraction, label_seed)
+    box_labels = ds.splits["train"].targets["box_labels"][labelled]
     n = len(ds.class_names)
     if balance.strategy == "repeat_factor":
         per_class, per_image = repeat_factors(box_labels, n, balance.repeat_threshold)
@@ -65,7 +70,7 @@ def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfi
         chosen = np.arange(len(box_labels))
     before, after = instance_counts(box_labels, n), instance_counts(box_labels[chosen], n)
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "train_indices.npy", chosen.astype(np.int64))
+        np.save(tmp / "train_indices.npy", labelled[chosen].astype(np.int64))
         atomic.write_json(tmp / "repeat_factors.json", {
             "per_class": dict(zip(ds.class_names, per_class.round(6).tolist())),
             "per_image": per_image.round(6).tolist(),
@@ -75,7 +80,9 @@ def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfi
     summary = {
         "strategy": balance.strategy,
         "repeat_threshold": balance.repeat_threshold,
-        "train_images_source": len(box_labels),
+        "train_images_source": len(ds.splits["train"]),
+        "labelled_images": len(box_labels),
+        "unlabelled_images": len(ds.splits["train"]) - len(box_labels),
         "train_images_after": len(chosen),
         "instances_before": int(before.sum()),
         "instances_after": int(after.sum()),

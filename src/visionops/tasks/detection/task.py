@@ -36,7 +36,8 @@ class Detection:
     def prepare(self, params: Params, dataset_dir: Path, prepared_dir: Path, reports_dir: Path) -> dict:
         from visionops.tasks.detection.prepare import run_prepare
 
-        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir)
+        return run_prepare(dataset_dir, params.balance, params.augment, prepared_dir, reports_dir,
+                           params.data.label_fraction, params.data.seed)
 
     def train(self, params: Params, dataset_dir: Path, prepared_dir: Path, model_path: Path, reports_dir: Path,
               checkpoint: Path, on_epoch: EpochCallback = None) -> dict:

@@ -5,7 +5,7 @@ balancing (Eigen & Fergus 2015), w_c = median(f) / f_c, where f_c is class c's p
 the train images in which c occurs. `none` trains unweighted. Other strategies (resampling, logit
 adjustment) are classification's and are refused.
 
-Writes to `out_dir`: train_indices.npy (every train image once), loss.json (`pixel_weights`, or null),
+Writes to `out_dir`: train_indices.npy (every train image `data.label_fraction` keeps labelled, once), loss.json (`pixel_weights`, or null),
 policy.json (the balance and augmentation policy train applies). To `reports_dir`: summary.json and
 class_distribution.csv (per class: train pixels `before`, and `after` = pixels x weight, the share
 of the loss the class carries).
@@ -23,6 +23,7 @@ from visionops import atomic
 from visionops.atomic import atomic_dir
 from visionops.config import AugmentConfig, BalanceConfig
 from visionops.data import dataset
+from visionops.data.labelled import labelled_rows
 from visionops.errors import InvalidInputError
 from visionops.tasks.segmentation.segmenter import IGNORE
 
@@ -49,18 +50,21 @@ def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> np
     return weights
 
 
-def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path) -> dict:
+def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfig, out_dir: Path, reports_dir: Path,
+                label_fraction: float = 1.0, label_seed: int = 0) -> dict:
+    """`label_fraction` and `label_seed`: data.label_fraction and data.seed."""
     if balance.strategy not in STRATEGIES:
         raise InvalidInputError(
             f"balance.strategy: {balance.strategy!r} is not available for segmentation; use one of {', '.join(STRATEGIES)}"
         )
     ds = dataset.load(dataset_dir)
     train = ds.splits["train"]
+    labelled = labelled_rows(train, label_fraction, label_seed)
     n = len(ds.class_names)
-    pixels, image_pixels = pixel_counts(train.targets["masks"], n)
+    pixels, image_pixels = pixel_counts(train.targets["masks"][labelled], n)
     weights = median_frequency_weights(pixels, image_pixels) if balance.strategy == "class_weights" else np.ones(n)
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "train_indices.npy", np.arange(len(train), dtype=np.int64))
+        np.save(tmp / "train_indices.npy", labelled.astype(np.int64))
         atomic.write_json(tmp / "loss.json", {"pixel_weights": weights.tolist() if balance.strategy == "class_weights" else None})
         atomic.write_json(tmp / "policy.json", {"balance": balance.model_dump(), "augment": augment.model_dump()})
     after = pixels * weights
@@ -69,6 +73,8 @@ def run_prepare(dataset_dir: Path, balance: BalanceConfig, augment: AugmentConfi
         "strategy": balance.strategy,
         "weighting": "median_frequency" if balance.strategy == "class_weights" else "none",
         "train_images": int(len(train)),
+        "labelled_images": int(len(labelled)),
+        "unlabelled_images": int(len(train) - len(labelled)),
         "train_pixels": int(pixels.sum()),
         "pixel_imbalance_ratio_before": float(pixels[present].max() / pixels[present].min()) if present.any() else None,
         "pixel_imbalance_ratio_after": float(after[present].max() / after[present].min()) if present.any() else None,
