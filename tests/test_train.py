@@ -143,6 +143,20 @@ def test_checkpoint_holds_plain_values_and_resumes_with_weights_only(tmp_path, s
     assert resumed.epoch == 2 and resumed.history == first.history
 
 
+def _fit_lenet(stem, data, scorer, cfg, augment, criterion, **kw):
+    """A seeded lenet fitted on the CPU (checkpoint `stem`.ck) and saved to `stem`.pt: (state, the file's bytes)."""
+    from visionops.tasks.classification.objective import train_correct
+    from visionops.training.trainer import fit
+
+    torch.manual_seed(0)
+    model = classifier.build("lenet", list("0123456789"), (16, 16, 1), [0.5], [0.5])
+    model, state = fit(model, data, scorer, cfg, augment, criterion, torch.device("cpu"), stem.with_suffix(".ck"),
+                       "fp", train_correct=train_correct, **kw)
+    history = [measured.pure(row) for row in state.history]
+    classifier.save(stem.with_suffix(".pt"), model, "lenet", list("0123456789"), (16, 16, 1), history=history)
+    return state, stem.with_suffix(".pt").read_bytes()
+
+
 @pytest.fixture
 def prepared_project(tmp_path):
     project = Project(tmp_path / "proj")
@@ -206,8 +220,7 @@ def test_saved_model_bytes_depend_only_on_the_model(tmp_path):
 def test_a_resumed_fit_saves_the_bytes_of_an_uninterrupted_one(tmp_path):
     """A history half read back from a checkpoint pickles like one made in a single run (issue 25)."""
     from visionops.tasks.classification.augment import BatchAugment
-    from visionops.tasks.classification.objective import train_correct, val_scorer
-    from visionops.training.trainer import fit
+    from visionops.tasks.classification.objective import val_scorer
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=gen), torch.arange(64) % 10
@@ -226,13 +239,7 @@ def test_a_resumed_fit_saves_the_bytes_of_an_uninterrupted_one(tmp_path):
         return F.cross_entropy(logits, targets)
 
     def run(name: str, **kw):
-        torch.manual_seed(0)
-        model = classifier.build("lenet", list("0123456789"), (16, 16, 1), [0.5], [0.5])
-        model, state = fit(model, (x, y), scorer, cfg, augment, criterion, cpu, tmp_path / f"{name}.ck", "fp",
-                           train_correct=train_correct, **kw)
-        history = [measured.pure(row) for row in state.history]
-        classifier.save(tmp_path / f"{name}.pt", model, "lenet", list("0123456789"), (16, 16, 1), history=history)
-        return (tmp_path / f"{name}.pt").read_bytes()
+        return _fit_lenet(tmp_path / name, (x, y), scorer, cfg, augment, criterion, **kw)[1]
 
     whole = run("whole")
     with pytest.raises(Killed):
@@ -297,8 +304,8 @@ def test_train_steps_runs_exactly_that_many_steps_and_resumes_to_the_same_bytes(
     """train.steps 10 at 4 steps an epoch: 3 epochs, the last of 2 steps; the lr schedule ends at the 10th
     step; killed after epoch 2 and resumed, the model file is the uninterrupted run's."""
     from visionops.tasks.classification.augment import BatchAugment
-    from visionops.tasks.classification.objective import train_correct, val_scorer
-    from visionops.training.trainer import fit, triangle
+    from visionops.tasks.classification.objective import val_scorer
+    from visionops.training.trainer import triangle
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=gen), torch.arange(64) % 10
@@ -319,13 +326,7 @@ def test_train_steps_runs_exactly_that_many_steps_and_resumes_to_the_same_bytes(
         return F.cross_entropy(logits, targets)
 
     def run(name: str, **kw):
-        torch.manual_seed(0)
-        model = classifier.build("lenet", list("0123456789"), (16, 16, 1), [0.5], [0.5])
-        model, state = fit(model, (x, y), scorer, cfg, augment, criterion, cpu, tmp_path / f"{name}.ck", "fp",
-                           train_correct=train_correct, **kw)
-        history = [measured.pure(row) for row in state.history]
-        classifier.save(tmp_path / f"{name}.pt", model, "lenet", list("0123456789"), (16, 16, 1), history=history)
-        return state, (tmp_path / f"{name}.pt").read_bytes()
+        return _fit_lenet(tmp_path / name, (x, y), scorer, cfg, augment, criterion, **kw)
 
     state, whole = run("whole")
     assert len(calls) == 10 and state.steps == 10 and state.epoch == 3 and len(state.history) == 3
