@@ -6,13 +6,14 @@
     python bench/bench_pretrain.py cifar --images 5000 --epochs 20 --train-epochs 15 --seeds 0,1,2
         The same, then train on the 10% labels from the backbone (`train.init: pretrain`) and from scratch with
         the same budget, per seed: test accuracy of each (the issue's goal: +5 points).
-    python bench/bench_pretrain.py dense --task detection --epochs 20 --train-epochs 30
+    python bench/bench_pretrain.py dense --task detection --epochs 10 --train-steps 240 --train-batch-size 16
         raccoon (mAP@.5) or, with --task segmentation, membrane (mIoU): scratch vs pretrain on its own images vs a
-        transfer from a CIFAR-10 classifier registered in a (temporary) MLflow registry (`train.init: models:/...`).
+        transfer from a CIFAR-10 classifier registered in a (temporary) MLflow registry (`train.init: models:/...`),
+        per seed (train.seed and pretrain.seed; one classifier for all): the headline score and each starting
+        point's pipeline time (download to evaluate), then each one's mean, spread and mean pipeline time.
 
-`cifar` and `dense` drive the pipeline's own stages (`python -m visionops <stage>`) in a temporary project, so
-they run the stages as `dvc repro` does; they need `train.init` (the transfer starting points), and `dense` the
-`centernet_backbone` / `unet_backbone` classifiers, to be merged. `probe` needs neither.
+All three drive the pipeline's own stages (`python -m visionops <stage>`) in a temporary project, so they run the
+stages as `dvc repro` does.
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ def dense(tmp: Path, args) -> dict:
     with tarfile.open(shared / archive) as tar:
         tar.extractall(tmp / "data", filter="data")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    t0 = time.perf_counter()
     source = register_cifar_classifier(tmp, args, classifier, env)
+    classifier_seconds = round(time.perf_counter() - t0, 1)
     base = {
         "task": args.task, "data": {**data, "root": str(tmp / "data" / data["root"])},
         "label_issues": {"enabled": False},
@@ -132,16 +135,26 @@ def dense(tmp: Path, args) -> dict:
         "pretrain": {"enabled": False, "epochs": args.epochs, "batch_size": 32},
         "mlflow": {"enabled": False},
     }
-    out = {"task": args.task, "transfer_from": source}
-    for name, init in (("scratch", "scratch"), ("pretrain_own_images", "pretrain"), ("cifar_classifier", source)):
-        params = json.loads(json.dumps(base))
-        params["train"]["init"] = init
-        params["pretrain"]["enabled"] = init == "pretrain"
-        proj = project(tmp / name, params)
-        for step in ("download", "prepare", "pretrain"):
-            stage(proj, step, env)
-        train = stage(proj, "train", env)
-        out[name] = {headline: stage(proj, "evaluate", env)[headline], "train_seconds": train.get("train_seconds")}
+    base["train"].update({k: v for k, v in (("steps", args.train_steps), ("batch_size", args.train_batch_size)) if v})
+    out: dict = {"task": args.task, "transfer_from": source, "classifier_seconds": classifier_seconds, "runs": []}
+    starts = (("scratch", "scratch"), ("pretrain_own_images", "pretrain"), ("cifar_classifier", source))
+    for seed in args.seeds:
+        row: dict = {"seed": seed}
+        for name, init in starts:
+            params = json.loads(json.dumps(base))
+            params["train"].update(init=init, seed=seed)
+            params["pretrain"].update(enabled=init == "pretrain", seed=seed)
+            proj = project(tmp / f"{name}-{seed}", params)
+            steps = {step: stage(proj, step, env) for step in ("download", "prepare", "pretrain", "train", "evaluate")}
+            row[name] = {headline: steps["evaluate"][headline], "train_seconds": steps["train"].get("train_seconds"),
+                         "pipeline_seconds": round(sum(s["wall_seconds"] for s in steps.values()), 1),
+                         **({"pretrain_seconds": steps["pretrain"].get("train_seconds")} if init == "pretrain" else {})}
+        out["runs"].append(row)
+    for name, _ in starts:
+        scores = [r[name][headline] for r in out["runs"]]
+        out[name] = {f"mean_{headline}": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else None,
+                     "min": min(scores), "max": max(scores),
+                     "mean_pipeline_seconds": statistics.mean(r[name]["pipeline_seconds"] for r in out["runs"])}
     return out
 
 
@@ -173,6 +186,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000, help="CIFAR-10 images taken, balanced")
     parser.add_argument("--epochs", type=int, default=20, help="pretrain epochs")
     parser.add_argument("--train-epochs", type=int, default=15)
+    parser.add_argument("--train-steps", type=int, default=None, help="dense: train.steps (None: --train-epochs)")
+    parser.add_argument("--train-batch-size", type=int, default=None, help="dense: train.batch_size (None: params.yaml's)")
     parser.add_argument("--classifier-epochs", type=int, default=10, help="dense: the CIFAR-10 classifier's epochs")
     parser.add_argument("--model", default="resnet20", help="cifar, probe: train.model")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])

@@ -376,3 +376,6 @@ def test_prior_correction_undoes_the_class_weights_as_far_as_val_miou_gains():
     assert (model(x).argmax(1) == 0).all()  # with the correction every pixel is background again
     assert fit_prior_correction(model, x, masks, [1.0, 1.0], cfg, cpu) == 0.0  # no weights: nothing to undo
     assert torch.equal(model.logit_bias, torch.zeros_like(model.logit_bias))
+    fit_prior_correction(model, x, masks, [0.1, 1.0], cfg, cpu)
+    assert fit_prior_correction(model, x, masks, None, cfg, cpu) == 0.0  # balance.strategy none: an unweighted loss
+    assert torch.equal(model.logit_bias, torch.zeros_like(model.logit_bias))

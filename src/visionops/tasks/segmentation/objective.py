@@ -41,16 +41,19 @@ PRIOR_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the share of the class weights'
 
 
 @torch.no_grad()
-def fit_prior_correction(model: nn.Module, x: Tensor, masks: Tensor, weights: list[float], cfg: TrainConfig,
+def fit_prior_correction(model: nn.Module, x: Tensor, masks: Tensor, weights: list[float] | None, cfg: TrainConfig,
                          device: torch.device) -> float:
     """Set `model.logit_bias` to -s * log(class weight), with the strength s in PRIOR_STRENGTHS that gives the
-    best val mIoU (the smallest on ties); returns s.
+    best val mIoU (the smallest on ties); returns s. Without class weights (None) there is nothing to undo: 0.
 
     Training with class weights w makes the network paint the rare classes too generously: its logits
     estimate log(w_c p(c | pixel)). Subtracting log w in full gives back p(c | pixel), the per-pixel accuracy
     optimum; IoU is best somewhere between, so the strength is fitted, like classification's temperature.
     """
     model.eval()
+    if weights is None:
+        model.logit_bias.zero_()
+        return 0.0
     logits = []
     for start in range(0, len(x), cfg.eval_batch_size):
         xb = x[start : start + cfg.eval_batch_size].float().div_(255).contiguous(memory_format=memory_format(device, cfg.channels_last))
