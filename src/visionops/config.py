@@ -407,9 +407,23 @@ class PromoteConfig(Section):
 
 
 class MonitorConfig(Section):
-    """The monitoring flow: the champion's headline metric on the newest data's holdout must stay above a floor."""
+    """The production loop: the served models' inference log, drift windows against the registered reference,
+    the retraining trigger; and the monitoring flow's floor on the champion's score on newly labelled data."""
 
     min_score: float = Field(0.9, ge=0.0, le=1.0)
+    log_uri: str | None = "logs/inference"  # a local directory (relative: to the serving process's working dir) or s3://bucket/prefix; None = off
+    embedding_dim: int = Field(32, ge=2, le=256)  # the logged embedding: the model's pooled features projected (PCA of the validation split)
+    flush_rows: int = Field(256, ge=1)  # a log file is written every flush_rows rows or flush_seconds: a kill -9 loses at most that
+    flush_seconds: float = Field(5.0, gt=0.0)
+    queue_rows: int = Field(100_000, ge=1)  # rows waiting for the sink at most; beyond, rows are dropped and counted (never the answer)
+    sample_images: float = Field(0.0, ge=0.0, le=1.0)  # the fraction of served images kept (raw bytes) for labelling; 0 = none
+    sample_max_images: int = Field(1000, ge=0)  # kept images at most (the oldest are deleted first)
+    sample_retention_days: float = Field(30.0, gt=0.0)  # kept images older than this are deleted
+    window_rows: int = Field(500, ge=10)  # a drift window: the newest rows since the previous window, at most this many
+    min_window_rows: int = Field(100, ge=10)  # fewer new rows: no window is judged
+    alpha: float = Field(0.01, gt=0.0, lt=1.0)  # a window drifts when a test's p-value is below alpha / number of tests (Bonferroni)
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)  # data quality: rows refused (undecodable, too large) in a window at most
+    windows_to_trigger: int = Field(3, ge=1)  # consecutive drifted windows that start the `training` deployment
 
 
 class ScheduleConfig(Section):
@@ -417,6 +431,7 @@ class ScheduleConfig(Section):
 
     cron: str = "0 2 * * *"  # nightly at 02:00
     monitor_cron: str = "0 6 * * *"  # the monitoring flow, daily after retraining
+    drift_cron: str = "15 * * * *"  # the drift flow: one window of the inference log, hourly
     timezone: str = "UTC"
 
 

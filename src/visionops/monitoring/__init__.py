@@ -1,0 +1,6 @@
+"""The production loop: what the served model sees and answers, drift against the registered reference, and
+the retraining trigger.
+
+- `log_schema`: the inference log's row (one per image a served model was asked about).
+- `inference_log`: the log's writer (Parquet files in a folder per day, local or S3) and reader.
+"""
