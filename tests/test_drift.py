@@ -20,15 +20,16 @@ CLASSES = ["cat", "dog", "frog", "ship"]
 SETTINGS = MonitorConfig()
 
 
-def log_rows(n: int, rng: np.random.Generator, *, shift: float = 0.0, prior=(0.25, 0.25, 0.25, 0.25),
-             brightness: float = 0.5, errors: float = 0.0, confidence=(8.0, 2.0)) -> pd.DataFrame:
+def log_rows(n: int, rng: np.random.Generator, *, shift: float = 0.0, prior=None, brightness: float = 0.5,
+             errors: float = 0.0, confidence=(8.0, 2.0), classes=CLASSES) -> pd.DataFrame:
     """Log rows of a calibrated classifier (each answer right with probability its confidence), with a
-    `score`: embeddings clustered by class, moved by `shift` along every axis."""
-    y = rng.choice(len(CLASSES), n, p=prior)
-    emb = rng.normal(size=(n, 16)) + 2.0 * np.eye(len(CLASSES), 16)[y] + shift
+    `score`: embeddings clustered by class, moved by `shift` along every axis; `prior`: the class shares
+    (default equal)."""
+    y = rng.choice(len(classes), n, p=prior)
+    emb = rng.normal(size=(n, 16)) + 2.0 * np.eye(len(classes), 16)[y] + shift
     conf = rng.beta(*confidence, n)
     frame = pd.DataFrame({
-        "embedding": list(emb.astype(np.float32)), "answer_class": [CLASSES[k] for k in y], "confidence": conf,
+        "embedding": list(emb.astype(np.float32)), "answer_class": [classes[k] for k in y], "confidence": conf,
         "brightness": rng.normal(brightness, 0.1, n), "contrast": rng.normal(0.2, 0.05, n),
         "blur": rng.gamma(2.0, 100.0, n), "error": "", "score": (rng.random(n) < conf).astype(float),
     })

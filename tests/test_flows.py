@@ -49,16 +49,6 @@ FAST = {
 # fixtures and helpers
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """Prefect's test harness: flows and tasks of this session run against a temporary database."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def no_retry_delays(monkeypatch):
     monkeypatch.setattr(flows, "DOWNLOAD_BACKOFF_S", 0.0)

@@ -128,3 +128,25 @@ def write_report(verdict: WindowVerdict, reference: pd.DataFrame, window: pd.Dat
         _pca_scatter(ref, win, folder / "embeddings.png")
         atomic.write_text(path, report_html.render(markdown(verdict, title), folder, title))
     return Path(path)
+
+
+def write_history(history: pd.DataFrame, path: Path | str) -> Path:
+    """The drift history chart (PNG): each test's p-value per window with the threshold, and the label-free
+    estimate per window with the reference's score. `history`: one row per window (index: its step), the
+    columns of `WindowVerdict.metrics`."""
+    plt = _pyplot()
+    fig, (ax_p, ax_e) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    steps = history.index.to_numpy()
+    for column in (c for c in history.columns if c.endswith(".p_value")):
+        ax_p.plot(steps, history[column].clip(lower=1e-6), marker="o", ms=3, label=column.removesuffix(".p_value"))
+    ax_p.plot(steps, history["threshold"], "k--", label="threshold")
+    drifted = history["drifted"] > 0
+    ax_p.scatter(steps[drifted], [1.5] * int(drifted.sum()), marker="v", color="red", label="drifted")
+    ax_p.set(yscale="log", ylabel="p-value", title="drift tests per window")
+    ax_p.legend(fontsize=7, ncol=3, loc="lower left")
+    ax_e.plot(steps, history["estimate"], marker="o", ms=3, label="label-free estimate")
+    ax_e.plot(steps, history["reference_score"], "k--", label="reference (measured)")
+    ax_e.set(xlabel="window", ylabel="headline metric", ylim=(0, 1.02))
+    ax_e.legend(fontsize=8)
+    save_figure(fig, path)
+    return Path(path)

@@ -1,0 +1,182 @@
+"""The `drift` flow on Prefect's test harness with a real MLflow store and a real registered classifier: no window
+on too few rows, a judged window logged as metrics and artifacts, and persistent drift starting the training
+deployment with its cause."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import corner_images, train_quickly
+from test_drift import log_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipelines import deployments  # noqa: E402
+from pipelines import drift as drift_flow  # noqa: E402
+from visionops.monitoring.inference_log import to_table, write_file  # noqa: E402
+from visionops.serving.registered import WEIGHTS_SHA256_TAG  # noqa: E402
+
+NAME = "visionops-classifier"  # params.yaml mlflow.teacher_model_name
+CLASSES = ["top_left", "top_right", "bottom"]
+MONITOR = {"min_window_rows": 50, "window_rows": 100, "windows_to_trigger": 2}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    from visionops.data import dataset
+    from visionops.tasks.classification import classifier
+
+    labels = np.arange(240) % 3
+    split = dataset.Split(corner_images(labels, np.random.default_rng(0)), labels, [f"{i}.png" for i in range(240)])
+    path = tmp_path_factory.mktemp("model") / "teacher.pt"
+    classifier.save(path, train_quickly("lenet", CLASSES, split, 0, 40), "lenet", CLASSES, (16, 16, 1))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, empty_db, model_file, monkeypatch, prefect_harness):
+    """A project (params.yaml with small windows) whose SQLite store has the classifier registered as champion,
+    and a reference profile for it (the `reference` module's loader, until registration stores one)."""
+    from visionops.serving.pyfunc import log_classifier
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["monitor"].update(MONITOR)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(empty_db, root / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(drift_flow.LOG_URI_ENV, raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("visionops", (root / "mlartifacts").as_uri()))
+    with mlflow.start_run():
+        version = log_classifier(model_file, NAME, tags={}, alias="champion")
+    mlflow.set_tracking_uri(None)
+    reference = log_rows(600, np.random.default_rng(0), classes=CLASSES)
+    module = types.ModuleType("visionops.monitoring.reference")
+    module.load_reference = lambda uri: reference
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return types.SimpleNamespace(path=root, sha256=version.tags[WEIGHTS_SHA256_TAG], version=str(version.version),
+                                 log=root / params["monitor"]["log_uri"], start=pd.Timestamp("2026-01-01", tz="UTC"))
+
+
+def serve(project, n: int, sha256: str | None = None, seed: int = 1, **shift) -> pd.Timestamp:
+    """Write `n` log rows of the model (one second apart, after the last ones); returns the newest row's time."""
+    rows = log_rows(n, np.random.default_rng(seed), classes=CLASSES, **shift).drop(columns="score")
+    rows["time"] = project.start + pd.to_timedelta(np.arange(1, n + 1), unit="s")
+    rows["request_id"], rows["row"] = f"r{seed}", np.arange(n)
+    rows["model_name"], rows["model_sha256"], rows["task"] = NAME, sha256 or project.sha256, "classification"
+    write_file(str(project.log), to_table(rows))
+    project.start = rows["time"].max()
+    return project.start
+
+
+def run_flow(project) -> dict:
+    state = drift_flow.drift(project_dir=str(project.path), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result() | {"flow_run_id": str(state.state_details.flow_run_id)}
+
+
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
+def drift_runs(project) -> list:
+    experiment = client().get_experiment_by_name(drift_flow.EXPERIMENT)
+    return [] if experiment is None else client().search_runs([experiment.experiment_id])
+
+
+def artifact_markdown(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        (found,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[drift_flow.DRIFT_ARTIFACT])),
+                                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return found.data
+
+
+def test_too_few_new_rows_make_no_window(project):
+    serve(project, 30)
+    serve(project, 200, sha256="0" * 64)  # another version's rows do not count
+    summary = run_flow(project)
+    assert summary["window"] is None and summary["new_rows"] == 30
+    assert "monitor.min_window_rows 50" in summary["reason"]
+    assert "monitor.min_window_rows 50" in artifact_markdown(summary["flow_run_id"])
+    (run,) = drift_runs(project)
+    assert run.data.metrics == {} and drift_flow.WINDOW_END_TAG not in run.data.tags
+
+
+def test_a_window_is_logged_as_metrics_report_and_history_then_the_next_starts_after_it(project, tmp_path):
+    serve(project, 40, seed=1)
+    end = serve(project, 100, seed=2)
+    first = run_flow(project)
+    assert first["window"] == 0 and first["verdict"] == "no drift" and first["new_rows"] == 140
+    assert first["metrics"]["n_window"] == 100  # the newest window_rows of them
+    (run,) = drift_runs(project)
+    assert run.data.tags[drift_flow.MODEL_TAG] == NAME and run.data.tags[drift_flow.VERSION_TAG] == project.version
+    assert run.data.tags[drift_flow.WINDOW_END_TAG] == end.isoformat() == first["window_end"]
+    assert run.data.metrics["drifted"] == 0.0 and 0 < run.data.metrics["embedding_mmd.p_value"] <= 1
+    report = f"windows/{drift_flow.window_name(end)}.html"
+    assert first["report"] == report
+    html = Path(client().download_artifacts(run.info.run_id, report, str(tmp_path))).read_text()
+    assert "no drift" in html and html.count("data:image/png;base64,") == 3
+    assert drift_flow.HISTORY_CHART in [a.path for a in client().list_artifacts(run.info.run_id)]
+    text = artifact_markdown(first["flow_run_id"])
+    assert "# Drift: no drift" in text and run.info.run_id in text and report in text
+
+    assert run_flow(project)["window"] is None  # nothing new since the window's end
+    serve(project, 80, seed=3, brightness=0.3, shift=0.5)
+    second = run_flow(project)
+    assert second["window"] == 1 and second["verdict"] == "DRIFTED" and second["new_rows"] == 80
+    assert second["trigger"] == {"triggered": False, "reason": "1 drifted window(s) in a row; 2 start retraining"}
+    history = client().get_metric_history(run.info.run_id, "drifted")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0)]
+    assert [m.step for m in client().get_metric_history(run.info.run_id, "brightness_ks.p_value")] == [0, 1]
+
+
+def test_persistent_drift_runs_the_training_deployment_once_with_its_cause(project):
+    from prefect.client.orchestration import get_client
+
+    deployments.register(project.path)  # applied without a work pool: its runs stay scheduled
+    serve(project, 60, seed=4, shift=0.5)
+    assert not run_flow(project)["trigger"]["triggered"]
+    serve(project, 60, seed=5, shift=0.5)
+    second = run_flow(project)
+    trigger = second["trigger"]
+    assert trigger["triggered"], trigger
+    (run,) = drift_runs(project)
+    assert trigger["cause"] == f"drift:{run.info.run_id}"
+    assert run.data.tags[drift_flow.TRIGGERED_TAG] == trigger["flow_run_id"]
+    with get_client(sync_client=True) as c:
+        flow_run = c.read_flow_run(trigger["flow_run_id"])
+        deployment = c.read_deployment(flow_run.deployment_id)
+    assert deployment.name == "nightly" and flow_run.state.is_scheduled()
+    assert flow_run.parameters == {"project_dir": str(project.path), "refresh_data": True, "promote": True,
+                                   "cause": trigger["cause"]}
+    assert trigger["flow_run_id"] in artifact_markdown(second["flow_run_id"])
+
+    serve(project, 60, seed=6, shift=0.5)
+    third = run_flow(project)  # still drifting, but the retraining it started has not run yet
+    assert third["verdict"] == "DRIFTED" and not third["trigger"]["triggered"]
+    assert f"training flow run {trigger['flow_run_id']} started by this drift is still Scheduled" == third["trigger"]["reason"]
+
+
+def test_the_drift_deployment_runs_hourly_on_the_params_cron(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    built = {d.name: d for d in deployments.build_deployments(tmp_path)}
+    assert set(built) == {"nightly", "manual", "daily", "hourly"}
+    hourly = built["hourly"]
+    assert hourly.entrypoint == "pipelines.drift.drift" and hourly.parameters == {"project_dir": str(tmp_path)}
+    schedule = yaml.safe_load((ROOT / "params.yaml").read_text())["schedule"]
+    assert hourly.schedules[0].schedule.cron == schedule["drift_cron"]
