@@ -43,25 +43,33 @@ def model_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def project(tmp_path, empty_db, model_file, monkeypatch, prefect_harness):
-    """A project (params.yaml with small windows) whose SQLite store has the classifier registered as champion,
-    and a reference profile for it (the `reference` module's loader, until registration stores one)."""
+def registered(root: Path, empty_db: Path, model_file: Path, alias: str):
+    """`root` as a project (params.yaml with small windows) whose SQLite store has the classifier registered
+    as `NAME` with `alias`; returns the version."""
     from visionops.serving.pyfunc import log_classifier
 
-    root = tmp_path / "proj"
     root.mkdir()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["monitor"].update(MONITOR)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(empty_db, root / "mlflow.db")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(drift_flow.LOG_URI_ENV, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("visionops", (root / "mlartifacts").as_uri()))
     with mlflow.start_run():
-        version = log_classifier(model_file, NAME, tags={}, alias="champion")
+        version = log_classifier(model_file, NAME, tags={}, alias=alias)
     mlflow.set_tracking_uri(None)
+    return version
+
+
+@pytest.fixture
+def project(tmp_path, empty_db, model_file, monkeypatch, prefect_harness):
+    """A project whose champion is the classifier, and a reference profile for it (the `reference` module's
+    loader, until registration stores one)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(drift_flow.LOG_URI_ENV, raising=False)
+    root = tmp_path / "proj"
+    version = registered(root, empty_db, model_file, "champion")
+    params = yaml.safe_load((root / "params.yaml").read_text())
     reference = log_rows(600, np.random.default_rng(0), classes=CLASSES)
     module = types.ModuleType("visionops.monitoring.reference")
     module.load_reference = lambda uri: reference
@@ -180,3 +188,21 @@ def test_the_drift_deployment_runs_hourly_on_the_params_cron(tmp_path):
     assert hourly.entrypoint == "pipelines.drift.drift" and hourly.parameters == {"project_dir": str(tmp_path)}
     schedule = yaml.safe_load((ROOT / "params.yaml").read_text())["schedule"]
     assert hourly.schedules[0].schedule.cron == schedule["drift_cron"]
+
+
+def test_the_training_runs_cause_is_tagged_on_the_versions_its_promotion_judged(tmp_path, empty_db, model_file,
+                                                                                 monkeypatch):
+    """The real promotion of a registered challenger on a frozen holdout, with the training flow's `cause`."""
+    from pipelines import flows
+    from visionops.data import dataset
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "proj"
+    version = registered(root, empty_db, model_file, "challenger")
+    labels = np.arange(60) % 3
+    split = dataset.Split(corner_images(labels, np.random.default_rng(1)), labels, [f"h{i}.png" for i in range(60)])
+    dataset.save(dataset.Dataset(CLASSES, {"holdout": split}, "synthetic"), root / flows.HOLDOUT)
+    outcomes = flows.promote_all(root, cause="drift:abc123")
+    assert [(o["role"], o["challenger_version"]) for o in outcomes] == [("teacher", str(version.version)), ("student", None)]
+    tags = client().get_model_version(NAME, version.version).tags
+    assert tags[flows.CAUSE_TAG] == "drift:abc123" and tags["promotion.decision"] == outcomes[0]["outcome"]
