@@ -3,6 +3,7 @@
 The verdict, the tests against their Bonferroni threshold, the data-quality numbers, the label-free estimate
 beside the reference's score, histograms of reference against window (confidence, brightness, contrast, blur),
 the answer-class shares, and the embeddings of both projected on the reference's first two principal axes.
+`write_history` draws the windows of one model version: each test's p-value and the estimate, per window.
 """
 
 from __future__ import annotations
