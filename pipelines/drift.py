@@ -1,8 +1,9 @@
 """The `drift` flow: the newest window of the inference log against the served version's reference profile.
 
 One run judges at most one window: the champion's (`alias`) version is found in the registry, the log rows of
-that version (by its weights' SHA-256) newer than the previous window's end are read, and the newest
-`monitor.window_rows` of them are judged (`visionops.monitoring.drift.judge_window`); fewer than
+that version (by its weights' SHA-256) newer than the previous window's end are read (up to 2 ×
+`monitor.flush_seconds` ago: rows answered since may still be on their way to the log, and a row older than a
+window's end is never read again), and the newest `monitor.window_rows` of them are judged (`visionops.monitoring.drift.judge_window`); fewer than
 `monitor.min_window_rows` new rows: no window, and the run ends Completed saying so.
 
 Each window is recorded in MLflow, in the experiment `visionops-drift`, in one run per model version (found
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -68,10 +69,12 @@ def window_name(end: pd.Timestamp) -> str:
 
 @task(name="read-window", task_run_name="read-window", cache_policy=NO_CACHE, persist_result=False)
 def read_window(uri: str, sha256: str, since: str | None, settings) -> tuple[pd.DataFrame, int]:
-    """(the newest `window_rows` log rows of the version after `since`, how many new rows there were)."""
+    """(the newest `window_rows` log rows of the version after `since` that have surely reached the log, how
+    many such rows there were)."""
     from visionops.monitoring.inference_log import read_log
 
-    rows = read_log(uri, since=datetime.fromisoformat(since) if since else None, model_sha256=sha256)
+    until = datetime.now(timezone.utc) - timedelta(seconds=2 * settings.flush_seconds)
+    rows = read_log(uri, since=datetime.fromisoformat(since) if since else None, until=until, model_sha256=sha256)
     return rows.tail(settings.window_rows).reset_index(drop=True), len(rows)
 
 

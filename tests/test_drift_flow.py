@@ -117,6 +117,8 @@ def artifact_markdown(flow_run_id: str) -> str:
 def test_too_few_new_rows_make_no_window(project):
     serve(project, 30)
     serve(project, 200, sha256="0" * 64)  # another version's rows do not count
+    project.start = pd.Timestamp.now(tz="UTC")
+    serve(project, 100)  # nor rows of the last 2 x monitor.flush_seconds (others may still be on their way)
     summary = run_flow(project)
     assert summary["window"] is None and summary["new_rows"] == 30
     assert "monitor.min_window_rows 50" in summary["reason"]
