@@ -4,6 +4,7 @@ overwriting, listed in the record download depends on, and placed by the stable 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from visionops.config import parse_params
 from visionops.data import dataset
 from visionops.data.download import run_download
 from visionops.data.import_labels import import_labels
+from visionops.data.neardup import group_identities
 from visionops.errors import InvalidInputError, MissingInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +199,14 @@ def test_a_missing_folder_is_named(tmp_path):
         import_labels(_params("folder", _photos(tmp_path / "root", range(2), 0)), tmp_path / "nope")
 
 
+def test_an_imported_copy_with_a_smaller_identity_joins_its_group_without_renaming_it():
+    hashes = ["0000000000000000", "ffffffffffffffff", "ffffffffffffff00"]
+    assert group_identities(["b", "c", "a"], hashes, 8) == ["b", "a", "a"]  # unranked, c's group takes a's name
+    assert group_identities(["b", "c", "a"], hashes, 8, ["", "", "2026-12-06T07:00:00+00:00"]) == ["b", "c", "c"]
+    later = ["", "2026-12-06T07:00:00+00:00", "2026-12-06T08:00:00+00:00"]  # two imports: the earlier names it
+    assert group_identities(["b", "c", "a"], hashes, 8, later) == ["b", "c", "c"]
+
+
 def _jpeg_copy(image: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     Image.open(image).save(dest, quality=95)
@@ -239,3 +249,31 @@ def test_the_next_download_keeps_every_placed_image_and_puts_a_near_duplicate_wi
     assert {p: after[p] for p in before} == before  # no image already placed moved
     assert len(after) == len(before) + done["imported"]
     assert after[near] == before[original] != "train"
+
+
+def test_after_an_import_dvc_status_lists_download_and_repro_places_the_new_images(tmp_path):
+    """The real loop: download, import through the CLI, `dvc status`, `dvc repro`; git keeps the record."""
+    root = _photos(tmp_path / "photos", range(20), seed=0)
+    reviewed = _photos(tmp_path / "reviewed", range(20, 24), seed=1)
+    project = Project(tmp_path / "project")
+    project.set_params(data={"source": "folder", "root": str(root), "channels": 3, "image_size": 16, **FRACTIONS})
+    project.repro("download")
+    before = _parts(project.path / "data")
+    original = next(p for p, part in sorted(before.items()) if part != "train")
+    _jpeg_copy(root / original, reviewed / original.replace(".png", "-near.jpg"))
+    assert json.loads(project.run("dvc", "status", "--json", "download").stdout) == {}
+
+    out = project.run("visionops", "import-labels", str(reviewed)).stdout
+    assert "imported                 9" in out and "per_class" in out
+    status = json.loads(project.run("dvc", "status", "--json", "download").stdout)
+    assert status == {"download": [{"changed deps": {"data/imports.csv": "modified"}}]}
+    assert " M data/imports.csv" in project.run("git", "status", "--porcelain").stdout  # git keeps the record
+
+    project.repro("download")
+    after = _parts(project.path / "data")
+    assert {p: after[p] for p in before} == before
+    assert len(after) == len(before) + 9
+    assert after[original.replace(".png", "-near.jpg")] == before[original]
+    again = project.run("visionops", "import-labels", str(reviewed)).stdout
+    assert "skipped                  9" in again
+    assert json.loads(project.run("dvc", "status", "--json", "download").stdout) == {}

@@ -62,13 +62,13 @@ def _refuse(params: Params) -> None:
         folder = "" if cfg.source == "coco" else (
             f", not a folder of files: import-labels adds to a folder; set {INSTEAD[params.task]} and data.root "
             "to the folder (the layouts are in the README)")
-        raise InvalidInputError(f"import-labels: data.source {cfg.source!r} {REFUSED[cfg.source]}{folder}")
+        raise InvalidInputError(f"data.source {cfg.source!r} {REFUSED[cfg.source]}{folder}")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise MissingInputError(f"data.root: {root} is not a directory")
     if cfg.source == "voc" and (root / "ImageSets" / "Main").is_dir():
         raise InvalidInputError(
-            f"import-labels: data.root {root} lists its images in ImageSets/Main/*.txt, which an import would rewrite "
+            f"data.root {root} lists its images in ImageSets/Main/*.txt, which an import would rewrite "
             "(download reports a rewritten annotation file as changed); add the ids to train.txt by hand and download "
             "with data.on_changed_file: warn")
 
@@ -190,7 +190,7 @@ def _sha256(path: Path) -> str:
 
 def _fail(what: str, problems: list[str]) -> None:
     more = f"\n  ... and {len(problems) - NAMED} more" if len(problems) > NAMED else ""
-    raise InvalidInputError(f"import-labels: {what}; nothing copied:\n  " + "\n  ".join(problems[:NAMED]) + more)
+    raise InvalidInputError(f"{what}; nothing copied:\n  " + "\n  ".join(problems[:NAMED]) + more)
 
 
 def import_labels(params: Params, folder: Path, dry_run: bool = False, record: Path = layout.IMPORTS) -> dict:
@@ -203,13 +203,13 @@ def import_labels(params: Params, folder: Path, dry_run: bool = False, record: P
     _refuse(params)
     cfg, folder = params.data, Path(folder).expanduser()
     if not folder.is_dir():
-        raise MissingInputError(f"import-labels: {folder} is not a directory")
+        raise MissingInputError(f"{folder} is not a directory")
     targets = get_task(params.task).targets
     mine = cfg.model_copy(update={"root": str(folder), "allowed_roots": [], **_class_list(cfg, folder)})
     src = load_source(mine, targets)
     extra = sorted(set(src.splits) - {"train"})
     if extra:
-        raise InvalidInputError(f"import-labels: {folder} has {', '.join(extra)} images; the stable splits place "
+        raise InvalidInputError(f"{folder} has {', '.join(extra)} images; the stable splits place "
                                 "reviewed images: give them as train (the source's layout without split folders)")
     classes = _target_classes(cfg)
     if cfg.source in ("yolo", "masks") and classes != src.class_names:  # their labels are class indices
@@ -222,7 +222,7 @@ def import_labels(params: Params, folder: Path, dry_run: bool = False, record: P
     copies = _copies(cfg, folder, src)
     clashes, skipped = [], set()
     for c in copies:
-        dest = resolve_inside(roots, root / c.dest, f"import-labels: {c.source}")
+        dest = resolve_inside(roots, root / c.dest, f"copying {c.source}")
         if dest.exists():
             if not _same(c.source, dest):
                 clashes.append(f"{c.source} and {dest} differ (same name, other bytes)")
