@@ -277,3 +277,15 @@ def test_after_an_import_dvc_status_lists_download_and_repro_places_the_new_imag
     again = project.run("visionops", "import-labels", str(reviewed)).stdout
     assert "skipped                  9" in again
     assert json.loads(project.run("dvc", "status", "--json", "download").stdout) == {}
+
+
+def test_voc_without_a_class_list_checks_names_against_data_roots_objects_and_refuses_image_sets(tmp_path):
+    root, reviewed = _dense("voc", tmp_path)
+    (root / "labels.txt").unlink()  # the classes are then the names in data.root's xmls
+    xml = reviewed / "Annotations" / f"{REVIEWED[0]}.xml"
+    xml.write_text(xml.read_text().replace("<name>", "<name>cat", 1))
+    with pytest.raises(InvalidInputError, match=rf"{REVIEWED[0]}.png object 0: class cat\d"):
+        import_labels(_params("voc", root), reviewed)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    with pytest.raises(InvalidInputError, match=r"lists its images in ImageSets/Main/\*.txt"):
+        import_labels(_params("voc", root), reviewed)

@@ -168,7 +168,8 @@ def _copies(cfg: DataConfig, folder: Path, src: SourceData) -> list[Copy]:
             out.append(Copy(folder / p, dest.relative_to(root).as_posix(), True))
         return out
     # the label files read (VOC's xml, masks' PNGs), not the class list nor VOC's image sets
-    labels = [p for p in src.annotations if p.startswith("Annotations/" if cfg.source == "voc" else ("masks/", "train/masks/"))]
+    read = ("Annotations/",) if cfg.source == "voc" else ("masks/", "train/masks/")
+    labels = [p for p in src.annotations if p.startswith(read)]
     if cfg.source == "voc":  # the xml names its image: the image first
         return [Copy(folder / p, p, True) for p in images] + [Copy(folder / p, p, False) for p in labels]
     split = "train/" if (root / "train" / ("images" if cfg.source == "masks" else "")).is_dir() else ""
@@ -232,7 +233,7 @@ def import_labels(params: Params, folder: Path, dry_run: bool = False, record: P
 
     label_of = dict(zip(src.splits["train"].paths, src.splits["train"].labels))
     new = [c for c in copies if c.dest not in skipped]
-    per_class = Counter(src.class_names[label_of[str(c.source.relative_to(folder).as_posix())]]
+    per_class = Counter(src.class_names[label_of[c.source.relative_to(folder).as_posix()]]
                         for c in new if c.image)
     result = {
         "source": cfg.source, "data_root": str(root), "folder": str(folder), "dry_run": dry_run,
@@ -243,8 +244,10 @@ def import_labels(params: Params, folder: Path, dry_run: bool = False, record: P
     if dry_run:
         return result
     rows = imports.read(record)  # first: a copy it lists and an interrupted import left out, a rerun makes
+    listed = {(r["path"], r["sha256"]) for r in rows}
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    added = [{"imported": now, "source": cfg.source, "path": c.dest, "sha256": _sha256(c.source)} for c in new]
+    added = [{"imported": now, "source": cfg.source, "path": c.dest, "sha256": digest} for c in new
+             if (c.dest, digest := _sha256(c.source)) not in listed]
     if added:
         imports.write(record, rows + added)
     bar = dict(total=len(new), desc="import", unit="file", file=sys.stderr, disable=len(new) < PROGRESS or None)

@@ -2,7 +2,8 @@
 
 `download` hashes each source file's decoded image at source resolution (`perceptual_hash`, imagehash's pHash
 or dHash: 64 bits, stored as 16 hex digits) and splits by group (`group_identities`): a group's identity is the
-smallest identity among its earliest members (an imported image is later: `data.imports`), so every member of a group lands in the same part. Images the source
+smallest identity among its earliest members (an imported image is later: `data.imports`), so every member of
+a group lands in the same part, and an imported copy joins its group without moving it. Images the source
 generates (digits, cifar10, canvases) get no perceptual hash: their groups are their exact duplicates.
 """
 
