@@ -264,7 +264,7 @@ def test_after_an_import_dvc_status_lists_download_and_repro_places_the_new_imag
     assert json.loads(project.run("dvc", "status", "--json", "download").stdout) == {}
 
     out = project.run("visionops", "import-labels", str(reviewed)).stdout
-    assert "imported                 9" in out and "per_class" in out
+    assert "imported                 9" in out and "commit data/imports.csv and run `dvc repro`" in out
     status = json.loads(project.run("dvc", "status", "--json", "download").stdout)
     assert status == {"download": [{"changed deps": {"data/imports.csv": "modified"}}]}
     assert " M data/imports.csv" in project.run("git", "status", "--porcelain").stdout  # git keeps the record
@@ -275,7 +275,7 @@ def test_after_an_import_dvc_status_lists_download_and_repro_places_the_new_imag
     assert len(after) == len(before) + 9
     assert after[original.replace(".png", "-near.jpg")] == before[original]
     again = project.run("visionops", "import-labels", str(reviewed)).stdout
-    assert "skipped                  9" in again
+    assert "skipped                  9" in again and "dvc repro" not in again
     assert json.loads(project.run("dvc", "status", "--json", "download").stdout) == {}
 
 
@@ -289,3 +289,29 @@ def test_voc_without_a_class_list_checks_names_against_data_roots_objects_and_re
     (root / "ImageSets" / "Main").mkdir(parents=True)
     with pytest.raises(InvalidInputError, match=r"lists its images in ImageSets/Main/\*.txt"):
         import_labels(_params("voc", root), reviewed)
+
+
+def test_an_interrupted_import_leaves_whole_files_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    root, reviewed = _dense("masks", tmp_path)
+    record, copied = tmp_path / "imports.csv", []
+    real = shutil.copyfile
+
+    def dies_on_the_fifth(src, dst):
+        if len(copied) == 4:
+            raise OSError("disk full")
+        copied.append(src)
+        return real(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", dies_on_the_fifth)
+    with pytest.raises(OSError, match="disk full"):
+        import_labels(_params("masks", root), reviewed, record=record)
+    monkeypatch.setattr(shutil, "copyfile", real)
+    assert len(_record(record)) == 16  # listed first
+    assert not [p for p in root.rglob(".*.tmp")]  # no half-written file
+    masks = sorted(p.name for p in (root / "masks").iterdir() if p.stem in REVIEWED)
+    assert masks == [f"{n}.png" for n in REVIEWED[:4]]
+    assert not any((root / "images" / f"{n}.png").exists() for n in REVIEWED)  # masks first: no image without one
+    done = import_labels(_params("masks", root), reviewed, record=record)
+    assert (done["imported"], done["skipped"], done["label_files"]) == (8, 0, 4)
+    assert len(_record(record)) == 16
+    assert all((root / "images" / f"{n}.png").is_file() for n in REVIEWED)

@@ -667,7 +667,7 @@ HEADLINES = {
                  "miou", "pixel_accuracy", "dice", "source_miou",  # segmentation
                  "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
-    "import-labels": ("dry_run", "imported", "skipped", "label_files", "per_class", "record"),
+    "import-labels": ("dry_run", "imported", "skipped", "label_files", "per_class", "record", "next"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "label_issues": layout.LABEL_ISSUES_REPORTS, "prepare": layout.PREPARE_REPORTS,

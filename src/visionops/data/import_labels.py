@@ -254,4 +254,4 @@ def import_labels(params: Params, folder: Path, dry_run: bool = False, record: P
     for c in tqdm(new, **bar):
         with atomic_path(root / c.dest) as tmp:
             shutil.copyfile(c.source, tmp)
-    return result
+    return {**result, "next": f"commit {record} and run `dvc repro`: download places the new images"} if new else result
