@@ -24,6 +24,7 @@ import binascii
 import io
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -266,12 +267,17 @@ def _rows(model_input) -> tuple[list, list]:
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """Serves a visionops classifier: see `predict` for the accepted inputs and the output columns."""
 
+    task = "classification"
     predict_columns = ("label", "probability")  # what `visionops predict` writes per file
     answers_in_input_pixels = False  # boxes and masks: predict_canonical gets each input's size
+    served_log = None  # the inference log (`monitoring.served_log`), opened by load_context when on
 
     def load_context(self, context) -> None:
+        from visionops.monitoring.served_log import ServedLog
+
         verify_weights(context.artifacts[MODEL_ARTIFACT])  # refuses weights changed since registration
         self.load(context.artifacts[MODEL_ARTIFACT])
+        self.served_log = ServedLog.open(self, context.artifacts)
 
     def load(self, path: str | Path) -> ImageClassifierModel:
         """Load the visionops .pt file on the CPU (also usable without MLflow)."""
@@ -341,12 +347,24 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict_values(self, values: list, index=None) -> pd.DataFrame:
         """`predict`'s output for a list of input values (no row limit): each row answered on its own,
-        the usable ones predicted in batches."""
+        the usable ones predicted in batches; the rows go to the inference log when it is on (never failing
+        or changing the answer)."""
+        log = self.served_log
+        if log is None:
+            return self._answer(values, index)[0]
+        start = time.perf_counter()
+        with log.watch() as seen:
+            out, images, errors = self._answer(values, index)
+        log.record(values, images, errors, out, seen, time.perf_counter() - start)
+        return out
+
+    def _answer(self, values: list, index=None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+        """(`predict_values`' output, the canonical images, the per-row errors)."""
         sizes = [input_size(v) for v in values] if self.answers_in_input_pixels else None
         images, errors = self.canonical_rows(values)
         good = [i for i, e in enumerate(errors) if not e]
         if len(good) == len(errors):
-            return self.predict_canonical(images, index=index, sizes=sizes)
+            return self.predict_canonical(images, index=index, sizes=sizes), images, errors
         out = pd.DataFrame({c: [None] * len(errors) for c in self.output_columns}, dtype=object)  # JSON null
         if good:
             good_sizes = [sizes[i] for i in good] if sizes else None
@@ -354,7 +372,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         out[ERROR_COLUMN] = errors
         if index is not None:
             out.index = index
-        return out
+        return out, images, errors
 
 
 # ------------------------------------------------------------------------------------------
@@ -419,10 +437,11 @@ def log_classifier(
     example_image: np.ndarray | None = None,
     client: MlflowClient | None = None,
     alias: str | None = CHALLENGER,
+    profile=None,
 ) -> ModelVersion:
     """Log `model_path` (a visionops .pt) as pyfunc model "model" in the active run, register it as
     a new version of `registered_name`, point `alias` at it (none when None: a DVC experiment's
-    version moves no alias) and tag it (plus run_id).
+    version moves no alias) and tag it (plus run_id); `profile`: as `log_pyfunc`'s.
     """
     _, info = classifier.load(model_path)  # fails early and clearly on a missing/corrupt file
     class_names = list(info["class_names"])
@@ -437,7 +456,7 @@ def log_classifier(
     }
     return log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature_for(class_names),
                       metadata=metadata, tags=tags, example_image=example_image, client=client, alias=alias,
-                      privacy=info.get("privacy"))
+                      privacy=info.get("privacy"), profile=profile)
 
 
 def log_pyfunc(
@@ -452,10 +471,13 @@ def log_pyfunc(
     client: MlflowClient | None = None,
     alias: str | None = CHALLENGER,
     privacy: dict | None = None,
+    profile=None,
 ) -> ModelVersion:
     """Log `model_path` as pyfunc model "model" of the models-from-code file `code` (any task's) in the
     active run, register it as a new version of `registered_name`, point `alias` at it and tag it; a model
-    trained with DP-SGD (`privacy`, from its file) gets its (ε, δ) in the tags and the description."""
+    trained with DP-SGD (`privacy`, from its file) gets its (ε, δ) in the tags and the description. With the
+    inference log's `profile` (`monitoring.reference.build`), its projection and reference are artifacts
+    and its `monitor` settings metadata: the served model then writes the log."""
     run = mlflow.active_run()
     if run is None:
         raise RegistryError("logging a model needs an active MLflow run (wrap it in mlflow.start_run())")
@@ -465,11 +487,18 @@ def log_pyfunc(
         example_image = np.zeros((h, w, c), dtype=np.uint8)
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]})
     sha256 = file_sha256(model_path)
-    with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
+    from visionops.monitoring import served_log
+    from visionops.monitoring.served_log import MONITOR_METADATA, NAME_METADATA
+
+    artifacts, metadata = {MODEL_ARTIFACT: str(model_path)}, {**metadata, NAME_METADATA: registered_name}
+    if profile is not None:
+        artifacts |= profile.artifacts
+        metadata[MONITOR_METADATA] = profile.settings
+    with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp, served_log.off():  # the example is no request
         model_info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(code),  # models-from-code: loading never unpickles
-            artifacts={MODEL_ARTIFACT: str(model_path)},
+            artifacts=artifacts,
             code_paths=[str(_package_copy(Path(tmp)))],
             signature=signature,
             input_example=example,

@@ -1,0 +1,200 @@
+"""The served model's side of the inference log: one row per image of each `predict_values` call.
+
+`ServedLog.open` (from the pyfunc's `load_context`) finds the log's location: the environment variable
+`VISIONOPS_LOG_URI` when set (an empty value turns the log off), else the model metadata `monitor` copied
+from params.yaml at registration (a model registered before the log existed has none, and logs nothing).
+The network's pooled features and (segmentation) its mean pixel top probability are captured by forward
+hooks during the pass the answer runs. Logging never fails or changes an answer: any error building or
+writing rows is counted in `stats` and the answer returned as it was.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import uuid
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from visionops.monitoring import embedding, summaries
+from visionops.monitoring.inference_log import LogWriter
+from visionops.monitoring.log_schema import COLUMNS
+
+LOG_URI_ENV = "VISIONOPS_LOG_URI"
+MONITOR_METADATA = "monitor"  # the model metadata key of params.yaml `monitor`
+NAME_METADATA = "registered_name"  # the model metadata key of the registered model's name
+PROJECTION_ARTIFACT = "projection"  # the pyfunc artifacts of the version's embedding projection and reference
+REFERENCE_ARTIFACT = "reference"
+TTA_PASSES = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per batch of a classifier's TTA
+
+
+def log_uri(monitor: dict | None) -> str | None:
+    """Where the log goes: $VISIONOPS_LOG_URI when set ("" = nowhere), else `monitor["log_uri"]`; None = off."""
+    if LOG_URI_ENV in os.environ:
+        return os.environ[LOG_URI_ENV] or None
+    return (monitor or {}).get("log_uri") or None
+
+
+@contextmanager
+def off():
+    """No inference log inside (MLflow loads and runs a model it logs, to check its input example)."""
+    before = os.environ.get(LOG_URI_ENV)
+    os.environ[LOG_URI_ENV] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[LOG_URI_ENV]
+        else:
+            os.environ[LOG_URI_ENV] = before
+
+
+def _pixel_confidence(logits) -> torch.Tensor:
+    """Mean over pixels of the top class probability, per image of N x K x H x W logits."""
+    return torch.softmax(logits.detach().float(), dim=1).amax(1).flatten(1).mean(1)
+
+
+class Watcher:
+    """What the answer's forward passes reveal: pooled features (projected) and, for segmentation, the mean
+    pixel top probability. Built once per loaded model; its hooks record only inside `watch()`."""
+
+    def __init__(self, served, projection: embedding.Projection | None):
+        self.task, self.projection = served.task, projection
+        self.passes = TTA_PASSES.get(getattr(served.model, "tta", "none"), 1)
+        self.features = embedding.feature_capture(served.model.net, served.arch) if projection is not None else None
+        self.pixels = embedding.Capture(served.model, _pixel_confidence) if served.task == "segmentation" else None
+
+    @contextmanager
+    def watch(self):
+        """(features list, pixel-confidence list): each gets one tensor per forward pass while inside."""
+        with ExitStack() as stack:
+            yield tuple(stack.enter_context(c.capture()) if c else None for c in (self.features, self.pixels))
+
+    def embeddings(self, seen: list | None, n: int) -> list | None:
+        """The projected embedding of each of the `n` answered rows (None when not captured or misaligned)."""
+        if seen is None or self.projection is None:
+            return None
+        features = embedding.first_passes(seen, self.passes)
+        return list(self.projection(features)) if len(features) == n else None
+
+
+def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame, *, shapes: list | None,
+               embeddings: list | None, pixel_confidence: np.ndarray | None, latency_ms: float,
+               model_name: str | None, model_sha256: str | None, request_id: str,
+               when: datetime | None = None) -> pd.DataFrame:
+    """The log's rows of one answered request: `images` (canonical, N x H x W x C), `errors` ("" = answered),
+    `out` (the served model's output frame), `shapes` ((width, height, channels) as sent, or None per row;
+    None: the canonical shape), and what the forward passes revealed, for the answered rows in order."""
+    n = len(errors)
+    good = [i for i, e in enumerate(errors) if not e]
+    frame = pd.DataFrame({"time": [when or datetime.now(timezone.utc)] * n, "request_id": request_id,
+                          "row": np.arange(n, dtype=np.int32), "model_name": model_name,
+                          "model_sha256": model_sha256, "task": served.task, "error": errors},
+                         columns=COLUMNS, dtype=object)
+    if not good:
+        return frame
+    h, w, c = images.shape[1:]
+    sent = [shapes[i] if shapes and shapes[i] else (w, h, c) for i in good]
+    columns = {"width": [s[0] for s in sent], "height": [s[1] for s in sent], "channels": [s[2] for s in sent],
+               **summaries.image_summary(images[good]), "latency_ms": [latency_ms] * len(good)}
+    answered = out.iloc[good]
+    if served.task == "classification":
+        columns |= summaries.classification_answers(answered, served.class_names)
+    elif served.task == "detection":
+        columns |= summaries.detection_answers(answered, served.class_names)
+    else:
+        columns |= summaries.segmentation_answers(answered, served.class_names, pixel_confidence)
+    if embeddings is not None:
+        columns["embedding"] = embeddings
+    for key, values in columns.items():
+        frame.loc[good, key] = pd.Series(list(values), index=good, dtype=object)
+    return frame
+
+
+class ServedLog:
+    """The inference log of one loaded served model: `watch()` around the answer, then `record(...)`."""
+
+    def __init__(self, served, monitor: dict, uri: str, projection: embedding.Projection | None,
+                 model_name: str | None, model_sha256: str | None):
+        self.served, self.uri, self.model_name, self.model_sha256 = served, uri, model_name, model_sha256
+        self.sample = float(monitor.get("sample_images", 0.0)) > 0
+        self.watcher = Watcher(served, projection)
+        self.writer = LogWriter.from_settings({**monitor, "log_uri": uri})
+        self.failed_rows, self.last_error = 0, ""
+        atexit.register(self.close)
+
+    @classmethod
+    def open(cls, served, artifacts: dict[str, str]) -> ServedLog | None:
+        """The log of a served model loaded from its logged folder (`artifacts`: the pyfunc's); None when
+        the log is off or cannot be opened (said on stderr: serving goes on without it)."""
+        from mlflow.models import Model
+
+        from visionops.serving.integrity import WEIGHTS_SHA256, _model_dir
+
+        weights = Path(artifacts["model"])
+        folder = _model_dir(weights)
+        metadata = (Model.load(folder).metadata or {}) if folder else {}
+        monitor = metadata.get(MONITOR_METADATA) or {}
+        uri = log_uri(monitor or None)
+        if uri is None:
+            return None
+        try:
+            projection = (embedding.Projection.load(artifacts[PROJECTION_ARTIFACT])
+                          if PROJECTION_ARTIFACT in artifacts else None)
+            return cls(served, monitor, uri, projection, metadata.get(NAME_METADATA), metadata.get(WEIGHTS_SHA256))
+        except Exception as exc:  # noqa: BLE001 - a log that cannot open never stops serving
+            print(f"warning: inference log {uri!r} is off: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return None
+
+    def watch(self):
+        """Around the answer: a context giving the forward passes' (features, pixel confidences)."""
+        return self.watcher.watch()
+
+    def record(self, values: list, images: np.ndarray, errors: list[str], out: pd.DataFrame, seen,
+               seconds: float) -> None:
+        """Build and write the rows of one answered call; never raises."""
+        try:
+            n_good = sum(not e for e in errors)
+            features, pixels = seen
+            frame = build_rows(
+                self.served, images, errors, out,
+                shapes=[summaries.sent_shape(v) for v in values],
+                embeddings=self.watcher.embeddings(features, n_good),
+                pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
+                latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
+                model_sha256=self.model_sha256, request_id=uuid.uuid4().hex)
+            self.writer.write(frame, raw=[_raw(v) for v in values] if self.sample else None)
+        except Exception as exc:  # noqa: BLE001 - logging never fails an answer
+            self._failed(len(errors), exc)
+
+    def _failed(self, rows: int, exc: BaseException) -> None:
+        self.failed_rows += rows
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def stats(self) -> dict:
+        """The writer's counters, plus rows that could not be built (`failed_rows`, `last_error`)."""
+        return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_error}
+
+    def close(self) -> None:
+        """Write what is pending (idempotent; also run at exit)."""
+        try:
+            self.writer.close()
+        except Exception as exc:  # noqa: BLE001
+            self._failed(0, exc)
+
+
+def _raw(value) -> bytes | None:
+    """The encoded image bytes of an input value as received (None for a pixel array)."""
+    from visionops.serving.pyfunc import _b64decode
+
+    try:
+        return _b64decode(value) if isinstance(value, str) else bytes(value) if isinstance(value, (bytes, bytearray)) else None
+    except ValueError:
+        return None

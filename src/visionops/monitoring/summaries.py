@@ -1,0 +1,95 @@
+"""A log row's summaries: of the image (as sent, and as the network saw it) and of the answer, per task.
+
+Everything here is vectorised over a request's rows and reads only what serving computed anyway: the
+header of each input, the canonical images, and the output frame of the task's served model.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def sent_shape(value) -> tuple[int, int, int] | None:
+    """(width, height, channels) of an input value as sent, from its header (nothing decoded) or its array
+    shape; None when it cannot be read (the row's error says why)."""
+    from visionops.serving.pyfunc import _b64decode
+
+    try:
+        if isinstance(value, str):
+            value = _b64decode(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(value))) as img:
+                return img.size[0], img.size[1], len(img.getbands())
+        if isinstance(value, Image.Image):
+            return value.size[0], value.size[1], len(value.getbands())
+        arr = np.asarray(value)
+        if arr.ndim in (2, 3) and arr.dtype != object:
+            return arr.shape[1], arr.shape[0], arr.shape[2] if arr.ndim == 3 else 1
+    except (binascii.Error, ValueError, OSError, SyntaxError):
+        pass
+    return None
+
+
+def image_summary(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per canonical uint8 N x H x W x C image: brightness (mean / 255), contrast (standard deviation / 255)
+    and blur (variance of the 3x3 Laplacian of the channel mean, in 0..1 units; low means blurred)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
+    if len(x) == 0:
+        return {k: np.empty(0, np.float32) for k in ("brightness", "contrast", "blur")}
+    flat = x.flatten(1)
+    grey = x.mean(-1, keepdim=True).permute(0, 3, 1, 2)
+    lap = F.conv2d(grey, _LAPLACIAN).flatten(1)
+    return {"brightness": flat.mean(1).numpy(), "contrast": flat.std(1, correction=0).numpy(),
+            "blur": lap.var(1, correction=0).numpy()}
+
+
+def classification_answers(frame: pd.DataFrame, class_names: list[str]) -> dict[str, list]:
+    """The label, its probability, 1, and the probability vector (frame: the classifier's `output_columns`)."""
+    from visionops.serving.pyfunc import PROB_PREFIX
+
+    probs = frame[[PROB_PREFIX + c for c in class_names]].to_numpy(dtype=np.float32)
+    return {"answer_class": list(frame["label"]), "confidence": frame["probability"].to_numpy(np.float32),
+            "answer_count": np.ones(len(frame), np.int32), "answer_shares": list(probs)}
+
+
+def detection_answers(frame: pd.DataFrame, class_names: list[str]) -> dict[str, list]:
+    """The top-scoring box's class, the mean box score, the box count and the share of boxes per class
+    (frame: the detector's `detections` JSON); a row without boxes has no class, no score and zero shares."""
+    out = {"answer_class": [], "confidence": [], "answer_count": [], "answer_shares": []}
+    index = {c: i for i, c in enumerate(class_names)}
+    for text in frame["detections"]:
+        d = json.loads(text)
+        scores, labels = np.asarray(d["scores"], np.float32), d["labels"]
+        shares = np.bincount([index[c] for c in labels], minlength=len(class_names)).astype(np.float32)
+        out["answer_class"].append(labels[int(scores.argmax())] if len(labels) else None)
+        out["confidence"].append(float(scores.mean()) if len(labels) else None)
+        out["answer_count"].append(len(labels))
+        out["answer_shares"].append(shares / max(len(labels), 1))
+    return out
+
+
+def segmentation_answers(frame: pd.DataFrame, class_names: list[str], confidence: np.ndarray) -> dict[str, list]:
+    """The largest class other than the background (class 0; the background when nothing else is present),
+    the mean pixel top probability (`confidence`, one per row, from the logits), the classes present and the
+    share of pixels per class (frame: the segmenter's PNG `mask` at the input's size)."""
+    from visionops.tasks.segmentation.serving import decode_mask
+
+    out = {"answer_class": [], "confidence": list(confidence), "answer_count": [], "answer_shares": []}
+    for text in frame["mask"]:
+        counts = np.bincount(decode_mask(text).ravel(), minlength=len(class_names))[: len(class_names)]
+        shares = (counts / max(counts.sum(), 1)).astype(np.float32)
+        top = int(counts[1:].argmax()) + 1 if len(counts) > 1 and counts[1:].any() else 0
+        out["answer_class"].append(class_names[top])
+        out["answer_count"].append(int((counts > 0).sum()))
+        out["answer_shares"].append(shares)
+    return out
