@@ -14,6 +14,7 @@ import atexit
 import os
 import sys
 import uuid
+import weakref
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -127,7 +128,7 @@ class ServedLog:
         self.watcher = Watcher(served, projection)
         self.writer = LogWriter.from_settings({**monitor, "log_uri": uri})
         self.failed_rows, self.last_error = 0, ""
-        atexit.register(self.close)
+        atexit.register(_close, weakref.ref(self))  # a weak reference: a dropped model's log is not kept alive
 
     @classmethod
     def open(cls, served, artifacts: dict[str, str]) -> ServedLog | None:
@@ -188,6 +189,12 @@ class ServedLog:
             self.writer.close()
         except Exception as exc:  # noqa: BLE001
             self._failed(0, exc)
+
+
+def _close(ref: weakref.ref) -> None:
+    log = ref()
+    if log is not None:
+        log.close()
 
 
 def _raw(value) -> bytes | None:
