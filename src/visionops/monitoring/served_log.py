@@ -25,7 +25,6 @@ import torch
 
 from visionops.monitoring import embedding, summaries
 from visionops.monitoring.inference_log import LogWriter
-from visionops.monitoring.log_schema import COLUMNS
 
 LOG_URI_ENV = "VISIONOPS_LOG_URI"
 MONITOR_METADATA = "monitor"  # the model metadata key of params.yaml `monitor`
@@ -90,32 +89,35 @@ def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame,
                model_name: str | None, model_sha256: str | None, request_id: str,
                when: datetime | None = None) -> pd.DataFrame:
     """The log's rows of one answered request: `images` (canonical, N x H x W x C), `errors` ("" = answered),
-    `out` (the served model's output frame), `shapes` ((width, height, channels) as sent, or None per row;
-    None: the canonical shape), and what the forward passes revealed, for the answered rows in order."""
+    `out` (the served model's output frame), `shapes` ((width, height, channels) as sent per row; None: the
+    canonical shape), and what the forward passes revealed, for the answered rows in order. A refused row
+    has its error and nulls where nothing was measured."""
     n = len(errors)
     good = [i for i, e in enumerate(errors) if not e]
-    frame = pd.DataFrame({"time": [when or datetime.now(timezone.utc)] * n, "request_id": request_id,
-                          "row": np.arange(n, dtype=np.int32), "model_name": model_name,
-                          "model_sha256": model_sha256, "task": served.task, "error": errors},
-                         columns=COLUMNS, dtype=object)
+    columns = {"time": [when or datetime.now(timezone.utc)] * n, "request_id": [request_id] * n, "row": list(range(n)),
+               "model_name": [model_name] * n, "model_sha256": [model_sha256] * n, "task": [served.task] * n,
+               "error": list(errors)}
     if not good:
-        return frame
+        return pd.DataFrame(columns)
     h, w, c = images.shape[1:]
-    sent = [shapes[i] if shapes and shapes[i] else (w, h, c) for i in good]
-    columns = {"width": [s[0] for s in sent], "height": [s[1] for s in sent], "channels": [s[2] for s in sent],
-               **summaries.image_summary(images[good]), "latency_ms": [latency_ms] * len(good)}
-    answered = out.iloc[good]
+    sent = [shapes[i] for i in good] if shapes else [(w, h, c)] * len(good)
+    answered = out if len(good) == n else out.iloc[good]
+    measured = {"width": [s[0] for s in sent], "height": [s[1] for s in sent], "channels": [s[2] for s in sent],
+                **summaries.image_summary(images[good]), "latency_ms": [latency_ms] * len(good)}
     if served.task == "classification":
-        columns |= summaries.classification_answers(answered, served.class_names)
+        measured |= summaries.classification_answers(answered, served.class_names)
     elif served.task == "detection":
-        columns |= summaries.detection_answers(answered, served.class_names)
+        measured |= summaries.detection_answers(answered, served.class_names)
     else:
-        columns |= summaries.segmentation_answers(answered, served.class_names, pixel_confidence)
+        measured |= summaries.segmentation_answers(answered, served.class_names, pixel_confidence)
     if embeddings is not None:
-        columns["embedding"] = embeddings
-    for key, values in columns.items():
-        frame.loc[good, key] = pd.Series(list(values), index=good, dtype=object)
-    return frame
+        measured["embedding"] = embeddings
+    for key, values in measured.items():
+        full = [None] * n
+        for i, value in zip(good, values):
+            full[i] = value
+        columns[key] = full
+    return pd.DataFrame(columns)
 
 
 class ServedLog:
@@ -157,15 +159,16 @@ class ServedLog:
         """Around the answer: a context giving the forward passes' (features, pixel confidences)."""
         return self.watcher.watch()
 
-    def record(self, values: list, images: np.ndarray, errors: list[str], out: pd.DataFrame, seen,
+    def record(self, values: list, images: np.ndarray, errors: list[str], shapes: list, out: pd.DataFrame, seen,
                seconds: float) -> None:
-        """Build and write the rows of one answered call; never raises."""
+        """Build and write the rows of one answered call (`shapes`: each row's (width, height, channels) as sent,
+        None where refused); never raises."""
         try:
             n_good = sum(not e for e in errors)
             features, pixels = seen
             frame = build_rows(
                 self.served, images, errors, out,
-                shapes=[summaries.sent_shape(v) for v in values],
+                shapes=shapes,
                 embeddings=self.watcher.embeddings(features, n_good),
                 pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
                 latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,

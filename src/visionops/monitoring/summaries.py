@@ -1,65 +1,33 @@
-"""A log row's summaries: of the image (as sent, and as the network saw it) and of the answer, per task.
+"""A log row's summaries: of the image the network saw and of the answer, per task.
 
 Everything here is vectorised over a request's rows and reads only what serving computed anyway: the
-header of each input, the canonical images, and the output frame of the task's served model.
+canonical images and the output frame of the task's served model.
 """
 
 from __future__ import annotations
 
-import binascii
-import io
 import json
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-
-
-def sent_shape(value) -> tuple[int, int, int] | None:
-    """(width, height, channels) of an input value as sent, from its header (nothing decoded) or its array
-    shape; None when it cannot be read (the row's error says why)."""
-    from visionops.serving.pyfunc import _b64decode
-
-    try:
-        if isinstance(value, str):
-            value = _b64decode(value)
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(value))) as img:
-                return img.size[0], img.size[1], len(img.getbands())
-        if isinstance(value, Image.Image):
-            return value.size[0], value.size[1], len(value.getbands())
-        arr = np.asarray(value)
-        if arr.ndim in (2, 3) and arr.dtype != object:
-            return arr.shape[1], arr.shape[0], arr.shape[2] if arr.ndim == 3 else 1
-    except (binascii.Error, ValueError, OSError, SyntaxError):
-        pass
-    return None
-
 
 def image_summary(images: np.ndarray) -> dict[str, np.ndarray]:
     """Per canonical uint8 N x H x W x C image: brightness (mean / 255), contrast (standard deviation / 255)
     and blur (variance of the 3x3 Laplacian of the channel mean, in 0..1 units; low means blurred)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
-    if len(x) == 0:
-        return {k: np.empty(0, np.float32) for k in ("brightness", "contrast", "blur")}
-    flat = x.flatten(1)
-    grey = x.mean(-1, keepdim=True).permute(0, 3, 1, 2)
-    lap = F.conv2d(grey, _LAPLACIAN).flatten(1)
-    return {"brightness": flat.mean(1).numpy(), "contrast": flat.std(1, correction=0).numpy(),
-            "blur": lap.var(1, correction=0).numpy()}
+    x = np.asarray(images, np.float32) / 255
+    flat = x.reshape(len(x), -1)
+    grey = x.mean(-1)
+    lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
+    return {"brightness": flat.mean(1), "contrast": flat.std(1), "blur": lap.reshape(len(x), -1).var(1)}
 
 
 def classification_answers(frame: pd.DataFrame, class_names: list[str]) -> dict[str, list]:
     """The label, its probability, 1, and the probability vector (frame: the classifier's `output_columns`)."""
     from visionops.serving.pyfunc import PROB_PREFIX
 
-    probs = frame[[PROB_PREFIX + c for c in class_names]].to_numpy(dtype=np.float32)
-    return {"answer_class": list(frame["label"]), "confidence": frame["probability"].to_numpy(np.float32),
-            "answer_count": np.ones(len(frame), np.int32), "answer_shares": list(probs)}
+    probs = np.stack([frame[PROB_PREFIX + c].to_numpy(np.float32) for c in class_names], 1)
+    return {"answer_class": frame["label"].tolist(), "confidence": frame["probability"].to_numpy(np.float32),
+            "answer_count": [1] * len(frame), "answer_shares": list(probs)}
 
 
 def detection_answers(frame: pd.DataFrame, class_names: list[str]) -> dict[str, list]:

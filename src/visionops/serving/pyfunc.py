@@ -119,11 +119,15 @@ def check_image_size(width: int, height: int) -> None:
         )
 
 
-def decode_image_bytes(data: bytes, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
+def decode_image_bytes(data: bytes, image_size: int, channels: int, resize: str = "squash",
+                       sent: list | None = None) -> np.ndarray:
     """Decode PNG/JPEG bytes and canonicalise them exactly as `images.decode_file` does; an image
-    over MAX_IMAGE_PIXELS is refused from its header (`Image.open` reads only that), before decoding."""
+    over MAX_IMAGE_PIXELS is refused from its header (`Image.open` reads only that), before decoding.
+    `sent`, when a list, receives the (width, height, channels) the header gives."""
     with Image.open(io.BytesIO(data)) as img:
         check_image_size(*img.size)
+        if sent is not None:
+            sent.append((*img.size, len(img.getbands())))
         img.load()
         return to_canonical(img, image_size, channels, resize)
 
@@ -147,7 +151,7 @@ def _b64decode(text: str) -> bytes:
         return base64.b64decode(text, altchars=b"-_", validate=True)  # URL-safe; binascii.Error if neither
 
 
-def _array_image(value, image_size: int, channels: int, resize: str) -> np.ndarray:
+def _array_image(value, image_size: int, channels: int, resize: str, sent: list | None = None) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except ValueError as exc:  # ragged nested lists
@@ -163,12 +167,15 @@ def _array_image(value, image_size: int, channels: int, resize: str) -> np.ndarr
         if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) and arr.min() >= 0 and arr.max() <= 255):
             raise ValueError("pixel values must be whole numbers in 0..255 (uint8)")
         arr = arr.astype(np.uint8)
+    if sent is not None:
+        sent.append((arr.shape[1], arr.shape[0], arr.shape[2] if arr.ndim == 3 else 1))
     return array_to_canonical(np.ascontiguousarray(arr), image_size, channels, resize)
 
 
-def to_image(value, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
+def to_image(value, image_size: int, channels: int, resize: str = "squash", sent: list | None = None) -> np.ndarray:
     """One input value (base64 string, encoded bytes, PIL image or pixel array) → canonical uint8 H x W x C
-    (`resize`: data.resize, `images.placement`)."""
+    (`resize`: data.resize, `images.placement`); `sent`, when a list, receives the value's (width, height,
+    channels) as sent (from the header, before decoding)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise ValueError("no image (empty value)")
     if isinstance(value, str):
@@ -178,15 +185,17 @@ def to_image(value, image_size: int, channels: int, resize: str = "squash") -> n
             raise ValueError("string is not base64-encoded image data") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
-            return decode_image_bytes(bytes(value), image_size, channels, resize)
+            return decode_image_bytes(bytes(value), image_size, channels, resize, sent)
         except ImageTooLargeError:
             raise
         except Exception as exc:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
             raise ValueError(f"cannot decode image bytes: {describe_decode_error(exc)}") from None
     if isinstance(value, Image.Image):
         check_image_size(*value.size)
+        if sent is not None:
+            sent.append((*value.size, len(value.getbands())))
         return to_canonical(value, image_size, channels, resize)
-    return _array_image(value, image_size, channels, resize)
+    return _array_image(value, image_size, channels, resize, sent)
 
 
 def input_size(value) -> tuple[int, int] | None:
@@ -292,21 +301,25 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def output_columns(self) -> list[str]:
         return ["label", "label_index", "probability", *(PROB_PREFIX + c for c in self.class_names), ERROR_COLUMN]
 
-    def canonical(self, value) -> np.ndarray:
-        """One input value → the canonical uint8 H x W x C array the network was trained on."""
-        return to_image(value, self.image_shape[0], self.image_shape[2], self.resize)
+    def canonical(self, value, sent: list | None = None) -> np.ndarray:
+        """One input value → the canonical uint8 H x W x C array the network was trained on (`sent`: `to_image`'s)."""
+        return to_image(value, self.image_shape[0], self.image_shape[2], self.resize, sent)
 
-    def canonical_rows(self, values: list) -> tuple[np.ndarray, list[str]]:
+    def canonical_rows(self, values: list, sent: list | None = None) -> tuple[np.ndarray, list[str]]:
         """(N x H x W x C uint8, per-row error): the error is "" or a one-line reason the value is not
-        a usable image (its pixels are then zeros)."""
+        a usable image (its pixels are then zeros). `sent`, when a list, receives each row's (width, height,
+        channels) as sent, None for a refused row."""
         h, w, c = self.image_shape
         out = np.zeros((len(values), h, w, c), dtype=np.uint8)
         errors = [""] * len(values)
         for i, value in enumerate(values):
+            shape = [] if sent is not None else None
             try:
-                out[i] = self.canonical(value)
+                out[i] = self.canonical(value, shape)
             except ValueError as exc:
                 errors[i] = " ".join(str(exc).split()) or type(exc).__name__
+            if sent is not None:
+                sent.append(shape[0] if shape and not errors[i] else None)
         return out, errors
 
     @torch.no_grad()
@@ -352,16 +365,16 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         log = self.served_log
         if log is None:
             return self._answer(values, index)[0]
-        start = time.perf_counter()
+        start, sent = time.perf_counter(), []
         with log.watch() as seen:
-            out, images, errors = self._answer(values, index)
-        log.record(values, images, errors, out, seen, time.perf_counter() - start)
+            out, images, errors = self._answer(values, index, sent)
+        log.record(values, images, errors, sent, out, seen, time.perf_counter() - start)
         return out
 
-    def _answer(self, values: list, index=None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-        """(`predict_values`' output, the canonical images, the per-row errors)."""
+    def _answer(self, values: list, index=None, sent: list | None = None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+        """(`predict_values`' output, the canonical images, the per-row errors); `sent`: `canonical_rows`'."""
         sizes = [input_size(v) for v in values] if self.answers_in_input_pixels else None
-        images, errors = self.canonical_rows(values)
+        images, errors = self.canonical_rows(values, sent)
         good = [i for i, e in enumerate(errors) if not e]
         if len(good) == len(errors):
             return self.predict_canonical(images, index=index, sizes=sizes), images, errors
