@@ -65,7 +65,7 @@ class Watcher:
     pixel top probability. Built once per loaded model; its hooks record only inside `watch()`."""
 
     def __init__(self, served, projection: embedding.Projection | None):
-        self.task, self.projection = served.task, projection
+        self.projection = projection
         self.passes = TTA_PASSES.get(getattr(served.model, "tta", "none"), 1)
         self.features = embedding.feature_capture(served.model.net, served.arch) if projection is not None else None
         self.pixels = embedding.Capture(served.model, _pixel_confidence) if served.task == "segmentation" else None
@@ -129,7 +129,7 @@ class ServedLog:
         self.sample = float(monitor.get("sample_images", 0.0)) > 0
         self.watcher = Watcher(served, projection)
         self.writer = LogWriter.from_settings({**monitor, "log_uri": uri})
-        self.failed_rows, self.last_error = 0, ""
+        self.failed_rows, self.last_build_error = 0, ""
         atexit.register(_close, weakref.ref(self))  # a weak reference: a dropped model's log is not kept alive
 
     @classmethod
@@ -167,9 +167,7 @@ class ServedLog:
             n_good = sum(not e for e in errors)
             features, pixels = seen
             frame = build_rows(
-                self.served, images, errors, out,
-                shapes=shapes,
-                embeddings=self.watcher.embeddings(features, n_good),
+                self.served, images, errors, out, shapes=shapes, embeddings=self.watcher.embeddings(features, n_good),
                 pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
                 latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
                 model_sha256=self.model_sha256, request_id=uuid.uuid4().hex)
@@ -179,12 +177,12 @@ class ServedLog:
 
     def _failed(self, rows: int, exc: BaseException) -> None:
         self.failed_rows += rows
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_build_error = f"{type(exc).__name__}: {exc}"
 
     @property
     def stats(self) -> dict:
-        """The writer's counters, plus rows that could not be built (`failed_rows`, `last_error`)."""
-        return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_error}
+        """The writer's counters, plus the rows that could not be built (`failed_rows`, `last_build_error`)."""
+        return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_build_error}
 
     def close(self) -> None:
         """Write what is pending (idempotent; also run at exit)."""
