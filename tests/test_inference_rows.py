@@ -192,11 +192,13 @@ def test_predict_paths_writes_the_registered_log_location(files, store, tmp_path
     assert len(rows) == len(images) and (rows["error"] == "").all()
     assert "inference log" not in capsys.readouterr().err  # said only when rows are lost
 
-    monkeypatch.setenv(LOG_URI_ENV, "s3x://nowhere")  # a location the sink refuses: the answers are unaffected
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(LOG_URI_ENV, str(blocker / "log"))  # the sink fails (no folder in a file): answers unaffected
     assert predict_paths(uri, [tmp_path / "in"], tmp_path / "again.csv") == len(images)
     assert (tmp_path / "again.csv").read_text() == (tmp_path / "out.csv").read_text()
     err = capsys.readouterr().err
-    assert f"warning: inference log s3x://nowhere: {len(images)} of {len(images)} rows not written" in err
+    assert f"{len(images)} of {len(images)} rows not written" in err and "the answers are unaffected" in err
 
 
 def test_env_override_empty_switches_the_log_off(files, store, tmp_path, monkeypatch):
@@ -231,8 +233,9 @@ def test_failing_log_never_changes_the_answer(files, store, tmp_path, monkeypatc
     monkeypatch.setenv(LOG_URI_ENV, str(blocker / "log"))  # the sink fails: a folder cannot be made in a file
     model = mlflow.pyfunc.load_model(uri)
     pd.testing.assert_frame_equal(model.predict(request), expected)
-    stats = model.unwrap_python_model().served_log.stats
-    assert stats["write_errors"] == 1 and stats["rows_dropped"] == 5 and stats["rows_written"] == 0
+    log = model.unwrap_python_model().served_log
+    log.close()  # a background sink has written (or failed) by then
+    assert log.stats["write_errors"] >= 1 and log.stats["rows_dropped"] == 5 and log.stats["rows_written"] == 0
 
     monkeypatch.setenv(LOG_URI_ENV, str(tmp_path / "log"))  # building the rows fails
     model = mlflow.pyfunc.load_model(uri)
