@@ -298,3 +298,16 @@ def test_projection_is_a_pca_fewer_dims_when_the_features_have_fewer(tmp_path):
     np.testing.assert_allclose(embedding.fit_projection(x, 2).components, p.components[:, :2], atol=1e-6)
     p.save(tmp_path / "p.npz")
     np.testing.assert_array_equal(embedding.Projection.load(tmp_path / "p.npz")(x), z)
+
+
+def test_image_summary_brightness_contrast_blur():
+    from visionops.monitoring.summaries import image_summary
+
+    flat = np.full((16, 16, 3), 51, np.uint8)
+    checks = np.indices((16, 16)).sum(0) % 2 * 255
+    sharp = np.repeat(checks[..., None], 3, -1).astype(np.uint8)
+    soft = np.asarray(Image.fromarray(sharp).resize((8, 8)).resize((16, 16), Image.BILINEAR))
+    s = image_summary(np.stack([flat, sharp, soft]))
+    np.testing.assert_allclose(s["brightness"], [0.2, 0.5, soft.mean() / 255], rtol=1e-5)
+    np.testing.assert_allclose(s["contrast"], [0, 0.5, soft.std() / 255], rtol=1e-4, atol=1e-6)
+    assert s["blur"][0] == pytest.approx(0, abs=1e-9) and s["blur"][1] > 10 * s["blur"][2]
