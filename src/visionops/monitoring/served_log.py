@@ -113,6 +113,9 @@ def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame,
     if embeddings is not None:
         measured["embedding"] = embeddings
     for key, values in measured.items():
+        if len(good) == n:
+            columns[key] = values
+            continue
         full = [None] * n
         for i, value in zip(good, values):
             full[i] = value
