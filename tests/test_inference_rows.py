@@ -202,6 +202,31 @@ def test_predict_paths_writes_the_registered_log_location(files, store, tmp_path
     assert f"{len(images)} of {len(images)} rows not written" in err and "the answers are unaffected" in err
 
 
+@pytest.mark.slow
+def test_mlflow_models_serve_writes_the_registered_log(files, store, tmp_path, monkeypatch):
+    """A real scoring server logs each row of a request to the registered location, relative to its working dir."""
+    import time
+
+    from model_server import model_server, post
+
+    ds_dir, model_path = files["classification"]
+    monkeypatch.delenv(LOG_URI_ENV, raising=False)
+    name = "served-classifier"
+    settings = MonitorConfig(log_uri="served-log", embedding_dim=8, flush_seconds=0.5).model_dump()
+    with mlflow.start_run():
+        profile = reference.build("classification", model_path, ds_dir, settings, tmp_path / "profile", name)
+        get_task("classification").log_model(model_path, name, {}, None, profile)
+    pngs = _val_pngs(ds_dir)[:3] + ["bm90IGFuIGltYWdl"]
+    with model_server(f"models:/{name}/1", store, tmp_path) as base:
+        status, body = post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[p] for p in pngs]}})
+        assert status == 200 and [p["error"] == "" for p in body["predictions"]] == [True, True, True, False]
+        deadline = time.monotonic() + 60
+        while len(rows := read_log(str(tmp_path / "served-log"))) < len(pngs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert len(rows) == len(pngs) and rows["answer_class"].tolist()[:3] == [p["label"] for p in body["predictions"][:3]]
+    assert rows["embedding"].iloc[:3].map(len).tolist() == [8, 8, 8] and rows["error"].iloc[3].startswith("cannot decode")
+
+
 def test_env_override_empty_switches_the_log_off(files, store, tmp_path, monkeypatch):
     ds_dir, model_path = files["classification"]
     uri = _register("classification", ds_dir, model_path, tmp_path, log_uri=str(tmp_path / "registered-log"))
