@@ -525,6 +525,29 @@ def _predict(params, args, run) -> dict:
     return {"model": uri, "images": rows, "csv": str(args.out)}
 
 
+def _import_labels_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="the reviewed images, labelled, in the layout of data.source")
+    p.add_argument("--dry-run", action="store_true", help="check and count only; copy nothing")
+
+
+@command(
+    "import-labels",
+    "add reviewed, labelled images (e.g. the inference log's samples) to the data source",
+    "Read FOLDER with data.source's reader (folder, voc, yolo or masks, in that source's layout) and check every "
+    "image and label as validate would (decodable, classes in data.root's class set, boxes inside their image, "
+    "mask sizes and values, not blank): any problem fails naming the files, and nothing is copied. Then copy each "
+    "file into data.root where the source reads it, atomically, never overwriting (the same bytes are skipped, "
+    "other bytes fail naming both), and list them in "
+    f"{layout.IMPORTS}, which download depends on: the next `dvc repro` places the new images by the stable "
+    "splits, moving none already placed. Generated sources (digits, cifar10, canvases) and coco are refused.",
+    arguments=_import_labels_arguments,
+)
+def _import_labels(params, args, run) -> dict:
+    from visionops.data.import_labels import import_labels
+
+    return import_labels(params, args.folder, dry_run=args.dry_run)
+
+
 REGISTER_FIRST = ("run `dvc repro` (or `make run`): its register stage registers the trained models and makes the "
                   "first version that passes the promotion gates champion")
 
@@ -655,6 +678,7 @@ HEADLINES = {
                  "miou", "pixel_accuracy", "dice", "source_miou",  # segmentation
                  "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
+    "import-labels": ("dry_run", "imported", "skipped", "label_files", "per_class", "record", "next"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "label_issues": layout.LABEL_ISSUES_REPORTS, "prepare": layout.PREPARE_REPORTS,
