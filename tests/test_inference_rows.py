@@ -336,3 +336,17 @@ def test_image_summary_brightness_contrast_blur():
     np.testing.assert_allclose(s["brightness"], [0.2, 0.5, soft.mean() / 255], rtol=1e-5)
     np.testing.assert_allclose(s["contrast"], [0, 0.5, soft.std() / 255], rtol=1e-4, atol=1e-6)
     assert s["blur"][0] == pytest.approx(0, abs=1e-9) and s["blur"][1] > 10 * s["blur"][2]
+
+
+def test_a_log_that_cannot_open_never_stops_serving(files, store, tmp_path, monkeypatch, capsys):
+    ds_dir, model_path = files["classification"]
+    uri = _register("classification", ds_dir, model_path, tmp_path, log_uri=str(tmp_path / "log"))
+
+    def unreadable(path):
+        raise ValueError("not an npz")
+
+    monkeypatch.setattr(embedding.Projection, "load", unreadable)
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.unwrap_python_model().served_log is None
+    assert f"warning: inference log {str(tmp_path / 'log')!r} is off: ValueError: not an npz" in capsys.readouterr().err
+    assert (model.predict(pd.DataFrame({"image": _val_pngs(ds_dir)[:2]}))["error"] == "").all()

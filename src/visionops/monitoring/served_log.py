@@ -143,19 +143,19 @@ class ServedLog:
 
         from visionops.serving.integrity import WEIGHTS_SHA256, _model_dir
 
-        weights = Path(artifacts["model"])
-        folder = _model_dir(weights)
-        metadata = (Model.load(folder).metadata or {}) if folder else {}
-        monitor = metadata.get(MONITOR_METADATA) or {}
-        uri = log_uri(monitor or None)
-        if uri is None:
-            return None
+        uri = None
         try:
+            folder = _model_dir(Path(artifacts["model"]))
+            metadata = (Model.load(folder).metadata or {}) if folder else {}
+            monitor = metadata.get(MONITOR_METADATA) or {}
+            uri = log_uri(monitor or None)
+            if uri is None:
+                return None
             projection = (embedding.Projection.load(artifacts[PROJECTION_ARTIFACT])
                           if PROJECTION_ARTIFACT in artifacts else None)
             return cls(served, monitor, uri, projection, metadata.get(NAME_METADATA), metadata.get(WEIGHTS_SHA256))
         except Exception as exc:  # noqa: BLE001 - a log that cannot open never stops serving
-            print(f"warning: inference log {uri!r} is off: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"warning: inference log {uri or ''!r} is off: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None
 
     def watch(self):
