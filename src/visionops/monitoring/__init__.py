@@ -3,4 +3,7 @@ the retraining trigger.
 
 - `log_schema`: the inference log's row (one per image a served model was asked about).
 - `inference_log`: the log's writer (Parquet files in a folder per day, local or S3) and reader.
+- `served_log`: the served model's rows (opened in the pyfunc's `load_context`, written from `predict_values`).
+- `summaries`, `embedding`: a row's image and answer summaries; its embedding (pooled features, projected).
+- `reference`: the version's projection and reference profile, built at registration; `load_reference`.
 """

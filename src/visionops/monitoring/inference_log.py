@@ -85,8 +85,9 @@ class LogWriter:
     """Appends rows to the log at `uri` without ever failing the caller: a failed write is counted in `stats`
     (and its rows dropped), never raised.
 
-    Interface kept by every implementation: `write(frame)` (rows with the schema's columns), `close()`
-    (writes what is pending), `stats` (rows_written, rows_dropped, write_errors, files, last_error).
+    Interface kept by every implementation: `from_settings(monitor)`, `write(frame, raw=None)` (rows with the
+    schema's columns; `raw`, the encoded images as received, aligned with the rows), `close()` (writes what is
+    pending), `stats` (rows_written, rows_dropped, write_errors, files, last_error).
     """
 
     def __init__(self, uri: str, flush_rows: int = 256, flush_seconds: float = 5.0, queue_rows: int = 100_000):
@@ -94,7 +95,13 @@ class LogWriter:
         self.flush_rows, self.flush_seconds, self.queue_rows = flush_rows, flush_seconds, queue_rows
         self.stats = {"rows_written": 0, "rows_dropped": 0, "write_errors": 0, "files": 0, "last_error": ""}
 
-    def write(self, frame: pd.DataFrame) -> None:
+    @classmethod
+    def from_settings(cls, monitor: dict) -> LogWriter:
+        """A writer to `monitor["log_uri"]` with the batching of params.yaml `monitor` (a dict of its keys)."""
+        return cls(monitor["log_uri"], monitor.get("flush_rows", 256), monitor.get("flush_seconds", 5.0),
+                   monitor.get("queue_rows", 100_000))
+
+    def write(self, frame: pd.DataFrame, raw: list | None = None) -> None:
         try:
             write_file(self.uri, to_table(frame))
         except Exception as exc:  # noqa: BLE001 - a failing sink must never fail an answer
