@@ -37,7 +37,6 @@ from pipelines.flows import NoChampionError, _params, _quiet_mlflow_downloads, _
 EXPERIMENT = "visionops-drift"
 DRIFT_ARTIFACT = "drift-window"
 TRAINING_DEPLOYMENT = "training/nightly"
-LOG_URI_ENV = "VISIONOPS_LOG_URI"  # the served models' override of monitor.log_uri (empty: off)
 MODEL_TAG, VERSION_TAG = "visionops.drift.model", "visionops.drift.version"
 WINDOW_END_TAG = "visionops.drift.window_end"  # the last judged window's newest row time (ISO 8601)
 TRIGGERED_TAG = "visionops.drift.triggered_flow_run"  # the training flow run the drift started last
@@ -47,6 +46,8 @@ HISTORY_CHART = "drift_history.png"
 def log_uri(params, root: Path) -> str | None:
     """Where the served models log: VISIONOPS_LOG_URI when set (empty: off), else monitor.log_uri (a relative
     directory is under the project)."""
+    from visionops.monitoring.served_log import LOG_URI_ENV
+
     uri = os.environ.get(LOG_URI_ENV, params.monitor.log_uri)
     if not uri:
         return None

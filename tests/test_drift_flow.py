@@ -1,11 +1,14 @@
 """The `drift` flow on Prefect's test harness with a real MLflow store and a real registered classifier: no window
 on too few rows, a judged window logged as metrics and artifacts, and persistent drift starting the training
-deployment with its cause."""
+deployment with its cause (synthetic reference and log rows, whose shifts the tests set); then the whole loop
+(slow): a shift served through `visionops predict`, the drift flow, the retraining run and its new version."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -24,6 +27,7 @@ if str(ROOT) not in sys.path:
 from pipelines import deployments  # noqa: E402
 from pipelines import drift as drift_flow  # noqa: E402
 from visionops.monitoring.inference_log import to_table, write_file  # noqa: E402
+from visionops.monitoring.served_log import LOG_URI_ENV  # noqa: E402
 from visionops.serving.registered import WEIGHTS_SHA256_TAG  # noqa: E402
 
 NAME = "visionops-classifier"  # params.yaml mlflow.teacher_model_name
@@ -45,7 +49,13 @@ def model_file(tmp_path_factory) -> Path:
 
 def registered(root: Path, empty_db: Path, model_file: Path, alias: str):
     """`root` as a project (params.yaml with small windows) whose SQLite store has the classifier registered
-    as `NAME` with `alias`; returns the version."""
+    as `NAME` with `alias` and a synthetic reference profile (`log_rows`: its shifts are the tests' to set);
+    returns the version."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from visionops.monitoring.reference import SCORE, Profile
+    from visionops.monitoring.served_log import REFERENCE_ARTIFACT
     from visionops.serving.pyfunc import log_classifier
 
     root.mkdir()
@@ -53,27 +63,27 @@ def registered(root: Path, empty_db: Path, model_file: Path, alias: str):
     params["monitor"].update(MONITOR)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(empty_db, root / "mlflow.db")
+    reference = log_rows(600, np.random.default_rng(0), classes=CLASSES)
+    reference["time"], reference["request_id"], reference["row"] = pd.Timestamp("2025-12-31", tz="UTC"), "reference", 0
+    table = to_table(reference.drop(columns=SCORE)).append_column(SCORE, pa.array(reference[SCORE], pa.float32()))
+    pq.write_table(table, root / "reference.parquet")
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("visionops", (root / "mlartifacts").as_uri()))
     with mlflow.start_run():
-        version = log_classifier(model_file, NAME, tags={}, alias=alias)
+        profile = Profile({REFERENCE_ARTIFACT: str(root / "reference.parquet")}, params["monitor"])
+        version = log_classifier(model_file, NAME, tags={}, alias=alias, profile=profile)
     mlflow.set_tracking_uri(None)
     return version
 
 
 @pytest.fixture
 def project(tmp_path, empty_db, model_file, monkeypatch, prefect_harness):
-    """A project whose champion is the classifier, and a reference profile for it (the `reference` module's
-    loader, until registration stores one)."""
+    """A project whose champion is the classifier."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(drift_flow.LOG_URI_ENV, raising=False)
+    monkeypatch.delenv(LOG_URI_ENV, raising=False)
     root = tmp_path / "proj"
     version = registered(root, empty_db, model_file, "champion")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    reference = log_rows(600, np.random.default_rng(0), classes=CLASSES)
-    module = types.ModuleType("visionops.monitoring.reference")
-    module.load_reference = lambda uri: reference
-    monkeypatch.setitem(sys.modules, module.__name__, module)
     return types.SimpleNamespace(path=root, sha256=version.tags[WEIGHTS_SHA256_TAG], version=str(version.version),
                                  log=root / params["monitor"]["log_uri"], start=pd.Timestamp("2026-01-01", tz="UTC"))
 
@@ -208,3 +218,96 @@ def test_the_training_runs_cause_is_tagged_on_the_versions_its_promotion_judged(
     assert [(o["role"], o["challenger_version"]) for o in outcomes] == [("teacher", str(version.version)), ("student", None)]
     tags = client().get_model_version(NAME, version.version).tags
     assert tags[flows.CAUSE_TAG] == "drift:abc123" and tags["promotion.decision"] == outcomes[0]["outcome"]
+
+
+# ------------------------------------------------------------------------------------------
+# end to end: a shift served through `visionops predict`, the drift flow, the retraining it starts
+
+
+def digits_folder(root: Path, start: int, stop: int) -> Path:
+    """scikit-learn's digits `start:stop` as an ImageFolder tree root/<digit>/<index>.png (8 x 8 greyscale)."""
+    import gzip
+
+    from PIL import Image
+
+    from visionops.data.sources.digits import digits_file
+
+    with gzip.open(digits_file(), "rt") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    for i in range(start, stop):
+        folder = root / str(int(data[i, -1]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(data[i, :-1].reshape(8, 8) * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def noisy_pngs(project, out: Path, sigma: float, seed: int, n: int = 60) -> Path:
+    """`n` test images of the project's dataset with Gaussian noise of `sigma` (0-255 scale), as PNG files."""
+    from PIL import Image
+
+    from visionops.data import dataset
+
+    test = dataset.load(project.path / "data/dataset").splits["test"]
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    for i, image in enumerate(np.asarray(test.images[:n])[..., 0]):
+        noisy = np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(out / f"{i}.png")
+    return out
+
+
+@pytest.mark.slow
+def test_a_shift_served_through_predict_retrains_and_the_new_version_carries_the_cause(tmp_path, prefect_harness,
+                                                                                       monkeypatch):
+    """The training flow makes v1 champion (with its reference); noisy digits go through `predict_paths` (the
+    served model logs them); two drifted windows run the training deployment, whose flow run is executed here
+    (`prefect flow-run execute`, as a worker would) after `visionops import-labels` added labelled images to the
+    source: v2 appears, judged by the gates, tagged with the drift's cause."""
+    import subprocess
+
+    from pipeline_project import Project
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from test_flows import FAST
+
+    from pipelines import flows
+    from visionops.serving.promotion import predict_paths
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    source = digits_folder(tmp_path / "source", 0, 1200)
+    project = Project(tmp_path / "proj")
+    project.set_params(**FAST, data={"source": "folder", "root": str(source), "near_duplicate_hash": "none"},
+                       monitor={**MONITOR, "flush_seconds": 0.2})
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "folder source")
+    first = flows.training(project_dir=str(project.path), return_state=True)
+    assert first.is_completed(), first.message
+    client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    monkeypatch.setenv(LOG_URI_ENV, str(project.path / "logs" / "inference"))
+    deployments.register(project.path)
+
+    for window, sigma in enumerate((60.0, 80.0)):
+        mlflow.set_tracking_uri(f"sqlite:///{project.path / 'mlflow.db'}")
+        images = noisy_pngs(project, tmp_path / f"noisy{window}", sigma, seed=window)
+        predict_paths(f"models:/{NAME}@champion", [images], tmp_path / f"predictions{window}.csv")
+        time.sleep(0.5)  # past 2 x monitor.flush_seconds: the drift flow reads these rows
+        summary = drift_flow.drift(project_dir=str(project.path))
+        assert summary["window"] == window and summary["verdict"] == "DRIFTED", summary
+    trigger = summary["trigger"]
+    assert trigger["triggered"], trigger
+
+    project.run("visionops", "import-labels", str(digits_folder(tmp_path / "labelled", 1200, 1797)))  # newest data
+    env = {**project.env(), "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(project.path / "src")])}
+    out = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "execute", trigger["flow_run_id"]],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    with get_client(sync_client=True) as c:
+        assert c.read_flow_run(trigger["flow_run_id"]).state.is_completed()
+    versions = {v.version: v for v in client.search_model_versions(f"name = '{NAME}'")}
+    new = max(versions, key=int)
+    assert int(new) > int(champion.version)
+    tags = versions[new].tags
+    assert tags[flows.CAUSE_TAG] == trigger["cause"] == f"drift:{summary['mlflow_run_id']}"
+    assert tags["promotion.decision"] in ("promoted", "rejected")
