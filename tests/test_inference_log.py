@@ -109,6 +109,26 @@ def test_a_failing_sink_is_counted_and_logged_once_and_the_writer_recovers(tmp_p
     assert status["pid"] == os.getpid() and status["write_errors"] == 2 and status["rows_dropped"] == 20
 
 
+def test_s3_down_is_counted_never_raised_nor_waited_for(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nothing")
+    writer = LogWriter("s3://inference/log", flush_rows=10, flush_seconds=3600)
+    start = time.monotonic()
+    for i in range(3):
+        writer.write(rows(10, request_id=f"q{i}"))
+    assert time.monotonic() - start < 1.0  # handed over, not written
+    writer.close()
+    stats = writer.stats
+    assert stats["rows_written"] == 0 and stats["rows_dropped"] == 30 and stats["write_errors"] == 3, stats
+    assert "127.0.0.1" in stats["last_error"] or "connect" in stats["last_error"].lower(), stats["last_error"]
+
+
 def test_readers_never_see_a_temporary_file_nor_the_status_and_samples(tmp_path):
     uri = str(tmp_path / "log")
     writer = LogWriter(uri, flush_rows=5, flush_seconds=3600, sample_images=1.0)

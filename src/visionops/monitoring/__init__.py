@@ -2,5 +2,7 @@
 the retraining trigger.
 
 - `log_schema`: the inference log's row (one per image a served model was asked about).
-- `inference_log`: the log's writer (Parquet files in a folder per day, local or S3) and reader.
+- `inference_log`: the log's writer (Parquet files in a folder per day, local or S3, from a background thread)
+  and reader.
+- `samples`: the raw images a served model keeps for labelling (`monitor.sample_images`), beside the log.
 """
