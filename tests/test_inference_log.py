@@ -228,6 +228,26 @@ def test_from_settings_builds_the_writer_of_the_monitor_section(tmp_path):
         LogWriter.from_settings({"log_uri": "gs://bucket/log"})
 
 
+def test_a_forked_child_writes_through_its_own_thread(tmp_path):
+    """A server that forks workers after loading the model: the child has no writer thread of its parent's."""
+    writer = LogWriter(str(tmp_path / "log"), flush_rows=1000, flush_seconds=3600)
+    writer.write(rows(3, request_id="parent"))  # the parent's thread is running
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            writer.write(rows(4, request_id="child"))
+            writer.close()
+            code = 0 if writer.stats["rows_written"] == 4 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    writer.close()
+    log = read_log(str(tmp_path / "log"))
+    assert sorted(log.request_id) == ["child"] * 4 + ["parent"] * 3 and writer.stats["rows_written"] == 3
+
+
 def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 
