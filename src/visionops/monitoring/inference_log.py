@@ -203,7 +203,7 @@ class LogWriter:
         self._pid = os.getpid()
         self._name = f"{socket.gethostname()}-{self._pid}-{next(_serial)}"
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()  # (frame or table, [(row, request_id, row_no, bytes)], enqueued at)
+        self._queue: collections.deque = collections.deque()  # (frame or table, [(position, request_id, row, bytes)], enqueued at)
         self._rows = 0  # rows in the queue
         self._closed = False
         self._thread: threading.Thread | None = None
