@@ -166,9 +166,9 @@ class LogWriter:
     """Appends rows to the log at `uri` from a background thread without ever failing or delaying the caller:
     a failed write is counted in `stats` (and its rows dropped), never raised.
 
-    Interface kept by every implementation: `write(frame, raw=None)` (rows with the schema's columns, and
-    optionally their images' bytes as received), `close()` (writes what is pending), `stats` (rows_written,
-    rows_dropped, write_errors, files, samples_written, last_error).
+    Interface kept by every implementation: `from_settings(monitor)`, `write(frame, raw=None)` (rows with the
+    schema's columns, and optionally their images' bytes as received), `close()` (writes what is pending),
+    `stats` (rows_written, rows_dropped, write_errors, files, samples_written, last_error).
     """
 
     def __init__(self, uri: str, flush_rows: int = 256, flush_seconds: float = 5.0, queue_rows: int = 100_000,
