@@ -13,6 +13,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -293,3 +294,56 @@ def test_a_kill_9_loses_at_most_the_unflushed_batch_and_leaves_only_whole_files(
     assert seq == list(range(len(seq)))  # the first rows handed over, none missing, none twice
     assert len(seq) >= handed - flush_rows, (len(seq), handed)
     print(f"kill -9 after {handed} rows handed over: {len(seq)} rows in {len(files)} files")
+
+
+@pytest.mark.slow
+def test_a_served_model_killed_with_sigkill_loses_at_most_its_unflushed_batch(store, tmp_path, monkeypatch):
+    """The real `mlflow models serve` of a registered classifier with the log on answers 13 requests of 5
+    images; once its writer has written the whole batches (off the request path), the server is killed with
+    SIGKILL: the log holds every answered row but the ones of the unflushed batch (65 = 4 x 16 + 1)."""
+    import mlflow
+    import psutil
+    from conftest import corner_images, train_quickly
+    from model_server import model_server, post
+
+    from visionops.config import MonitorConfig
+    from visionops.data import dataset
+    from visionops.monitoring import reference
+    from visionops.serving.pyfunc import encode_png
+    from visionops.tasks import get_task
+    from visionops.tasks.classification import classifier
+
+    classes = ["top_left", "top_right", "bottom"]
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in {"train": 60, "val": 24, "test": 6}.items():
+        labels = np.arange(n) % 3
+        splits[name] = dataset.Split(corner_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
+    dataset.save(dataset.Dataset(classes, splits, "synthetic"), tmp_path / "ds")
+    model = train_quickly("lenet", classes, splits["train"], seed=0, steps=5)
+    classifier.save(tmp_path / "model.pt", model, "lenet", classes, (16, 16, 1))
+    log, flush_rows, requests, per_request = tmp_path / "log", 16, 13, 5
+    settings = MonitorConfig(log_uri=str(log), flush_rows=flush_rows, flush_seconds=3600, embedding_dim=8).model_dump()
+    with mlflow.start_run():
+        profile = reference.build("classification", tmp_path / "model.pt", tmp_path / "ds", settings, tmp_path / "profile", "served")
+        version = get_task("classification").log_model(tmp_path / "model.pt", "served", {}, None, profile)
+    monkeypatch.delenv("VISIONOPS_LOG_URI", raising=False)  # the registered settings decide
+    payload = {"dataframe_split": {"columns": ["image"],
+                                   "data": [[encode_png(im)] for im in splits["val"].images[:per_request]]}}
+    with model_server(f"models:/served/{version.version}", store, tmp_path) as base:
+        for _ in range(requests):
+            status, body = post(f"{base}/invocations", payload)
+            assert status == 200 and [p["error"] for p in body["predictions"]] == [""] * per_request, body
+        answered = requests * per_request
+        wait_for(lambda: len(log_files(log)) == answered // flush_rows, timeout=60)
+        port = int(base.rsplit(":", 1)[1])
+        [server] = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+        os.killpg(os.getpgid(server), signal.SIGKILL)
+        psutil.wait_procs([psutil.Process(server)], timeout=30)
+        assert not psutil.pid_exists(server) or psutil.Process(server).status() == psutil.STATUS_ZOMBIE
+    assert all(pq.read_metadata(f).num_rows == flush_rows for f in log_files(log))
+    rows = read_log(str(log))
+    assert len(rows) == answered - answered % flush_rows >= answered - flush_rows
+    per_id = rows.groupby("request_id", sort=False)["row"].apply(list).tolist()  # in time order
+    assert per_id == [list(range(per_request))] * (requests - 1) + [list(range(per_request - 1))]
+    assert (rows["error"] == "").all() and rows["model_sha256"].notna().all()
