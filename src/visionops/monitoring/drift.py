@@ -4,7 +4,7 @@ Tests (each with a p-value; the window drifts when any p-value < monitor.alpha /
 or when its error rate is over monitor.max_error_rate):
 - input drift: MMD two-sample test on the embeddings (Gaussian kernel, bandwidth by the median heuristic on
   the reference), p-value by permutations of one kernel matrix;
-- prediction drift: chi-square of the window's answer_class counts against the reference's shares (classes
+- prediction drift: two-sample chi-square of the reference's and the window's answer_class counts (classes
   expected fewer than 5 times merged), and Kolmogorov-Smirnov on the confidence; PSI of the class shares is
   reported beside them, not tested;
 - data quality: Kolmogorov-Smirnov on brightness, contrast and blur; the share of rows outside the
@@ -99,24 +99,27 @@ def class_counts(frame: pd.DataFrame, classes: list[str]) -> pd.Series:
 
 
 def chi_square_test(ref_counts: pd.Series, counts: pd.Series) -> dict:
-    """Chi-square goodness of fit of the window's class counts to the reference's shares (each reference count
-    plus 0.5, so a class the reference never answered is not impossible); classes expected fewer than
-    MIN_EXPECTED times are merged into one, which joins the smallest other class if still under."""
-    shares = (ref_counts + 0.5) / (ref_counts + 0.5).sum()
-    expected = shares * counts.sum()
-    rare = expected < MIN_EXPECTED
-    exp, obs = list(expected[~rare]), list(counts[~rare])
+    """Two-sample chi-square test of homogeneity of the reference's and the window's class counts (a 2 x K table:
+    the reference is a sample too, so testing the window against its shares as if they were exact would flag
+    unshifted windows too often); classes expected fewer than MIN_EXPECTED times in either row are merged into
+    one, which joins the smallest other class if still under."""
+    table = np.vstack([ref_counts.to_numpy(float), counts.to_numpy(float)])
+    table = table[:, table.sum(0) > 0]
+    expected = np.outer(table.sum(1), table.sum(0)) / max(table.sum(), 1.0)
+    rare = (expected < MIN_EXPECTED).any(0)
+    cols = [table[:, ~rare]]
     if rare.any():
-        exp.append(float(expected[rare].sum()))
-        obs.append(float(counts[rare].sum()))
-        if exp[-1] < MIN_EXPECTED and len(exp) > 1:
-            i = int(np.argmin(exp[:-1]))
-            exp[i] += exp.pop()
-            obs[i] += obs.pop()
-    if len(exp) < 2:
-        return {"statistic": 0.0, "p_value": 1.0, "bins": len(exp)}
-    statistic, p_value = stats.chisquare(obs, exp)
-    return {"statistic": float(statistic), "p_value": float(p_value), "bins": len(exp)}
+        merged = table[:, rare].sum(1, keepdims=True)
+        cols.append(merged)
+    table = np.hstack(cols)
+    if table.shape[1] > 1 and (np.outer(table.sum(1), table[:, -1]) / table.sum() < MIN_EXPECTED).any():
+        i = int(np.argmin(table[:, :-1].sum(0)))
+        table[:, i] += table[:, -1]
+        table = table[:, :-1]
+    if table.shape[1] < 2:
+        return {"statistic": 0.0, "p_value": 1.0, "bins": int(table.shape[1])}
+    statistic, p_value, _, _ = stats.chi2_contingency(table, correction=False)
+    return {"statistic": float(statistic), "p_value": float(p_value), "bins": int(table.shape[1])}
 
 
 def psi(ref_counts: pd.Series, counts: pd.Series, eps: float = 1e-4) -> float:
