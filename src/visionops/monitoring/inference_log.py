@@ -7,15 +7,16 @@ folders, `_status/` holds each writing process's counters and `samples/` the kep
 readers skip both.
 
 `LogWriter` keeps the sink off the request path: `write` only enqueues (it never waits on I/O, never raises),
-and a daemon thread writes a file every `flush_rows` rows or `flush_seconds` after the oldest waiting row,
+`write_later` enqueues a closure that the thread calls to build the rows, and a daemon thread writes a file every `flush_rows` rows or `flush_seconds` after the oldest waiting row,
 whichever comes first. `close()`, and an atexit hook at a clean exit, write what is pending. A failing sink
 (an unwritable folder, S3 down) is counted in `stats` and the status file, logged at most once a minute, its
 batch's rows dropped; the next batch tries again.
 
 Kill -9 bound: a killed process loses the rows it had not written yet: those handed over since its last
-file, fewer than `flush_rows` rows and none older than `flush_seconds` while the sink keeps up with the
+file (built or still to be built: `write_later`'s rows are built when their batch is written), fewer than `flush_rows` rows and none older than `flush_seconds` while the sink keeps up with the
 traffic (a slower sink lets up to `queue_rows` rows wait, then drops and counts the excess). Every file
-already written is whole.
+already written is whole. Until it is built, a `write_later` item keeps what its closure captured (a
+request's canonical images) in memory.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -152,6 +155,14 @@ def read_status(uri: str) -> list[dict]:
     return out
 
 
+@dataclass
+class _Later:
+    """A `write_later` item: `rows` rows that `build()` makes in the writer's thread."""
+
+    build: Callable[[], tuple[pd.DataFrame, list | None] | None]
+    rows: int
+
+
 _live: weakref.WeakSet[LogWriter] = weakref.WeakSet()  # the writers an exit must flush
 _serial = itertools.count()
 
@@ -167,7 +178,8 @@ class LogWriter:
     a failed write is counted in `stats` (and its rows dropped), never raised.
 
     Interface kept by every implementation: `from_settings(monitor)`, `write(frame, raw=None)` (rows with the
-    schema's columns, and optionally their images' bytes as received), `close()` (writes what is pending),
+    schema's columns, and optionally their images' bytes as received), `write_later(rows, build)` (the same,
+    built by the writer's thread), `close()` (writes what is pending),
     `stats` (rows_written, rows_dropped, write_errors, files, samples_written, last_error).
     """
 
@@ -203,7 +215,7 @@ class LogWriter:
         self._pid = os.getpid()
         self._name = f"{socket.gethostname()}-{self._pid}-{next(_serial)}"
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()  # (frame or table, [(position, request_id, row, bytes)], enqueued at)
+        self._queue: collections.deque = collections.deque()  # (frame, table or _Later, [(position, request_id, row, bytes)], enqueued at)
         self._rows = 0  # rows in the queue
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -225,26 +237,43 @@ class LogWriter:
         try:
             if os.getpid() != self._pid:
                 self._reset()
-            n = len(frame)
             picked = self._pick(frame, raw) if raw is not None and self.sample_images > 0 else []
-            with self._cond:
-                room = 0 if self._closed else max(0, self.queue_rows - self._rows)
-                if n > room:
-                    self._stats["rows_dropped"] += n - room
-                    frame, n = frame.iloc[:room], room
-                    picked = [p for p in picked if p[0] < room]
-                if not n:
-                    return
-                was = self._rows
-                self._queue.append((frame, picked, time.monotonic()))
-                self._rows += n
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="visionops-inference-log", daemon=True)
-                    self._thread.start()
-                if was == 0 or (was < self.flush_rows <= self._rows):  # a new timer, or a batch is full
-                    self._cond.notify()
+            self._hand_over(frame, len(frame), picked)
         except Exception as exc:  # noqa: BLE001 - logging must never fail an answer
             self._count_error(exc)
+
+    def write_later(self, rows: int, build: Callable[[], tuple[pd.DataFrame, list | None] | None]) -> None:
+        """Hand over `rows` rows that the writer's thread builds when their batch is written: `build()` returns
+        them with their images' bytes (`write`'s `frame` and `raw`), or None for nothing to write; an exception
+        there is counted like a failed write. Returns at once, counted and dropped like `write`'s rows."""
+        try:
+            if os.getpid() != self._pid:
+                self._reset()
+            self._hand_over(_Later(build, rows), rows, [])
+        except Exception as exc:  # noqa: BLE001 - logging must never fail an answer
+            self._count_error(exc)
+
+    def _hand_over(self, item, n: int, picked: list[tuple]) -> None:
+        with self._cond:
+            room = 0 if self._closed else max(0, self.queue_rows - self._rows)
+            if n > room:
+                self._stats["rows_dropped"] += n - room
+                n = room
+                if isinstance(item, _Later):
+                    item.rows = room
+                else:
+                    item = item.iloc[:room]
+                    picked = [p for p in picked if p[0] < room]
+            if not n:
+                return
+            was = self._rows
+            self._queue.append((item, picked, time.monotonic()))
+            self._rows += n
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="visionops-inference-log", daemon=True)
+                self._thread.start()
+            if was == 0 or (was < self.flush_rows <= self._rows):  # a new timer, or a batch is full
+                self._cond.notify()
 
     def _pick(self, frame: pd.DataFrame, raw: list) -> list[tuple]:
         """A random `sample_images` fraction of the rows that have bytes: (position, request_id, row, bytes)."""
@@ -289,11 +318,16 @@ class LogWriter:
         than that goes back to the queue's head (with its oldest row's time) to wait for more rows."""
         tables, starts, picked = [], [], []
         for frame, chosen, at in items:
+            rows = frame.rows if isinstance(frame, _Later) else len(frame)
             try:
+                if isinstance(frame, _Later):
+                    frame, chosen = self._build(frame)
+                    if frame is None:
+                        continue
                 tables.append(frame if isinstance(frame, pa.Table) else to_table(frame))
                 starts.append(at)
             except Exception as exc:  # noqa: BLE001 - a bad frame costs its own rows, not the batch's
-                self._count_error(exc, len(frame))
+                self._count_error(exc, rows)
             picked += chosen
         if tables:
             table = pa.concat_tables(tables)
@@ -308,6 +342,15 @@ class LogWriter:
                     self._queue.appendleft((table.slice(cut), [], oldest))
                     self._rows += n - cut
         self._keep_samples(picked)
+
+    def _build(self, later: _Later) -> tuple[pd.DataFrame | None, list[tuple]]:
+        """A `write_later` item's rows (at most the `rows` handed over) and the images picked to keep."""
+        built = later.build()
+        if built is None:
+            return None, []
+        frame, raw = built
+        frame = frame.iloc[: later.rows] if len(frame) > later.rows else frame
+        return frame, self._pick(frame, raw) if raw is not None and self.sample_images > 0 else []
 
     def _write_rows(self, table: pa.Table) -> None:
         try:

@@ -4,15 +4,20 @@
 `VISIONOPS_LOG_URI` when set (an empty value turns the log off), else the model metadata `monitor` copied
 from params.yaml at registration (a model registered before the log existed has none, and logs nothing).
 The network's pooled features and (segmentation) its mean pixel top probability are captured by forward
-hooks during the pass the answer runs. Logging never fails or changes an answer: any error building or
+hooks during the pass the answer runs. On the request path `record` only takes the time, a request number
+and references to what the answer produced; the writer's thread builds the rows (summaries, embedding, the
+answer's summary) before writing them. Logging never fails or changes an answer: any error building or
 writing rows is counted in `stats` and the answer returned as it was.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import sys
+import threading
+import time
 import uuid
 import weakref
 from contextlib import ExitStack, contextmanager
@@ -133,6 +138,9 @@ class ServedLog:
         self.watcher = Watcher(served, projection)
         self.writer = LogWriter.from_settings({**monitor, "log_uri": uri})
         self.failed_rows, self.last_build_error = 0, ""
+        self._lock = threading.Lock()  # `_failed` runs in the request's and the writer's threads
+        self._ids = uuid.uuid4().hex[:16]  # request ids: this prefix, the process id and a request number
+        self._numbers = itertools.count()
         atexit.register(_close, weakref.ref(self))  # a weak reference: a dropped model's log is not kept alive
 
     @classmethod
@@ -164,28 +172,45 @@ class ServedLog:
 
     def record(self, values: list, images: np.ndarray, errors: list[str], shapes: list, out: pd.DataFrame, seen,
                seconds: float) -> None:
-        """Build and write the rows of one answered call (`shapes`: each row's (width, height, channels) as sent,
-        None where refused); never raises."""
+        """Hand the rows of one answered call to the writer, to be built in its thread (`shapes`: each row's
+        (width, height, channels) as sent, None where refused); never raises. Nothing captured changes after
+        the answer (`images`, `errors`, `shapes` and the captured tensors are this call's own) but `out`, which
+        the caller gets, and `values`, the caller's: shallow copies (pandas' copy-on-write keeps `out` as
+        answered; the values are immutable str or bytes as served)."""
         try:
-            n_good = sum(not e for e in errors)
-            features, pixels = seen
-            frame = build_rows(
-                self.served, images, errors, out, shapes=shapes, embeddings=self.watcher.embeddings(features, n_good),
-                pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
-                latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
-                model_sha256=self.model_sha256, request_id=uuid.uuid4().hex)
-            self.writer.write(frame, raw=[_raw(v) for v in values] if self.sample else None)
+            when, number, out = time.time(), next(self._numbers), out.copy(deep=False)
+            values = list(values) if self.sample else None  # the caller's list may change
+
+            def build() -> tuple[pd.DataFrame, list | None] | None:
+                try:
+                    features, pixels = seen
+                    frame = build_rows(
+                        self.served, images, errors, out, shapes=shapes,
+                        embeddings=self.watcher.embeddings(features, sum(not e for e in errors)),
+                        pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
+                        latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
+                        model_sha256=self.model_sha256, request_id=f"{self._ids}-{os.getpid()}-{number}",
+                        when=datetime.fromtimestamp(when, timezone.utc))
+                    return frame, [_raw(v) for v in values] if self.sample else None
+                except Exception as exc:  # noqa: BLE001 - counted as rows that could not be built
+                    self._failed(len(errors), exc)
+                    return None
+
+            self.writer.write_later(len(errors), build)
         except Exception as exc:  # noqa: BLE001 - logging never fails an answer
             self._failed(len(errors), exc)
 
     def _failed(self, rows: int, exc: BaseException) -> None:
-        self.failed_rows += rows
-        self.last_build_error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.failed_rows += rows
+            self.last_build_error = f"{type(exc).__name__}: {exc}"
 
     @property
     def stats(self) -> dict:
-        """The writer's counters, plus the rows that could not be built (`failed_rows`, `last_build_error`)."""
-        return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_build_error}
+        """The writer's counters, plus the rows that could not be built (`failed_rows`, `last_build_error`; rows
+        handed over are built by the writer's thread: counted once their batch is written, or at `close()`)."""
+        with self._lock:
+            return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_build_error}
 
     def close(self) -> None:
         """Write what is pending (idempotent; also run at exit)."""
