@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -67,15 +68,25 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def to_table(frame: pd.DataFrame) -> pa.Table:
-    """The log's Arrow table of rows with the schema's columns (missing ones null; extra ones are an error)."""
-    extra = set(frame.columns) - set(SCHEMA.names)
+def to_table(rows: pd.DataFrame | dict) -> pa.Table:
+    """The log's Arrow table of rows (a frame, or columns: name to one value per row) with the schema's columns
+    (missing ones null; extra ones are an error)."""
+    names = set(rows.columns if isinstance(rows, pd.DataFrame) else rows)
+    extra = names - set(SCHEMA.names)
     if extra:
         raise InvalidInputError(f"inference log rows: unknown columns {sorted(extra)}")
-    n = len(frame)
-    arrays = [pa.array(frame[f.name], type=f.type, from_pandas=True) if f.name in frame.columns else pa.nulls(n, f.type)
+    n = _length(rows)
+    arrays = [pa.array(rows[f.name], type=f.type, from_pandas=True) if f.name in names else pa.nulls(n, f.type)
               for f in SCHEMA]
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _length(rows: pd.DataFrame | dict) -> int:
+    return len(rows) if isinstance(rows, pd.DataFrame) else len(next(iter(rows.values()), ()))
+
+
+def _head(rows: pd.DataFrame | dict, n: int) -> pd.DataFrame | dict:
+    return rows.iloc[:n] if isinstance(rows, pd.DataFrame) else {k: v[:n] for k, v in rows.items()}
 
 
 def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -159,7 +170,7 @@ def read_status(uri: str) -> list[dict]:
 class _Later:
     """A `write_later` item: `rows` rows that `build()` makes in the writer's thread."""
 
-    build: Callable[[], tuple[pd.DataFrame, list | None] | None]
+    build: Callable[[], tuple[pd.DataFrame | dict, list | None] | None]
     rows: int
 
 
@@ -242,9 +253,9 @@ class LogWriter:
         except Exception as exc:  # noqa: BLE001 - logging must never fail an answer
             self._count_error(exc)
 
-    def write_later(self, rows: int, build: Callable[[], tuple[pd.DataFrame, list | None] | None]) -> None:
+    def write_later(self, rows: int, build: Callable[[], tuple[pd.DataFrame | dict, list | None] | None]) -> None:
         """Hand over `rows` rows that the writer's thread builds when their batch is written: `build()` returns
-        them with their images' bytes (`write`'s `frame` and `raw`), or None for nothing to write; an exception
+        them (a frame or `to_table`'s columns) with their images' bytes (`write`'s `raw`), or None for nothing; an exception
         there is counted like a failed write. Returns at once, counted and dropped like `write`'s rows."""
         try:
             if os.getpid() != self._pid:
@@ -275,12 +286,12 @@ class LogWriter:
             if was == 0 or (was < self.flush_rows <= self._rows):  # a new timer, or a batch is full
                 self._cond.notify()
 
-    def _pick(self, frame: pd.DataFrame, raw: list) -> list[tuple]:
+    def _pick(self, frame: pd.DataFrame | dict, raw: list) -> list[tuple]:
         """A random `sample_images` fraction of the rows that have bytes: (position, request_id, row, bytes)."""
         chosen = [i for i, data in enumerate(raw) if data is not None and self._rng.random() < self.sample_images]
         if not chosen:
             return []
-        ids, rows = frame["request_id"].to_numpy(), frame["row"].to_numpy()
+        ids, rows = np.asarray(frame["request_id"]), np.asarray(frame["row"])
         return [(i, ids[i], rows[i], bytes(raw[i])) for i in chosen]
 
     def close(self, timeout: float = 60.0) -> None:
@@ -343,14 +354,15 @@ class LogWriter:
                     self._rows += n - cut
         self._keep_samples(picked)
 
-    def _build(self, later: _Later) -> tuple[pd.DataFrame | None, list[tuple]]:
+    def _build(self, later: _Later) -> tuple[pd.DataFrame | dict | None, list[tuple]]:
         """A `write_later` item's rows (at most the `rows` handed over) and the images picked to keep."""
         built = later.build()
         if built is None:
             return None, []
-        frame, raw = built
-        frame = frame.iloc[: later.rows] if len(frame) > later.rows else frame
-        return frame, self._pick(frame, raw) if raw is not None and self.sample_images > 0 else []
+        rows, raw = built
+        if _length(rows) > later.rows:
+            rows, raw = _head(rows, later.rows), raw and raw[: later.rows]
+        return rows, self._pick(rows, raw) if raw is not None and self.sample_images > 0 else []
 
     def _write_rows(self, table: pa.Table) -> None:
         try:

@@ -89,11 +89,16 @@ class Watcher:
         return list(self.projection(features)) if len(features) == n else None
 
 
-def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame, *, shapes: list | None,
-               embeddings: list | None, pixel_confidence: np.ndarray | None, latency_ms: float,
-               model_name: str | None, model_sha256: str | None, request_id: str,
-               when: datetime | None = None) -> pd.DataFrame:
-    """The log's rows of one answered request: `images` (canonical, N x H x W x C), `errors` ("" = answered),
+def build_rows(*args, **kwargs) -> pd.DataFrame:
+    """`row_columns` as a frame."""
+    return pd.DataFrame(row_columns(*args, **kwargs))
+
+
+def row_columns(served, images: np.ndarray, errors: list[str], out: pd.DataFrame, *, shapes: list | None,
+                embeddings: list | None, pixel_confidence: np.ndarray | None, latency_ms: float,
+                model_name: str | None, model_sha256: str | None, request_id: str,
+                when: datetime | None = None) -> dict[str, list | np.ndarray]:
+    """The log's rows of one answered request, as columns (name: one value per row): `images` (canonical, N x H x W x C), `errors` ("" = answered),
     `out` (the served model's output frame), `shapes` ((width, height, channels) as sent per row; None: the
     canonical shape), and what the forward passes revealed, for the answered rows in order. A refused row
     has its error and nulls where nothing was measured."""
@@ -103,7 +108,7 @@ def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame,
                "model_name": [model_name] * n, "model_sha256": [model_sha256] * n, "task": [served.task] * n,
                "error": list(errors)}
     if not good:
-        return pd.DataFrame(columns)
+        return columns
     h, w, c = images.shape[1:]
     sent = [shapes[i] for i in good] if shapes else [(w, h, c)] * len(good)
     answered = out if len(good) == n else out.iloc[good]
@@ -125,7 +130,7 @@ def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame,
         for i, value in zip(good, values):
             full[i] = value
         columns[key] = full
-    return pd.DataFrame(columns)
+    return columns
 
 
 class ServedLog:
@@ -181,17 +186,17 @@ class ServedLog:
             when, number, out = time.time(), next(self._numbers), out.copy(deep=False)
             values = list(values) if self.sample else None  # the caller's list may change
 
-            def build() -> tuple[pd.DataFrame, list | None] | None:
+            def build() -> tuple[dict, list | None] | None:
                 try:
                     features, pixels = seen
-                    frame = build_rows(
+                    rows = row_columns(
                         self.served, images, errors, out, shapes=shapes,
                         embeddings=self.watcher.embeddings(features, sum(not e for e in errors)),
                         pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
                         latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
                         model_sha256=self.model_sha256, request_id=f"{self._ids}-{os.getpid()}-{number}",
                         when=datetime.fromtimestamp(when, timezone.utc))
-                    return frame, [_raw(v) for v in values] if self.sample else None
+                    return rows, [_raw(v) for v in values] if self.sample else None
                 except Exception as exc:  # noqa: BLE001 - counted as rows that could not be built
                     self._failed(len(errors), exc)
                     return None
