@@ -9,7 +9,7 @@ off (the served model's log detached) and on, in one process, so both see the sa
 most 1.05 (issue 27). Also reported: the time the log's `record` takes on the request path (after the answer), and the time
 `LogWriter.write` of 64 built rows takes in a caller's thread.
 
-    python bench/bench_inference_log.py [--batches 64 1] [--rounds 10] [--calls 20] [--arch resnet20] [--data cifar10]
+    python bench/bench_inference_log.py [--batches 64 1] [--rounds 10] [--calls 20] [--arch resnet20] [--data cifar10] [--defer]
 """
 
 from __future__ import annotations
@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--arch", default="resnet20")
     ap.add_argument("--data", choices=["cifar10", "digits"], default="cifar10")
+    ap.add_argument("--defer", action="store_true",
+                    help="the writer's thread idle until the timing ends (flush_rows and flush_seconds past the run): "
+                         "the request path's own cost, without the building and writing competing for the CPUs")
     ap.add_argument("--per-class", type=int, default=10, help="images per class (the requests and the reference)")
     args = ap.parse_args()
     import mlflow
@@ -105,6 +108,8 @@ def main() -> None:
         python_model = served.unwrap_python_model()
         log = python_model.served_log
         assert log is not None, "the inference log did not open"
+        if args.defer:
+            log.writer.flush_rows, log.writer.flush_seconds = log.writer.queue_rows, 1e6
         record, spent = log.record, []
 
         def timed(*args, **kwargs) -> None:  # what the log costs on the request path, after the answer
@@ -144,7 +149,7 @@ def main() -> None:
         writer.close()
         assert writer.stats["rows_written"] == sum(map(len, frames)), writer.stats
     print(json.dumps({
-        "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "arch": args.arch, "data": args.data,
+        "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "arch": args.arch, "data": args.data, "defer": args.defer,
         "torch_threads": torch.get_num_threads(), "rounds": args.rounds, "calls_per_round": args.calls,
         "latency_ms_median": results, "log": {k: rows[k] for k in ("rows_written", "rows_dropped", "write_errors", "files", "failed_rows")},
         "writer_write_us_64_rows": round(write_us, 1),
