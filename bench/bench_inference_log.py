@@ -9,7 +9,8 @@ off (the served model's log detached) and on, in one process, so both see the sa
 most 1.05 (issue 27). Also reported: the time the log's `record` takes on the request path (after the answer), and the time
 `LogWriter.write` of 64 built rows takes in a caller's thread.
 
-    python bench/bench_inference_log.py [--batches 64 1] [--rounds 10] [--calls 20] [--arch resnet20] [--data cifar10] [--defer]
+    python bench/bench_inference_log.py [--batches 64 1] [--rounds 10] [--calls 20] [--arch resnet20]
+        [--data cifar10] [--defer]
 """
 
 from __future__ import annotations

@@ -7,16 +7,17 @@ folders, `_status/` holds each writing process's counters and `samples/` the kep
 readers skip both.
 
 `LogWriter` keeps the sink off the request path: `write` only enqueues (it never waits on I/O, never raises),
-`write_later` enqueues a closure that the thread calls to build the rows, and a daemon thread writes a file every `flush_rows` rows or `flush_seconds` after the oldest waiting row,
-whichever comes first. `close()`, and an atexit hook at a clean exit, write what is pending. A failing sink
-(an unwritable folder, S3 down) is counted in `stats` and the status file, logged at most once a minute, its
-batch's rows dropped; the next batch tries again.
+`write_later` enqueues a closure that builds the rows, and a daemon thread builds and writes: a file every
+`flush_rows` rows or `flush_seconds` after the oldest waiting row, whichever comes first. `close()`, and an
+atexit hook at a clean exit, write what is pending. A failing sink (an unwritable folder, S3 down) is counted
+in `stats` and the status file, logged at most once a minute, its batch's rows dropped; the next batch tries
+again.
 
-Kill -9 bound: a killed process loses the rows it had not written yet: those handed over since its last
-file (built or still to be built: `write_later`'s rows are built when their batch is written), fewer than `flush_rows` rows and none older than `flush_seconds` while the sink keeps up with the
-traffic (a slower sink lets up to `queue_rows` rows wait, then drops and counts the excess). Every file
-already written is whole. Until it is built, a `write_later` item keeps what its closure captured (a
-request's canonical images) in memory.
+Kill -9 bound: a killed process loses the rows it had not written yet: those handed over since its last file,
+built or not (`write_later`'s rows are built when their batch is written), fewer than `flush_rows` rows and
+none older than `flush_seconds` while the sink keeps up with the traffic (a slower sink lets up to
+`queue_rows` rows wait, then drops and counts the excess). Every file already written is whole. Until it is
+built, a `write_later` item keeps what its closure captured (a request's canonical images) in memory.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ class LogWriter:
         self._pid = os.getpid()
         self._name = f"{socket.gethostname()}-{self._pid}-{next(_serial)}"
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()  # (frame, table or _Later, [(position, request_id, row, bytes)], enqueued at)
+        self._queue: collections.deque = collections.deque()  # (frame, table or _Later, [(position, request_id,
+        # row, bytes)], enqueued at)
         self._rows = 0  # rows in the queue
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -255,8 +257,9 @@ class LogWriter:
 
     def write_later(self, rows: int, build: Callable[[], tuple[pd.DataFrame | dict, list | None] | None]) -> None:
         """Hand over `rows` rows that the writer's thread builds when their batch is written: `build()` returns
-        them (a frame or `to_table`'s columns) with their images' bytes (`write`'s `raw`), or None for nothing; an exception
-        there is counted like a failed write. Returns at once, counted and dropped like `write`'s rows."""
+        them (a frame or `to_table`'s columns) with their images' bytes (`write`'s `raw`), or None for nothing;
+        an exception there is counted like a failed write. Returns at once; the rows are counted (toward
+        `queue_rows` and the kill -9 bound) and dropped like `write`'s."""
         try:
             if os.getpid() != self._pid:
                 self._reset()

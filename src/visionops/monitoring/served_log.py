@@ -98,10 +98,10 @@ def row_columns(served, images: np.ndarray, errors: list[str], out: pd.DataFrame
                 embeddings: list | None, pixel_confidence: np.ndarray | None, latency_ms: float,
                 model_name: str | None, model_sha256: str | None, request_id: str,
                 when: datetime | None = None) -> dict[str, list | np.ndarray]:
-    """The log's rows of one answered request, as columns (name: one value per row): `images` (canonical, N x H x W x C), `errors` ("" = answered),
-    `out` (the served model's output frame), `shapes` ((width, height, channels) as sent per row; None: the
-    canonical shape), and what the forward passes revealed, for the answered rows in order. A refused row
-    has its error and nulls where nothing was measured."""
+    """The log's rows of one answered request, as columns (name: one value per row): `images` (canonical,
+    N x H x W x C), `errors` ("" = answered), `out` (the served model's output frame), `shapes` ((width,
+    height, channels) as sent per row; None: the canonical shape), and what the forward passes revealed, for
+    the answered rows in order. A refused row has its error and nulls where nothing was measured."""
     n = len(errors)
     good = [i for i, e in enumerate(errors) if not e]
     columns = {"time": [when or datetime.now(timezone.utc)] * n, "request_id": [request_id] * n, "row": list(range(n)),
