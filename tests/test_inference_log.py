@@ -60,6 +60,32 @@ def test_rows_are_written_in_files_of_flush_rows_and_close_writes_the_rest(tmp_p
                                                                  for n in range(min(7, 95 - i))]
 
 
+def test_write_later_builds_in_the_writers_thread_and_counts_a_failed_build(tmp_path):
+    writer = LogWriter(str(tmp_path / "log"), flush_rows=10, flush_seconds=3600, queue_rows=14, sample_images=1.0)
+    built_in = []
+
+    def build(n: int, request_id: str):
+        built_in.append(threading.current_thread())
+        return rows(n, request_id), [PNG] * n
+
+    writer.write_later(4, lambda: build(4, "frame"))
+    writer.write_later(3, lambda: 1 / 0)  # counted like a failed write
+    writer.write_later(2, lambda: None)  # nothing to write
+    writer.write_later(3, lambda: ({"time": [datetime.now(timezone.utc)] * 3, "request_id": ["columns"] * 3,
+                                    "row": [0, 1, 2], "embedding": [np.ones(2, np.float32)] * 3}, None))
+    writer.write_later(4, lambda: build(4, "cut"))  # 2 of 4 fit in queue_rows: the build's rows are cut
+    assert built_in == [] and writer.stats["rows_dropped"] == 2  # nothing built on the caller's thread
+    writer.close()
+    assert built_in and all(t is not threading.current_thread() for t in built_in)
+    log = read_log(str(tmp_path / "log"))
+    assert [(r, n) for r, n in zip(log.request_id, log.row)] == [("frame", n) for n in range(4)] + \
+        [("columns", n) for n in range(3)] + [("cut", 0), ("cut", 1)]
+    assert log.embedding[log.request_id == "columns"].map(list).tolist() == [[1.0, 1.0]] * 3
+    assert {k: writer.stats[k] for k in ("rows_written", "rows_dropped", "write_errors", "samples_written")} == \
+        {"rows_written": 9, "rows_dropped": 5, "write_errors": 1, "samples_written": 6}
+    assert "ZeroDivisionError" in writer.stats["last_error"]
+
+
 def test_fewer_than_flush_rows_are_written_once_flush_seconds_pass(tmp_path):
     writer = LogWriter(str(tmp_path / "log"), flush_rows=1000, flush_seconds=1.0)
     start = time.monotonic()
@@ -267,16 +293,21 @@ from visionops.monitoring.inference_log import LogWriter
 w = LogWriter(sys.argv[1], flush_rows=int(sys.argv[2]), flush_seconds=3600)
 n = 0
 while True:
-    w.write(pd.DataFrame({"time": pd.Timestamp.now(tz="UTC"), "request_id": f"{n // 10:08d}", "row": range(10)}))
+    frame = pd.DataFrame({"time": pd.Timestamp.now(tz="UTC"), "request_id": f"{n // 10:08d}", "row": range(10)})
+    if sys.argv[3] == "write":
+        w.write(frame)
+    else:  # built by the writer's thread: a row handed over, built or not, is unflushed until written
+        w.write_later(10, lambda frame=frame: (frame, None))
     n += 10
     print(n, flush=True)
     time.sleep(0.005)
 """
 
 
-def test_a_kill_9_loses_at_most_the_unflushed_batch_and_leaves_only_whole_files(tmp_path):
+@pytest.mark.parametrize("hand_over", ["write", "write_later"])
+def test_a_kill_9_loses_at_most_the_unflushed_batch_and_leaves_only_whole_files(tmp_path, hand_over):
     uri, flush_rows = tmp_path / "log", 50
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(uri), str(flush_rows)], env=_child_env(),
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(uri), str(flush_rows), hand_over], env=_child_env(),
                             stdout=subprocess.PIPE, text=True)
     try:
         handed = 0

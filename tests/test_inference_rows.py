@@ -269,7 +269,9 @@ def test_failing_log_never_changes_the_answer(files, store, tmp_path, monkeypatc
     model = mlflow.pyfunc.load_model(uri)
     monkeypatch.setattr("visionops.monitoring.summaries.image_summary", lambda images: 1 / 0)
     pd.testing.assert_frame_equal(model.predict(request), expected)
-    stats = model.unwrap_python_model().served_log.stats
+    log = model.unwrap_python_model().served_log
+    log.close()  # the writer's thread builds the rows
+    stats = log.stats
     assert stats["failed_rows"] == 5 and "ZeroDivisionError" in stats["last_build_error"]
 
 

@@ -7,15 +7,17 @@ folders, `_status/` holds each writing process's counters and `samples/` the kep
 readers skip both.
 
 `LogWriter` keeps the sink off the request path: `write` only enqueues (it never waits on I/O, never raises),
-and a daemon thread writes a file every `flush_rows` rows or `flush_seconds` after the oldest waiting row,
-whichever comes first. `close()`, and an atexit hook at a clean exit, write what is pending. A failing sink
-(an unwritable folder, S3 down) is counted in `stats` and the status file, logged at most once a minute, its
-batch's rows dropped; the next batch tries again.
+`write_later` enqueues a closure that builds the rows, and a daemon thread builds and writes: a file every
+`flush_rows` rows or `flush_seconds` after the oldest waiting row, whichever comes first. `close()`, and an
+atexit hook at a clean exit, write what is pending. A failing sink (an unwritable folder, S3 down) is counted
+in `stats` and the status file, logged at most once a minute, its batch's rows dropped; the next batch tries
+again.
 
-Kill -9 bound: a killed process loses the rows it had not written yet: those handed over since its last
-file, fewer than `flush_rows` rows and none older than `flush_seconds` while the sink keeps up with the
-traffic (a slower sink lets up to `queue_rows` rows wait, then drops and counts the excess). Every file
-already written is whole.
+Kill -9 bound: a killed process loses the rows it had not written yet: those handed over since its last file,
+built or not (`write_later`'s rows are built when their batch is written), fewer than `flush_rows` rows and
+none older than `flush_seconds` while the sink keeps up with the traffic (a slower sink lets up to
+`queue_rows` rows wait, then drops and counts the excess). Every file already written is whole. Until it is
+built, a `write_later` item keeps what its closure captured (a request's canonical images) in memory.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -64,15 +69,25 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def to_table(frame: pd.DataFrame) -> pa.Table:
-    """The log's Arrow table of rows with the schema's columns (missing ones null; extra ones are an error)."""
-    extra = set(frame.columns) - set(SCHEMA.names)
+def to_table(rows: pd.DataFrame | dict) -> pa.Table:
+    """The log's Arrow table of rows (a frame, or columns: name to one value per row) with the schema's columns
+    (missing ones null; extra ones are an error)."""
+    names = set(rows.columns if isinstance(rows, pd.DataFrame) else rows)
+    extra = names - set(SCHEMA.names)
     if extra:
         raise InvalidInputError(f"inference log rows: unknown columns {sorted(extra)}")
-    n = len(frame)
-    arrays = [pa.array(frame[f.name], type=f.type, from_pandas=True) if f.name in frame.columns else pa.nulls(n, f.type)
+    n = _length(rows)
+    arrays = [pa.array(rows[f.name], type=f.type, from_pandas=True) if f.name in names else pa.nulls(n, f.type)
               for f in SCHEMA]
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _length(rows: pd.DataFrame | dict) -> int:
+    return len(rows) if isinstance(rows, pd.DataFrame) else len(next(iter(rows.values()), ()))
+
+
+def _head(rows: pd.DataFrame | dict, n: int) -> pd.DataFrame | dict:
+    return rows.iloc[:n] if isinstance(rows, pd.DataFrame) else {k: v[:n] for k, v in rows.items()}
 
 
 def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -152,6 +167,14 @@ def read_status(uri: str) -> list[dict]:
     return out
 
 
+@dataclass
+class _Later:
+    """A `write_later` item: `rows` rows that `build()` makes in the writer's thread."""
+
+    build: Callable[[], tuple[pd.DataFrame | dict, list | None] | None]
+    rows: int
+
+
 _live: weakref.WeakSet[LogWriter] = weakref.WeakSet()  # the writers an exit must flush
 _serial = itertools.count()
 
@@ -167,7 +190,8 @@ class LogWriter:
     a failed write is counted in `stats` (and its rows dropped), never raised.
 
     Interface kept by every implementation: `from_settings(monitor)`, `write(frame, raw=None)` (rows with the
-    schema's columns, and optionally their images' bytes as received), `close()` (writes what is pending),
+    schema's columns, and optionally their images' bytes as received), `write_later(rows, build)` (the same,
+    built by the writer's thread), `close()` (writes what is pending),
     `stats` (rows_written, rows_dropped, write_errors, files, samples_written, last_error).
     """
 
@@ -203,7 +227,8 @@ class LogWriter:
         self._pid = os.getpid()
         self._name = f"{socket.gethostname()}-{self._pid}-{next(_serial)}"
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()  # (frame or table, [(position, request_id, row, bytes)], enqueued at)
+        self._queue: collections.deque = collections.deque()  # (frame, table or _Later, [(position, request_id,
+        # row, bytes)], enqueued at)
         self._rows = 0  # rows in the queue
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -225,33 +250,51 @@ class LogWriter:
         try:
             if os.getpid() != self._pid:
                 self._reset()
-            n = len(frame)
             picked = self._pick(frame, raw) if raw is not None and self.sample_images > 0 else []
-            with self._cond:
-                room = 0 if self._closed else max(0, self.queue_rows - self._rows)
-                if n > room:
-                    self._stats["rows_dropped"] += n - room
-                    frame, n = frame.iloc[:room], room
-                    picked = [p for p in picked if p[0] < room]
-                if not n:
-                    return
-                was = self._rows
-                self._queue.append((frame, picked, time.monotonic()))
-                self._rows += n
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="visionops-inference-log", daemon=True)
-                    self._thread.start()
-                if was == 0 or (was < self.flush_rows <= self._rows):  # a new timer, or a batch is full
-                    self._cond.notify()
+            self._hand_over(frame, len(frame), picked)
         except Exception as exc:  # noqa: BLE001 - logging must never fail an answer
             self._count_error(exc)
 
-    def _pick(self, frame: pd.DataFrame, raw: list) -> list[tuple]:
+    def write_later(self, rows: int, build: Callable[[], tuple[pd.DataFrame | dict, list | None] | None]) -> None:
+        """Hand over `rows` rows that the writer's thread builds when their batch is written: `build()` returns
+        them (a frame or `to_table`'s columns) with their images' bytes (`write`'s `raw`), or None for nothing;
+        an exception there is counted like a failed write. Returns at once; the rows are counted (toward
+        `queue_rows` and the kill -9 bound) and dropped like `write`'s."""
+        try:
+            if os.getpid() != self._pid:
+                self._reset()
+            self._hand_over(_Later(build, rows), rows, [])
+        except Exception as exc:  # noqa: BLE001 - logging must never fail an answer
+            self._count_error(exc)
+
+    def _hand_over(self, item, n: int, picked: list[tuple]) -> None:
+        with self._cond:
+            room = 0 if self._closed else max(0, self.queue_rows - self._rows)
+            if n > room:
+                self._stats["rows_dropped"] += n - room
+                n = room
+                if isinstance(item, _Later):
+                    item.rows = room
+                else:
+                    item = item.iloc[:room]
+                    picked = [p for p in picked if p[0] < room]
+            if not n:
+                return
+            was = self._rows
+            self._queue.append((item, picked, time.monotonic()))
+            self._rows += n
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="visionops-inference-log", daemon=True)
+                self._thread.start()
+            if was == 0 or (was < self.flush_rows <= self._rows):  # a new timer, or a batch is full
+                self._cond.notify()
+
+    def _pick(self, frame: pd.DataFrame | dict, raw: list) -> list[tuple]:
         """A random `sample_images` fraction of the rows that have bytes: (position, request_id, row, bytes)."""
         chosen = [i for i, data in enumerate(raw) if data is not None and self._rng.random() < self.sample_images]
         if not chosen:
             return []
-        ids, rows = frame["request_id"].to_numpy(), frame["row"].to_numpy()
+        ids, rows = np.asarray(frame["request_id"]), np.asarray(frame["row"])
         return [(i, ids[i], rows[i], bytes(raw[i])) for i in chosen]
 
     def close(self, timeout: float = 60.0) -> None:
@@ -289,11 +332,16 @@ class LogWriter:
         than that goes back to the queue's head (with its oldest row's time) to wait for more rows."""
         tables, starts, picked = [], [], []
         for frame, chosen, at in items:
+            rows = frame.rows if isinstance(frame, _Later) else len(frame)
             try:
+                if isinstance(frame, _Later):
+                    frame, chosen = self._build(frame)
+                    if frame is None:
+                        continue
                 tables.append(frame if isinstance(frame, pa.Table) else to_table(frame))
                 starts.append(at)
             except Exception as exc:  # noqa: BLE001 - a bad frame costs its own rows, not the batch's
-                self._count_error(exc, len(frame))
+                self._count_error(exc, rows)
             picked += chosen
         if tables:
             table = pa.concat_tables(tables)
@@ -308,6 +356,16 @@ class LogWriter:
                     self._queue.appendleft((table.slice(cut), [], oldest))
                     self._rows += n - cut
         self._keep_samples(picked)
+
+    def _build(self, later: _Later) -> tuple[pd.DataFrame | dict | None, list[tuple]]:
+        """A `write_later` item's rows (at most the `rows` handed over) and the images picked to keep."""
+        built = later.build()
+        if built is None:
+            return None, []
+        rows, raw = built
+        if _length(rows) > later.rows:
+            rows, raw = _head(rows, later.rows), raw and raw[: later.rows]
+        return rows, self._pick(rows, raw) if raw is not None and self.sample_images > 0 else []
 
     def _write_rows(self, table: pa.Table) -> None:
         try:

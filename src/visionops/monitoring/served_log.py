@@ -4,15 +4,20 @@
 `VISIONOPS_LOG_URI` when set (an empty value turns the log off), else the model metadata `monitor` copied
 from params.yaml at registration (a model registered before the log existed has none, and logs nothing).
 The network's pooled features and (segmentation) its mean pixel top probability are captured by forward
-hooks during the pass the answer runs. Logging never fails or changes an answer: any error building or
+hooks during the pass the answer runs. On the request path `record` only takes the time, a request number
+and references to what the answer produced; the writer's thread builds the rows (summaries, embedding, the
+answer's summary) before writing them. Logging never fails or changes an answer: any error building or
 writing rows is counted in `stats` and the answer returned as it was.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import sys
+import threading
+import time
 import uuid
 import weakref
 from contextlib import ExitStack, contextmanager
@@ -84,21 +89,26 @@ class Watcher:
         return list(self.projection(features)) if len(features) == n else None
 
 
-def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame, *, shapes: list | None,
-               embeddings: list | None, pixel_confidence: np.ndarray | None, latency_ms: float,
-               model_name: str | None, model_sha256: str | None, request_id: str,
-               when: datetime | None = None) -> pd.DataFrame:
-    """The log's rows of one answered request: `images` (canonical, N x H x W x C), `errors` ("" = answered),
-    `out` (the served model's output frame), `shapes` ((width, height, channels) as sent per row; None: the
-    canonical shape), and what the forward passes revealed, for the answered rows in order. A refused row
-    has its error and nulls where nothing was measured."""
+def build_rows(*args, **kwargs) -> pd.DataFrame:
+    """`row_columns` as a frame."""
+    return pd.DataFrame(row_columns(*args, **kwargs))
+
+
+def row_columns(served, images: np.ndarray, errors: list[str], out: pd.DataFrame, *, shapes: list | None,
+                embeddings: list | None, pixel_confidence: np.ndarray | None, latency_ms: float,
+                model_name: str | None, model_sha256: str | None, request_id: str,
+                when: datetime | None = None) -> dict[str, list | np.ndarray]:
+    """The log's rows of one answered request, as columns (name: one value per row): `images` (canonical,
+    N x H x W x C), `errors` ("" = answered), `out` (the served model's output frame), `shapes` ((width,
+    height, channels) as sent per row; None: the canonical shape), and what the forward passes revealed, for
+    the answered rows in order. A refused row has its error and nulls where nothing was measured."""
     n = len(errors)
     good = [i for i, e in enumerate(errors) if not e]
     columns = {"time": [when or datetime.now(timezone.utc)] * n, "request_id": [request_id] * n, "row": list(range(n)),
                "model_name": [model_name] * n, "model_sha256": [model_sha256] * n, "task": [served.task] * n,
                "error": list(errors)}
     if not good:
-        return pd.DataFrame(columns)
+        return columns
     h, w, c = images.shape[1:]
     sent = [shapes[i] for i in good] if shapes else [(w, h, c)] * len(good)
     answered = out if len(good) == n else out.iloc[good]
@@ -120,7 +130,7 @@ def build_rows(served, images: np.ndarray, errors: list[str], out: pd.DataFrame,
         for i, value in zip(good, values):
             full[i] = value
         columns[key] = full
-    return pd.DataFrame(columns)
+    return columns
 
 
 class ServedLog:
@@ -133,6 +143,9 @@ class ServedLog:
         self.watcher = Watcher(served, projection)
         self.writer = LogWriter.from_settings({**monitor, "log_uri": uri})
         self.failed_rows, self.last_build_error = 0, ""
+        self._lock = threading.Lock()  # `_failed` runs in the request's and the writer's threads
+        self._ids = uuid.uuid4().hex[:16]  # request ids: this prefix, the process id and a request number
+        self._numbers = itertools.count()
         atexit.register(_close, weakref.ref(self))  # a weak reference: a dropped model's log is not kept alive
 
     @classmethod
@@ -164,28 +177,45 @@ class ServedLog:
 
     def record(self, values: list, images: np.ndarray, errors: list[str], shapes: list, out: pd.DataFrame, seen,
                seconds: float) -> None:
-        """Build and write the rows of one answered call (`shapes`: each row's (width, height, channels) as sent,
-        None where refused); never raises."""
+        """Hand the rows of one answered call to the writer, to be built in its thread (`shapes`: each row's
+        (width, height, channels) as sent, None where refused); never raises. Nothing captured changes after
+        the answer (`images`, `errors`, `shapes` and the captured tensors are this call's own) but `out`, which
+        the caller gets, and `values`, the caller's: shallow copies (pandas' copy-on-write keeps `out` as
+        answered; the values are immutable str or bytes as served)."""
         try:
-            n_good = sum(not e for e in errors)
-            features, pixels = seen
-            frame = build_rows(
-                self.served, images, errors, out, shapes=shapes, embeddings=self.watcher.embeddings(features, n_good),
-                pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
-                latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
-                model_sha256=self.model_sha256, request_id=uuid.uuid4().hex)
-            self.writer.write(frame, raw=[_raw(v) for v in values] if self.sample else None)
+            when, number, out = time.time(), next(self._numbers), out.copy(deep=False)
+            values = list(values) if self.sample else None  # the caller's list may change
+
+            def build() -> tuple[dict, list | None] | None:
+                try:
+                    features, pixels = seen
+                    rows = row_columns(
+                        self.served, images, errors, out, shapes=shapes,
+                        embeddings=self.watcher.embeddings(features, sum(not e for e in errors)),
+                        pixel_confidence=torch.cat(pixels).numpy() if pixels else None,
+                        latency_ms=1000 * seconds / max(len(errors), 1), model_name=self.model_name,
+                        model_sha256=self.model_sha256, request_id=f"{self._ids}-{os.getpid()}-{number}",
+                        when=datetime.fromtimestamp(when, timezone.utc))
+                    return rows, [_raw(v) for v in values] if self.sample else None
+                except Exception as exc:  # noqa: BLE001 - counted as rows that could not be built
+                    self._failed(len(errors), exc)
+                    return None
+
+            self.writer.write_later(len(errors), build)
         except Exception as exc:  # noqa: BLE001 - logging never fails an answer
             self._failed(len(errors), exc)
 
     def _failed(self, rows: int, exc: BaseException) -> None:
-        self.failed_rows += rows
-        self.last_build_error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.failed_rows += rows
+            self.last_build_error = f"{type(exc).__name__}: {exc}"
 
     @property
     def stats(self) -> dict:
-        """The writer's counters, plus the rows that could not be built (`failed_rows`, `last_build_error`)."""
-        return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_build_error}
+        """The writer's counters, plus the rows that could not be built (`failed_rows`, `last_build_error`; rows
+        handed over are built by the writer's thread: counted once their batch is written, or at `close()`)."""
+        with self._lock:
+            return {**self.writer.stats, "failed_rows": self.failed_rows, "last_build_error": self.last_build_error}
 
     def close(self) -> None:
         """Write what is pending (idempotent; also run at exit)."""
