@@ -156,3 +156,20 @@ def corner_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         r, c = corners[int(k)]
         out[i, r : r + 5, c : c + 5] = rng.normal(220, 15, size=(5, 5)).clip(0, 255)
     return out.astype(np.uint8)[..., None]
+
+
+def corner_project(root, sizes: dict[str, int], steps: int):
+    """(dataset folder, model file) under `root`: corner_images splits of `sizes` and a lenet trained for `steps`."""
+    from visionops.data import dataset
+    from visionops.tasks.classification import classifier
+
+    classes = ["top_left", "top_right", "bottom"]
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in sizes.items():
+        labels = np.arange(n) % 3
+        splits[name] = dataset.Split(corner_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
+    dataset.save(dataset.Dataset(classes, splits, "synthetic"), root / "ds")
+    model = train_quickly("lenet", classes, splits["train"], seed=0, steps=steps)
+    classifier.save(root / "model.pt", model, "lenet", classes, (16, 16, 1))
+    return root / "ds", root / "model.pt"

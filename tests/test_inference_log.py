@@ -334,7 +334,7 @@ def test_a_served_model_killed_with_sigkill_loses_at_most_its_unflushed_batch(st
     SIGKILL: the log holds every answered row but the ones of the unflushed batch (65 = 4 x 16 + 1)."""
     import mlflow
     import psutil
-    from conftest import corner_images, train_quickly
+    from conftest import corner_project
     from model_server import model_server, post
 
     from visionops.config import MonitorConfig
@@ -342,17 +342,9 @@ def test_a_served_model_killed_with_sigkill_loses_at_most_its_unflushed_batch(st
     from visionops.monitoring import reference
     from visionops.serving.pyfunc import encode_png
     from visionops.tasks import get_task
-    from visionops.tasks.classification import classifier
 
-    classes = ["top_left", "top_right", "bottom"]
-    rng = np.random.default_rng(0)
-    splits = {}
-    for name, n in {"train": 60, "val": 24, "test": 6}.items():
-        labels = np.arange(n) % 3
-        splits[name] = dataset.Split(corner_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
-    dataset.save(dataset.Dataset(classes, splits, "synthetic"), tmp_path / "ds")
-    model = train_quickly("lenet", classes, splits["train"], seed=0, steps=5)
-    classifier.save(tmp_path / "model.pt", model, "lenet", classes, (16, 16, 1))
+    ds_dir, _ = corner_project(tmp_path, {"train": 60, "val": 24, "test": 6}, steps=5)
+    splits = dataset.load(ds_dir).splits
     log, flush_rows, requests, per_request = tmp_path / "log", 16, 13, 5
     settings = MonitorConfig(log_uri=str(log), flush_rows=flush_rows, flush_seconds=3600, embedding_dim=8).model_dump()
     with mlflow.start_run():

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import corner_images, train_quickly
+from conftest import corner_project
 from detection_data import write_detection_dataset
 from PIL import Image
 
@@ -42,15 +42,7 @@ SEG_CLASSES = ["background", *DIGITS]
 
 
 def _classification(root: Path) -> tuple[Path, Path]:
-    rng = np.random.default_rng(0)
-    splits = {}
-    for name, n in {"train": 120, "val": 24, "test": 12}.items():
-        labels = np.arange(n) % 3
-        splits[name] = dataset.Split(corner_images(labels, rng), labels, [f"{name}/{i}.png" for i in range(n)])
-    dataset.save(dataset.Dataset(CORNERS, splits, "synthetic"), root / "ds")
-    model = train_quickly("lenet", CORNERS, splits["train"], seed=0, steps=40)
-    classifier.save(root / "model.pt", model, "lenet", CORNERS, (16, 16, 1))
-    return root / "ds", root / "model.pt"
+    return corner_project(root, {"train": 120, "val": 24, "test": 12}, steps=40)
 
 
 def _detection(root: Path) -> tuple[Path, Path]:
