@@ -40,12 +40,13 @@ def extract_cifar(dest: Path, per_class: int | None = None) -> Path:
     return dest
 
 
-def project(path: Path, params: dict) -> Path:
-    """A project folder holding the repository's params.yaml with `params` merged in (sections updated)."""
+def project(path: Path, params: dict, base: Path = ROOT / "params.yaml") -> Path:
+    """A project folder holding `base` (the repository's params.yaml, or a preset) with `params` merged in
+    (sections updated)."""
     path.mkdir(parents=True, exist_ok=True)
-    merged = yaml.safe_load((ROOT / "params.yaml").read_text())
+    merged = yaml.safe_load(base.read_text())
     for section, values in params.items():
-        merged[section] = {**merged[section], **values} if isinstance(values, dict) else values
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
     (path / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     return path
 

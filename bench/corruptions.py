@@ -38,7 +38,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     if not 1 <= severity <= 5:
         raise ValueError(f"severity {severity} is not in 1..5")
     c = SEVERITIES[name][severity - 1]
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2)  # a copy: the input may be read-only
     if name == "jpeg":
         return F.jpeg(x.contiguous(), quality=int(c)).permute(0, 2, 3, 1).numpy()
     x = x.float() / 255
