@@ -143,13 +143,13 @@ class Judge:
         from visionops.monitoring.served_log import LOG_URI_ENV
 
         proj = project(args.work / "project", model_params(args.task, args), PRESETS[args.task])  # monitor settings
+        params = load_params(proj / "params.yaml")
+        registered = stage(proj, "register")["registered"][0]  # its promotion's predictions log where params say
+        uri = f"models:/{registered['name']}/{registered['version']}"
         self.log_uri = str(args.work / "log")
         shutil.rmtree(self.log_uri, ignore_errors=True)
         os.environ[LOG_URI_ENV] = self.log_uri
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.work / 'mlflow.db'}"
-        params = load_params(proj / "params.yaml")
-        registered = stage(proj, "register")["registered"][0]
-        uri = f"models:/{registered['name']}/{registered['version']}"
+        os.environ["MLFLOW_TRACKING_URI"] = params.mlflow.tracking_uri
         self.served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
         self.reference = load_reference(uri)
         self.task, self.settings, self.model_uri = args.task, params.monitor, uri
@@ -175,19 +175,36 @@ class Judge:
         true = float(np.mean(scores(self.task, self.served, out, truth)))
         self.seconds.update(encode=t1 - t0, predict=t2 - t1, read_log=t3 - t2, judge=t4 - t3,
                             score=time.perf_counter() - t4)
-        return {"drifted": verdict.drifted, "flagged_by": sorted(k for k, t in verdict.tests.items() if t["drifted"]),
-                "error_rate": verdict.quality["error_rate"], "estimate": verdict.estimate["estimate"], "true": true}
+        flagged_by = sorted(k for k, t in verdict.tests.items() if t["drifted"])
+        two_sample = set(flagged_by) - {"answer_class_chi2"} or verdict.quality["error_rate_drifted"] or \
+            self.class_homogeneity(rows) < verdict.threshold
+        return {"drifted": verdict.drifted, "flagged_by": flagged_by, "drifted_two_sample_chi2": bool(two_sample),
+                "estimate": verdict.estimate["estimate"], "true": true}
+
+    def class_homogeneity(self, rows) -> float:
+        """The p-value of a two-sample chi-square (homogeneity of the reference's and the window's answer_class
+        counts), for comparison with judge_window's goodness of fit to the reference's shares taken as exact."""
+        from scipy.stats import chi2_contingency
+
+        from visionops.monitoring.drift import NO_CLASS, answered, class_counts
+
+        classes = sorted(set(answered(self.reference)["answer_class"].fillna(NO_CLASS)) |
+                         set(answered(rows)["answer_class"].fillna(NO_CLASS)))
+        table = np.array([class_counts(answered(self.reference), classes), class_counts(answered(rows), classes)])
+        return float(chi2_contingency(table[:, table.sum(0) > 0]).pvalue)
 
 
 def cell(windows: list[dict]) -> dict:
     """A shift's summary over its windows: share flagged, by test, estimate against the true score."""
     errors = [w["estimate"] - w["true"] for w in windows]
-    return {"windows": len(windows), "flagged": sum(w["drifted"] for w in windows) / len(windows),
-            "flagged_by": {k: n / len(windows) for k, n in sorted(Counter(t for w in windows for t in w["flagged_by"]).items())},
-            "true_mean": statistics.mean(w["true"] for w in windows),
-            "estimate_mean": statistics.mean(w["estimate"] for w in windows),
-            "mean_error": statistics.mean(errors), "mean_abs_error": statistics.mean(map(abs, errors)),
-            "max_abs_error": max(map(abs, errors))}
+    summary = {"windows": len(windows), "flagged": sum(w["drifted"] for w in windows) / len(windows),
+               "flagged_two_sample_chi2": sum(w["drifted_two_sample_chi2"] for w in windows) / len(windows),
+               "flagged_by": {k: n / len(windows) for k, n in sorted(Counter(t for w in windows for t in w["flagged_by"]).items())},
+               "true_mean": statistics.mean(w["true"] for w in windows),
+               "estimate_mean": statistics.mean(w["estimate"] for w in windows),
+               "mean_error": statistics.mean(errors), "mean_abs_error": statistics.mean(map(abs, errors)),
+               "max_abs_error": max(map(abs, errors))}
+    return json.loads(json.dumps(summary), parse_float=lambda v: round(float(v), 4))
 
 
 def measure(args) -> dict:
@@ -218,7 +235,7 @@ def measure(args) -> dict:
     return {"model_uri": judge.model_uri, "reference_rows": len(judge.reference), "pool_images": len(labels),
             "alpha": judge.settings.alpha, "cells": cells, "smallest_detected_severity": smallest,
             "setup_seconds": round(setup_seconds, 1), "window_seconds": {k: round(v, 1) for k, v in judge.seconds.items()},
-            "log_stats": dict(judge.served.served_log.writer.stats) if judge.served.served_log else None}
+            "log_stats": judge.served.served_log.stats if judge.served.served_log else None}
 
 
 def main() -> None:
