@@ -32,7 +32,8 @@ BIN = Path(sys.executable).parent
 
 
 def copy_project(dest: Path, params: Path = ROOT / "params.yaml") -> None:
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "data/imports.csv"):
+        (dest / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, dest / name)
     shutil.copy(params, dest / "params.yaml")
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

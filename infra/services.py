@@ -5,11 +5,12 @@
 
 `start` runs, each only once it is healthy (polled, never a fixed sleep):
   PostgreSQL 15   cluster in DIR/pg (owned by `postgres` when run as root), databases `mlflow`, `prefect`
-  SeaweedFS       `weed mini` (S3 with SigV4, identity from AWS_ACCESS_KEY_ID/SECRET), buckets mlflow, dvc
+  SeaweedFS       `weed mini` (S3 with SigV4, identity from AWS_ACCESS_KEY_ID/SECRET), buckets mlflow, dvc, inference
   MLflow server   backend on PostgreSQL, artifacts proxied to s3://mlflow (clients need no S3 keys)
   Prefect server  on PostgreSQL (asyncpg); the `process` work pool; the visionops deployments from source
   N workers       `prefect worker start --pool POOL`
-and writes DIR/env (source it: MLFLOW_TRACKING_URI, PREFECT_API_URL, the DVC remote and its keys) and
+and writes DIR/env (source it: MLFLOW_TRACKING_URI, PREFECT_API_URL, the DVC remote and its keys, and the
+served models' inference log in s3://inference/log with what pyarrow needs to reach it) and
 configures this checkout's DVC remote `services` in .dvc/config.local. `stop` ends exactly the processes
 that `start` recorded in DIR/pids.json (checked by PID and start time), with their children. The data
 (PostgreSQL cluster, SeaweedFS volumes) stays in DIR, so a later `start` finds everything again.
@@ -48,7 +49,7 @@ BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 POOL = "visionops"
 DB_USER = "visionops"
-BUCKETS = ("mlflow", "dvc")
+BUCKETS = ("mlflow", "dvc", "inference")  # artifacts, the DVC remote, the inference log
 DVC_REMOTE = "services"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
@@ -211,12 +212,16 @@ class Services:
         return psycopg2.connect(self.db_url(db), passfile=str(self.pgpass))
 
     def client_env(self) -> dict[str, str]:
-        """What clients (and workers) need: the servers' URLs, and the S3 keys for DVC."""
+        """What clients (and workers) need: the servers' URLs, the S3 keys for DVC, and the inference log's
+        location (VISIONOPS_LOG_URI, read by the served models) with the endpoint and region pyarrow reads."""
         return {
             "MLFLOW_TRACKING_URI": self.urls["mlflow"],
             "PREFECT_API_URL": self.urls["prefect"] + "/api",
             "VISIONOPS_DVC_REMOTE": f"s3://{BUCKETS[1]}",
             "VISIONOPS_DVC_ENDPOINTURL": self.urls["s3"],
+            "VISIONOPS_LOG_URI": f"s3://{BUCKETS[2]}/log",
+            "AWS_ENDPOINT_URL": self.urls["s3"],
+            "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ACCESS_KEY_ID": self.creds["AWS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": self.creds["AWS_SECRET_ACCESS_KEY"],
         }

@@ -19,7 +19,8 @@ class Project:
         """A copy of the project at `path`, with `params` (e.g. a preset) as its params.yaml."""
         self.path = path
         path.mkdir(parents=True)
-        for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        for name in ("dvc.yaml", ".gitignore", ".dvcignore", "data/imports.csv"):
+            (path / name).parent.mkdir(exist_ok=True)
             shutil.copy(ROOT / name, path / name)
         shutil.copy(params, path / "params.yaml")
         shutil.copytree(ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

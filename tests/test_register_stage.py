@@ -52,10 +52,12 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     held = dataset.Split(_images(labels, rng), labels, [f"holdout/{i}.png" for i in range(60)])
     # one frozen set of images, under both names the promotion code has used for it
     dataset.save(dataset.Dataset(NAMES, {"holdout": held, "test": held}, "synthetic"), out / "holdout")
+    val = dataset.Split(_images(labels[:30], rng), labels[:30], [f"val/{i}.png" for i in range(30)])
+    dataset.save(dataset.Dataset(NAMES, {"val": val}, "synthetic"), out / "dataset")  # register's reference profile
     train_labels = np.arange(240) % 3
     x = torch.from_numpy(_images(train_labels, rng)).permute(0, 3, 1, 2)
     y = torch.from_numpy(train_labels)
-    paths = {"holdout": out / "holdout"}
+    paths = {"holdout": out / "holdout", "dataset": out / "dataset"}
     for name, (seed, steps) in {"teacher": (0, 40), "student": (1, 40), "student2": (2, 40)}.items():
         torch.manual_seed(seed)
         model = classifier.build("lenet", NAMES, SHAPE, [0.3], [0.3])
@@ -71,7 +73,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def project(tmp_path, assets, monkeypatch) -> Path:
-    """A project folder (params.yaml, models/, data/holdout) with its own MLflow store; cwd is inside it."""
+    """A project folder (params.yaml, models/, data/holdout, data/dataset) with its own MLflow store; cwd is inside it."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", teacher_model_name=TEACHER,
                             student_model_name=STUDENT)  # fmt: skip
@@ -82,6 +84,7 @@ def project(tmp_path, assets, monkeypatch) -> Path:
     shutil.copy(assets["teacher"], tmp_path / layout.TEACHER)
     shutil.copy(assets["student"], tmp_path / layout.STUDENT)
     shutil.copytree(assets["holdout"], tmp_path / layout.HOLDOUT)
+    shutil.copytree(assets["dataset"], tmp_path / layout.DATASET)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)

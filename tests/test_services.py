@@ -117,12 +117,45 @@ def test_sigv4_is_enforced(stack):
     import botocore.exceptions
 
     services, _ = stack
-    assert {"mlflow", "dvc"} <= {b["Name"] for b in services.s3_client().list_buckets()["Buckets"]}
+    assert set(svc.BUCKETS) == {"mlflow", "dvc", "inference"} <= {b["Name"] for b in services.s3_client().list_buckets()["Buckets"]}
     with pytest.raises(botocore.exceptions.ClientError) as err:
         services.s3_client(secret="not-the-secret").list_buckets()
     assert err.value.response["Error"]["Code"] in {"SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId"}
     env = services.env_file.read_text()
     assert "MLFLOW_TRACKING_URI=" in env and "PREFECT_API_URL=" in env and oct(services.env_file.stat().st_mode)[-3:] == "600"
+
+
+LOG_THROUGH_ENV_FILE = """
+import json, sys, pandas as pd
+from visionops.monitoring.inference_log import LogWriter, read_log, read_status
+w = LogWriter.from_settings({"log_uri": sys.argv[1], "flush_rows": 10, "sample_images": 1.0})
+frame = pd.DataFrame({"time": pd.Timestamp.now(tz="UTC"), "request_id": "s3req", "row": range(25)})
+w.write(frame, raw=[b"\\x89PNG\\r\\n\\x1a\\n"] * 25)
+w.close()
+print(json.dumps({"stats": w.stats, "rows": sorted(read_log(sys.argv[1]).row.tolist()), "status": read_status(sys.argv[1])}))
+"""
+
+
+def test_the_inference_log_goes_to_its_bucket_with_the_env_file_alone(stack, tmp_path):
+    """`source .services/env` is all a served model needs to log to s3://inference/log: a process with only that
+    (no AWS setting of its own) writes rows, a sampled image and its status there, and reads the rows back."""
+    services, _ = stack
+    env_file = svc._read_env_file(services.env_file)
+    uri = env_file["VISIONOPS_LOG_URI"]
+    assert uri == "s3://inference/log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}, **env_file,
+           "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", LOG_THROUGH_ENV_FILE, uri], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert out["stats"]["rows_written"] == 25 and out["stats"]["files"] == 3 and out["stats"]["write_errors"] == 0
+    assert out["rows"] == list(range(25)) and out["status"][0]["rows_written"] == 25
+    keys = [o["Key"] for o in services.s3_client().list_objects_v2(Bucket="inference").get("Contents", [])]
+    assert sum(k.startswith("log/day=") and k.endswith(".parquet") for k in keys) == 3, keys
+    samples = sorted(k.rsplit("/", 1)[1] for k in keys if k.startswith("log/samples/day=") and not k.endswith("/"))
+    assert samples == sorted(f"s3req-{i}.png" for i in range(25)), keys  # "/": pyarrow's folder markers
+    assert any(k.startswith("log/_status/") and k.endswith(".json") for k in keys), keys
 
 
 def test_two_workers_run_two_training_deployments_at_once(stack):

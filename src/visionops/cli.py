@@ -328,8 +328,10 @@ def _nothing_to_register(params) -> dict | None:
     "Under `dvc exp run` (DVC_EXP_NAME set) it only registers: the versions are tagged "
     "visionops.experiment=<name>, and no alias moves (promote one with `visionops promote --version N`). "
     "DVC reruns it on every `dvc repro` (the registry is state DVC cannot see): when every file is registered "
-    "already, holds its alias and was judged, it says so in one line and opens no MLflow run.",
-    sections=("mlflow", "promote", "evaluate"),
+    "already, holds its alias and was judged, it says so in one line and opens no MLflow run. Each new version "
+    f"carries the inference log's settings (params monitor), embedding projection and reference profile "
+    f"({layout.DATASET}/'s val split): served, it writes the log (monitor.log_uri).",
+    sections=("mlflow", "promote", "evaluate", "monitor"),
     tracked_in_process=True,
     up_to_date=_nothing_to_register,
 )
@@ -356,13 +358,15 @@ def _register(
     experiment: str | None = None, started: Path | None = None,
 ) -> dict:
     """Register `model_path` unless a version with its content exists; a new version carries the
-    membership-inference audit of `reports_dir`'s details.json (the stage that measured the file), and the
-    starting point recorded in `started` (the train stage's details.json).
+    membership-inference audit of `reports_dir`'s details.json (the stage that measured the file), the
+    starting point recorded in `started` (the train stage's details.json), and the inference log's
+    projection and reference profile (of data/dataset's val split, `monitoring.reference`).
 
     On the main line (`experiment` None) the version gets the alias challenger (unless it is the
     champion), and a model without a champion has it judged by the gates once (on the holdout) and made
     champion if it passes. A DVC experiment's version is tagged with its name and moves no alias.
     """
+    from visionops.monitoring import reference
     from visionops.serving.promotion import (
         CHAMPION,
         find_version_by_file,
@@ -381,7 +385,11 @@ def _register(
         tags = {**run.lineage_tags, "visionops.stage": run.stage, **(extra_tags or {})}
         if experiment:
             tags[EXPERIMENT_TAG] = experiment
-        version = _task(params).log_model(model_path, name, tags, None if experiment else CHALLENGER)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="visionops-profile-") as tmp:
+            profile = reference.build(params.task, model_path, layout.DATASET, params.monitor.model_dump(), Path(tmp), name)
+            version = _task(params).log_model(model_path, name, tags, None if experiment else CHALLENGER, profile)
         details = Path(reports_dir) / "details.json"
         if details.is_file():
             record_audit(name, str(version.version), json.loads(details.read_text()))
@@ -500,7 +508,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     "The answer is a classifier's label and probability, a detector's detections (JSON: boxes in the image's "
     "pixels, labels, scores, after NMS), or a segmenter's mask (base64 PNG at the image's size) and classes. "
     "Every row is written first; then the exit code is 1 if any file failed. A model whose weights file changed "
-    "since it was registered (its SHA-256 differs from the one recorded) is refused before anything is predicted.",
+    "since it was registered (its SHA-256 differs from the one recorded) is refused before anything is predicted. "
+    "Each image is also a row of the inference log: in the model's monitor.log_uri as registered (default "
+    "logs/inference/, a Parquet folder per day, relative to the working directory), or $VISIONOPS_LOG_URI when set "
+    "(empty: no log); a model registered before the log existed logs only when that variable is set.",
     arguments=_predict_arguments,
 )
 def _predict(params, args, run) -> dict:
@@ -512,6 +523,29 @@ def _predict(params, args, run) -> dict:
     _require_alias(uri)
     rows = predict_paths(uri, args.paths, args.out, batch_size=args.batch_size)
     return {"model": uri, "images": rows, "csv": str(args.out)}
+
+
+def _import_labels_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="the reviewed images, labelled, in the layout of data.source")
+    p.add_argument("--dry-run", action="store_true", help="check and count only; copy nothing")
+
+
+@command(
+    "import-labels",
+    "add reviewed, labelled images (e.g. the inference log's samples) to the data source",
+    "Read FOLDER with data.source's reader (folder, voc, yolo or masks, in that source's layout) and check every "
+    "image and label as validate would (decodable, classes in data.root's class set, boxes inside their image, "
+    "mask sizes and values, not blank): any problem fails naming the files, and nothing is copied. Then copy each "
+    "file into data.root where the source reads it, atomically, never overwriting (the same bytes are skipped, "
+    "other bytes fail naming both), and list them in "
+    f"{layout.IMPORTS}, which download depends on: the next `dvc repro` places the new images by the stable "
+    "splits, moving none already placed. Generated sources (digits, cifar10, canvases) and coco are refused.",
+    arguments=_import_labels_arguments,
+)
+def _import_labels(params, args, run) -> dict:
+    from visionops.data.import_labels import import_labels
+
+    return import_labels(params, args.folder, dry_run=args.dry_run)
 
 
 REGISTER_FIRST = ("run `dvc repro` (or `make run`): its register stage registers the trained models and makes the "
@@ -644,6 +678,7 @@ HEADLINES = {
                  "miou", "pixel_accuracy", "dice", "source_miou",  # segmentation
                  "mia_auc", "mia_tpr_at_1pct_fpr",  # membership-inference audit (every task)
                  "latency_batch_ms"),
+    "import-labels": ("dry_run", "imported", "skipped", "label_files", "per_class", "record", "next"),
     "distill": ("student_acc", "baseline_acc", "kd_gain", "teacher_acc", "int8_acc", "mia_auc", "cpu_speedup"),
 }
 REPORTS = {"validate": layout.VALIDATE_REPORTS, "label_issues": layout.LABEL_ISSUES_REPORTS, "prepare": layout.PREPARE_REPORTS,

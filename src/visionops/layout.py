@@ -4,6 +4,7 @@ from pathlib import Path
 
 DATASET = Path("data/dataset")
 HOLDOUT = Path("data/holdout")  # frozen split for promotion and monitoring only (one split: "holdout")
+IMPORTS = Path("data/imports.csv")  # the files `import-labels` added to data.root; download depends on it
 PREPARED = Path("data/prepared")
 REPORTS = Path("reports")
 VALIDATE_REPORTS = REPORTS / "validate"

@@ -13,9 +13,11 @@ from visionops.atomic import atomic_dir
 from visionops.config import DataConfig, ParamsError
 from visionops.data import changes, dataset
 from visionops.data.dataset import Dataset, Split
+from visionops.data.imports import imported_at
 from visionops.data.neardup import group_identities
 from visionops.data.sources import load_source
 from visionops.data.splits import hash_split
+from visionops.layout import IMPORTS
 
 HOLDOUT = "holdout"
 # Below this many images a holdout cannot judge a promotion: a score on n images is known to about
@@ -40,25 +42,30 @@ def _take(split: Split, idx: np.ndarray) -> Split:
     )
 
 
-def group_near_duplicates(splits: dict[str, Split], max_distance: int) -> None:
+def group_near_duplicates(splits: dict[str, Split], max_distance: int,
+                          imported: dict[tuple[str, str], str] | None = None) -> None:
     """Set every split's `groups` over all of the source's images, where the source gave perceptual hashes
-    (`visionops.data.neardup`); a source that gave none keeps `groups` empty (it splits by identity)."""
+    (`visionops.data.neardup`), each group named by its earliest members (`imported`: {(path, sha256): time},
+    `data.imports`); a source that gave none keeps `groups` empty (it splits by identity)."""
     hashes = [h for split in splits.values() for h in split.near_hashes]
     if not any(hashes):
         return
     identities = [i for split in splits.values() for i in split.identities]
-    groups = group_identities(identities, hashes, max_distance)
+    ranks = [(imported or {}).get(key, "") for split in splits.values() for key in zip(split.paths, split.sha256)]
+    groups = group_identities(identities, hashes, max_distance, ranks)
     start = 0
     for split in splits.values():
         split.groups, start = groups[start : start + len(split)], start + len(split)
 
 
-def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
+def carve_splits(splits: dict[str, Split], cfg: DataConfig,
+                 imported: dict[tuple[str, str], str] | None = None) -> dict[str, Split]:
     """train, val, test and holdout: the holdout, then val and test unless the source has them, hashed out of train.
 
     The holdout comes first so that its membership depends on the seed and `holdout_fraction` only;
     each image's part is hashed from its group's identity (`group_near_duplicates`), or its own identity where
-    the source gave no perceptual hashes, never from its resized pixels (see `visionops.data.splits`).
+    the source gave no perceptual hashes, never from its resized pixels (see `visionops.data.splits`);
+    `imported`: the import record's times (`group_near_duplicates`).
     """
     fractions = {HOLDOUT: cfg.holdout_fraction}
     fractions |= {name: getattr(cfg, f"{name}_fraction") for name in ("val", "test") if name not in splits}
@@ -68,14 +75,14 @@ def carve_splits(splits: dict[str, Split], cfg: DataConfig) -> dict[str, Split]:
     train = splits["train"]
     if len(train.identities) != len(train):
         raise ValueError(f"data.source {cfg.source!r} gave {len(train.identities)} identities for {len(train)} images")
-    group_near_duplicates(splits, cfg.near_duplicate_max_distance)
+    group_near_duplicates(splits, cfg.near_duplicate_max_distance, imported)
     parts = hash_split(train.groups or train.identities, fractions, cfg.seed)
     carved = {**splits, **{name: _take(train, idx) for name, idx in parts.items()}}
     return {name: carved[name] for name in (*dataset.SPLITS, HOLDOUT)}
 
 
 def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None,
-                 task: str = "classification", targets: str | None = None) -> dict:
+                 task: str = "classification", targets: str | None = None, imports: Path | None = IMPORTS) -> dict:
     """Load `cfg.source` (with `targets`, `data.sources.TARGETS`, for a dense source), carve the splits, and
     write the dataset of `task` (train/val/test) to `out_dir` and the holdout (one split, "holdout") to
     `holdout_dir`, both atomically and together.
@@ -83,12 +90,13 @@ def run_download(cfg: DataConfig, out_dir: Path, holdout_dir: Path | None = None
     With no `holdout_dir` the holdout is still kept out of train/val/test, just not written. A dense
     source's per-object facts go beside each split's arrays (`visionops.data.dense.write_tables`). A source of
     files is compared with the last download's record of their SHA-256 (`visionops.data.changes`), which is
-    replaced once both directories are written.
+    replaced once both directories are written. `imports`: the record of `import-labels` (`data.imports`), whose
+    images join a near-duplicate group without renaming it.
     """
     src = load_source(cfg, targets)
     digests = changes.source_digests(src)
     changes.check(cfg, digests, out_dir)
-    parts = carve_splits(src.splits, cfg)
+    parts = carve_splits(src.splits, cfg, imported_at(imports))
     if len(parts[HOLDOUT]) < MIN_HOLDOUT:
         print(f"download: warning: the holdout has {len(parts[HOLDOUT])} images (data.holdout_fraction "
               f"{cfg.holdout_fraction:g}); below {MIN_HOLDOUT} its scores are too uncertain for promote and "

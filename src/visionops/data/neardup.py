@@ -2,7 +2,8 @@
 
 `download` hashes each source file's decoded image at source resolution (`perceptual_hash`, imagehash's pHash
 or dHash: 64 bits, stored as 16 hex digits) and splits by group (`group_identities`): a group's identity is the
-smallest identity among its members, so every member of a group lands in the same part. Images the source
+smallest identity among its earliest members (an imported image is later: `data.imports`), so every member of
+a group lands in the same part, and an imported copy joins its group without moving it. Images the source
 generates (digits, cifar10, canvases) get no perceptual hash: their groups are their exact duplicates.
 """
 
@@ -61,10 +62,14 @@ def components(identities: list[str], hashes: list[str], max_distance: int) -> n
     return np.unique(label[:n], return_inverse=True)[1]
 
 
-def group_identities(identities: list[str], hashes: list[str], max_distance: int) -> list[str]:
-    """Each image's group identity: the smallest identity of its group (`components`)."""
+def group_identities(identities: list[str], hashes: list[str], max_distance: int,
+                     ranks: list[str] | None = None) -> list[str]:
+    """Each image's group identity: the smallest identity of its group (`components`), among its members of the
+    smallest rank when `ranks` are given (the time an image was imported, "" before any: `data.imports`), so
+    that an image added later joins a group without renaming it."""
     comp = components(identities, hashes, max_distance)
-    order = np.argsort(np.asarray(identities, dtype=object), kind="stable")
+    ranks = ranks or [""] * len(identities)
+    order = sorted(range(len(identities)), key=lambda k: (ranks[k], identities[k]))
     smallest: dict[int, str] = {}
     for k in order:
         smallest.setdefault(int(comp[k]), identities[k])

@@ -2,5 +2,10 @@
 the retraining trigger.
 
 - `log_schema`: the inference log's row (one per image a served model was asked about).
-- `inference_log`: the log's writer (Parquet files in a folder per day, local or S3) and reader.
+- `inference_log`: the log's writer (Parquet files in a folder per day, local or S3, from a background thread)
+  and reader.
+- `samples`: the raw images a served model keeps for labelling (`monitor.sample_images`), beside the log.
+- `served_log`: the served model's rows (opened in the pyfunc's `load_context`, written from `predict_values`).
+- `summaries`, `embedding`: a row's image and answer summaries; its embedding (pooled features, projected).
+- `reference`: the version's projection and reference profile, built at registration; `load_reference`.
 """

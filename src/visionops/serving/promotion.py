@@ -601,7 +601,8 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
     decoding, preprocessing, prediction), so the answers and errors equal what `mlflow models
     serve` returns. A file that cannot be read or decoded gets empty answers and its error
     (also on stderr); after writing every row, PredictionFailed is raised if any file failed.
-    Returns the number of rows (files) written.
+    Each image is also a row of the model's inference log, when on (`monitoring.served_log`); rows the log
+    lost are counted on stderr. Returns the number of rows (files) written.
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -635,6 +636,13 @@ def predict_paths(model_uri: str, paths: list[Path], out_csv: Path, batch_size: 
                 else:
                     rows.append([str(f), *(f"{v:.6f}" if isinstance(v, float) else v for v in pred[:-1]), ""])
             bar.update(len(chunk))
+    log = getattr(model, "served_log", None)  # the inference log: on when the model carries `monitor` or $VISIONOPS_LOG_URI is set
+    if log is not None:
+        log.close()
+        lost = log.stats["rows_dropped"] + log.stats["failed_rows"]
+        if lost:
+            print(f"warning: inference log {log.uri}: {lost} of {len(files)} rows not written "
+                  f"({log.stats['last_error'] or log.stats['last_build_error']}); the answers are unaffected", file=sys.stderr)
     with atomic_path(out_csv) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", *columns, "error"])

@@ -24,6 +24,7 @@ import binascii
 import io
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -118,11 +119,15 @@ def check_image_size(width: int, height: int) -> None:
         )
 
 
-def decode_image_bytes(data: bytes, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
+def decode_image_bytes(data: bytes, image_size: int, channels: int, resize: str = "squash",
+                       sent: list | None = None) -> np.ndarray:
     """Decode PNG/JPEG bytes and canonicalise them exactly as `images.decode_file` does; an image
-    over MAX_IMAGE_PIXELS is refused from its header (`Image.open` reads only that), before decoding."""
+    over MAX_IMAGE_PIXELS is refused from its header (`Image.open` reads only that), before decoding.
+    `sent`, when a list, receives the (width, height, channels) the header gives."""
     with Image.open(io.BytesIO(data)) as img:
         check_image_size(*img.size)
+        if sent is not None:
+            sent.append((*img.size, len(img.getbands())))
         img.load()
         return to_canonical(img, image_size, channels, resize)
 
@@ -146,7 +151,7 @@ def _b64decode(text: str) -> bytes:
         return base64.b64decode(text, altchars=b"-_", validate=True)  # URL-safe; binascii.Error if neither
 
 
-def _array_image(value, image_size: int, channels: int, resize: str) -> np.ndarray:
+def _array_image(value, image_size: int, channels: int, resize: str, sent: list | None = None) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except ValueError as exc:  # ragged nested lists
@@ -162,12 +167,15 @@ def _array_image(value, image_size: int, channels: int, resize: str) -> np.ndarr
         if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) and arr.min() >= 0 and arr.max() <= 255):
             raise ValueError("pixel values must be whole numbers in 0..255 (uint8)")
         arr = arr.astype(np.uint8)
+    if sent is not None:
+        sent.append((arr.shape[1], arr.shape[0], arr.shape[2] if arr.ndim == 3 else 1))
     return array_to_canonical(np.ascontiguousarray(arr), image_size, channels, resize)
 
 
-def to_image(value, image_size: int, channels: int, resize: str = "squash") -> np.ndarray:
+def to_image(value, image_size: int, channels: int, resize: str = "squash", sent: list | None = None) -> np.ndarray:
     """One input value (base64 string, encoded bytes, PIL image or pixel array) → canonical uint8 H x W x C
-    (`resize`: data.resize, `images.placement`)."""
+    (`resize`: data.resize, `images.placement`); `sent`, when a list, receives the value's (width, height,
+    channels) as sent (from the header, before decoding)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise ValueError("no image (empty value)")
     if isinstance(value, str):
@@ -177,15 +185,17 @@ def to_image(value, image_size: int, channels: int, resize: str = "squash") -> n
             raise ValueError("string is not base64-encoded image data") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
-            return decode_image_bytes(bytes(value), image_size, channels, resize)
+            return decode_image_bytes(bytes(value), image_size, channels, resize, sent)
         except ImageTooLargeError:
             raise
         except Exception as exc:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
             raise ValueError(f"cannot decode image bytes: {describe_decode_error(exc)}") from None
     if isinstance(value, Image.Image):
         check_image_size(*value.size)
+        if sent is not None:
+            sent.append((*value.size, len(value.getbands())))
         return to_canonical(value, image_size, channels, resize)
-    return _array_image(value, image_size, channels, resize)
+    return _array_image(value, image_size, channels, resize, sent)
 
 
 def input_size(value) -> tuple[int, int] | None:
@@ -266,12 +276,17 @@ def _rows(model_input) -> tuple[list, list]:
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """Serves a visionops classifier: see `predict` for the accepted inputs and the output columns."""
 
+    task = "classification"
     predict_columns = ("label", "probability")  # what `visionops predict` writes per file
     answers_in_input_pixels = False  # boxes and masks: predict_canonical gets each input's size
+    served_log = None  # the inference log (`monitoring.served_log`), opened by load_context when on
 
     def load_context(self, context) -> None:
+        from visionops.monitoring.served_log import ServedLog
+
         verify_weights(context.artifacts[MODEL_ARTIFACT])  # refuses weights changed since registration
         self.load(context.artifacts[MODEL_ARTIFACT])
+        self.served_log = ServedLog.open(self, context.artifacts)
 
     def load(self, path: str | Path) -> ImageClassifierModel:
         """Load the visionops .pt file on the CPU (also usable without MLflow)."""
@@ -286,21 +301,25 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def output_columns(self) -> list[str]:
         return ["label", "label_index", "probability", *(PROB_PREFIX + c for c in self.class_names), ERROR_COLUMN]
 
-    def canonical(self, value) -> np.ndarray:
-        """One input value → the canonical uint8 H x W x C array the network was trained on."""
-        return to_image(value, self.image_shape[0], self.image_shape[2], self.resize)
+    def canonical(self, value, sent: list | None = None) -> np.ndarray:
+        """One input value → the canonical uint8 H x W x C array the network was trained on (`sent`: `to_image`'s)."""
+        return to_image(value, self.image_shape[0], self.image_shape[2], self.resize, sent)
 
-    def canonical_rows(self, values: list) -> tuple[np.ndarray, list[str]]:
+    def canonical_rows(self, values: list, sent: list | None = None) -> tuple[np.ndarray, list[str]]:
         """(N x H x W x C uint8, per-row error): the error is "" or a one-line reason the value is not
-        a usable image (its pixels are then zeros)."""
+        a usable image (its pixels are then zeros). `sent`, when a list, receives each row's (width, height,
+        channels) as sent, None for a refused row."""
         h, w, c = self.image_shape
         out = np.zeros((len(values), h, w, c), dtype=np.uint8)
         errors = [""] * len(values)
         for i, value in enumerate(values):
+            shape = [] if sent is not None else None
             try:
-                out[i] = self.canonical(value)
+                out[i] = self.canonical(value, shape)
             except ValueError as exc:
                 errors[i] = " ".join(str(exc).split()) or type(exc).__name__
+            if sent is not None:
+                sent.append(shape[0] if shape and not errors[i] else None)
         return out, errors
 
     @torch.no_grad()
@@ -341,12 +360,24 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict_values(self, values: list, index=None) -> pd.DataFrame:
         """`predict`'s output for a list of input values (no row limit): each row answered on its own,
-        the usable ones predicted in batches."""
+        the usable ones predicted in batches; the rows go to the inference log when it is on (never failing
+        or changing the answer)."""
+        log = self.served_log
+        if log is None:
+            return self._answer(values, index)[0]
+        start, sent = time.perf_counter(), []
+        with log.watch() as seen:
+            out, images, errors = self._answer(values, index, sent)
+        log.record(values, images, errors, sent, out, seen, time.perf_counter() - start)
+        return out
+
+    def _answer(self, values: list, index=None, sent: list | None = None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+        """(`predict_values`' output, the canonical images, the per-row errors); `sent`: `canonical_rows`'."""
         sizes = [input_size(v) for v in values] if self.answers_in_input_pixels else None
-        images, errors = self.canonical_rows(values)
+        images, errors = self.canonical_rows(values, sent)
         good = [i for i, e in enumerate(errors) if not e]
         if len(good) == len(errors):
-            return self.predict_canonical(images, index=index, sizes=sizes)
+            return self.predict_canonical(images, index=index, sizes=sizes), images, errors
         out = pd.DataFrame({c: [None] * len(errors) for c in self.output_columns}, dtype=object)  # JSON null
         if good:
             good_sizes = [sizes[i] for i in good] if sizes else None
@@ -354,7 +385,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         out[ERROR_COLUMN] = errors
         if index is not None:
             out.index = index
-        return out
+        return out, images, errors
 
 
 # ------------------------------------------------------------------------------------------
@@ -419,10 +450,11 @@ def log_classifier(
     example_image: np.ndarray | None = None,
     client: MlflowClient | None = None,
     alias: str | None = CHALLENGER,
+    profile=None,
 ) -> ModelVersion:
     """Log `model_path` (a visionops .pt) as pyfunc model "model" in the active run, register it as
     a new version of `registered_name`, point `alias` at it (none when None: a DVC experiment's
-    version moves no alias) and tag it (plus run_id).
+    version moves no alias) and tag it (plus run_id); `profile`: as `log_pyfunc`'s.
     """
     _, info = classifier.load(model_path)  # fails early and clearly on a missing/corrupt file
     class_names = list(info["class_names"])
@@ -437,7 +469,7 @@ def log_classifier(
     }
     return log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature_for(class_names),
                       metadata=metadata, tags=tags, example_image=example_image, client=client, alias=alias,
-                      privacy=info.get("privacy"))
+                      privacy=info.get("privacy"), profile=profile)
 
 
 def log_pyfunc(
@@ -452,10 +484,13 @@ def log_pyfunc(
     client: MlflowClient | None = None,
     alias: str | None = CHALLENGER,
     privacy: dict | None = None,
+    profile=None,
 ) -> ModelVersion:
     """Log `model_path` as pyfunc model "model" of the models-from-code file `code` (any task's) in the
     active run, register it as a new version of `registered_name`, point `alias` at it and tag it; a model
-    trained with DP-SGD (`privacy`, from its file) gets its (ε, δ) in the tags and the description."""
+    trained with DP-SGD (`privacy`, from its file) gets its (ε, δ) in the tags and the description. With the
+    inference log's `profile` (`monitoring.reference.build`), its projection and reference are artifacts
+    and its `monitor` settings metadata: the served model then writes the log."""
     run = mlflow.active_run()
     if run is None:
         raise RegistryError("logging a model needs an active MLflow run (wrap it in mlflow.start_run())")
@@ -465,11 +500,18 @@ def log_pyfunc(
         example_image = np.zeros((h, w, c), dtype=np.uint8)
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]})
     sha256 = file_sha256(model_path)
-    with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp:
+    from visionops.monitoring import served_log
+    from visionops.monitoring.served_log import MONITOR_METADATA, NAME_METADATA
+
+    artifacts, metadata = {MODEL_ARTIFACT: str(model_path)}, {**metadata, NAME_METADATA: registered_name}
+    if profile is not None:
+        artifacts |= profile.artifacts
+        metadata[MONITOR_METADATA] = profile.settings
+    with tempfile.TemporaryDirectory(prefix="visionops-code-") as tmp, served_log.off():  # the example is no request
         model_info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(code),  # models-from-code: loading never unpickles
-            artifacts={MODEL_ARTIFACT: str(model_path)},
+            artifacts=artifacts,
             code_paths=[str(_package_copy(Path(tmp)))],
             signature=signature,
             input_example=example,

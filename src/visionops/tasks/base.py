@@ -59,9 +59,10 @@ class Task(Protocol):
         """Distil, measure and export the student; its membership audit uses `holdout_dir` as `evaluate`'s does."""
         ...
 
-    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None, profile=None):
         """Register the model file as a new version of `name` (an MLflow pyfunc serving raw images) with
-        `tags` and `alias`, inside the active run; return the ModelVersion."""
+        `tags` and `alias`, inside the active run, with the inference log's `profile` (`monitoring.reference`)
+        when given; return the ModelVersion."""
         ...
 
     def score_served(self, model, split: Split, ds: Dataset, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:

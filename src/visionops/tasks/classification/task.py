@@ -73,10 +73,10 @@ class Classification:
                            recorded_augment(prepared_dir), student_path, reports_dir, checkpoints_dir,
                            on_epoch=on_epoch, baseline_path=baseline_path, holdout_dir=holdout_dir)
 
-    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None, profile=None):
         from visionops.serving.pyfunc import log_classifier
 
-        return log_classifier(model_path, name, tags=tags, alias=alias)
+        return log_classifier(model_path, name, tags=tags, alias=alias, profile=profile)
 
     def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
         from visionops.tasks.classification.served_scores import score_served

@@ -71,7 +71,7 @@ class Detection:
                            recorded_augment(prepared_dir), params.detection, student_path, reports_dir,
                            checkpoints_dir, on_epoch=on_epoch, baseline_path=baseline_path, holdout_dir=holdout_dir)
 
-    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None, profile=None):
         """Register `model_path` as a new version of `name` (models-from-code: served.py)."""
         from visionops.serving.pyfunc import log_pyfunc
         from visionops.tasks.detection import detector
@@ -82,7 +82,7 @@ class Detection:
                     "image_shape": [int(s) for s in info["image_shape"]], "rule": info["rule"],
                     "resize": info.get("resize", "squash")}
         return log_pyfunc(model_path, name, code=SERVED_MODEL_CODE, signature=signature(), metadata=metadata,
-                          tags=tags, alias=alias)
+                          tags=tags, alias=alias, profile=profile)
 
     def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
         """The served detector (the registered pyfunc's model) on `split`: mAP@.5 of its detections at its

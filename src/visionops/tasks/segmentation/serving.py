@@ -80,11 +80,12 @@ def signature() -> ModelSignature:
     )
 
 
-def log_segmenter(model_path: Path, registered_name: str, *, tags: dict, alias: str | None = pyfunc.CHALLENGER):
+def log_segmenter(model_path: Path, registered_name: str, *, tags: dict, alias: str | None = pyfunc.CHALLENGER,
+                  profile=None):
     """Log `model_path` as pyfunc model "model" in the active run, register it as a new version of
     `registered_name`, point `alias` at it and tag it (`pyfunc.log_pyfunc`, as for every task)."""
     _, info = segmenter.load(model_path)  # fails early and clearly on a missing or foreign file
     metadata = {"task": "segmentation", "class_names": list(info["class_names"]), "arch": info["arch"],
                 "image_shape": [int(s) for s in info["image_shape"]], "resize": info.get("resize", "squash")}
     return pyfunc.log_pyfunc(model_path, registered_name, code=SERVED_MODEL_CODE, signature=signature(),
-                             metadata=metadata, tags=tags, alias=alias)
+                             metadata=metadata, tags=tags, alias=alias, profile=profile)

@@ -71,10 +71,10 @@ class Segmentation:
                            recorded_augment(prepared_dir), student_path, reports_dir, checkpoints_dir,
                            on_epoch=on_epoch, baseline_path=baseline_path, holdout_dir=holdout_dir)
 
-    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None):
+    def log_model(self, model_path: Path, name: str, tags: dict, alias: str | None, profile=None):
         from visionops.tasks.segmentation.serving import log_segmenter
 
-        return log_segmenter(model_path, name, tags=tags, alias=alias)
+        return log_segmenter(model_path, name, tags=tags, alias=alias, profile=profile)
 
     def score_served(self, model, split, ds, cfg) -> tuple[dict, np.ndarray]:
         """The served segmenter (the registered pyfunc's model) on `split`: mIoU, per-class IoU, pixel
