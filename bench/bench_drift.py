@@ -100,7 +100,7 @@ def load_pool(args):
         params = {"data": {"source": "folder", "root": str(pool_root), "channels": 3, "image_size": 32}}
     else:
         params = {"data": {"seed": 1, "canvases": {"count": args.pool_images}}}
-    proj = args.work / "pool-project"
+    proj = args.work / ("pool-project" if args.task == "classification" else f"pool-project-{args.pool_images}")
     if not (proj / "data" / "dataset" / "meta.json").exists():
         stage(project(proj, {**params, "mlflow": {"enabled": False}}, PRESETS[args.task]), "download")
     parts = [*dataset.load(proj / "data" / "dataset", mmap=False).splits.values(),
