@@ -109,7 +109,7 @@ prefect-ui: setup  ## start (or reuse) the local Prefect server in the backgroun
 	@echo "Prefect UI: $(PREFECT_URL)   (API $(PREFECT_URL)/api; stop it with make prefect-stop)"
 
 schedule: prefect-ui  ## serve the deployments (training/nightly on params.yaml schedule.cron, ...) on the local server
-	@echo "serving training/nightly, promotion/manual, monitoring/daily; Prefect UI: $(PREFECT_URL) (Ctrl-C stops serving)"
+	@echo "serving training/nightly, promotion/manual, monitoring/daily, drift/hourly; Prefect UI: $(PREFECT_URL) (Ctrl-C stops serving)"
 	@echo $$$$ > "$(PREFECT_HOME)/serve.pid"; PREFECT_API_URL=$(PREFECT_URL)/api exec python -m pipelines serve
 
 prefect-stop:  ## stop what prefect-ui / schedule started: the serve process first (SIGTERM), then the server

@@ -3,6 +3,7 @@
     python -m pipelines training --set train.epochs=5 --set distill.epochs=3   # what `make flow` runs
     python -m pipelines promotion
     python -m pipelines monitoring
+    python -m pipelines drift                        # one window of the inference log; persistent drift retrains
     python -m pipelines serve                        # what `make schedule` runs (needs PREFECT_API_URL)
     python -m pipelines deploy --work-pool visionops # register on a remote server for a process worker
     python -m pipelines stop                         # what `make prefect-stop` runs: serve, then the server
@@ -55,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("monitoring", "evaluate the champion on the newest data; fail below monitor.min_score")
     p.add_argument("--no-refresh-data", dest="refresh_data", action="store_false",
                    help="do not fetch the source again: evaluate on the newest data the last run fetched")
-    add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily)")
+    p = add("drift", "judge the newest inference-log window against the champion's reference; retrain on persistent drift")
+    p.add_argument("--model", default=None, help="the registered model (default: params.yaml mlflow.teacher_model_name)")
+    p.add_argument("--alias", default="champion", help="its version to watch (default: %(default)s)")
+    add("serve", "serve the deployments (training/nightly, promotion/manual, monitoring/daily, drift/hourly)")
     p = add("deploy", "register the deployments on the server at PREFECT_API_URL")
     p.add_argument("--work-pool", default=None, help="the work pool whose workers run them (default: none, just register)")
     p = sub.add_parser("stop", help="stop the serve process, then the server, that make schedule / prefect-ui started")
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif args.command == "promotion":
         state = flows.promotion(project_dir=args.project_dir, return_state=True)
+    elif args.command == "drift":
+        from pipelines.drift import drift
+
+        state = drift(project_dir=args.project_dir, model_name=args.model, alias=args.alias, return_state=True)
     else:
         state = flows.monitoring(project_dir=args.project_dir, refresh_data=args.refresh_data, return_state=True)
     if not state.is_completed():

@@ -6,6 +6,8 @@
   `prefect deployment run promotion/manual`).
 - `monitoring/daily`: the champion on the newest data, daily at params.yaml `schedule.monitor_cron` (after the nightly
   retraining), in the same timezone.
+- `drift/hourly`: the newest window of the inference log against the champion's reference, on
+  `schedule.drift_cron`; persistent drift runs `training/nightly` (pipelines/drift.py).
 
 Locally (what `make schedule` does): a Prefect server on 127.0.0.1 and `python -m pipelines serve`,
 i.e. `main()`: `prefect.serve(...)` registers the deployments and runs their flow runs in subprocesses
@@ -36,10 +38,11 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
+from pipelines.drift import drift
 from pipelines.flows import monitoring, promotion, training
 
 ROOT = Path(__file__).resolve().parents[1]
-NIGHTLY, PROMOTION, MONITORING = "nightly", "manual", "daily"
+NIGHTLY, PROMOTION, MONITORING, DRIFT = "nightly", "manual", "daily", "hourly"
 TAGS = ["visionops"]
 
 
@@ -50,7 +53,7 @@ def _schedule_params(project_dir: Path):
 
 
 def _specs(project_dir: Path) -> list[tuple]:
-    """(flow, deployment name, its keyword arguments) of the three deployments."""
+    """(flow, deployment name, its keyword arguments) of the deployments."""
     schedule = _schedule_params(project_dir)
     project = {"project_dir": str(project_dir)}
     return [
@@ -65,11 +68,17 @@ def _specs(project_dir: Path) -> list[tuple]:
             "parameters": {**project, "refresh_data": True},
             "description": "The champion's accuracy on the newest data; fails below monitor.min_score.",
         }),
+        (drift, DRIFT, {
+            "schedules": [Cron(schedule.drift_cron, timezone=schedule.timezone)],
+            "parameters": project,
+            "description": "The newest inference-log window against the champion's reference; persistent drift "
+                           "starts training/nightly.",
+        }),
     ]
 
 
 def build_deployments(project_dir: Path | str = ROOT) -> list[RunnerDeployment]:
-    """The three deployments as `serve` runs them; their flow runs work in `project_dir` (default: this checkout)."""
+    """The deployments as `serve` runs them; their flow runs work in `project_dir` (default: this checkout)."""
     project_dir = Path(project_dir).resolve()
     return [f.to_deployment(name=name, tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH, **kw)
             for f, name, kw in _specs(project_dir)]
@@ -78,7 +87,7 @@ def build_deployments(project_dir: Path | str = ROOT) -> list[RunnerDeployment]:
 def register(project_dir: Path | str = ROOT, work_pool_name: str | None = None, source: str | None = None) -> list[str]:
     """Create or update the deployments on the server at PREFECT_API_URL; returns their ids.
 
-    With a work pool: each flow is loaded from source (`flow.from_source(source, "pipelines/flows.py:<flow>")`,
+    With a work pool: each flow is loaded from source (`flow.from_source(source, "pipelines/<module>.py:<flow>")`,
     by default this checkout, whose path every worker machine must have; or a git URL, cloned per run) and
     deployed to the pool, where a worker runs it; its schedules stay active whether or not a worker is up.
     Without: `apply()` only (their runs then wait for a `serve` process)."""
@@ -87,7 +96,8 @@ def register(project_dir: Path | str = ROOT, work_pool_name: str | None = None, 
         return [str(d.apply()) for d in build_deployments(project_dir)]
     ids = []
     for f, name, kw in _specs(project_dir):
-        remote = f.from_source(source=source or str(ROOT), entrypoint=f"pipelines/flows.py:{f.fn.__name__}")
+        entrypoint = f"{f.fn.__module__.replace('.', '/')}.py:{f.fn.__name__}"  # pipelines/flows.py:training
+        remote = f.from_source(source=source or str(ROOT), entrypoint=entrypoint)
         ids.append(str(remote.deploy(name=name, work_pool_name=work_pool_name, tags=TAGS, build=False, push=False,
                                      print_next_steps=False, ignore_warnings=True, **kw)))
     return ids

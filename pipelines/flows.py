@@ -10,6 +10,8 @@
              training workspace data/dataset or the frozen data/holdout), validates it, and evaluates the
              registered champion on its holdout split (images no model trains on); fails, with the
              numbers, when the headline metric < monitor.min_score.
+`drift`      (pipelines/drift.py) the newest window of the inference log against the champion's reference
+             profile; persistent drift starts the training deployment with a `cause`.
 
 Lineage: every stage subprocess gets VISIONOPS_PIPELINE_RUN_ID=prefect-<flow run id> and
 VISIONOPS_PREFECT_FLOW_RUN_ID=<flow run id>, so all MLflow stage runs of one flow run hang under one
@@ -83,6 +85,7 @@ MONITORING = Path("data") / "monitoring"  # the monitoring flow's own copy of th
 REPORTS = Path("reports")
 
 TRAINING_ARTIFACT, PROMOTION_ARTIFACT, MONITORING_ARTIFACT = "training-summary", "promotion-decisions", "monitoring-report"
+CAUSE_TAG = "visionops.cause"  # on every version a training run's promotion judged: why that run started (its `cause`)
 
 # (report, key, label) rows of the metrics table, taken from reports/<report>/{metrics,details,measured}.json
 METRICS = (
@@ -337,13 +340,14 @@ def _earlier_decision(client, name: str, gates: dict) -> dict | None:
     }
 
 
-def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
+def promote_all(project_dir: Path | str, rejudge: bool = True, cause: str | None = None) -> list[dict]:
     """The metric-gated promotion of the teacher, then the student; one outcome dict per model.
 
     A rejected challenger is an outcome (`"rejected"`, with the failed gates), as is a model with no
     challenger to decide on (`"no challenger"`: e.g. the first version was decided when it was registered).
     rejudge=False (the training flow): a challenger already rejected against the current champion keeps
     that decision instead of being scored again (the promotion flow and `visionops promote` rejudge).
+    cause: tagged (`visionops.cause`) on every version judged here (the training run's reason, e.g. `drift:<run>`).
     """
     import mlflow
 
@@ -371,6 +375,8 @@ def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
                 "score": None, "reasons": [str(exc)],
             })
             continue
+        if cause:
+            client.set_model_version_tag(name, d.challenger_version, CAUSE_TAG, cause)
         outcomes.append({
             "role": role, "model": name, "outcome": "promoted" if d.promoted else "rejected",
             "challenger_version": d.challenger_version,
@@ -383,10 +389,10 @@ def promote_all(project_dir: Path | str, rejudge: bool = True) -> list[dict]:
 
 
 @task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, persist_result=False)
-def promote_task(project_dir: str, rejudge: bool = True) -> list[dict]:
+def promote_task(project_dir: str, rejudge: bool = True, cause: str | None = None) -> list[dict]:
     """Promote teacher and student challengers that pass the gates in params.yaml `promote`."""
     logger = get_run_logger()
-    outcomes = promote_all(project_dir, rejudge)
+    outcomes = promote_all(project_dir, rejudge, cause)
     for o in outcomes:
         text = f"{o['role']} {o['model']}: {o['outcome']}"
         if o["challenger_version"]:
@@ -503,6 +509,8 @@ def training_markdown(summary: dict) -> str:
         "- overrides (applied through DVC; params.yaml restored afterwards): "
         + (", ".join(f"`{o}`" for o in summary["overrides"]) or "none"),
     ]
+    if summary.get("cause"):
+        out.append(f"- cause: `{summary['cause']}` (tagged `{CAUSE_TAG}` on the versions promotion judged)")
     if summary.get("pipeline_name"):
         out.append(f"- pipeline name (`{dvc_stages.PIPELINE_NAME_ENV}`): `{summary['pipeline_name']}`")
     if summary.get("experiment"):
@@ -538,11 +546,14 @@ def training(
     promote: bool = True,
     refresh_data: bool = False,
     experiment_name: str | None = None,
+    cause: str | None = None,
 ) -> dict:
     """Reproduce the DVC pipeline stage by stage, promote teacher and student, and report.
 
     overrides: params to run with, as `dvc exp run -S` sets them (`{"train.epochs": 5}`); the run is saved
         as a DVC experiment and params.yaml keeps its original bytes (see the module docstring).
+    cause: why this run started (the drift flow passes `drift:<its MLflow run id>`): in the summary, and tagged
+        `visionops.cause` on every model version the promotion judged.
     promote: run the metric-gated promotion of teacher and student afterwards.
     refresh_data: force the download stage to fetch the source again (a folder or URL source may have
         new data that DVC cannot see); downstream stages rerun only if the dataset changed.
@@ -555,7 +566,7 @@ def training(
     run_name = str(current_flow_run.name or flow_run_id)
     summary: dict = {
         "flow_run_id": flow_run_id, "pipeline_run_id": pipeline_id, "project_dir": str(root),
-        "overrides": [], "stage_order": [], "stages": [], "promotion": None, "experiment": None,
+        "overrides": [], "stage_order": [], "stages": [], "promotion": None, "experiment": None, "cause": cause,
     }
     originals: dict[Path, bytes] = {}
     try:
@@ -576,7 +587,7 @@ def training(
         elif not params.mlflow.enabled:
             summary["promotion_note"] = "skipped: mlflow.enabled is false, so nothing is registered"
         else:
-            summary["promotion"] = promote_task(str(root), rejudge=False)
+            summary["promotion"] = promote_task(str(root), rejudge=False, cause=cause)
     except BaseException as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         if summary["stages"] and summary["stages"][-1]["state"] == "running":

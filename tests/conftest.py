@@ -63,6 +63,16 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images") / "tree")
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: flows and tasks of this session run against a temporary database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 _SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 

@@ -49,16 +49,6 @@ FAST = {
 # fixtures and helpers
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """Prefect's test harness: flows and tasks of this session run against a temporary database."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def no_retry_delays(monkeypatch):
     monkeypatch.setattr(flows, "DOWNLOAD_BACKOFF_S", 0.0)
@@ -615,6 +605,7 @@ def test_nightly_deployment_is_registered_with_the_params_cron(prefect_server):
         nightly = client.read_deployment_by_name("training/nightly")
         promotion = client.read_deployment_by_name("promotion/manual")
         monitoring = client.read_deployment_by_name("monitoring/daily")
+        drift = client.read_deployment_by_name("drift/hourly")
     assert len(nightly.schedules) == 1
     (sched,) = nightly.schedules
     assert sched.active and not nightly.paused
@@ -622,6 +613,7 @@ def test_nightly_deployment_is_registered_with_the_params_cron(prefect_server):
     assert nightly.parameters["project_dir"] == str(ROOT) and nightly.parameters["refresh_data"] is True
     assert nightly.entrypoint == "pipelines.flows.training"
     assert promotion.schedules == [] and monitoring.schedules[0].schedule.cron == "0 6 * * *"
+    assert drift.schedules[0].schedule.cron == schedule["drift_cron"] and drift.entrypoint == "pipelines.drift.drift"
 
 
 @pytest.mark.slow

@@ -8,4 +8,7 @@ the retraining trigger.
 - `served_log`: the served model's rows (opened in the pyfunc's `load_context`, written from `predict_values`).
 - `summaries`, `embedding`: a row's image and answer summaries; its embedding (pooled features, projected).
 - `reference`: the version's projection and reference profile, built at registration; `load_reference`.
+- `drift`, `estimate`, `report`: one window's judgement against the reference (`judge_window`), the label-free
+  estimate of the headline metric, the window's HTML report and the drift history chart (the `drift` flow:
+  pipelines/drift.py).
 """
