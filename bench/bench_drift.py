@@ -175,30 +175,14 @@ class Judge:
         true = float(np.mean(scores(self.task, self.served, out, truth)))
         self.seconds.update(encode=t1 - t0, predict=t2 - t1, read_log=t3 - t2, judge=t4 - t3,
                             score=time.perf_counter() - t4)
-        flagged_by = sorted(k for k, t in verdict.tests.items() if t["drifted"])
-        two_sample = set(flagged_by) - {"answer_class_chi2"} or verdict.quality["error_rate_drifted"] or \
-            self.class_homogeneity(rows) < verdict.threshold
-        return {"drifted": verdict.drifted, "flagged_by": flagged_by, "drifted_two_sample_chi2": bool(two_sample),
+        return {"drifted": verdict.drifted, "flagged_by": sorted(k for k, t in verdict.tests.items() if t["drifted"]),
                 "estimate": verdict.estimate["estimate"], "true": true}
-
-    def class_homogeneity(self, rows) -> float:
-        """The p-value of a two-sample chi-square (homogeneity of the reference's and the window's answer_class
-        counts), for comparison with judge_window's goodness of fit to the reference's shares taken as exact."""
-        from scipy.stats import chi2_contingency
-
-        from visionops.monitoring.drift import NO_CLASS, answered, class_counts
-
-        classes = sorted(set(answered(self.reference)["answer_class"].fillna(NO_CLASS)) |
-                         set(answered(rows)["answer_class"].fillna(NO_CLASS)))
-        table = np.array([class_counts(answered(self.reference), classes), class_counts(answered(rows), classes)])
-        return float(chi2_contingency(table[:, table.sum(0) > 0]).pvalue)
 
 
 def cell(windows: list[dict]) -> dict:
     """A shift's summary over its windows: share flagged, by test, estimate against the true score."""
     errors = [w["estimate"] - w["true"] for w in windows]
     summary = {"windows": len(windows), "flagged": sum(w["drifted"] for w in windows) / len(windows),
-               "flagged_two_sample_chi2": sum(w["drifted_two_sample_chi2"] for w in windows) / len(windows),
                "flagged_by": {k: n / len(windows) for k, n in sorted(Counter(t for w in windows for t in w["flagged_by"]).items())},
                "true_mean": statistics.mean(w["true"] for w in windows),
                "estimate_mean": statistics.mean(w["estimate"] for w in windows),
