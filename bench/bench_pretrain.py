@@ -22,16 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import common
-import yaml
-from common import ROOT, extract_cifar
+from common import extract_cifar, project, stage
 
 DENSE = {  # task -> (archive, data section, headline metric, encoder-sharing models: task's, CIFAR classifier's)
     "detection": ("raccoon-voc.tar.gz", {"source": "voc", "root": "raccoon-voc", "image_size": 128, "channels": 3},
@@ -39,27 +36,6 @@ DENSE = {  # task -> (archive, data section, headline metric, encoder-sharing mo
     "segmentation": ("membrane-masks.tar.gz", {"source": "masks", "root": "membrane-masks", "image_size": 128,
                                                "channels": 1}, "miou", ("unet", "unet_backbone")),
 }
-
-
-def project(path: Path, params: dict) -> Path:
-    """A project folder holding the repository's params.yaml with `params` merged in (sections updated)."""
-    path.mkdir(parents=True, exist_ok=True)
-    merged = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in params.items():
-        merged[section] = {**merged[section], **values} if isinstance(values, dict) else values
-    (path / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-    return path
-
-
-def stage(proj: Path, name: str, env: dict | None = None) -> dict:
-    """Run `visionops <name>` in `proj`; its result (the --json output) with the wall time."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "visionops", name, "--json"], cwd=proj, env=env,
-                          stdout=subprocess.PIPE, text=True)  # its progress and errors go to our stderr
-    if done.returncode:
-        raise SystemExit(f"visionops {name} failed in {proj} (its error is above)")
-    return {**json.loads(done.stdout), "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def cifar_params(root: Path, args, seed: int) -> dict:

@@ -4,9 +4,15 @@ training step and the timer of the training-step benchmarks."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-train.tar.gz"
@@ -32,6 +38,28 @@ def extract_cifar(dest: Path, per_class: int | None = None) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
     return dest
+
+
+def project(path: Path, params: dict, base: Path = ROOT / "params.yaml") -> Path:
+    """A project folder holding `base` (the repository's params.yaml, or a preset) with `params` merged in
+    (sections updated)."""
+    path.mkdir(parents=True, exist_ok=True)
+    merged = yaml.safe_load(base.read_text())
+    for section, values in params.items():
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    (path / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path
+
+
+def stage(proj: Path, name: str, env: dict | None = None) -> dict:
+    """Run `visionops <name>` in `proj`; its result (the --json output) with the wall time."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "visionops", name, "--json"], cwd=proj, env=env,
+                          stdout=subprocess.PIPE, text=True)  # its progress and errors go to our stderr
+    if done.returncode:
+        raise SystemExit(f"visionops {name} failed in {proj} (its error is above)")
+    return {**json.loads(done.stdout), "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def add_step_options(ap: argparse.ArgumentParser) -> None:
