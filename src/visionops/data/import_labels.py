@@ -20,7 +20,6 @@ and a VOC root with ImageSets/Main lists its images in train.txt: an import woul
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 from collections import Counter
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from visionops import layout
 from visionops.atomic import atomic_path
+from visionops.serving.integrity import file_sha256
 from visionops.config import DataConfig, Params
 from visionops.data import imports
 from visionops.data.roots import data_roots, resolve_inside
@@ -181,12 +181,7 @@ def _copies(cfg: DataConfig, folder: Path, src: SourceData) -> list[Copy]:
 
 
 def _same(a: Path, b: Path) -> bool:
-    return a.stat().st_size == b.stat().st_size and _sha256(a) == _sha256(b)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    return a.stat().st_size == b.stat().st_size and file_sha256(a) == file_sha256(b)
 
 
 def _fail(what: str, problems: list[str]) -> None:
@@ -247,7 +242,7 @@ def import_labels(params: Params, folder: Path, dry_run: bool = False, record: P
     listed = {(r["path"], r["sha256"]) for r in rows}
     now = datetime.now(UTC).isoformat(timespec="seconds")
     added = [{"imported": now, "source": cfg.source, "path": c.dest, "sha256": digest} for c in new
-             if (c.dest, digest := _sha256(c.source)) not in listed]
+             if (c.dest, digest := file_sha256(c.source)) not in listed]
     if added:
         imports.write(record, rows + added)
     bar = dict(total=len(new), desc="import", unit="file", file=sys.stderr, disable=len(new) < PROGRESS or None)

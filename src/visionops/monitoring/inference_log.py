@@ -105,9 +105,8 @@ def _write_table(fs: pafs.FileSystem, root: str, table: pa.Table, when: datetime
     name = f"{when:%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
     fs.create_dir(folder, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{folder}/.{name}.tmp"  # ignored by readers (a leading dot)
-        pq.write_table(table, tmp, filesystem=fs)
-        os.replace(tmp, f"{folder}/{name}")
+        with atomic.atomic_path(f"{folder}/{name}") as tmp:  # a dot-named temporary: readers skip it
+            pq.write_table(table, str(tmp), filesystem=fs)
     else:
         pq.write_table(table, f"{folder}/{name}", filesystem=fs)
     return f"{folder}/{name}"
